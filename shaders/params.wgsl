@@ -1,0 +1,50 @@
+// Shared by every kernel: one 256-byte uniform slot per dispatch chunk.
+// Mirrors `kernels::Params` in Rust field for field.
+struct Params {
+    channels: u32,
+    inner: u32,
+    // outer rows of the canonical [outer, channels, inner] view in this chunk
+    rows: u32,
+    // element offset of the chunk's first element inside the x binding
+    x_base: u32,
+    // element offset of the chunk's first element inside the y binding
+    y_base: u32,
+    // mask index of the chunk's first element (the mask broadcasts over the last axis)
+    mask_base: u32,
+    last_dim: u32,
+    // statistics: values of one channel each invocation reduces
+    elems_per_thread: u32,
+    // statistics tiles per channel in this chunk, where they start in the
+    // channel's row of partials, and how long that row is
+    tiles: u32,
+    tile_offset: u32,
+    total_tiles: u32,
+    // x extent of the 2-D grids (over 65535 workgroups need a second dimension)
+    stats_groups_x: u32,
+    norm_groups_x: u32,
+    finalize_groups_x: u32,
+    // elements in this chunk
+    chunk_elems: u32,
+    flags: u32,
+    momentum: f32,
+    epsilon: f32,
+    renorm_momentum: f32,
+    rmin: f32,
+    rmax: f32,
+    dmax: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const FLAG_MASKED: u32 = 1u;
+const FLAG_TRAINING: u32 = 2u;
+const FLAG_RENORM: u32 = 4u;
+const FLAG_CENTER: u32 = 8u;
+const FLAG_SCALE: u32 = 16u;
+const FLAG_RMIN: u32 = 32u;
+const FLAG_RMAX: u32 = 64u;
+const FLAG_DMAX: u32 = 128u;
+
+fn has_flag(flag: u32) -> bool {
+    return (p.flags & flag) != 0u;
+}

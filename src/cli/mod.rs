@@ -1,0 +1,111 @@
+//! The command-line tool.
+
+mod adapters;
+mod conform;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use wgpu_batchnorm::{AdapterSelection, GpuContext};
+
+#[derive(Parser, Debug)]
+#[command(name = "wgpu-batchnorm", version, about = "Keras BatchNormalization on wgpu: run, list adapters, check conformance")]
+struct Cli {
+    /// Backend to use (default: WGPU_BACKEND, else all).
+    #[arg(long, global = true, value_enum)]
+    backend: Option<BackendArg>,
+    /// Use the first adapter whose name contains this (default: WGPU_ADAPTER_NAME).
+    #[arg(long, global = true, value_name = "SUBSTRING")]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List every adapter wgpu sees, with the limits and features that matter here.
+    Adapters,
+    /// Run Keras reference cases (DIR/*.safetensors) and report conformance.
+    Conform {
+        /// Folder of case files.
+        dir: PathBuf,
+        /// Write OUT/<case>.safetensors with every output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Run on the GPU or on the float64 CPU reference.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
+        device: DeviceArg,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendArg {
+    Vulkan,
+    Gl,
+    Metal,
+    Dx12,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DeviceArg {
+    Gpu,
+    Cpu,
+}
+
+impl Cli {
+    fn selection(&self) -> AdapterSelection {
+        let env = AdapterSelection::from_env();
+        AdapterSelection {
+            backends: self
+                .backend
+                .map(|b| match b {
+                    BackendArg::Vulkan => wgpu::Backends::VULKAN,
+                    BackendArg::Gl => wgpu::Backends::GL,
+                    BackendArg::Metal => wgpu::Backends::METAL,
+                    BackendArg::Dx12 => wgpu::Backends::DX12,
+                })
+                .or(env.backends),
+            name: self.adapter.clone().or(env.name),
+        }
+    }
+}
+
+/// Exit codes: 0 success, 1 a check failed, 2 usage or I/O error.
+pub(crate) const EXIT_FAIL: u8 = 1;
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            e.print().ok();
+            return ExitCode::from(code);
+        }
+    };
+    let selection = cli.selection();
+    let result = match &cli.command {
+        None => demo::run(&selection),
+        Some(Command::Adapters) => adapters::run(&selection),
+        Some(Command::Conform { dir, out, device }) => conform::run(&selection, dir, out.as_deref(), *device),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("wgpu-batchnorm: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// Opens the selected adapter, with the error text as the message.
+pub(crate) fn open(selection: &AdapterSelection) -> Result<GpuContext, String> {
+    GpuContext::new(selection).map_err(|e| e.to_string())
+}
+
+/// Milliseconds, three significant digits.
+pub(crate) fn ms(d: std::time::Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}

@@ -1,0 +1,227 @@
+//! The GPU context: a device and queue (created here or handed in by the
+//! application), the adapter they came from, and the kernel cache.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::kernels::Kernels;
+
+/// Which adapter [`GpuContext::new`] should open.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSelection {
+    /// Backends to search; `None` searches all of them.
+    pub backends: Option<wgpu::Backends>,
+    /// A case-insensitive substring of the adapter's name.
+    pub name: Option<String>,
+}
+
+impl AdapterSelection {
+    /// Reads `WGPU_BACKEND` (e.g. `vulkan`, `gl`, `metal,dx12`) and
+    /// `WGPU_ADAPTER_NAME` (a substring of the adapter name), as wgpu's own
+    /// helpers do.
+    pub fn from_env() -> Self {
+        AdapterSelection {
+            backends: wgpu::Backends::from_env(),
+            name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// Parses a backend name as the CLI and `WGPU_BACKEND` accept it.
+    pub fn parse_backend(name: &str) -> Option<wgpu::Backends> {
+        let backends = wgpu::Backends::from_comma_list(name);
+        (!backends.is_empty()).then_some(backends)
+    }
+}
+
+/// A handle on one wgpu device. Cloning is cheap and shares the device,
+/// the queue and the compiled kernels.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub(crate) inner: Arc<ContextInner>,
+}
+
+pub(crate) struct ContextInner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) adapter_info: Option<wgpu::AdapterInfo>,
+    pub(crate) kernels: Kernels,
+    /// Bytes one storage binding may cover (the device limit unless capped).
+    max_binding: AtomicU64,
+    /// A 4-byte buffer bound where a kernel's optional input is absent.
+    pub(crate) placeholder: wgpu::Buffer,
+}
+
+/// One adapter as the `adapters` command reports it.
+#[derive(Debug, Clone)]
+pub struct AdapterReport {
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+/// Every adapter wgpu finds on `backends` (all when `None`).
+pub fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterReport> {
+    let instance = new_instance(backends);
+    pollster::block_on(instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())))
+        .into_iter()
+        .map(|a| AdapterReport {
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect()
+}
+
+fn new_instance(backends: Option<wgpu::Backends>) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends.unwrap_or(wgpu::Backends::all());
+    desc.backend_options = wgpu::BackendOptions::from_env_or_default();
+    wgpu::Instance::new(desc)
+}
+
+/// Hardware first, then native APIs before GL.
+fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+impl GpuContext {
+    /// Opens the adapter chosen by `WGPU_BACKEND` / `WGPU_ADAPTER_NAME`, or
+    /// the best one found (discrete, integrated, virtual, then CPU).
+    pub fn from_env() -> Result<Self> {
+        Self::new(&AdapterSelection::from_env())
+    }
+
+    /// Blocking form of [`GpuContext::new_async`].
+    pub fn new(selection: &AdapterSelection) -> Result<Self> {
+        pollster::block_on(Self::new_async(selection))
+    }
+
+    /// Opens an adapter and requests a device with the adapter's own limits
+    /// (so storage bindings may exceed wgpu's 128 MiB default).
+    pub async fn new_async(selection: &AdapterSelection) -> Result<Self> {
+        let instance = new_instance(selection.backends);
+        let backends = selection.backends.unwrap_or(wgpu::Backends::all());
+        let mut adapters = instance.enumerate_adapters(backends).await;
+        let wanted = selection.name.as_ref().map(|n| n.to_lowercase());
+        if let Some(name) = &wanted {
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(name));
+        }
+        adapters.sort_by_key(|a| preference(&a.get_info()));
+        let Some(adapter) = adapters.into_iter().next() else {
+            let what = match (&selection.name, selection.backends) {
+                (Some(n), Some(b)) => format!("no adapter named like {n:?} on backends {b:?}"),
+                (Some(n), None) => format!("no adapter named like {n:?}"),
+                (None, Some(b)) => format!("none on backends {b:?}"),
+                (None, None) => "wgpu sees no adapter at all".to_string(),
+            };
+            return Err(Error::NoAdapter(what));
+        };
+        let info = adapter.get_info();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-batchnorm"),
+                required_features: wgpu::Features::empty(),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| Error::RequestDevice {
+                adapter: info.name.clone(),
+                source,
+            })?;
+        Ok(Self::build(device, queue, Some(info)))
+    }
+
+    /// Wraps a device and queue the application already has. The layer then
+    /// lives within that device's limits (request the adapter's limits to
+    /// bind more than 128 MiB at once; larger tensors are bound in chunks).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::build(device, queue, None)
+    }
+
+    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_info: Option<wgpu::AdapterInfo>) -> Self {
+        let kernels = Kernels::new(&device);
+        let limits = device.limits();
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("placeholder"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        GpuContext {
+            inner: Arc::new(ContextInner {
+                device,
+                queue,
+                adapter_info,
+                kernels,
+                max_binding: AtomicU64::new(max_binding),
+                placeholder,
+            }),
+        }
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    /// The adapter this context opened; `None` for a wrapped device.
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        self.inner.adapter_info.as_ref()
+    }
+
+    /// `NAME (BACKEND)`, or a note that the device was handed in.
+    pub fn describe(&self) -> String {
+        match self.adapter_info() {
+            Some(i) => format!("{} ({})", i.name, i.backend),
+            None => "application device".to_string(),
+        }
+    }
+
+    /// Bytes one storage binding may cover; tensors larger than this are
+    /// processed in chunks.
+    pub fn max_binding_size(&self) -> u64 {
+        self.inner.max_binding.load(Ordering::Relaxed)
+    }
+
+    /// Caps the bytes bound per dispatch below the device limit (never
+    /// above it). Chunked binding is then used for smaller tensors too,
+    /// which is how the tests exercise it cheaply.
+    pub fn set_max_binding_size(&self, bytes: u64) {
+        let limits = self.inner.device.limits();
+        let cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        self.inner
+            .max_binding
+            .store(bytes.clamp(1024, cap), Ordering::Relaxed);
+    }
+
+    pub(crate) fn storage_alignment(&self) -> u64 {
+        self.inner.device.limits().min_storage_buffer_offset_alignment as u64
+    }
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({})", self.describe())
+    }
+}

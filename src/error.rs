@@ -1,0 +1,76 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything a caller can get wrong, and everything the GPU can refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched the request (or the machine has no GPU driver).
+    #[error(
+        "no GPU adapter found ({0}). Install a Vulkan, Metal, DX12 or GL driver; on Debian/Ubuntu \
+         without a GPU, `apt-get install -y mesa-vulkan-drivers` provides the software adapter lavapipe"
+    )]
+    NoAdapter(String),
+    /// The adapter was found but refused a device.
+    #[error("adapter {adapter} refused a device: {source}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+    /// An invalid layer configuration, as Keras would reject it.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A tensor, mask or weight whose shape does not fit.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A tensor of the wrong dtype for the operation.
+    #[error("dtype mismatch: expected {expected}, got {got}")]
+    DType { expected: String, got: String },
+    /// A tensor that the adapter's limits cannot bind.
+    #[error("tensor too large for this adapter: {0}")]
+    TooLarge(String),
+    /// Reading a buffer back from the GPU failed.
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+    /// Waiting on the GPU failed (device lost or timeout).
+    #[error("GPU poll failed: {0}")]
+    Poll(#[from] wgpu::PollError),
+    /// Weights given to `set_weights` that do not fit the layer.
+    #[error("weights: {0}")]
+    Weights(String),
+    /// A Keras case or weight file that cannot be used.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// Invalid `BatchNormalization` arguments, one variant per Keras check.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("axis {axis} is out of range for an input of rank {rank}")]
+    AxisOutOfRange { axis: i64, rank: usize },
+    #[error("input rank {0} is not supported (1 to 8)")]
+    Rank(usize),
+    #[error("momentum must be in [0, 1], got {0}")]
+    Momentum(f64),
+    #[error("renorm_momentum must be in [0, 1], got {0}")]
+    RenormMomentum(f64),
+    #[error("epsilon must be a positive finite number, got {0}")]
+    Epsilon(f64),
+    #[error(
+        "rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}"
+    )]
+    RenormClippingOrder { rmin: f64, rmax: f64 },
+    #[error("dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={0}")]
+    NegativeDmax(f64),
+    #[error("invalid renorm_clipping value {key}={value}: must be finite")]
+    RenormClippingValue { key: &'static str, value: f64 },
+    #[error("invalid keys for `renorm_clipping`: {0:?}. Supported values: rmax, rmin, dmax")]
+    RenormClippingKeys(Vec<String>),
+    #[error("channels must be at least 1")]
+    NoChannels,
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,510 @@
+//! Keras reference cases: the safetensors case format of
+//! `tests/fixtures/keras/README.md`, the error measure and tolerances that
+//! define conformance, and a runner for the GPU layer or the CPU reference.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::config::{BatchNormConfig, RenormClipping};
+use crate::context::GpuContext;
+use crate::error::{ConfigError, Error, Result};
+use crate::layer::{BatchNorm, StateSlot};
+use crate::reference::ReferenceLayer;
+use crate::tensor::{DType, Mask, Tensor};
+
+/// One tensor of a case file, widened to float64 (masks keep their bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseTensor {
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    pub values: Vec<f64>,
+}
+
+/// One call of a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    pub training: Option<bool>,
+    pub mask: bool,
+}
+
+/// A Keras reference case.
+#[derive(Debug, Clone)]
+pub struct KerasCase {
+    pub path: PathBuf,
+    pub name: String,
+    /// The layer config, or why this crate cannot run it.
+    pub config: std::result::Result<BatchNormConfig, String>,
+    pub dtype: std::result::Result<DType, String>,
+    pub shape: Vec<usize>,
+    pub calls: Vec<Call>,
+    pub tensors: BTreeMap<String, CaseTensor>,
+}
+
+/// Worst error of one output key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyError {
+    pub key: String,
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl KeyError {
+    pub fn passes(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+/// A tensor the runner produced, as `--out` writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub values: Vec<f64>,
+}
+
+/// The outcome of one case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseReport {
+    pub name: String,
+    pub keys: Vec<KeyError>,
+    /// Set when the case could not run (an unsupported feature, a GPU error).
+    pub failure: Option<String>,
+    pub outputs: Vec<Output>,
+}
+
+impl CaseReport {
+    pub fn passes(&self) -> bool {
+        self.failure.is_none() && !self.keys.is_empty() && self.keys.iter().all(KeyError::passes)
+    }
+}
+
+/// Where a case runs.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Gpu(GpuContext),
+    /// The float64 reference.
+    Cpu,
+}
+
+/// The conformance measure: max |got - truth| / max(1, max |truth|).
+/// NaN anywhere counts as an infinite error.
+pub fn error_measure(got: &[f64], truth: &[f64]) -> f64 {
+    if got.len() != truth.len() {
+        return f64::INFINITY;
+    }
+    let scale = truth.iter().fold(1.0f64, |m, t| m.max(t.abs()));
+    got.iter().zip(truth).fold(0.0f64, |worst, (g, t)| {
+        let e = (g - t).abs();
+        if e.is_nan() { f64::INFINITY } else { worst.max(e) }
+    }) / scale
+}
+
+/// Conformance tolerance for a case dtype and a kind of output.
+pub fn tolerance(dtype: DType, gradient: bool) -> f64 {
+    match (dtype, gradient) {
+        (DType::F32, false) => 2e-5,
+        (DType::F32, true) => 1e-4,
+        (DType::F16, _) => 2e-3,
+    }
+}
+
+/// Builds a config from a case's `config` object. Keys this crate does not
+/// know are refused, never ignored.
+pub fn config_from_case_json(config: &Value, trainable: bool) -> std::result::Result<BatchNormConfig, String> {
+    let obj = config.as_object().ok_or("config is not an object")?;
+    let mut cfg = BatchNormConfig {
+        trainable,
+        ..Default::default()
+    };
+    let num = |v: &Value, k: &str| v.as_f64().ok_or(format!("config.{k} is not a number"));
+    let flag = |v: &Value, k: &str| v.as_bool().ok_or(format!("config.{k} is not a boolean"));
+    for (key, v) in obj {
+        match key.as_str() {
+            "axis" => {
+                cfg.axis = v
+                    .as_i64()
+                    .ok_or("config.axis is not an integer (a list of axes is not supported)")?
+            }
+            "momentum" => cfg.momentum = num(v, key)? as f32,
+            "epsilon" => cfg.epsilon = num(v, key)? as f32,
+            "center" => cfg.center = flag(v, key)?,
+            "scale" => cfg.scale = flag(v, key)?,
+            "renorm" => cfg.renorm = flag(v, key)?,
+            "renorm_momentum" => cfg.renorm_momentum = num(v, key)? as f32,
+            "renorm_clipping" => cfg.renorm_clipping = renorm_clipping(v)?,
+            "synchronized" => {
+                if flag(v, key)? {
+                    return Err("synchronized=true (cross-device statistics) is not supported".into());
+                }
+            }
+            other => return Err(format!("unsupported config key {other:?}")),
+        }
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn renorm_clipping(v: &Value) -> std::result::Result<RenormClipping, String> {
+    if v.is_null() {
+        return Ok(RenormClipping::default());
+    }
+    let obj = v.as_object().ok_or("renorm_clipping is not an object")?;
+    let unknown: Vec<String> = obj
+        .keys()
+        .filter(|k| !["rmax", "rmin", "dmax"].contains(&k.as_str()))
+        .cloned()
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ConfigError::RenormClippingKeys(unknown).to_string());
+    }
+    let get = |k: &str| -> std::result::Result<Option<f32>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or(format!("renorm_clipping.{k} is not a number")),
+        }
+    };
+    Ok(RenormClipping {
+        rmax: get("rmax")?,
+        rmin: get("rmin")?,
+        dmax: get("dmax")?,
+    })
+}
+
+fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
+    Some(match dtype {
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f64).collect(),
+        _ => return None,
+    })
+}
+
+impl KerasCase {
+    /// Reads and checks a case file. Structural problems (unreadable,
+    /// malformed, shapes that disagree with the metadata) are errors;
+    /// features this crate lacks are kept in `config`/`dtype` as reasons.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+        Self::parse(path, &bytes)
+    }
+
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let bad = |m: String| file_error(path, m);
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let case_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m: &HashMap<String, String>| m.get("case"))
+            .ok_or_else(|| bad("no `case` metadata".into()))?;
+        let case: Value = serde_json::from_str(case_json).map_err(|e| bad(format!("`case` metadata is not JSON: {e}")))?;
+        let field = |k: &str| case.get(k).ok_or_else(|| bad(format!("`case` has no `{k}`")));
+
+        let name = match case.get("name").and_then(Value::as_str) {
+            Some(n) => n.to_string(),
+            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let trainable = field("trainable")?
+            .as_bool()
+            .ok_or_else(|| bad("`trainable` is not a boolean".into()))?;
+        let config = config_from_case_json(field("config")?, trainable);
+        let dtype_name = field("dtype")?.as_str().ok_or_else(|| bad("`dtype` is not a string".into()))?;
+        let dtype = DType::from_keras_name(dtype_name).ok_or(format!("dtype {dtype_name} is not supported"));
+        let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
+            .map_err(|e| bad(format!("`shape` is not a list of sizes: {e}")))?;
+        if shape.is_empty() || shape.contains(&0) {
+            return Err(bad(format!("`shape` {shape:?} is empty")));
+        }
+        let calls_json = field("calls")?.as_array().ok_or_else(|| bad("`calls` is not a list".into()))?;
+        let mut calls = Vec::new();
+        for c in calls_json {
+            let training = match c.get("training") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(other) => return Err(bad(format!("call training {other} is not true/false/null"))),
+            };
+            let mask = c.get("mask").and_then(Value::as_bool).unwrap_or(false);
+            calls.push(Call { training, mask });
+        }
+        if calls.is_empty() {
+            return Err(bad("`calls` is empty".into()));
+        }
+
+        let mut tensors = BTreeMap::new();
+        for (key, view) in st.tensors() {
+            let values = widen(view.dtype(), view.data())
+                .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", view.dtype())))?;
+            tensors.insert(
+                key,
+                CaseTensor {
+                    shape: view.shape().to_vec(),
+                    dtype: view.dtype(),
+                    values,
+                },
+            );
+        }
+        let case = KerasCase {
+            path: path.to_path_buf(),
+            name,
+            config,
+            dtype,
+            shape,
+            calls,
+            tensors,
+        };
+        case.check_shapes()?;
+        Ok(case)
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let bad = |m: String| file_error(&self.path, m);
+        let expect = |key: &str, shape: &[usize]| -> Result<()> {
+            match self.tensors.get(key) {
+                None => Err(bad(format!("missing tensor {key}"))),
+                Some(t) if t.shape != shape => Err(bad(format!(
+                    "tensor {key} has shape {:?}, the metadata says {shape:?}",
+                    t.shape
+                ))),
+                Some(_) => Ok(()),
+            }
+        };
+        for (k, call) in self.calls.iter().enumerate() {
+            expect(&format!("x.{k}"), &self.shape)?;
+            if call.mask {
+                expect(&format!("mask.{k}"), &self.shape[..self.shape.len() - 1])?;
+            }
+        }
+        for (key, t) in &self.tensors {
+            if key.starts_with("y.") || key.starts_with("ref64.y.") {
+                expect(key, &self.shape)?;
+            }
+            if let Some(rest) = key.strip_prefix("init.").or(key.strip_prefix("final."))
+                && StateSlot::from_keras_name(rest).is_none()
+            {
+                return Err(bad(format!("unknown state tensor {key}")));
+            }
+            if (key.starts_with("init.") || key.starts_with("final.")) && t.shape.len() != 1 {
+                return Err(bad(format!("state tensor {key} has shape {:?}, expected one axis", t.shape)));
+            }
+        }
+        if let Ok(cfg) = &self.config
+            && let Ok(axis) = cfg.resolve_axis(self.shape.len())
+        {
+            let channels = self.shape[axis];
+            for (key, t) in &self.tensors {
+                if (key.starts_with("init.") || key.contains("final.")) && t.shape != [channels] {
+                    return Err(bad(format!(
+                        "state tensor {key} has shape {:?}, the input has {channels} channels",
+                        t.shape
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The case's input tensor of call `k` on the GPU (float16 values
+    /// round-trip exactly through float32).
+    fn gpu_input(&self, ctx: &GpuContext, k: usize, dtype: DType) -> Result<Tensor> {
+        let values: Vec<f32> = self.tensors[&format!("x.{k}")].values.iter().map(|&v| v as f32).collect();
+        Tensor::from_f32_as(ctx, &self.shape, &values, dtype)
+    }
+
+    fn mask_bytes(&self, k: usize) -> Vec<u8> {
+        self.tensors[&format!("mask.{k}")]
+            .values
+            .iter()
+            .map(|&v| (v != 0.0) as u8)
+            .collect()
+    }
+
+    /// Runs every call and compares with the `ref64.*` truth.
+    pub fn run(&self, device: &Device) -> CaseReport {
+        let mut report = CaseReport {
+            name: self.name.clone(),
+            keys: Vec::new(),
+            failure: None,
+            outputs: Vec::new(),
+        };
+        if let Err(reason) = self.execute(device, &mut report) {
+            report.failure = Some(reason);
+        }
+        report
+    }
+
+    fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
+        let config = self.config.clone()?;
+        let dtype = self.dtype.clone()?;
+        let axis = config.resolve_axis(self.shape.len()).map_err(|e| e.to_string())?;
+        let channels = self.shape[axis];
+        let init = |slot: StateSlot| -> std::result::Result<Vec<f64>, String> {
+            let key = format!("init.{}", slot.keras_name());
+            self.tensors
+                .get(&key)
+                .map(|t| t.values.clone())
+                .ok_or(format!("missing {key}"))
+        };
+        let slots: Vec<StateSlot> = StateSlot::ALL.into_iter().filter(|s| s.present(&config)).collect();
+
+        let (ys, finals): (Vec<Vec<f64>>, Vec<(StateSlot, Vec<f64>)>) = match device {
+            Device::Gpu(ctx) => {
+                let err = |e: Error| e.to_string();
+                let layer = BatchNorm::new(ctx, config.clone(), channels).map_err(err)?;
+                for &slot in &slots {
+                    let values: Vec<f32> = init(slot)?.iter().map(|&v| v as f32).collect();
+                    layer.set_weight(slot, &values).map_err(err)?;
+                }
+                let mut ys = Vec::new();
+                for (k, call) in self.calls.iter().enumerate() {
+                    let x = self.gpu_input(ctx, k, dtype).map_err(err)?;
+                    let mask = if call.mask {
+                        Some(Mask::from_u8(ctx, &self.shape[..self.shape.len() - 1], &self.mask_bytes(k)).map_err(err)?)
+                    } else {
+                        None
+                    };
+                    let y = layer.forward(&x, call.training, mask.as_ref()).map_err(err)?;
+                    ys.push(y.read_f32(ctx).map_err(err)?.into_iter().map(f64::from).collect());
+                }
+                let finals = layer
+                    .named_weights()
+                    .map_err(err)?
+                    .into_iter()
+                    .map(|(s, v)| (s, v.into_iter().map(f64::from).collect()))
+                    .collect();
+                (ys, finals)
+            }
+            Device::Cpu => {
+                let mut layer = ReferenceLayer::new(config.clone(), channels).map_err(|e| e.to_string())?;
+                for &slot in &slots {
+                    *layer.state.slot_mut(slot) = init(slot)?;
+                }
+                let mut ys = Vec::new();
+                for (k, call) in self.calls.iter().enumerate() {
+                    let x = &self.tensors[&format!("x.{k}")].values;
+                    let mask = call.mask.then(|| self.mask_bytes(k));
+                    let y = layer
+                        .forward(x, &self.shape, call.training, mask.as_deref())
+                        .map_err(|e| e.to_string())?;
+                    // the output is cast to the input dtype, as Keras does
+                    ys.push(match dtype {
+                        DType::F32 => y.iter().map(|&v| v as f32 as f64).collect(),
+                        DType::F16 => y.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
+                    });
+                }
+                let finals = slots
+                    .iter()
+                    .map(|&s| (s, layer.state.slot(s).iter().map(|&v| v as f32 as f64).collect()))
+                    .collect();
+                (ys, finals)
+            }
+        };
+
+        let tol = tolerance(dtype, false);
+        for (k, y) in ys.into_iter().enumerate() {
+            let key = format!("y.{k}");
+            self.compare(report, &key, &y, tol)?;
+            report.outputs.push(Output {
+                key,
+                shape: self.shape.clone(),
+                dtype,
+                values: y,
+            });
+        }
+        for (slot, values) in finals {
+            let key = format!("final.{}", slot.keras_name());
+            if self.tensors.contains_key(&format!("ref64.{key}")) {
+                self.compare(report, &key, &values, tol)?;
+            }
+            report.outputs.push(Output {
+                key,
+                shape: vec![channels],
+                dtype: DType::F32,
+                values,
+            });
+        }
+        Ok(())
+    }
+
+    fn compare(&self, report: &mut CaseReport, key: &str, got: &[f64], tolerance: f64) -> std::result::Result<(), String> {
+        let truth = self
+            .tensors
+            .get(&format!("ref64.{key}"))
+            .ok_or(format!("the case has no ref64.{key} to compare with"))?;
+        report.keys.push(KeyError {
+            key: key.to_string(),
+            error: error_measure(got, &truth.values),
+            tolerance,
+        });
+        Ok(())
+    }
+}
+
+fn file_error(path: &Path, message: String) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Every `*.safetensors` case in `dir`, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<KerasCase>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| file_error(dir, e.to_string()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(file_error(dir, "no *.safetensors case files".into()));
+    }
+    paths.iter().map(|p| KerasCase::load(p)).collect()
+}
+
+/// Writes a report's outputs as `<dir>/<name>.safetensors`.
+pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(format!("{}.safetensors", report.name));
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    let blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = report
+        .outputs
+        .iter()
+        .map(|o| {
+            let (dtype, bytes) = match o.dtype {
+                DType::F32 => (
+                    Dtype::F32,
+                    o.values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+                ),
+                DType::F16 => (
+                    Dtype::F16,
+                    o.values.iter().flat_map(|&v| f16::from_f64(v).to_le_bytes()).collect(),
+                ),
+            };
+            (o.key.clone(), dtype, o.shape.clone(), bytes)
+        })
+        .collect();
+    for (key, dtype, shape, bytes) in &blobs {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|e| file_error(&path, e.to_string()))?;
+        tensors.push((key.clone(), view));
+    }
+    let bytes = safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
+    std::fs::write(&path, bytes).map_err(|e| file_error(&path, e.to_string()))?;
+    Ok(path)
+}

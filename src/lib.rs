@@ -1,0 +1,31 @@
+//! Keras 3's `BatchNormalization` layer as wgpu compute kernels.
+//!
+//! ```no_run
+//! use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Tensor};
+//!
+//! let ctx = GpuContext::from_env()?;
+//! let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 4)?;
+//! let x = Tensor::from_f32(&ctx, &[2, 4], &[1., 2., 3., 4., 5., 6., 7., 8.])?;
+//! let y = layer.forward(&x, Some(true), None)?; // training: batch statistics
+//! println!("{:?}", y.read_f32(&ctx)?);
+//! # Ok::<(), wgpu_batchnorm::Error>(())
+//! ```
+//!
+//! Every kernel has a float64 mirror in [`reference`], which the tests and
+//! the `conform` command compare against.
+
+pub mod config;
+pub mod context;
+pub mod error;
+pub(crate) mod kernels;
+pub mod keras;
+pub mod layer;
+pub(crate) mod plan;
+pub mod reference;
+pub mod tensor;
+
+pub use config::{BatchNormConfig, ChannelView, Initializer, RenormClipping};
+pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
+pub use error::{ConfigError, Error, Result};
+pub use layer::{BatchNorm, StateSlot};
+pub use tensor::{DType, Mask, Tensor};

@@ -1,0 +1,288 @@
+//! Tensors on the GPU (a buffer, a shape and a dtype), masks, and the
+//! upload and readback helpers.
+
+use half::f16;
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::{Error, Result};
+
+/// Element type of a tensor. Statistics are always computed in float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    /// Stored as packed pairs; works on every adapter (no `SHADER_F16`).
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+
+    /// The Keras name: `float32` or `float16`.
+    pub fn keras_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+        }
+    }
+
+    pub fn from_keras_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" => Some(DType::F32),
+            "float16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.keras_name())
+    }
+}
+
+/// Bytes a buffer needs for `len` elements: wgpu copies and bindings work
+/// in multiples of 4 bytes.
+pub(crate) fn padded_bytes(len: usize, dtype: DType) -> u64 {
+    ((len * dtype.size()) as u64).div_ceil(4) * 4
+}
+
+fn check_shape(shape: &[usize], len: usize) -> Result<()> {
+    if shape.is_empty() || shape.len() > 8 {
+        return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
+    }
+    if shape.contains(&0) {
+        return Err(Error::Shape(format!("shape {shape:?} has an empty dimension")));
+    }
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n != Some(len) {
+        return Err(Error::Shape(format!("shape {shape:?} does not hold {len} values")));
+    }
+    Ok(())
+}
+
+fn check_size(ctx: &GpuContext, bytes: u64) -> Result<()> {
+    let max = ctx.device().limits().max_buffer_size;
+    if bytes > max {
+        return Err(Error::TooLarge(format!(
+            "{bytes} bytes exceed the device's max_buffer_size of {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// A tensor on the GPU.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Tensor {
+    /// Uploads float32 values.
+    pub fn from_f32(ctx: &GpuContext, shape: &[usize], data: &[f32]) -> Result<Self> {
+        Self::from_bytes(ctx, shape, DType::F32, data.len(), bytemuck::cast_slice(data))
+    }
+
+    /// Uploads float16 values.
+    pub fn from_f16(ctx: &GpuContext, shape: &[usize], data: &[f16]) -> Result<Self> {
+        Self::from_bytes(ctx, shape, DType::F16, data.len(), bytemuck::cast_slice(data))
+    }
+
+    /// Uploads float32 values stored as `dtype` (rounded to nearest for float16).
+    pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 => Self::from_f32(ctx, shape, data),
+            DType::F16 => {
+                let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+                Self::from_f16(ctx, shape, &halves)
+            }
+        }
+    }
+
+    fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, len: usize, bytes: &[u8]) -> Result<Self> {
+        check_shape(shape, len)?;
+        check_size(ctx, padded_bytes(len, dtype))?;
+        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("tensor"),
+            contents: bytes,
+            usage: Self::USAGE,
+        });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+        .union(wgpu::BufferUsages::COPY_SRC)
+        .union(wgpu::BufferUsages::COPY_DST);
+
+    /// An uninitialised tensor (the output of a kernel).
+    pub(crate) fn uninit(ctx: &GpuContext, shape: &[usize], dtype: DType) -> Result<Self> {
+        let len = shape.iter().product();
+        check_shape(shape, len)?;
+        let size = padded_bytes(len, dtype);
+        check_size(ctx, size)?;
+        let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tensor"),
+            size,
+            usage: Self::USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Wraps an application's buffer holding a tensor from offset 0. The
+    /// buffer needs `STORAGE` usage (and `COPY_SRC` to be read back).
+    pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        let len = shape.iter().product();
+        check_shape(shape, len)?;
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::Shape("the buffer lacks STORAGE usage".into()));
+        }
+        let need = padded_bytes(len, dtype);
+        if buffer.size() < need {
+            return Err(Error::Shape(format!(
+                "buffer of {} bytes is too small for shape {shape:?} of {dtype} ({need} bytes)",
+                buffer.size()
+            )));
+        }
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the values back as float32 (float16 widened exactly).
+    pub async fn read_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let bytes = read_buffer(ctx, &self.buffer, padded_bytes(self.len(), self.dtype)).await?;
+        Ok(match self.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
+            DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()]
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+        })
+    }
+
+    /// Blocking form of [`Tensor::read_f32_async`].
+    pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_f32_async(ctx))
+    }
+
+    /// Reads a float16 tensor back as its stored halves.
+    pub fn read_f16(&self, ctx: &GpuContext) -> Result<Vec<f16>> {
+        if self.dtype != DType::F16 {
+            return Err(Error::DType {
+                expected: "float16".into(),
+                got: self.dtype.to_string(),
+            });
+        }
+        let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, padded_bytes(self.len(), self.dtype)))?;
+        Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
+    }
+}
+
+/// A Keras mask: one flag per position of the input without its last axis,
+/// broadcast over that axis. Non-zero means the position takes part in the
+/// batch statistics.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    pub(crate) buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+}
+
+impl Mask {
+    pub fn from_u8(ctx: &GpuContext, shape: &[usize], flags: &[u8]) -> Result<Self> {
+        let len: usize = shape.iter().product();
+        if len != flags.len() || shape.contains(&0) {
+            return Err(Error::Shape(format!(
+                "mask shape {shape:?} does not hold {} flags",
+                flags.len()
+            )));
+        }
+        check_size(ctx, (len as u64).div_ceil(4) * 4)?;
+        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("mask"),
+            contents: flags,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        });
+        Ok(Mask {
+            buffer,
+            shape: shape.to_vec(),
+        })
+    }
+
+    pub fn from_bool(ctx: &GpuContext, shape: &[usize], flags: &[bool]) -> Result<Self> {
+        let bytes: Vec<u8> = flags.iter().map(|&b| b as u8).collect();
+        Self::from_u8(ctx, shape, &bytes)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// Copies `size` bytes from the start of `buffer` into host memory.
+pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    let device = ctx.device();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    ctx.queue().submit([encoder.finish()]);
+    let slice = staging.slice(..);
+    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+    slice.map_async(wgpu::MapMode::Read, move |result| {
+        sender.send(result).ok();
+    });
+    device.poll(wgpu::PollType::wait_indefinitely())?;
+    receiver
+        .receive()
+        .await
+        .ok_or_else(|| Error::Readback("the map callback never ran".into()))?
+        .map_err(|e| Error::Readback(e.to_string()))?;
+    let bytes = slice
+        .get_mapped_range()
+        .map_err(|e| Error::Readback(e.to_string()))?
+        .to_vec();
+    staging.unmap();
+    Ok(bytes)
+}
