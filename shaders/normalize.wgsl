@@ -14,8 +14,9 @@ const PER_THREAD: u32 = 4u;
 @group(0) @binding(2) var<storage, read> affine: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<u32>;
 
+// `e` is the element's index within the chunk
 fn apply(e: u32, v: f32) -> f32 {
-    let a = affine[(e / p.inner) % p.channels];
+    let a = affine[((p.chunk_start + e) / p.inner) % p.channels];
     return (v - a.x) * a.y + a.z;
 }
 

@@ -3,15 +3,16 @@
 struct Params {
     channels: u32,
     inner: u32,
-    // outer rows of the canonical [outer, channels, inner] view in this chunk
-    rows: u32,
+    // absolute index of the chunk's first element; chunks are flat ranges
+    // of the canonical [outer, channels, inner] view
+    chunk_start: u32,
     // element offset of the chunk's first element inside the x binding
     x_base: u32,
     // element offset of the chunk's first element inside the y binding
     y_base: u32,
-    // mask index of the chunk's first element (the mask broadcasts over the last axis)
-    mask_base: u32,
+    // the mask broadcasts over the input's last axis, of this size
     last_dim: u32,
+    _pad2: u32,
     // statistics: values of one channel each invocation reduces
     elems_per_thread: u32,
     // statistics tiles per channel in this chunk, where they start in the

@@ -33,9 +33,30 @@ fn load_x(e: u32) -> f32 {
     return bitcast<f32>(x[e]);
 }
 
-fn masked_in(e: u32) -> bool {
-    let m = p.mask_base + e / p.last_dim;
+// `a` is an absolute element index
+fn masked_in(a: u32) -> bool {
+    let m = a / p.last_dim;
     return ((mask[m >> 2u] >> ((m & 3u) * 8u)) & 0xffu) != 0u;
+}
+
+// The first position j (of channel c's values, j = o * inner + i) whose
+// element index is at or after absolute element `a`. Element indices grow
+// with j, so a chunk's values of channel c are one interval of j.
+fn first_j_at(a: u32, c: u32) -> u32 {
+    let run = a / p.inner;
+    let o = run / p.channels;
+    let ca = run % p.channels;
+    if c == ca {
+        return o * p.inner + a % p.inner;
+    }
+    if c > ca {
+        return o * p.inner;
+    }
+    return (o + 1u) * p.inner;
+}
+
+fn element_of(j: u32, c: u32) -> u32 {
+    return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
 }
 
 @compute @workgroup_size(256)
@@ -50,21 +71,26 @@ fn partial_stats(
     }
     let c = group / p.tiles;
     let tile = group % p.tiles;
-    let run = p.rows * p.inner;
-    let tile_start = tile * WG * p.elems_per_thread;
-    let shift = load_x(p.x_base + ((tile_start / p.inner) * p.channels + c) * p.inner + tile_start % p.inner);
+    let j_begin = first_j_at(p.chunk_start, c);
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let tile_start = j_begin + tile * WG * p.elems_per_thread;
+    // a tile past this channel's values in the chunk still writes its (empty) partial
+    var shift = 0.0;
+    if tile_start < j_end {
+        shift = load_x(p.x_base + element_of(tile_start, c) - p.chunk_start);
+    }
 
-    let j0 = min(tile_start + lid * p.elems_per_thread, run);
-    let j1 = min(j0 + p.elems_per_thread, run);
+    let j0 = min(tile_start + lid * p.elems_per_thread, j_end);
+    let j1 = min(j0 + p.elems_per_thread, j_end);
     var o = j0 / p.inner;
     var i = j0 % p.inner;
     var s1 = 0.0;
     var s2 = 0.0;
     var count = 0.0;
     for (var j = j0; j < j1; j++) {
-        let e = (o * p.channels + c) * p.inner + i;
-        let v = load_x(p.x_base + e) - shift;
-        if !MASKED || masked_in(e) {
+        let a = (o * p.channels + c) * p.inner + i;
+        let v = load_x(p.x_base + a - p.chunk_start) - shift;
+        if !MASKED || masked_in(a) {
             s1 += v;
             s2 += v * v;
             count += 1.0;

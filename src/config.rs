@@ -88,7 +88,10 @@ impl BatchNormConfig {
                 if let Some(v) = value
                     && !v.is_finite()
                 {
-                    return Err(ConfigError::RenormClippingValue { key, value: v as f64 });
+                    return Err(ConfigError::RenormClippingValue {
+                        key,
+                        value: v as f64,
+                    });
                 }
             }
             if let (Some(rmax), Some(rmin)) = (rmax, rmin)

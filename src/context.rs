@@ -153,7 +153,11 @@ impl GpuContext {
         Self::build(device, queue, None)
     }
 
-    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_info: Option<wgpu::AdapterInfo>) -> Self {
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: Option<wgpu::AdapterInfo>,
+    ) -> Self {
         let kernels = Kernels::new(&device);
         let limits = device.limits();
         let max_binding = limits
@@ -209,14 +213,19 @@ impl GpuContext {
     /// which is how the tests exercise it cheaply.
     pub fn set_max_binding_size(&self, bytes: u64) {
         let limits = self.inner.device.limits();
-        let cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let cap = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         self.inner
             .max_binding
             .store(bytes.clamp(1024, cap), Ordering::Relaxed);
     }
 
     pub(crate) fn storage_alignment(&self) -> u64 {
-        self.inner.device.limits().min_storage_buffer_offset_alignment as u64
+        self.inner
+            .device
+            .limits()
+            .min_storage_buffer_offset_alignment as u64
     }
 }
 

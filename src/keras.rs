@@ -100,7 +100,11 @@ pub fn error_measure(got: &[f64], truth: &[f64]) -> f64 {
     let scale = truth.iter().fold(1.0f64, |m, t| m.max(t.abs()));
     got.iter().zip(truth).fold(0.0f64, |worst, (g, t)| {
         let e = (g - t).abs();
-        if e.is_nan() { f64::INFINITY } else { worst.max(e) }
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(e)
+        }
     }) / scale
 }
 
@@ -115,7 +119,10 @@ pub fn tolerance(dtype: DType, gradient: bool) -> f64 {
 
 /// Builds a config from a case's `config` object. Keys this crate does not
 /// know are refused, never ignored.
-pub fn config_from_case_json(config: &Value, trainable: bool) -> std::result::Result<BatchNormConfig, String> {
+pub fn config_from_case_json(
+    config: &Value,
+    trainable: bool,
+) -> std::result::Result<BatchNormConfig, String> {
     let obj = config.as_object().ok_or("config is not an object")?;
     let mut cfg = BatchNormConfig {
         trainable,
@@ -139,7 +146,9 @@ pub fn config_from_case_json(config: &Value, trainable: bool) -> std::result::Re
             "renorm_clipping" => cfg.renorm_clipping = renorm_clipping(v)?,
             "synchronized" => {
                 if flag(v, key)? {
-                    return Err("synchronized=true (cross-device statistics) is not supported".into());
+                    return Err(
+                        "synchronized=true (cross-device statistics) is not supported".into(),
+                    );
                 }
             }
             other => return Err(format!("unsupported config key {other:?}")),
@@ -208,38 +217,54 @@ impl KerasCase {
 
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let bad = |m: String| file_error(path, m);
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let case_json = meta
             .metadata()
             .as_ref()
             .and_then(|m: &HashMap<String, String>| m.get("case"))
             .ok_or_else(|| bad("no `case` metadata".into()))?;
-        let case: Value = serde_json::from_str(case_json).map_err(|e| bad(format!("`case` metadata is not JSON: {e}")))?;
-        let field = |k: &str| case.get(k).ok_or_else(|| bad(format!("`case` has no `{k}`")));
+        let case: Value = serde_json::from_str(case_json)
+            .map_err(|e| bad(format!("`case` metadata is not JSON: {e}")))?;
+        let field = |k: &str| {
+            case.get(k)
+                .ok_or_else(|| bad(format!("`case` has no `{k}`")))
+        };
 
         let name = match case.get("name").and_then(Value::as_str) {
             Some(n) => n.to_string(),
-            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         };
         let trainable = field("trainable")?
             .as_bool()
             .ok_or_else(|| bad("`trainable` is not a boolean".into()))?;
         let config = config_from_case_json(field("config")?, trainable);
-        let dtype_name = field("dtype")?.as_str().ok_or_else(|| bad("`dtype` is not a string".into()))?;
-        let dtype = DType::from_keras_name(dtype_name).ok_or(format!("dtype {dtype_name} is not supported"));
+        let dtype_name = field("dtype")?
+            .as_str()
+            .ok_or_else(|| bad("`dtype` is not a string".into()))?;
+        let dtype = DType::from_keras_name(dtype_name)
+            .ok_or(format!("dtype {dtype_name} is not supported"));
         let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
             .map_err(|e| bad(format!("`shape` is not a list of sizes: {e}")))?;
         if shape.is_empty() || shape.contains(&0) {
             return Err(bad(format!("`shape` {shape:?} is empty")));
         }
-        let calls_json = field("calls")?.as_array().ok_or_else(|| bad("`calls` is not a list".into()))?;
+        let calls_json = field("calls")?
+            .as_array()
+            .ok_or_else(|| bad("`calls` is not a list".into()))?;
         let mut calls = Vec::new();
         for c in calls_json {
             let training = match c.get("training") {
                 None | Some(Value::Null) => None,
                 Some(Value::Bool(b)) => Some(*b),
-                Some(other) => return Err(bad(format!("call training {other} is not true/false/null"))),
+                Some(other) => {
+                    return Err(bad(format!("call training {other} is not true/false/null")));
+                }
             };
             let mask = c.get("mask").and_then(Value::as_bool).unwrap_or(false);
             calls.push(Call { training, mask });
@@ -250,8 +275,12 @@ impl KerasCase {
 
         let mut tensors = BTreeMap::new();
         for (key, view) in st.tensors() {
-            let values = widen(view.dtype(), view.data())
-                .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", view.dtype())))?;
+            let values = widen(view.dtype(), view.data()).ok_or_else(|| {
+                bad(format!(
+                    "tensor {key} has unsupported dtype {:?}",
+                    view.dtype()
+                ))
+            })?;
             tensors.insert(
                 key,
                 CaseTensor {
@@ -302,7 +331,10 @@ impl KerasCase {
                 return Err(bad(format!("unknown state tensor {key}")));
             }
             if (key.starts_with("init.") || key.starts_with("final.")) && t.shape.len() != 1 {
-                return Err(bad(format!("state tensor {key} has shape {:?}, expected one axis", t.shape)));
+                return Err(bad(format!(
+                    "state tensor {key} has shape {:?}, expected one axis",
+                    t.shape
+                )));
             }
         }
         if let Ok(cfg) = &self.config
@@ -324,7 +356,11 @@ impl KerasCase {
     /// The case's input tensor of call `k` on the GPU (float16 values
     /// round-trip exactly through float32).
     fn gpu_input(&self, ctx: &GpuContext, k: usize, dtype: DType) -> Result<Tensor> {
-        let values: Vec<f32> = self.tensors[&format!("x.{k}")].values.iter().map(|&v| v as f32).collect();
+        let values: Vec<f32> = self.tensors[&format!("x.{k}")]
+            .values
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         Tensor::from_f32_as(ctx, &self.shape, &values, dtype)
     }
 
@@ -353,7 +389,9 @@ impl KerasCase {
     fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
         let config = self.config.clone()?;
         let dtype = self.dtype.clone()?;
-        let axis = config.resolve_axis(self.shape.len()).map_err(|e| e.to_string())?;
+        let axis = config
+            .resolve_axis(self.shape.len())
+            .map_err(|e| e.to_string())?;
         let channels = self.shape[axis];
         let init = |slot: StateSlot| -> std::result::Result<Vec<f64>, String> {
             let key = format!("init.{}", slot.keras_name());
@@ -362,7 +400,10 @@ impl KerasCase {
                 .map(|t| t.values.clone())
                 .ok_or(format!("missing {key}"))
         };
-        let slots: Vec<StateSlot> = StateSlot::ALL.into_iter().filter(|s| s.present(&config)).collect();
+        let slots: Vec<StateSlot> = StateSlot::ALL
+            .into_iter()
+            .filter(|s| s.present(&config))
+            .collect();
 
         let (ys, finals): (Vec<Vec<f64>>, Vec<(StateSlot, Vec<f64>)>) = match device {
             Device::Gpu(ctx) => {
@@ -376,12 +417,27 @@ impl KerasCase {
                 for (k, call) in self.calls.iter().enumerate() {
                     let x = self.gpu_input(ctx, k, dtype).map_err(err)?;
                     let mask = if call.mask {
-                        Some(Mask::from_u8(ctx, &self.shape[..self.shape.len() - 1], &self.mask_bytes(k)).map_err(err)?)
+                        Some(
+                            Mask::from_u8(
+                                ctx,
+                                &self.shape[..self.shape.len() - 1],
+                                &self.mask_bytes(k),
+                            )
+                            .map_err(err)?,
+                        )
                     } else {
                         None
                     };
-                    let y = layer.forward(&x, call.training, mask.as_ref()).map_err(err)?;
-                    ys.push(y.read_f32(ctx).map_err(err)?.into_iter().map(f64::from).collect());
+                    let y = layer
+                        .forward(&x, call.training, mask.as_ref())
+                        .map_err(err)?;
+                    ys.push(
+                        y.read_f32(ctx)
+                            .map_err(err)?
+                            .into_iter()
+                            .map(f64::from)
+                            .collect(),
+                    );
                 }
                 let finals = layer
                     .named_weights()
@@ -392,7 +448,8 @@ impl KerasCase {
                 (ys, finals)
             }
             Device::Cpu => {
-                let mut layer = ReferenceLayer::new(config.clone(), channels).map_err(|e| e.to_string())?;
+                let mut layer =
+                    ReferenceLayer::new(config.clone(), channels).map_err(|e| e.to_string())?;
                 for &slot in &slots {
                     *layer.state.slot_mut(slot) = init(slot)?;
                 }
@@ -411,7 +468,17 @@ impl KerasCase {
                 }
                 let finals = slots
                     .iter()
-                    .map(|&s| (s, layer.state.slot(s).iter().map(|&v| v as f32 as f64).collect()))
+                    .map(|&s| {
+                        (
+                            s,
+                            layer
+                                .state
+                                .slot(s)
+                                .iter()
+                                .map(|&v| v as f32 as f64)
+                                .collect(),
+                        )
+                    })
                     .collect();
                 (ys, finals)
             }
@@ -443,7 +510,13 @@ impl KerasCase {
         Ok(())
     }
 
-    fn compare(&self, report: &mut CaseReport, key: &str, got: &[f64], tolerance: f64) -> std::result::Result<(), String> {
+    fn compare(
+        &self,
+        report: &mut CaseReport,
+        key: &str,
+        got: &[f64],
+        tolerance: f64,
+    ) -> std::result::Result<(), String> {
         let truth = self
             .tensors
             .get(&format!("ref64.{key}"))
@@ -489,11 +562,17 @@ pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
             let (dtype, bytes) = match o.dtype {
                 DType::F32 => (
                     Dtype::F32,
-                    o.values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+                    o.values
+                        .iter()
+                        .flat_map(|&v| (v as f32).to_le_bytes())
+                        .collect(),
                 ),
                 DType::F16 => (
                     Dtype::F16,
-                    o.values.iter().flat_map(|&v| f16::from_f64(v).to_le_bytes()).collect(),
+                    o.values
+                        .iter()
+                        .flat_map(|&v| f16::from_f64(v).to_le_bytes())
+                        .collect(),
                 ),
             };
             (o.key.clone(), dtype, o.shape.clone(), bytes)
@@ -504,7 +583,8 @@ pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
             .map_err(|e| file_error(&path, e.to_string()))?;
         tensors.push((key.clone(), view));
     }
-    let bytes = safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
     std::fs::write(&path, bytes).map_err(|e| file_error(&path, e.to_string()))?;
     Ok(path)
 }

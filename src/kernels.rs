@@ -30,11 +30,11 @@ pub(crate) const FLAG_DMAX: u32 = 128;
 pub(crate) struct Params {
     pub channels: u32,
     pub inner: u32,
-    pub rows: u32,
+    pub chunk_start: u32,
     pub x_base: u32,
     pub y_base: u32,
-    pub mask_base: u32,
     pub last_dim: u32,
+    pub _pad2: u32,
     pub elems_per_thread: u32,
     pub tiles: u32,
     pub tile_offset: u32,
@@ -137,7 +137,9 @@ impl Kernels {
                     ty: wgpu::BindingType::Buffer {
                         ty: wgpu::BufferBindingType::Uniform,
                         has_dynamic_offset: true,
-                        min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                        min_binding_size: wgpu::BufferSize::new(
+                            std::mem::size_of::<Params>() as u64
+                        ),
                     },
                     count: None,
                 }];

@@ -60,7 +60,9 @@ impl StateSlot {
             StateSlot::Gamma => config.scale,
             StateSlot::Beta => config.center,
             StateSlot::MovingMean | StateSlot::MovingVariance => true,
-            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => config.renorm,
+            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => {
+                config.renorm
+            }
         }
     }
 }
@@ -90,7 +92,12 @@ struct Scratch {
     partials: wgpu::Buffer,
 }
 
-fn storage_buffer(ctx: &GpuContext, label: &str, size: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
+fn storage_buffer(
+    ctx: &GpuContext,
+    label: &str,
+    size: u64,
+    extra: wgpu::BufferUsages,
+) -> wgpu::Buffer {
     ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: size.max(16),
@@ -133,13 +140,16 @@ impl BatchNorm {
             let value = match slot {
                 StateSlot::Gamma => init.gamma_initializer.value(),
                 StateSlot::Beta => init.beta_initializer.value(),
-                StateSlot::MovingMean | StateSlot::RenormMean => init.moving_mean_initializer.value(),
+                StateSlot::MovingMean | StateSlot::RenormMean => {
+                    init.moving_mean_initializer.value()
+                }
                 StateSlot::MovingVariance => init.moving_variance_initializer.value(),
                 StateSlot::MovingStddev | StateSlot::RenormStddev => std_init,
             };
             initial[slot.index() * channels..][..channels].fill(value);
         }
-        ctx.queue().write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
+        ctx.queue()
+            .write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
         Ok(layer)
     }
 
@@ -165,12 +175,21 @@ impl BatchNorm {
 
     /// Reads every weight back, in Keras order, with its name.
     pub fn named_weights(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
-        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 7 * self.channels as u64 * 4))?;
+        let bytes = pollster::block_on(read_buffer(
+            &self.ctx,
+            &self.state,
+            7 * self.channels as u64 * 4,
+        ))?;
         let all: &[f32] = bytemuck::cast_slice(&bytes);
         Ok(self
             .weight_slots()
             .into_iter()
-            .map(|s| (s, all[s.index() * self.channels..][..self.channels].to_vec()))
+            .map(|s| {
+                (
+                    s,
+                    all[s.index() * self.channels..][..self.channels].to_vec(),
+                )
+            })
             .collect())
     }
 
@@ -187,7 +206,11 @@ impl BatchNorm {
             return Err(Error::Weights(format!(
                 "expected {} weights ({}), got {}",
                 slots.len(),
-                slots.iter().map(|s| s.keras_name()).collect::<Vec<_>>().join(", "),
+                slots
+                    .iter()
+                    .map(|s| s.keras_name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 weights.len()
             )));
         }
@@ -243,7 +266,12 @@ impl BatchNorm {
     /// The mask (input shape without its last axis) selects the positions
     /// that enter the batch statistics; every position is normalised.
     /// Everything is recorded into one command buffer and submitted once.
-    pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+    ) -> Result<Tensor> {
         let axis = self.config.resolve_axis(x.shape().len())?;
         let view = ChannelView::new(x.shape(), axis);
         if view.channels != self.channels {
@@ -265,7 +293,12 @@ impl BatchNorm {
             }
         }
         let batch_statistics = training == Some(true) && self.config.trainable;
-        let plan = DispatchPlan::new(view, x.dtype(), self.ctx.max_binding_size(), self.ctx.storage_alignment())?;
+        let plan = DispatchPlan::new(
+            view,
+            x.dtype(),
+            self.ctx.max_binding_size(),
+            self.ctx.storage_alignment(),
+        )?;
         let masked = batch_statistics && mask.is_some();
         let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
 
@@ -276,16 +309,22 @@ impl BatchNorm {
             dtype: x.dtype(),
             masked,
         };
-        let stats_pipeline = batch_statistics.then(|| kernels.pipeline(device, key(Kernel::PartialStats)));
+        let stats_pipeline =
+            batch_statistics.then(|| kernels.pipeline(device, key(Kernel::PartialStats)));
         let finalize_pipeline = kernels.pipeline(device, key(Kernel::Finalize));
         let normalize_pipeline = kernels.pipeline(device, key(Kernel::Normalize));
 
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let params = self.params_for(&plan, x.shape(), masked, batch_statistics);
-        scratch.reserve(&self.ctx, params.len(), (self.channels * plan.total_tiles * 16) as u64);
+        scratch.reserve(
+            &self.ctx,
+            params.len(),
+            (self.channels * plan.total_tiles * 16) as u64,
+        );
         let mut slots = vec![0u8; params.len() * PARAMS_SLOT as usize];
         for (i, p) in params.iter().enumerate() {
-            slots[i * PARAMS_SLOT as usize..][..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+            slots[i * PARAMS_SLOT as usize..][..std::mem::size_of::<Params>()]
+                .copy_from_slice(bytemuck::bytes_of(p));
         }
         self.ctx.queue().write_buffer(&scratch.params, 0, &slots);
 
@@ -294,7 +333,10 @@ impl BatchNorm {
             offset: 0,
             size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
         });
-        fn chunk_of<'a>(buffer: &'a wgpu::Buffer, c: &crate::plan::Chunk) -> wgpu::BindingResource<'a> {
+        fn chunk_of<'a>(
+            buffer: &'a wgpu::Buffer,
+            c: &crate::plan::Chunk,
+        ) -> wgpu::BindingResource<'a> {
             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer,
                 offset: c.bind_offset,
@@ -316,7 +358,9 @@ impl BatchNorm {
                 entries: &entries,
             })
         };
-        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
+        let mask_buffer = mask
+            .map(|m| &m.buffer)
+            .unwrap_or(&self.ctx.inner.placeholder);
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("batchnorm forward"),
@@ -353,7 +397,8 @@ impl BatchNorm {
                 ],
             );
             pass.set_bind_group(0, &group, &[0]);
-            let (gx, gy) = kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
+            let (gx, gy) =
+                kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
             pass.dispatch_workgroups(gx, gy, 1);
 
             pass.set_pipeline(&normalize_pipeline);
@@ -376,7 +421,13 @@ impl BatchNorm {
     }
 
     /// One uniform slot per chunk; slot 0 also drives finalize.
-    fn params_for(&self, plan: &DispatchPlan, shape: &[usize], masked: bool, training: bool) -> Vec<Params> {
+    fn params_for(
+        &self,
+        plan: &DispatchPlan,
+        shape: &[usize],
+        masked: bool,
+        training: bool,
+    ) -> Vec<Params> {
         let cfg = &self.config;
         let clip = cfg.renorm_clipping;
         let flag = |on: bool, bit: u32| if on { bit } else { 0 };
@@ -390,18 +441,18 @@ impl BatchNorm {
             | flag(clip.dmax.is_some(), kernels::FLAG_DMAX);
         let last_dim = *shape.last().unwrap_or(&1);
         let view = plan.view;
-        let slab = view.channels * view.inner;
-        let (finalize_x, _) = kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
+        let (finalize_x, _) =
+            kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
         plan.chunks
             .iter()
             .map(|chunk| Params {
                 channels: view.channels as u32,
                 inner: view.inner as u32,
-                rows: chunk.rows as u32,
+                chunk_start: chunk.start as u32,
                 x_base: chunk.base,
                 y_base: chunk.base,
-                mask_base: (chunk.row_begin * slab / last_dim) as u32,
                 last_dim: last_dim as u32,
+                _pad2: 0,
                 elems_per_thread: plan.elems_per_thread as u32,
                 tiles: chunk.tiles as u32,
                 tile_offset: chunk.tile_offset as u32,
@@ -436,7 +487,8 @@ impl Scratch {
             });
         }
         if self.partials.size() < partial_bytes {
-            self.partials = storage_buffer(ctx, "partials", partial_bytes, wgpu::BufferUsages::empty());
+            self.partials =
+                storage_buffer(ctx, "partials", partial_bytes, wgpu::BufferUsages::empty());
         }
     }
 }

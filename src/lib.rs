@@ -17,8 +17,8 @@
 pub mod config;
 pub mod context;
 pub mod error;
-pub(crate) mod kernels;
 pub mod keras;
+pub(crate) mod kernels;
 pub mod layer;
 pub(crate) mod plan;
 pub mod reference;

@@ -15,18 +15,20 @@ const MAX_LOOP: usize = 4096;
 /// The finalize kernel loops over a channel's tiles.
 const MAX_TILES: usize = 65535;
 
-/// Whole outer rows of the canonical view, bound at one aligned offset.
+/// A flat range of elements bound at one aligned offset. Any range works:
+/// the kernels find each channel's values inside it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Chunk {
-    pub row_begin: usize,
-    pub rows: usize,
+    /// Absolute index of the first element.
+    pub start: usize,
+    pub elems: usize,
     /// Byte offset of the binding (a multiple of the storage alignment).
     pub bind_offset: u64,
     /// Bytes bound.
     pub bind_size: u64,
     /// Elements between the binding's start and the chunk's first element.
     pub base: u32,
-    pub elems: usize,
+    /// Statistics tiles per channel, and where they start in its partials.
     pub tiles: usize,
     pub tile_offset: usize,
 }
@@ -40,73 +42,109 @@ pub(crate) struct DispatchPlan {
     pub total_tiles: usize,
 }
 
+/// Mirror of `first_j_at` in `shaders/statistics.wgsl`: the first position
+/// j = o * inner + i of channel `c` whose element index is >= `a`.
+fn first_j_at(view: ChannelView, a: usize, c: usize) -> usize {
+    let run = a / view.inner;
+    let (o, ca) = (run / view.channels, run % view.channels);
+    match c.cmp(&ca) {
+        std::cmp::Ordering::Equal => o * view.inner + a % view.inner,
+        std::cmp::Ordering::Greater => o * view.inner,
+        std::cmp::Ordering::Less => (o + 1) * view.inner,
+    }
+}
+
+/// The most values any channel has in elements [start, end). The count
+/// depends only on where c lies relative to the channels at both ends, so
+/// a few representatives cover every channel.
+fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
+    let ca = (start / view.inner) % view.channels;
+    let cb = (end / view.inner) % view.channels;
+    let last = view.channels - 1;
+    [
+        0,
+        ca.saturating_sub(1),
+        ca,
+        ca + 1,
+        cb.saturating_sub(1),
+        cb,
+        cb + 1,
+        last,
+    ]
+    .into_iter()
+    .filter(|&c| c <= last)
+    .map(|c| first_j_at(view, end, c) - first_j_at(view, start, c))
+    .max()
+    .unwrap_or(0)
+}
+
 impl DispatchPlan {
-    pub(crate) fn new(view: ChannelView, dtype: DType, max_binding: u64, alignment: u64) -> Result<Self> {
+    pub(crate) fn new(
+        view: ChannelView,
+        dtype: DType,
+        max_binding: u64,
+        alignment: u64,
+    ) -> Result<Self> {
         let len = view.len();
-        if len > u32::MAX as usize {
+        // element indices (and one past the end) are u32 in the kernels
+        if len >= u32::MAX as usize {
             return Err(Error::TooLarge(format!(
                 "{len} elements exceed the 2^32 a kernel can index"
             )));
         }
-        // indices inside a binding are u32
-        let max_binding = max_binding.min(1 << 31);
         let size = dtype.size() as u64;
-        let slab = (view.channels * view.inner) as u64;
-        let rows_per_chunk = if padded_bytes(len, dtype) <= max_binding {
-            view.outer
+        let chunk_elems = if padded_bytes(len, dtype) <= max_binding {
+            len
         } else {
-            let room = max_binding.saturating_sub(alignment + 4);
-            let mut rows = (room / (slab * size)) as usize;
-            // float16 chunks must start on a whole u32 word
-            if dtype == DType::F16 && slab % 2 == 1 {
-                rows -= rows % 2;
-            }
-            if rows == 0 {
+            // room for the misalignment of the start, whole 64-element blocks
+            // (float16 chunks then start on whole words)
+            let elems = (max_binding.saturating_sub(alignment + 4) / size) as usize / 64 * 64;
+            if elems == 0 {
                 return Err(Error::TooLarge(format!(
-                    "one outer row of {} values ({} bytes) does not fit a storage binding of {max_binding} bytes",
-                    slab,
-                    slab * size
+                    "a storage binding of {max_binding} bytes is too small to chunk"
                 )));
             }
-            rows
+            elems
         };
 
         let mut chunks = Vec::new();
-        let mut row_begin = 0;
-        while row_begin < view.outer {
-            let rows = rows_per_chunk.min(view.outer - row_begin);
-            let start = row_begin as u64 * slab * size;
-            let end = ((row_begin + rows) as u64 * slab * size).div_ceil(4) * 4;
-            let bind_offset = start / alignment * alignment;
+        let mut start = 0;
+        while start < len {
+            let elems = chunk_elems.min(len - start);
+            let first = start as u64 * size;
+            let end = ((start + elems) as u64 * size).div_ceil(4) * 4;
+            let bind_offset = first / alignment * alignment;
             chunks.push(Chunk {
-                row_begin,
-                rows,
+                start,
+                elems,
                 bind_offset,
                 bind_size: end - bind_offset,
-                base: ((start - bind_offset) / size) as u32,
-                elems: rows * slab as usize,
+                base: ((first - bind_offset) / size) as u32,
                 tiles: 0,
                 tile_offset: 0,
             });
-            row_begin += rows;
+            start += elems;
         }
 
-        let longest_run = chunks.iter().map(|c| c.rows * view.inner).max().unwrap_or(1);
-        let mut elems_per_thread = longest_run
+        let runs: Vec<usize> = chunks
+            .iter()
+            .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
+            .collect();
+        let longest = runs.iter().copied().max().unwrap_or(1);
+        let mut elems_per_thread = longest
             .div_ceil(WORKGROUP as usize)
             .clamp(1, STATS_ELEMS_PER_THREAD);
         let tiles_for = |e: usize| -> usize {
-            chunks
-                .iter()
-                .map(|c| (c.rows * view.inner).div_ceil(WORKGROUP as usize * e))
+            runs.iter()
+                .map(|r| r.div_ceil(WORKGROUP as usize * e).max(1))
                 .sum()
         };
         while tiles_for(elems_per_thread) > MAX_TILES && elems_per_thread < MAX_LOOP {
             elems_per_thread *= 2;
         }
         let mut tile_offset = 0;
-        for c in &mut chunks {
-            c.tiles = (c.rows * view.inner).div_ceil(WORKGROUP as usize * elems_per_thread);
+        for (c, run) in chunks.iter_mut().zip(&runs) {
+            c.tiles = run.div_ceil(WORKGROUP as usize * elems_per_thread).max(1);
             c.tile_offset = tile_offset;
             tile_offset += c.tiles;
         }
@@ -154,39 +192,103 @@ mod tests {
 
     #[test]
     fn one_chunk_when_it_fits() {
-        let view = ChannelView { outer: 32, channels: 64, inner: 3136 };
+        let view = ChannelView {
+            outer: 32,
+            channels: 64,
+            inner: 3136,
+        };
         let plan = DispatchPlan::new(view, DType::F32, 1 << 27, 256).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
+        assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(256 * 64));
     }
 
     #[test]
-    fn chunks_cover_every_row_once_and_fit() {
-        for (dtype, inner) in [(DType::F32, 7), (DType::F16, 7), (DType::F16, 8), (DType::F32, 1)] {
-            let view = ChannelView { outer: 1001, channels: 3, inner };
+    fn chunks_cover_every_element_once_and_fit() {
+        for (dtype, view) in [
+            (
+                DType::F32,
+                ChannelView {
+                    outer: 1001,
+                    channels: 3,
+                    inner: 7,
+                },
+            ),
+            (
+                DType::F16,
+                ChannelView {
+                    outer: 1001,
+                    channels: 3,
+                    inner: 7,
+                },
+            ),
+            (
+                DType::F16,
+                ChannelView {
+                    outer: 1,
+                    channels: 4001,
+                    inner: 3,
+                },
+            ),
+            (
+                DType::F32,
+                ChannelView {
+                    outer: 1,
+                    channels: 1,
+                    inner: 100_003,
+                },
+            ),
+        ] {
             let max = 4096;
             let plan = DispatchPlan::new(view, dtype, max, 256).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
-                assert_eq!(c.row_begin, next);
+                assert_eq!(c.start, next);
                 assert!(c.bind_size <= max, "{c:?}");
                 assert_eq!(c.bind_offset % 256, 0);
                 assert_eq!(c.bind_size % 4, 0);
+                assert!(c.bind_offset + c.bind_size <= padded_bytes(view.len(), dtype));
                 if dtype == DType::F16 {
                     assert_eq!(c.base % 2, 0);
                 }
-                next += c.rows;
+                next += c.elems;
             }
-            assert_eq!(next, view.outer);
+            assert_eq!(next, view.len());
         }
     }
 
     #[test]
-    fn a_row_larger_than_a_binding_is_an_error() {
-        let view = ChannelView { outer: 2, channels: 4096, inner: 1 };
+    fn longest_run_counts_every_channel_exactly() {
+        let view = ChannelView {
+            outer: 5,
+            channels: 4,
+            inner: 3,
+        };
+        for start in 0..view.len() {
+            for end in start..=view.len() {
+                let brute = (0..view.channels)
+                    .map(|c| (start..end).filter(|&e| view.channel_of(e) == c).count())
+                    .max()
+                    .unwrap();
+                assert_eq!(
+                    longest_channel_run(view, start, end),
+                    brute,
+                    "{start}..{end}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_binding_too_small_to_chunk_is_an_error() {
+        let view = ChannelView {
+            outer: 2,
+            channels: 4096,
+            inner: 1,
+        };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, 4096, 256),
+            DispatchPlan::new(view, DType::F32, 256, 256),
             Err(Error::TooLarge(_))
         ));
     }

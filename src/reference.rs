@@ -19,7 +19,12 @@ pub struct ChannelMoments {
 
 /// Mirror of the statistics kernel: per-channel moments over the values the
 /// mask lets in (the mask has the input shape without its last axis).
-pub fn channel_moments(x: &[f64], view: ChannelView, mask: Option<&[u8]>, last_dim: usize) -> Vec<ChannelMoments> {
+pub fn channel_moments(
+    x: &[f64],
+    view: ChannelView,
+    mask: Option<&[u8]>,
+    last_dim: usize,
+) -> Vec<ChannelMoments> {
     let included = |e: usize| mask.is_none_or(|m| m[e / last_dim] != 0);
     let mut sums = vec![(0.0f64, 0.0f64); view.channels];
     for (e, &v) in x.iter().enumerate() {
@@ -158,7 +163,8 @@ pub fn finalize(
                 state.moving_variance[c] = (moving_stddev * moving_stddev - eps).max(0.0);
             } else {
                 state.moving_mean[c] = state.moving_mean[c] * momentum + mean * (1.0 - momentum);
-                state.moving_variance[c] = state.moving_variance[c] * momentum + variance * (1.0 - momentum);
+                state.moving_variance[c] =
+                    state.moving_variance[c] * momentum + variance * (1.0 - momentum);
             }
             affine
         })
@@ -208,11 +214,20 @@ impl ReferenceLayer {
     }
 
     /// Same contract as [`crate::BatchNorm::forward`], on host values.
-    pub fn forward(&mut self, x: &[f64], shape: &[usize], training: Option<bool>, mask: Option<&[u8]>) -> Result<Vec<f64>> {
+    pub fn forward(
+        &mut self,
+        x: &[f64],
+        shape: &[usize],
+        training: Option<bool>,
+        mask: Option<&[u8]>,
+    ) -> Result<Vec<f64>> {
         let axis = self.config.resolve_axis(shape.len())?;
         let view = ChannelView::new(shape, axis);
         if view.len() != x.len() || shape.contains(&0) {
-            return Err(Error::Shape(format!("shape {shape:?} does not hold {} values", x.len())));
+            return Err(Error::Shape(format!(
+                "shape {shape:?} does not hold {} values",
+                x.len()
+            )));
         }
         if view.channels != self.channels() {
             return Err(Error::Shape(format!(
@@ -235,7 +250,12 @@ impl ReferenceLayer {
         let training = training == Some(true) && self.config.trainable;
         let affine = if training {
             let moments = channel_moments(x, view, mask, last_dim);
-            finalize(&self.config, &mut self.state, Some(&moments), mask.is_some())
+            finalize(
+                &self.config,
+                &mut self.state,
+                Some(&moments),
+                mask.is_some(),
+            )
         } else {
             finalize(&self.config, &mut self.state, None, false)
         };

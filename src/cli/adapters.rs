@@ -9,7 +9,10 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
         adapters.retain(|a| a.info.name.to_lowercase().contains(&name));
     }
     if adapters.is_empty() {
-        return Err(wgpu_batchnorm::Error::NoAdapter("wgpu sees no adapter matching the selection".into()).to_string());
+        return Err(wgpu_batchnorm::Error::NoAdapter(
+            "wgpu sees no adapter matching the selection".into(),
+        )
+        .to_string());
     }
     for a in adapters {
         let i = &a.info;
@@ -17,13 +20,19 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
         println!("{} ({})", i.name, i.backend);
         println!("  device type:          {:?}", i.device_type);
         println!("  driver:               {} {}", i.driver, i.driver_info);
-        println!("  max storage binding:  {} MiB", l.max_storage_buffer_binding_size >> 20);
+        println!(
+            "  max storage binding:  {} MiB",
+            l.max_storage_buffer_binding_size >> 20
+        );
         println!("  max buffer size:      {} MiB", l.max_buffer_size >> 20);
         println!(
             "  max workgroups/dim:   {} (invocations per workgroup {})",
             l.max_compute_workgroups_per_dimension, l.max_compute_invocations_per_workgroup
         );
-        println!("  storage buffers/stage: {}", l.max_storage_buffers_per_shader_stage);
+        println!(
+            "  storage buffers/stage: {}",
+            l.max_storage_buffers_per_shader_stage
+        );
         let f = a.features;
         let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
         println!(

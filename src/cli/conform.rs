@@ -7,7 +7,12 @@ use wgpu_batchnorm::keras::{self, Device};
 
 use super::{DeviceArg, EXIT_FAIL};
 
-pub(crate) fn run(selection: &AdapterSelection, dir: &Path, out: Option<&Path>, device: DeviceArg) -> Result<u8, String> {
+pub(crate) fn run(
+    selection: &AdapterSelection,
+    dir: &Path,
+    out: Option<&Path>,
+    device: DeviceArg,
+) -> Result<u8, String> {
     // Read every case first: a bad file is a usage error, not a failed case.
     let cases = keras::load_dir(dir).map_err(|e| e.to_string())?;
     if let Some(out) = out {

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use wgpu_batchnorm::{AdapterSelection, GpuContext};
 
 #[derive(Parser, Debug)]
-#[command(name = "wgpu-batchnorm", version, about = "Keras BatchNormalization on wgpu: run, list adapters, check conformance")]
+#[command(
+    name = "wgpu-batchnorm",
+    version,
+    about = "Keras BatchNormalization on wgpu: run, list adapters, check conformance"
+)]
 struct Cli {
     /// Backend to use (default: WGPU_BACKEND, else all).
     #[arg(long, global = true, value_enum)]
@@ -89,7 +93,9 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         None => demo::run(&selection),
         Some(Command::Adapters) => adapters::run(&selection),
-        Some(Command::Conform { dir, out, device }) => conform::run(&selection, dir, out.as_deref(), *device),
+        Some(Command::Conform { dir, out, device }) => {
+            conform::run(&selection, dir, out.as_deref(), *device)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,136 @@
+//! Shared test helpers: one GPU context per test binary, seeded inputs and
+//! the GPU-vs-reference comparison.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use wgpu_batchnorm::keras::error_measure;
+use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::{
+    AdapterSelection, BatchNorm, BatchNormConfig, DType, GpuContext, Mask, Tensor,
+};
+
+const INSTALL_HINT: &str = "GPU tests need an adapter and never skip. On Debian/Ubuntu without a GPU run \
+     `apt-get install -y mesa-vulkan-drivers` (or scripts/test.sh, which does it), then rerun";
+
+fn open(selection: AdapterSelection) -> GpuContext {
+    match GpuContext::new(&selection) {
+        Ok(ctx) => ctx,
+        Err(e) => panic!("{e}\n{INSTALL_HINT}"),
+    }
+}
+
+/// The default adapter (WGPU_BACKEND / WGPU_ADAPTER_NAME respected).
+pub fn gpu() -> GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| open(AdapterSelection::from_env()))
+        .clone()
+}
+
+/// The GL adapter (Mesa's llvmpipe through EGL on a headless Linux box).
+pub fn gl() -> GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        open(AdapterSelection {
+            backends: Some(wgpu::Backends::GL),
+            name: None,
+        })
+    })
+    .clone()
+}
+
+/// Values around `offset` with per-channel spread, never all equal.
+pub fn random_input(rng: &mut StdRng, len: usize, offset: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            offset + rng.random::<f32>() * 4.0 - 2.0 + rng.random::<f32>() * rng.random::<f32>()
+        })
+        .collect()
+}
+
+pub fn random_mask(rng: &mut StdRng, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| (rng.random::<f32>() < 0.7) as u8)
+        .collect()
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// One call on both paths and the conformance error of y and of the state.
+pub struct Outcome {
+    pub y_error: f64,
+    pub state_error: f64,
+}
+
+/// Runs `calls` (training flag, with mask) through the GPU layer and the
+/// float64 reference from the same random initial state; returns the worst
+/// errors.
+pub fn compare_with_reference(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    shape: &[usize],
+    dtype: DType,
+    calls: &[(Option<bool>, bool)],
+    seed: u64,
+) -> Outcome {
+    let mut rng = rng(seed);
+    let axis = config.resolve_axis(shape.len()).unwrap();
+    let channels = shape[axis];
+    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
+    // a non-trivial starting state
+    for slot in layer.weight_slots() {
+        let values: Vec<f32> = (0..channels).map(|_| 0.5 + rng.random::<f32>()).collect();
+        layer.set_weight(slot, &values).unwrap();
+        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
+    }
+    let len: usize = shape.iter().product();
+    let mask_shape = &shape[..shape.len() - 1];
+    let mut outcome = Outcome {
+        y_error: 0.0,
+        state_error: 0.0,
+    };
+    for &(training, masked) in calls {
+        let offset = rng.random::<f32>() * 10.0 - 5.0;
+        let x32 = random_input(&mut rng, len, offset);
+        let x = Tensor::from_f32_as(ctx, shape, &x32, dtype).unwrap();
+        // what the GPU really sees (float16 rounds)
+        let x64: Vec<f64> = match dtype {
+            DType::F32 => x32.iter().map(|&v| v as f64).collect(),
+            DType::F16 => x32
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f64())
+                .collect(),
+        };
+        let flags = masked.then(|| random_mask(&mut rng, len / shape[shape.len() - 1]));
+        let mask = flags
+            .as_ref()
+            .map(|f| Mask::from_u8(ctx, mask_shape, f).unwrap());
+        let y = layer.forward(&x, training, mask.as_ref()).unwrap();
+        let got: Vec<f64> = y
+            .read_f32(ctx)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let truth = reference
+            .forward(&x64, shape, training, flags.as_deref())
+            .unwrap();
+        outcome.y_error = outcome.y_error.max(error_measure(&got, &truth));
+    }
+    for (slot, values) in layer.named_weights().unwrap() {
+        let got: Vec<f64> = values.into_iter().map(f64::from).collect();
+        outcome.state_error = outcome
+            .state_error
+            .max(error_measure(&got, reference.state.slot(slot)));
+    }
+    outcome
+}
+
+pub fn tolerance(dtype: DType) -> f64 {
+    wgpu_batchnorm::keras::tolerance(dtype, false)
+}

@@ -1,0 +1,284 @@
+//! Seeded random inputs through the GPU layer and the float64 reference:
+//! ranks 1-5, every axis, awkward sizes, every config flag, masks, float16,
+//! channels of more than 2^20 values, and tensors beyond one binding.
+
+mod common;
+
+use common::{compare_with_reference, gpu, tolerance};
+use wgpu_batchnorm::{BatchNormConfig, DType, GpuContext, RenormClipping};
+
+const SHAPES: &[&[usize]] = &[
+    &[1],
+    &[7],
+    &[300],
+    &[1, 1],
+    &[3, 5],
+    &[257, 3],
+    &[2, 1031],
+    &[2, 3, 5],
+    &[1, 7, 1],
+    &[13, 1, 17],
+    &[2, 3, 5, 7],
+    &[1, 1, 1, 1],
+    &[3, 1, 257, 2],
+    &[2, 3, 1, 5, 7],
+    &[1, 2, 3, 1, 4],
+];
+
+/// A config variant per index: every flag on and off across the sweep.
+fn variant(i: usize, axis: i64) -> (BatchNormConfig, DType) {
+    let mut c = BatchNormConfig {
+        axis,
+        center: i % 2 == 0,
+        scale: i % 3 != 1,
+        momentum: [0.99, 0.9, 0.0, 1.0][i % 4],
+        epsilon: [1e-3, 1e-5][i % 2],
+        ..Default::default()
+    };
+    if i % 5 == 2 {
+        c.renorm = true;
+        c.renorm_momentum = 0.9;
+        c.renorm_clipping = match i % 3 {
+            0 => RenormClipping::default(),
+            1 => RenormClipping {
+                rmax: Some(1.5),
+                rmin: None,
+                dmax: None,
+            },
+            _ => RenormClipping {
+                rmax: Some(2.0),
+                rmin: Some(0.7),
+                dmax: Some(0.2),
+            },
+        };
+    }
+    let dtype = if i % 7 == 3 { DType::F16 } else { DType::F32 };
+    (c, dtype)
+}
+
+fn calls(rank: usize) -> Vec<(Option<bool>, bool)> {
+    let masked = rank >= 2;
+    vec![
+        (Some(true), false),
+        (Some(true), masked),
+        (None, false),
+        (Some(false), masked),
+        (Some(true), false),
+    ]
+}
+
+fn sweep(ctx: &GpuContext) {
+    let mut failures = Vec::new();
+    let mut i = 0;
+    for shape in SHAPES {
+        let rank = shape.len() as i64;
+        for axis in 0..rank {
+            // both spellings of the axis
+            for spelled in [axis, axis - rank] {
+                let (config, dtype) = variant(i, spelled);
+                let o = compare_with_reference(
+                    ctx,
+                    &config,
+                    shape,
+                    dtype,
+                    &calls(shape.len()),
+                    i as u64,
+                );
+                let tol = tolerance(dtype);
+                if !(o.y_error <= tol && o.state_error <= tol) {
+                    failures.push(format!(
+                        "shape {shape:?} axis {spelled} {dtype} {config:?}: y {:.2e} state {:.2e}",
+                        o.y_error, o.state_error
+                    ));
+                }
+                i += 1;
+            }
+        }
+    }
+    assert!(i > 60);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_rank_axis_and_flag_matches_the_reference() {
+    sweep(&gpu());
+}
+
+#[test]
+fn every_rank_axis_and_flag_matches_the_reference_on_gl() {
+    sweep(&common::gl());
+}
+
+#[test]
+fn chunked_bindings_match_the_reference() {
+    // a private context: capping its bindings forces several chunks per input
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    ctx.set_max_binding_size(4096);
+    for (i, (shape, axis, dtype)) in [
+        (&[1001usize, 3, 7][..], 1i64, DType::F32),
+        (&[1001, 3, 7], 1, DType::F16),
+        (&[999, 5], -1, DType::F16),
+        (&[4000, 3], 0, DType::F32),
+        (&[77, 3, 2, 5], 2, DType::F16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut config, _) = variant(i, axis);
+        config.axis = axis;
+        let o = compare_with_reference(
+            &ctx,
+            &config,
+            shape,
+            dtype,
+            &calls(shape.len()),
+            100 + i as u64,
+        );
+        assert!(
+            o.y_error <= tolerance(dtype) && o.state_error <= tolerance(dtype),
+            "{shape:?} {dtype}: y {:.2e} state {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+}
+
+#[test]
+fn channels_longer_than_one_workgroup_tile() {
+    for (shape, axis) in [
+        (&[40000usize, 3][..], -1i64),
+        (&[3, 5, 10007][..], 1),
+        (&[20011, 1][..], 1),
+    ] {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let o = compare_with_reference(
+            &gpu(),
+            &config,
+            shape,
+            DType::F32,
+            &[(Some(true), true), (None, false)],
+            5,
+        );
+        assert!(
+            o.y_error <= 2e-5 && o.state_error <= 2e-5,
+            "{shape:?}: {:.2e} {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+}
+
+/// llvmpipe ends any shader loop after 65535 iterations: a kernel that
+/// loops over a whole channel is wrong past that. Both layouts, > 2^20 values.
+#[test]
+fn channels_of_more_than_2_pow_20_values_nhwc_and_nchw() {
+    for (shape, axis) in [
+        (&[17usize, 256, 256, 2][..], -1i64),
+        (&[3, 2, 600, 600][..], 1),
+    ] {
+        let per_channel = shape.iter().product::<usize>() / 2;
+        assert!(per_channel > 1 << 20);
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let o = compare_with_reference(
+            &gpu(),
+            &config,
+            shape,
+            DType::F32,
+            &[(Some(true), false), (None, false)],
+            11,
+        );
+        assert!(
+            o.y_error <= 2e-5 && o.state_error <= 2e-5,
+            "{shape:?}: {:.2e} {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+}
+
+/// 144 MB of float32: more than wgpu's default (and lavapipe's) 128 MiB
+/// storage binding.
+#[test]
+fn tensor_larger_than_one_binding() {
+    let shape = [9usize, 4, 1000, 1000];
+    assert!(shape.iter().product::<usize>() * 4 > 128 << 20);
+    let config = BatchNormConfig {
+        axis: 1,
+        ..Default::default()
+    };
+    let o = compare_with_reference(
+        &gpu(),
+        &config,
+        &shape,
+        DType::F32,
+        &[(Some(true), false), (None, false)],
+        13,
+    );
+    assert!(
+        o.y_error <= 2e-5 && o.state_error <= 2e-5,
+        "{:.2e} {:.2e}",
+        o.y_error,
+        o.state_error
+    );
+}
+
+#[test]
+fn trainable_false_is_inference_and_changes_nothing() {
+    let config = BatchNormConfig {
+        trainable: false,
+        ..Default::default()
+    };
+    let ctx = gpu();
+    let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 3).unwrap();
+    let before = layer.get_weights().unwrap();
+    let x = wgpu_batchnorm::Tensor::from_f32(
+        &ctx,
+        &[4, 3],
+        &common::random_input(&mut common::rng(1), 12, 2.0),
+    )
+    .unwrap();
+    layer.forward(&x, Some(true), None).unwrap();
+    assert_eq!(layer.get_weights().unwrap(), before);
+    let o = compare_with_reference(
+        &ctx,
+        &config,
+        &[5, 3],
+        DType::F32,
+        &[(Some(true), false), (Some(true), true)],
+        2,
+    );
+    assert!(o.y_error <= 2e-5 && o.state_error == 0.0);
+}
+
+#[test]
+fn a_fully_masked_out_batch_gives_keras_zero_statistics() {
+    // Keras: mean = 0 / (0 + 1e-7) = 0 and var = 0 when nothing is masked in
+    let ctx = gpu();
+    let config = BatchNormConfig::default();
+    let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 2).unwrap();
+    let values = [3.0f32, -1.0, 5.0, 2.0, 4.0, 0.5];
+    let x = wgpu_batchnorm::Tensor::from_f32(&ctx, &[3, 2], &values).unwrap();
+    let mask = wgpu_batchnorm::Mask::from_u8(&ctx, &[3], &[0, 0, 0]).unwrap();
+    let y = layer
+        .forward(&x, Some(true), Some(&mask))
+        .unwrap()
+        .read_f32(&ctx)
+        .unwrap();
+    let inv = 1.0 / (1e-3f32).sqrt();
+    for (got, v) in y.iter().zip(values) {
+        assert!(
+            (got - v * inv).abs() <= 1e-5 * inv * 5.0,
+            "{got} vs {}",
+            v * inv
+        );
+    }
+    let w = layer.get_weights().unwrap();
+    assert!(w[2].iter().all(|&m| m == 0.0));
+    assert!(w[3].iter().all(|&v| (v - 0.99).abs() < 1e-7));
+}
