@@ -83,6 +83,23 @@ impl CaseReport {
     }
 }
 
+/// What one run of a case's calls produced.
+struct RunOutputs {
+    ys: Vec<Vec<f64>>,
+    finals: Vec<(StateSlot, Vec<f64>)>,
+}
+
+type InitFn<'a> = dyn Fn(StateSlot) -> std::result::Result<Vec<f64>, String> + 'a;
+
+/// How a case's layer is built.
+struct Setup<'a> {
+    config: &'a BatchNormConfig,
+    dtype: DType,
+    channels: usize,
+    slots: &'a [StateSlot],
+    init: &'a InitFn<'a>,
+}
+
 /// Where a case runs.
 #[derive(Debug, Clone)]
 pub enum Device {
@@ -405,83 +422,16 @@ impl KerasCase {
             .filter(|s| s.present(&config))
             .collect();
 
-        let (ys, finals): (Vec<Vec<f64>>, Vec<(StateSlot, Vec<f64>)>) = match device {
-            Device::Gpu(ctx) => {
-                let err = |e: Error| e.to_string();
-                let layer = BatchNorm::new(ctx, config.clone(), channels).map_err(err)?;
-                for &slot in &slots {
-                    let values: Vec<f32> = init(slot)?.iter().map(|&v| v as f32).collect();
-                    layer.set_weight(slot, &values).map_err(err)?;
-                }
-                let mut ys = Vec::new();
-                for (k, call) in self.calls.iter().enumerate() {
-                    let x = self.gpu_input(ctx, k, dtype).map_err(err)?;
-                    let mask = if call.mask {
-                        Some(
-                            Mask::from_u8(
-                                ctx,
-                                &self.shape[..self.shape.len() - 1],
-                                &self.mask_bytes(k),
-                            )
-                            .map_err(err)?,
-                        )
-                    } else {
-                        None
-                    };
-                    let y = layer
-                        .forward(&x, call.training, mask.as_ref())
-                        .map_err(err)?;
-                    ys.push(
-                        y.read_f32(ctx)
-                            .map_err(err)?
-                            .into_iter()
-                            .map(f64::from)
-                            .collect(),
-                    );
-                }
-                let finals = layer
-                    .named_weights()
-                    .map_err(err)?
-                    .into_iter()
-                    .map(|(s, v)| (s, v.into_iter().map(f64::from).collect()))
-                    .collect();
-                (ys, finals)
-            }
-            Device::Cpu => {
-                let mut layer =
-                    ReferenceLayer::new(config.clone(), channels).map_err(|e| e.to_string())?;
-                for &slot in &slots {
-                    *layer.state.slot_mut(slot) = init(slot)?;
-                }
-                let mut ys = Vec::new();
-                for (k, call) in self.calls.iter().enumerate() {
-                    let x = &self.tensors[&format!("x.{k}")].values;
-                    let mask = call.mask.then(|| self.mask_bytes(k));
-                    let y = layer
-                        .forward(x, &self.shape, call.training, mask.as_deref())
-                        .map_err(|e| e.to_string())?;
-                    // the output is cast to the input dtype, as Keras does
-                    ys.push(match dtype {
-                        DType::F32 => y.iter().map(|&v| v as f32 as f64).collect(),
-                        DType::F16 => y.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
-                    });
-                }
-                let finals = slots
-                    .iter()
-                    .map(|&s| {
-                        (
-                            s,
-                            layer
-                                .state
-                                .slot(s)
-                                .iter()
-                                .map(|&v| v as f32 as f64)
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                (ys, finals)
-            }
+        let setup = Setup {
+            config: &config,
+            dtype,
+            channels,
+            slots: &slots,
+            init: &init,
+        };
+        let RunOutputs { ys, finals } = match device {
+            Device::Gpu(ctx) => self.run_gpu(ctx, &setup).map_err(|e| e.to_string())?,
+            Device::Cpu => self.run_cpu(&setup)?,
         };
 
         let tol = tolerance(dtype, false);
@@ -508,6 +458,75 @@ impl KerasCase {
             });
         }
         Ok(())
+    }
+
+    fn run_gpu(&self, ctx: &GpuContext, setup: &Setup) -> Result<RunOutputs> {
+        let layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
+        for &slot in setup.slots {
+            let values: Vec<f32> = (setup.init)(slot)
+                .map_err(|m| file_error(&self.path, m))?
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            layer.set_weight(slot, &values)?;
+        }
+        let mut ys = Vec::new();
+        for (k, call) in self.calls.iter().enumerate() {
+            let x = self.gpu_input(ctx, k, setup.dtype)?;
+            let mask = match call.mask {
+                true => Some(Mask::from_u8(
+                    ctx,
+                    &self.shape[..self.shape.len() - 1],
+                    &self.mask_bytes(k),
+                )?),
+                false => None,
+            };
+            let y = layer.forward(&x, call.training, mask.as_ref())?;
+            ys.push(y.read_f32(ctx)?.into_iter().map(f64::from).collect());
+        }
+        let finals = layer
+            .named_weights()?
+            .into_iter()
+            .map(|(s, v)| (s, v.into_iter().map(f64::from).collect()))
+            .collect();
+        Ok(RunOutputs { ys, finals })
+    }
+
+    fn run_cpu(&self, setup: &Setup) -> std::result::Result<RunOutputs, String> {
+        let mut layer =
+            ReferenceLayer::new(setup.config.clone(), setup.channels).map_err(|e| e.to_string())?;
+        for &slot in setup.slots {
+            *layer.state.slot_mut(slot) = (setup.init)(slot)?;
+        }
+        let mut ys = Vec::new();
+        for (k, call) in self.calls.iter().enumerate() {
+            let x = &self.tensors[&format!("x.{k}")].values;
+            let mask = call.mask.then(|| self.mask_bytes(k));
+            let y = layer
+                .forward(x, &self.shape, call.training, mask.as_deref())
+                .map_err(|e| e.to_string())?;
+            // the output is cast to the input dtype, as Keras does
+            ys.push(match setup.dtype {
+                DType::F32 => y.iter().map(|&v| v as f32 as f64).collect(),
+                DType::F16 => y.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
+            });
+        }
+        let finals = setup
+            .slots
+            .iter()
+            .map(|&s| {
+                (
+                    s,
+                    layer
+                        .state
+                        .slot(s)
+                        .iter()
+                        .map(|&v| v as f32 as f64)
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(RunOutputs { ys, finals })
     }
 
     fn compare(

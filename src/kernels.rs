@@ -213,3 +213,49 @@ pub(crate) fn grid(groups: u32) -> (u32, u32) {
         (MAX, groups.div_ceil(MAX))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel parses and validates with naga, and its workgroup size is
+    /// the one the host plans dispatches with.
+    #[test]
+    fn shaders_validate_and_match_host_constants() {
+        for kernel in Kernel::ALL {
+            let source = kernel.source();
+            let module = naga::front::wgsl::parse_str(&source)
+                .unwrap_or_else(|e| panic!("{kernel:?}: {}", e.emit_to_string(&source)));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{kernel:?}: {e:?}"));
+            let entry = module
+                .entry_points
+                .iter()
+                .find(|e| e.name == kernel.entry_point())
+                .expect("entry point");
+            let expected = match kernel {
+                Kernel::Finalize => FINALIZE_WORKGROUP,
+                _ => WORKGROUP,
+            };
+            assert_eq!(entry.workgroup_size, [expected, 1, 1], "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn params_is_one_uniform_slot() {
+        assert!(std::mem::size_of::<Params>() as u64 <= PARAMS_SLOT);
+        assert_eq!(std::mem::size_of::<Params>() % 16, 0);
+    }
+
+    #[test]
+    fn grids_cover_every_workgroup() {
+        for groups in [1, 65535, 65536, 200_000] {
+            let (x, y) = grid(groups);
+            assert!(x <= 65535 && y <= 65535 && x * y >= groups);
+        }
+    }
+}

@@ -29,3 +29,8 @@ pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, StateSlot};
 pub use tensor::{DType, Mask, Tensor};
+
+/// The README's example compiles as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -45,6 +45,9 @@ fn gpu_passes_every_case() {
     assert_all_pass(Device::Gpu(common::gpu()));
 }
 
+// wgpu's GL backend is what Linux machines without Vulkan fall back to
+// (Mesa's llvmpipe through EGL on a headless box); elsewhere it is not expected.
+#[cfg(target_os = "linux")]
 #[test]
 fn gl_backend_passes_every_case() {
     let ctx = common::gl();

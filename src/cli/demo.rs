@@ -35,8 +35,8 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
     layer.forward(&warm, None, None).map_err(err)?;
 
     println!(
-        "{:<16} {:<10} {:>10} {:>10} {:>8}  {}",
-        "shape", "mode", "max error", "ms", "GB/s", "check"
+        "{:<16} {:<10} {:>10} {:>10} {:>8}  check",
+        "shape", "mode", "max error", "ms", "GB/s"
     );
     let mut all_pass = true;
     let steps = (0..TRAINING_STEPS).map(|_| Some(true)).chain([None]);

@@ -1,0 +1,269 @@
+//! The command-line tool: exit codes, the conform table, `--out`, and
+//! one-line errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("wgpu-batchnorm-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copies a fixture with its `case` metadata and tensors edited.
+fn edited_case(
+    dir: &Path,
+    source: &str,
+    name: &str,
+    edit_case: impl FnOnce(&mut serde_json::Value),
+    edit_tensor: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>),
+) {
+    let bytes = std::fs::read(fixtures().join(format!("{source}.safetensors"))).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut case: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
+    case["name"] = name.into();
+    edit_case(&mut case);
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut shape = v.shape().to_vec();
+            let mut data = v.data().to_vec();
+            edit_tensor(&k, &mut shape, &mut data);
+            (k, v.dtype(), shape, data)
+        })
+        .collect();
+    owned.sort_by(|a, b| a.0.cmp(&b.0));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("case".to_string(), case.to_string())]);
+    std::fs::write(
+        dir.join(format!("{name}.safetensors")),
+        safetensors::serialize(views, Some(meta)).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn conform_passes_every_public_case_on_the_gpu_and_writes_outputs() {
+    let out = scratch("out");
+    let o = run(&[
+        "conform",
+        fixtures().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("adapter: ") && lines[0].ends_with(')'),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(*lines.last().unwrap(), "15/15 cases pass");
+    assert_eq!(lines.len(), 17, "{stdout}");
+
+    let bytes = std::fs::read(out.join("renorm_clipped.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    for key in [
+        "y.0",
+        "y.3",
+        "final.gamma",
+        "final.moving_mean",
+        "final.moving_variance",
+        "final.moving_stddev",
+        "final.renorm_mean",
+        "final.renorm_stddev",
+    ] {
+        assert!(names.contains(&key), "{key} missing from {names:?}");
+    }
+    let f16 =
+        SafeTensors::deserialize(&std::fs::read(out.join("float16_policy.safetensors")).unwrap())
+            .unwrap()
+            .tensor("y.0")
+            .unwrap()
+            .dtype();
+    assert_eq!(f16, safetensors::Dtype::F16);
+}
+
+#[test]
+fn conform_on_the_cpu_reference() {
+    let o = run(&["conform", fixtures().to_str().unwrap(), "--device", "cpu"]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.lines().next(), Some("device: cpu reference"));
+}
+
+#[test]
+fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1() {
+    let dir = scratch("fail");
+    edited_case(
+        &dir,
+        "dense_default",
+        "wrong_truth",
+        |_| {},
+        |k, _, data| {
+            if k == "ref64.y.0" {
+                data[..8].copy_from_slice(&100.0f64.to_le_bytes());
+            }
+        },
+    );
+    edited_case(
+        &dir,
+        "dense_default",
+        "synchronized",
+        |c| c["config"]["synchronized"] = true.into(),
+        |_, _, _| {},
+    );
+    edited_case(
+        &dir,
+        "dense_default",
+        "bfloat16",
+        |c| c["dtype"] = "bfloat16".into(),
+        |_, _, _| {},
+    );
+    edited_case(&dir, "inference_only", "fine", |_| {}, |_, _, _| {});
+    let o = run(&["conform", dir.to_str().unwrap()]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}{}", text(&o.stderr));
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string()
+    };
+    assert!(row("wrong_truth").contains("FAIL") && row("wrong_truth").contains("y.0="));
+    assert!(row("synchronized").contains("FAIL") && row("synchronized").contains("synchronized"));
+    assert!(row("bfloat16").contains("FAIL") && row("bfloat16").contains("bfloat16"));
+    assert!(row("fine ").contains("PASS"));
+    assert!(stdout.ends_with("1/4 cases pass\n"), "{stdout}");
+}
+
+fn assert_usage_error(args: &[&str], mentions: &str) {
+    let o = run(args);
+    let stderr = text(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{args:?}: {stderr}{}",
+        text(&o.stdout)
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(mentions),
+        "{stderr} should mention {mentions}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_files_are_one_line_errors_with_exit_2() {
+    assert_usage_error(&["conform", "/no/such/folder"], "/no/such/folder");
+
+    let dir = scratch("truncated");
+    let bytes = std::fs::read(fixtures().join("dense_default.safetensors")).unwrap();
+    std::fs::write(dir.join("cut.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_usage_error(&["conform", dir.to_str().unwrap()], "cut.safetensors");
+
+    let dir = scratch("garbage");
+    std::fs::write(
+        dir.join("junk.safetensors"),
+        b"not a safetensors file at all",
+    )
+    .unwrap();
+    assert_usage_error(&["conform", dir.to_str().unwrap()], "junk.safetensors");
+
+    let dir = scratch("shape");
+    edited_case(
+        &dir,
+        "dense_default",
+        "reshaped",
+        |_| {},
+        |k, shape, _| {
+            if k == "x.0" {
+                *shape = vec![16, 64];
+            }
+        },
+    );
+    assert_usage_error(&["conform", dir.to_str().unwrap()], "reshaped.safetensors");
+
+    let dir = scratch("nometa");
+    edited_case(
+        &dir,
+        "dense_default",
+        "nocalls",
+        |c| {
+            c.as_object_mut().unwrap().remove("calls");
+        },
+        |_, _, _| {},
+    );
+    assert_usage_error(&["conform", dir.to_str().unwrap()], "calls");
+
+    let dir = scratch("empty");
+    assert_usage_error(&["conform", dir.to_str().unwrap()], "no *.safetensors");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = run(&["conform"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["--backend", "opengl-es-9", "adapters"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["--adapter", "no adapter is called this", "adapters"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("mesa-vulkan-drivers"));
+}
+
+#[test]
+fn adapters_lists_the_vulkan_and_gl_adapters() {
+    let o = run(&["adapters"]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        stdout.contains("(vulkan)") || stdout.contains("(metal)") || stdout.contains("(dx12)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("max storage binding"));
+}
+
+#[test]
+fn the_main_job_checks_itself_and_succeeds() {
+    let o = run(&[]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    assert!(stdout.starts_with("adapter: "));
+    assert_eq!(stdout.matches("PASS").count(), 4, "{stdout}");
+    assert!(stdout.contains("inference"));
+}

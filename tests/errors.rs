@@ -1,0 +1,262 @@
+//! Bad input gives typed errors, never a panic, and changes nothing.
+
+mod common;
+
+use common::gpu;
+use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, ConfigError, Error, Mask, RenormClipping, StateSlot, Tensor,
+};
+
+fn renorm(clip: RenormClipping) -> BatchNormConfig {
+    BatchNormConfig {
+        renorm: true,
+        renorm_clipping: clip,
+        ..Default::default()
+    }
+}
+
+type IsExpected = fn(&ConfigError) -> bool;
+
+#[test]
+fn invalid_configs_are_refused_like_keras() {
+    let cases: Vec<(BatchNormConfig, IsExpected)> = vec![
+        (
+            renorm(RenormClipping {
+                rmax: Some(0.5),
+                rmin: Some(2.0),
+                dmax: None,
+            }),
+            |e| matches!(e, ConfigError::RenormClippingOrder { .. }),
+        ),
+        (
+            renorm(RenormClipping {
+                rmax: None,
+                rmin: None,
+                dmax: Some(-1.0),
+            }),
+            |e| matches!(e, ConfigError::NegativeDmax(_)),
+        ),
+        (
+            renorm(RenormClipping {
+                rmax: Some(f32::NAN),
+                rmin: None,
+                dmax: None,
+            }),
+            |e| matches!(e, ConfigError::RenormClippingValue { .. }),
+        ),
+        (
+            BatchNormConfig {
+                epsilon: 0.0,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::Epsilon(_)),
+        ),
+        (
+            BatchNormConfig {
+                epsilon: -1e-3,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::Epsilon(_)),
+        ),
+        (
+            BatchNormConfig {
+                epsilon: f32::NAN,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::Epsilon(_)),
+        ),
+        (
+            BatchNormConfig {
+                momentum: 1.5,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::Momentum(_)),
+        ),
+        (
+            BatchNormConfig {
+                momentum: -0.1,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::Momentum(_)),
+        ),
+        (
+            BatchNormConfig {
+                renorm: true,
+                renorm_momentum: 2.0,
+                ..Default::default()
+            },
+            |e| matches!(e, ConfigError::RenormMomentum(_)),
+        ),
+    ];
+    let ctx = gpu();
+    for (config, expected) in cases {
+        match BatchNorm::new(&ctx, config.clone(), 3) {
+            Err(Error::Config(e)) => assert!(expected(&e), "{config:?}: {e}"),
+            other => panic!("{config:?}: {other:?}"),
+        }
+        match ReferenceLayer::new(config.clone(), 3) {
+            Err(Error::Config(e)) => assert!(expected(&e), "{config:?}: {e}"),
+            other => panic!("{config:?}: {other:?}"),
+        }
+    }
+    // renorm clipping is only checked when renorm is on, as in Keras
+    let off = BatchNormConfig {
+        renorm: false,
+        ..renorm(RenormClipping {
+            rmax: Some(0.5),
+            rmin: Some(2.0),
+            dmax: Some(-1.0),
+        })
+    };
+    assert!(BatchNorm::new(&ctx, off, 3).is_ok());
+}
+
+#[test]
+fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
+    let ctx = gpu();
+    for (axis, shape) in [(2i64, vec![4usize, 3]), (-3, vec![4, 3]), (1, vec![3])] {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let layer = BatchNorm::new(&ctx, config.clone(), 3).unwrap();
+        let x = Tensor::from_f32(&ctx, &shape, &vec![1.0; shape.iter().product()]).unwrap();
+        assert!(
+            matches!(
+                layer.forward(&x, Some(true), None),
+                Err(Error::Config(ConfigError::AxisOutOfRange { .. }))
+            ),
+            "axis {axis} shape {shape:?}"
+        );
+        let mut reference = ReferenceLayer::new(config, 3).unwrap();
+        assert!(matches!(
+            reference.forward(&vec![1.0; shape.iter().product()], &shape, Some(true), None),
+            Err(Error::Config(ConfigError::AxisOutOfRange { .. }))
+        ));
+    }
+    let nine = [1usize; 9];
+    assert!(matches!(
+        Tensor::from_f32(&ctx, &nine, &[1.0]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        BatchNormConfig::default().resolve_axis(9),
+        Err(ConfigError::Rank(9))
+    ));
+    assert!(matches!(
+        BatchNorm::new(&ctx, BatchNormConfig::default(), 0),
+        Err(Error::Config(ConfigError::NoChannels))
+    ));
+}
+
+#[test]
+fn shape_mismatches_are_typed_errors_and_change_nothing() {
+    let ctx = gpu();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
+    let before = layer.get_weights().unwrap();
+    // wrong channel count
+    let x = Tensor::from_f32(&ctx, &[2, 4], &[1.0; 8]).unwrap();
+    assert!(matches!(
+        layer.forward(&x, Some(true), None),
+        Err(Error::Shape(_))
+    ));
+    // a mask of the wrong shape
+    let x = Tensor::from_f32(
+        &ctx,
+        &[2, 5, 3],
+        &common::random_input(&mut common::rng(3), 30, 0.0),
+    )
+    .unwrap();
+    for shape in [vec![2usize], vec![2, 3], vec![5, 2], vec![2, 5, 3]] {
+        let n = shape.iter().product();
+        let mask = Mask::from_u8(&ctx, &shape, &vec![1; n]).unwrap();
+        assert!(
+            matches!(
+                layer.forward(&x, Some(true), Some(&mask)),
+                Err(Error::Shape(_))
+            ),
+            "{shape:?}"
+        );
+    }
+    assert_eq!(layer.get_weights().unwrap(), before);
+    // tensors whose data does not fit their shape
+    assert!(matches!(
+        Tensor::from_f32(&ctx, &[2, 2], &[1.0; 3]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Tensor::from_f32(&ctx, &[0, 2], &[]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Tensor::from_f32(&ctx, &[], &[1.0]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Mask::from_u8(&ctx, &[3], &[1, 0]),
+        Err(Error::Shape(_))
+    ));
+    // a buffer too small for the shape it is said to hold
+    let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    assert!(matches!(
+        Tensor::from_buffer(small, &[5], wgpu_batchnorm::DType::F32),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn weights_of_the_wrong_count_length_or_kind_are_refused() {
+    let ctx = gpu();
+    let config = BatchNormConfig {
+        scale: false,
+        ..Default::default()
+    };
+    let layer = BatchNorm::new(&ctx, config, 2).unwrap();
+    let before = layer.get_weights().unwrap();
+    assert_eq!(before.len(), 3, "beta, moving_mean, moving_variance");
+    assert!(matches!(
+        layer.set_weights(&vec![vec![0.0; 2]; 4]),
+        Err(Error::Weights(_))
+    ));
+    assert!(matches!(
+        layer.set_weights(&[vec![0.0; 2], vec![0.0; 3], vec![1.0; 2]]),
+        Err(Error::Weights(_))
+    ));
+    assert!(matches!(
+        layer.set_weight(StateSlot::Gamma, &[1.0, 1.0]),
+        Err(Error::Weights(_))
+    ));
+    assert!(matches!(
+        layer.set_weight(StateSlot::RenormMean, &[1.0, 1.0]),
+        Err(Error::Weights(_))
+    ));
+    assert_eq!(
+        layer.get_weights().unwrap(),
+        before,
+        "a refused set_weights changes nothing"
+    );
+    layer
+        .set_weights(&[vec![0.5, 0.25], vec![1.0, 2.0], vec![3.0, 4.0]])
+        .unwrap();
+    assert_eq!(
+        layer.get_weights().unwrap(),
+        vec![vec![0.5, 0.25], vec![1.0, 2.0], vec![3.0, 4.0]]
+    );
+}
+
+#[test]
+fn no_matching_adapter_is_a_clear_error() {
+    let selection = wgpu_batchnorm::AdapterSelection {
+        backends: None,
+        name: Some("no adapter is called this".into()),
+    };
+    let err = wgpu_batchnorm::GpuContext::new(&selection).unwrap_err();
+    assert!(matches!(err, Error::NoAdapter(_)));
+    assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
+}
