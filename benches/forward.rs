@@ -8,10 +8,7 @@ fn forward(c: &mut Criterion) {
     let ctx = GpuContext::from_env().expect("a GPU adapter (see README: scripts/ensure-driver.sh)");
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
-    for (shape, axis) in [
-        (&[32usize, 56, 56, 64][..], -1i64),
-        (&[32, 64, 56, 56][..], 1),
-    ] {
+    for (shape, axis) in [(&[32usize, 56, 56, 64][..], -1i64), (&[32, 64, 56, 56][..], 1)] {
         let config = BatchNormConfig {
             axis,
             ..Default::default()
@@ -25,9 +22,7 @@ fn forward(c: &mut Criterion) {
             group.bench_function(format!("{mode} {shape:?} axis {axis}"), |b| {
                 b.iter(|| {
                     layer.forward(&x, training, None).unwrap();
-                    ctx.device()
-                        .poll(wgpu::PollType::wait_indefinitely())
-                        .unwrap();
+                    ctx.device().poll(wgpu::PollType::wait_indefinitely()).unwrap();
                 })
             });
         }

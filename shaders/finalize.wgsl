@@ -11,7 +11,8 @@
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
 // (shift, scale, offset, 0)
 @group(0) @binding(3) var<storage, read_write> affine: array<vec4<f32>>;
-// (shift, mean - shift, 1 / sqrt(var + eps), r): what backward needs
+// What backward needs, two per channel:
+// (shift, mean - shift, 1 / sqrt(var + eps), r), (d, denominator, mask eps, 0)
 @group(0) @binding(4) var<storage, read_write> saved: array<vec4<f32>>;
 
 // Keras's backend.epsilon(): added to the masked count before dividing
@@ -33,7 +34,8 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     if !has_flag(FLAG_TRAINING) {
         let inv = inverseSqrt(moving_variance + eps);
         affine[c] = vec4<f32>(moving_mean, inv * gamma, beta, 0.0);
-        saved[c] = vec4<f32>(moving_mean, 0.0, inv, 1.0);
+        saved[2u * c] = vec4<f32>(moving_mean, 0.0, inv, 1.0);
+        saved[2u * c + 1u] = vec4<f32>(0.0, 1.0, 0.0, 0.0);
         return;
     }
 
@@ -63,7 +65,9 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 
     var denom = count;
+    var mask_eps = 0.0;
     if has_flag(FLAG_MASKED) {
+        mask_eps = MASK_COUNT_EPS;
         // Keras: mean = sum / (count + 1e-7), var = sum((x - mean)^2) / (count + 1e-7)
         denom = count + MASK_COUNT_EPS;
         let correction = (shift + delta) * (MASK_COUNT_EPS / denom);
@@ -78,6 +82,7 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     var scale = inv * gamma;
     var offset = beta - delta * scale;
     var r = 1.0;
+    var d = 0.0;
     if has_flag(FLAG_RENORM) {
         let stddev = sqrt(variance + eps);
         let renorm_mean = state[5u * nc + c];
@@ -90,7 +95,7 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
         if has_flag(FLAG_RMAX) {
             r = min(r, p.rmax);
         }
-        var d = ((shift - renorm_mean) + delta) / reference_stddev;
+        d = ((shift - renorm_mean) + delta) / reference_stddev;
         if has_flag(FLAG_DMAX) {
             d = clamp(d, -p.dmax, p.dmax);
         }
@@ -109,5 +114,6 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
         state[3u * nc + c] = moving_variance * m + variance * (1.0 - m);
     }
     affine[c] = vec4<f32>(shift, scale, offset, 0.0);
-    saved[c] = vec4<f32>(shift, delta, inv, r);
+    saved[2u * c] = vec4<f32>(shift, delta, inv, r);
+    saved[2u * c + 1u] = vec4<f32>(d, denom, mask_eps, 0.0);
 }

@@ -33,6 +33,11 @@ struct Params {
     rmin: f32,
     rmax: f32,
     dmax: f32,
+    // regularizer factors, added to dgamma / dbeta when asked
+    gamma_l1: f32,
+    gamma_l2: f32,
+    beta_l1: f32,
+    beta_l2: f32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -45,6 +50,10 @@ const FLAG_SCALE: u32 = 16u;
 const FLAG_RMIN: u32 = 32u;
 const FLAG_RMAX: u32 = 64u;
 const FLAG_DMAX: u32 = 128u;
+const FLAG_GAMMA_L1: u32 = 256u;
+const FLAG_GAMMA_L2: u32 = 512u;
+const FLAG_BETA_L1: u32 = 1024u;
+const FLAG_BETA_L2: u32 = 2048u;
 
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;

@@ -25,40 +25,6 @@ var<workgroup> wg_count: array<f32, WG>;
 var<workgroup> wg_mean: array<f32, WG>;
 var<workgroup> wg_m2: array<f32, WG>;
 
-fn load_x(e: u32) -> f32 {
-    if IS_F16 {
-        let pair = unpack2x16float(x[e >> 1u]);
-        return select(pair.x, pair.y, (e & 1u) == 1u);
-    }
-    return bitcast<f32>(x[e]);
-}
-
-// `a` is an absolute element index
-fn masked_in(a: u32) -> bool {
-    let m = a / p.last_dim;
-    return ((mask[m >> 2u] >> ((m & 3u) * 8u)) & 0xffu) != 0u;
-}
-
-// The first position j (of channel c's values, j = o * inner + i) whose
-// element index is at or after absolute element `a`. Element indices grow
-// with j, so a chunk's values of channel c are one interval of j.
-fn first_j_at(a: u32, c: u32) -> u32 {
-    let run = a / p.inner;
-    let o = run / p.channels;
-    let ca = run % p.channels;
-    if c == ca {
-        return o * p.inner + a % p.inner;
-    }
-    if c > ca {
-        return o * p.inner;
-    }
-    return (o + 1u) * p.inner;
-}
-
-fn element_of(j: u32, c: u32) -> u32 {
-    return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
-}
-
 @compute @workgroup_size(256)
 fn partial_stats(
     @builtin(workgroup_id) wid: vec3<u32>,

@@ -2,21 +2,163 @@
 
 use crate::error::ConfigError;
 
-/// How a weight is initialised when the layer is built.
+use rand::{Rng, SeedableRng};
+
+/// How a weight is initialised when the layer is built. The random ones
+/// follow Keras's distributions and arguments, seeded for repeatability,
+/// but are not bit-identical to Keras's random streams.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Initializer {
     Zeros,
     Ones,
     Constant(f32),
+    /// Keras `RandomNormal(mean=0.0, stddev=0.05, seed=None)`.
+    RandomNormal {
+        mean: f32,
+        stddev: f32,
+        seed: Option<u64>,
+    },
+    /// Keras `RandomUniform(minval=-0.05, maxval=0.05, seed=None)`.
+    RandomUniform {
+        minval: f32,
+        maxval: f32,
+        seed: Option<u64>,
+    },
+    /// Keras `TruncatedNormal(mean=0.0, stddev=0.05, seed=None)`: values
+    /// beyond two standard deviations are drawn again.
+    TruncatedNormal {
+        mean: f32,
+        stddev: f32,
+        seed: Option<u64>,
+    },
 }
 
 impl Initializer {
-    pub(crate) fn value(self) -> f32 {
+    /// The `n` initial values of one weight.
+    pub fn values(self, n: usize) -> Vec<f32> {
+        let rng = |seed: Option<u64>| match seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
+        // Box-Muller: rand_distr is not worth a dependency for two lines
+        let normal = |r: &mut rand::rngs::StdRng| {
+            let u1: f64 = 1.0 - r.random::<f64>();
+            let u2: f64 = r.random::<f64>();
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        };
         match self {
-            Initializer::Zeros => 0.0,
-            Initializer::Ones => 1.0,
-            Initializer::Constant(v) => v,
+            Initializer::Zeros => vec![0.0; n],
+            Initializer::Ones => vec![1.0; n],
+            Initializer::Constant(v) => vec![v; n],
+            Initializer::RandomNormal { mean, stddev, seed } => {
+                let mut r = rng(seed);
+                (0..n).map(|_| mean + stddev * normal(&mut r) as f32).collect()
+            }
+            Initializer::RandomUniform { minval, maxval, seed } => {
+                let mut r = rng(seed);
+                (0..n).map(|_| minval + (maxval - minval) * r.random::<f32>()).collect()
+            }
+            Initializer::TruncatedNormal { mean, stddev, seed } => {
+                let mut r = rng(seed);
+                (0..n)
+                    .map(|_| {
+                        loop {
+                            let z = normal(&mut r);
+                            if z.abs() <= 2.0 {
+                                break mean + stddev * z as f32;
+                            }
+                        }
+                    })
+                    .collect()
+            }
         }
+    }
+}
+
+/// Keras's L1/L2 weight penalty: `l1 * sum(|w|) + l2 * sum(w^2)`.
+/// `Regularizer::l1()` / `l2()` / `l1_l2()` are Keras's string identifiers
+/// (`"l1"`, `"l2"`, `"l1_l2"`, factors 0.01); `L1L2(...)` with explicit
+/// factors is the struct itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Regularizer {
+    pub l1: f32,
+    pub l2: f32,
+}
+
+impl Regularizer {
+    /// Keras's default factor for `L1()`, `L2()` and the `"l1_l2"` string.
+    pub const DEFAULT_FACTOR: f32 = 0.01;
+
+    pub fn l1() -> Self {
+        Regularizer {
+            l1: Self::DEFAULT_FACTOR,
+            l2: 0.0,
+        }
+    }
+
+    pub fn l2() -> Self {
+        Regularizer {
+            l1: 0.0,
+            l2: Self::DEFAULT_FACTOR,
+        }
+    }
+
+    pub fn l1_l2() -> Self {
+        Regularizer {
+            l1: Self::DEFAULT_FACTOR,
+            l2: Self::DEFAULT_FACTOR,
+        }
+    }
+
+    /// The penalty of one weight vector, in float64.
+    pub fn loss(&self, weights: &[f32]) -> f64 {
+        weights
+            .iter()
+            .map(|&w| self.l1 as f64 * (w as f64).abs() + self.l2 as f64 * (w as f64) * (w as f64))
+            .sum()
+    }
+
+    /// The penalty's gradient for one weight.
+    pub fn gradient(&self, w: f64) -> f64 {
+        self.l1 as f64 * w.signum() * (w != 0.0) as u8 as f64 + 2.0 * self.l2 as f64 * w
+    }
+}
+
+/// Keras's weight constraints, applied after each optimiser step. For the
+/// layer's one-axis weights Keras's default `axis=0` takes the norm over
+/// every channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Constraint {
+    /// `w * (w >= 0)`.
+    NonNeg,
+    /// Keras `MaxNorm(max_value=2)`.
+    MaxNorm { max_value: f32 },
+    /// Keras `MinMaxNorm(min_value=0.0, max_value=1.0, rate=1.0)`.
+    MinMaxNorm { min_value: f32, max_value: f32, rate: f32 },
+    /// Keras `UnitNorm()`.
+    UnitNorm,
+}
+
+impl Constraint {
+    /// The constrained weights, as Keras computes them (in float64).
+    pub fn apply(&self, w: &[f64]) -> Vec<f64> {
+        // Keras's backend epsilon in the norm denominators
+        const EPS: f64 = 1e-7;
+        let norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let scale = match *self {
+            Constraint::NonNeg => return w.iter().map(|&v| if v >= 0.0 { v } else { 0.0 }).collect(),
+            Constraint::MaxNorm { max_value } => norm.clamp(0.0, max_value as f64) / (EPS + norm),
+            Constraint::MinMaxNorm {
+                min_value,
+                max_value,
+                rate,
+            } => {
+                let desired = rate as f64 * norm.clamp(min_value as f64, max_value as f64) + (1.0 - rate as f64) * norm;
+                desired / (EPS + norm)
+            }
+            Constraint::UnitNorm => 1.0 / (EPS + norm),
+        };
+        w.iter().map(|v| v * scale).collect()
     }
 }
 
@@ -47,6 +189,10 @@ pub struct BatchNormConfig {
     pub renorm_momentum: f32,
     /// `trainable = false` makes every call an inference call that changes nothing.
     pub trainable: bool,
+    pub gamma_regularizer: Option<Regularizer>,
+    pub beta_regularizer: Option<Regularizer>,
+    pub gamma_constraint: Option<Constraint>,
+    pub beta_constraint: Option<Constraint>,
 }
 
 impl Default for BatchNormConfig {
@@ -65,6 +211,10 @@ impl Default for BatchNormConfig {
             renorm_clipping: RenormClipping::default(),
             renorm_momentum: 0.99,
             trainable: true,
+            gamma_regularizer: None,
+            beta_regularizer: None,
+            gamma_constraint: None,
+            beta_constraint: None,
         }
     }
 }
@@ -79,6 +229,40 @@ impl BatchNormConfig {
         if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
             return Err(ConfigError::Epsilon(self.epsilon as f64));
         }
+        for (name, r) in [
+            ("gamma_regularizer", self.gamma_regularizer),
+            ("beta_regularizer", self.beta_regularizer),
+        ] {
+            if let Some(r) = r
+                && !(r.l1 >= 0.0 && r.l2 >= 0.0 && r.l1.is_finite() && r.l2.is_finite())
+            {
+                return Err(ConfigError::Regularizer {
+                    name,
+                    l1: r.l1 as f64,
+                    l2: r.l2 as f64,
+                });
+            }
+        }
+        for (name, c) in [
+            ("gamma_constraint", self.gamma_constraint),
+            ("beta_constraint", self.beta_constraint),
+        ] {
+            let bad = match c {
+                Some(Constraint::MaxNorm { max_value }) => !(max_value >= 0.0 && max_value.is_finite()),
+                Some(Constraint::MinMaxNorm {
+                    min_value,
+                    max_value,
+                    rate,
+                }) => !(min_value.is_finite() && max_value.is_finite() && rate.is_finite() && min_value <= max_value),
+                _ => false,
+            };
+            if bad {
+                return Err(ConfigError::Constraint {
+                    name,
+                    constraint: format!("{c:?}"),
+                });
+            }
+        }
         if self.renorm {
             if !(0.0..=1.0).contains(&self.renorm_momentum) {
                 return Err(ConfigError::RenormMomentum(self.renorm_momentum as f64));
@@ -88,10 +272,7 @@ impl BatchNormConfig {
                 if let Some(v) = value
                     && !v.is_finite()
                 {
-                    return Err(ConfigError::RenormClippingValue {
-                        key,
-                        value: v as f64,
-                    });
+                    return Err(ConfigError::RenormClippingValue { key, value: v as f64 });
                 }
             }
             if let (Some(rmax), Some(rmin)) = (rmax, rmin)
@@ -118,10 +299,7 @@ impl BatchNormConfig {
         }
         let r = rank as i64;
         if self.axis >= r || self.axis < -r {
-            return Err(ConfigError::AxisOutOfRange {
-                axis: self.axis,
-                rank,
-            });
+            return Err(ConfigError::AxisOutOfRange { axis: self.axis, rank });
         }
         Ok(self.axis.rem_euclid(r) as usize)
     }

@@ -23,9 +23,7 @@ impl AdapterSelection {
     pub fn from_env() -> Self {
         AdapterSelection {
             backends: wgpu::Backends::from_env(),
-            name: std::env::var("WGPU_ADAPTER_NAME")
-                .ok()
-                .filter(|s| !s.is_empty()),
+            name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
         }
     }
 
@@ -153,16 +151,10 @@ impl GpuContext {
         Self::build(device, queue, None)
     }
 
-    fn build(
-        device: wgpu::Device,
-        queue: wgpu::Queue,
-        adapter_info: Option<wgpu::AdapterInfo>,
-    ) -> Self {
+    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_info: Option<wgpu::AdapterInfo>) -> Self {
         let kernels = Kernels::new(&device);
         let limits = device.limits();
-        let max_binding = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("placeholder"),
             size: 4,
@@ -213,19 +205,12 @@ impl GpuContext {
     /// which is how the tests exercise it cheaply.
     pub fn set_max_binding_size(&self, bytes: u64) {
         let limits = self.inner.device.limits();
-        let cap = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
-        self.inner
-            .max_binding
-            .store(bytes.clamp(1024, cap), Ordering::Relaxed);
+        let cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        self.inner.max_binding.store(bytes.clamp(1024, cap), Ordering::Relaxed);
     }
 
     pub(crate) fn storage_alignment(&self) -> u64 {
-        self.inner
-            .device
-            .limits()
-            .min_storage_buffer_offset_alignment as u64
+        self.inner.device.limits().min_storage_buffer_offset_alignment as u64
     }
 }
 

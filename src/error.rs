@@ -36,6 +36,12 @@ pub enum Error {
     /// Waiting on the GPU failed (device lost or timeout).
     #[error("GPU poll failed: {0}")]
     Poll(#[from] wgpu::PollError),
+    /// `backward` before any forward call.
+    #[error("backward needs a forward call first: it differentiates the layer's last forward call")]
+    NoForward,
+    /// `backward` after the weights were replaced since the forward call.
+    #[error("the layer's weights were replaced since the last forward call; run forward again before backward")]
+    WeightsChanged,
     /// Weights given to `set_weights` that do not fit the layer.
     #[error("weights: {0}")]
     Weights(String),
@@ -57,9 +63,7 @@ pub enum ConfigError {
     RenormMomentum(f64),
     #[error("epsilon must be a positive finite number, got {0}")]
     Epsilon(f64),
-    #[error(
-        "rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}"
-    )]
+    #[error("rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}")]
     RenormClippingOrder { rmin: f64, rmax: f64 },
     #[error("dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={0}")]
     NegativeDmax(f64),
@@ -67,6 +71,10 @@ pub enum ConfigError {
     RenormClippingValue { key: &'static str, value: f64 },
     #[error("invalid keys for `renorm_clipping`: {0:?}. Supported values: rmax, rmin, dmax")]
     RenormClippingKeys(Vec<String>),
+    #[error("{name}: l1 and l2 must be non-negative finite numbers, got l1={l1}, l2={l2}")]
+    Regularizer { name: &'static str, l1: f64, l2: f64 },
+    #[error("{name}: invalid constraint {constraint}")]
+    Constraint { name: &'static str, constraint: String },
     #[error("channels must be at least 1")]
     NoChannels,
     #[error("{0}")]

@@ -87,6 +87,9 @@ impl CaseReport {
 struct RunOutputs {
     ys: Vec<Vec<f64>>,
     finals: Vec<(StateSlot, Vec<f64>)>,
+    /// `dx`, `dgamma`, `dbeta` of call 0 from the initial state, for cases
+    /// with a `grad.dy`
+    grads: Vec<(&'static str, Vec<f64>)>,
 }
 
 type InitFn<'a> = dyn Fn(StateSlot) -> std::result::Result<Vec<f64>, String> + 'a;
@@ -117,11 +120,7 @@ pub fn error_measure(got: &[f64], truth: &[f64]) -> f64 {
     let scale = truth.iter().fold(1.0f64, |m, t| m.max(t.abs()));
     got.iter().zip(truth).fold(0.0f64, |worst, (g, t)| {
         let e = (g - t).abs();
-        if e.is_nan() {
-            f64::INFINITY
-        } else {
-            worst.max(e)
-        }
+        if e.is_nan() { f64::INFINITY } else { worst.max(e) }
     }) / scale
 }
 
@@ -136,10 +135,7 @@ pub fn tolerance(dtype: DType, gradient: bool) -> f64 {
 
 /// Builds a config from a case's `config` object. Keys this crate does not
 /// know are refused, never ignored.
-pub fn config_from_case_json(
-    config: &Value,
-    trainable: bool,
-) -> std::result::Result<BatchNormConfig, String> {
+pub fn config_from_case_json(config: &Value, trainable: bool) -> std::result::Result<BatchNormConfig, String> {
     let obj = config.as_object().ok_or("config is not an object")?;
     let mut cfg = BatchNormConfig {
         trainable,
@@ -163,9 +159,7 @@ pub fn config_from_case_json(
             "renorm_clipping" => cfg.renorm_clipping = renorm_clipping(v)?,
             "synchronized" => {
                 if flag(v, key)? {
-                    return Err(
-                        "synchronized=true (cross-device statistics) is not supported".into(),
-                    );
+                    return Err("synchronized=true (cross-device statistics) is not supported".into());
                 }
             }
             other => return Err(format!("unsupported config key {other:?}")),
@@ -234,21 +228,16 @@ impl KerasCase {
 
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let bad = |m: String| file_error(path, m);
-        let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let case_json = meta
             .metadata()
             .as_ref()
             .and_then(|m: &HashMap<String, String>| m.get("case"))
             .ok_or_else(|| bad("no `case` metadata".into()))?;
-        let case: Value = serde_json::from_str(case_json)
-            .map_err(|e| bad(format!("`case` metadata is not JSON: {e}")))?;
-        let field = |k: &str| {
-            case.get(k)
-                .ok_or_else(|| bad(format!("`case` has no `{k}`")))
-        };
+        let case: Value =
+            serde_json::from_str(case_json).map_err(|e| bad(format!("`case` metadata is not JSON: {e}")))?;
+        let field = |k: &str| case.get(k).ok_or_else(|| bad(format!("`case` has no `{k}`")));
 
         let name = match case.get("name").and_then(Value::as_str) {
             Some(n) => n.to_string(),
@@ -264,8 +253,7 @@ impl KerasCase {
         let dtype_name = field("dtype")?
             .as_str()
             .ok_or_else(|| bad("`dtype` is not a string".into()))?;
-        let dtype = DType::from_keras_name(dtype_name)
-            .ok_or(format!("dtype {dtype_name} is not supported"));
+        let dtype = DType::from_keras_name(dtype_name).ok_or(format!("dtype {dtype_name} is not supported"));
         let shape: Vec<usize> = serde_json::from_value(field("shape")?.clone())
             .map_err(|e| bad(format!("`shape` is not a list of sizes: {e}")))?;
         if shape.is_empty() || shape.contains(&0) {
@@ -292,12 +280,8 @@ impl KerasCase {
 
         let mut tensors = BTreeMap::new();
         for (key, view) in st.tensors() {
-            let values = widen(view.dtype(), view.data()).ok_or_else(|| {
-                bad(format!(
-                    "tensor {key} has unsupported dtype {:?}",
-                    view.dtype()
-                ))
-            })?;
+            let values = widen(view.dtype(), view.data())
+                .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", view.dtype())))?;
             tensors.insert(
                 key,
                 CaseTensor {
@@ -406,9 +390,7 @@ impl KerasCase {
     fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
         let config = self.config.clone()?;
         let dtype = self.dtype.clone()?;
-        let axis = config
-            .resolve_axis(self.shape.len())
-            .map_err(|e| e.to_string())?;
+        let axis = config.resolve_axis(self.shape.len()).map_err(|e| e.to_string())?;
         let channels = self.shape[axis];
         let init = |slot: StateSlot| -> std::result::Result<Vec<f64>, String> {
             let key = format!("init.{}", slot.keras_name());
@@ -417,10 +399,7 @@ impl KerasCase {
                 .map(|t| t.values.clone())
                 .ok_or(format!("missing {key}"))
         };
-        let slots: Vec<StateSlot> = StateSlot::ALL
-            .into_iter()
-            .filter(|s| s.present(&config))
-            .collect();
+        let slots: Vec<StateSlot> = StateSlot::ALL.into_iter().filter(|s| s.present(&config)).collect();
 
         let setup = Setup {
             config: &config,
@@ -429,7 +408,7 @@ impl KerasCase {
             slots: &slots,
             init: &init,
         };
-        let RunOutputs { ys, finals } = match device {
+        let RunOutputs { ys, finals, grads } = match device {
             Device::Gpu(ctx) => self.run_gpu(ctx, &setup).map_err(|e| e.to_string())?,
             Device::Cpu => self.run_cpu(&setup)?,
         };
@@ -457,23 +436,46 @@ impl KerasCase {
                 values,
             });
         }
+        let grad_tol = tolerance(dtype, true);
+        for (name, values) in grads {
+            let key = format!("grad.{name}");
+            self.compare(report, &key, &values, grad_tol)?;
+            let (shape, dtype) = if name == "dx" {
+                (self.shape.clone(), dtype)
+            } else {
+                (vec![channels], DType::F32)
+            };
+            report.outputs.push(Output {
+                key,
+                shape,
+                dtype,
+                values,
+            });
+        }
+        for key in self.tensors.keys().filter_map(|k| k.strip_prefix("ref64.grad.")) {
+            if !report.keys.iter().any(|k| k.key == format!("grad.{key}")) {
+                return Err(format!("Keras computed grad.{key}; this layer produced none"));
+            }
+        }
         Ok(())
     }
 
     fn run_gpu(&self, ctx: &GpuContext, setup: &Setup) -> Result<RunOutputs> {
-        let layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
-        for &slot in setup.slots {
-            let values: Vec<f32> = (setup.init)(slot)
-                .map_err(|m| file_error(&self.path, m))?
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
-            layer.set_weight(slot, &values)?;
-        }
-        let mut ys = Vec::new();
-        for (k, call) in self.calls.iter().enumerate() {
+        let new_layer = || -> Result<BatchNorm> {
+            let layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
+            for &slot in setup.slots {
+                let values: Vec<f32> = (setup.init)(slot)
+                    .map_err(|m| file_error(&self.path, m))?
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                layer.set_weight(slot, &values)?;
+            }
+            Ok(layer)
+        };
+        let call_forward = |layer: &BatchNorm, k: usize| -> Result<Tensor> {
             let x = self.gpu_input(ctx, k, setup.dtype)?;
-            let mask = match call.mask {
+            let mask = match self.calls[k].mask {
                 true => Some(Mask::from_u8(
                     ctx,
                     &self.shape[..self.shape.len() - 1],
@@ -481,52 +483,87 @@ impl KerasCase {
                 )?),
                 false => None,
             };
-            let y = layer.forward(&x, call.training, mask.as_ref())?;
-            ys.push(y.read_f32(ctx)?.into_iter().map(f64::from).collect());
+            layer.forward(&x, self.calls[k].training, mask.as_ref())
+        };
+        let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
+
+        let layer = new_layer()?;
+        let mut ys = Vec::new();
+        for k in 0..self.calls.len() {
+            ys.push(read(&call_forward(&layer, k)?)?);
         }
         let finals = layer
             .named_weights()?
             .into_iter()
             .map(|(s, v)| (s, v.into_iter().map(f64::from).collect()))
             .collect();
-        Ok(RunOutputs { ys, finals })
+
+        let mut grads = Vec::new();
+        if let Some(dy) = self.tensors.get("grad.dy") {
+            let layer = new_layer()?;
+            call_forward(&layer, 0)?;
+            let dy: Vec<f32> = dy.values.iter().map(|&v| v as f32).collect();
+            let dy = Tensor::from_f32_as(ctx, &self.shape, &dy, setup.dtype)?;
+            let g = layer.backward(&dy, false)?;
+            grads.push(("dx", read(&g.dx)?));
+            if let Some(t) = &g.dgamma {
+                grads.push(("dgamma", read(t)?));
+            }
+            if let Some(t) = &g.dbeta {
+                grads.push(("dbeta", read(t)?));
+            }
+        }
+        Ok(RunOutputs { ys, finals, grads })
     }
 
     fn run_cpu(&self, setup: &Setup) -> std::result::Result<RunOutputs, String> {
-        let mut layer =
-            ReferenceLayer::new(setup.config.clone(), setup.channels).map_err(|e| e.to_string())?;
-        for &slot in setup.slots {
-            *layer.state.slot_mut(slot) = (setup.init)(slot)?;
-        }
-        let mut ys = Vec::new();
-        for (k, call) in self.calls.iter().enumerate() {
+        let new_layer = || -> std::result::Result<ReferenceLayer, String> {
+            let mut layer = ReferenceLayer::new(setup.config.clone(), setup.channels).map_err(|e| e.to_string())?;
+            for &slot in setup.slots {
+                *layer.state.slot_mut(slot) = (setup.init)(slot)?;
+            }
+            Ok(layer)
+        };
+        let call_forward = |layer: &mut ReferenceLayer, k: usize| -> std::result::Result<Vec<f64>, String> {
             let x = &self.tensors[&format!("x.{k}")].values;
-            let mask = call.mask.then(|| self.mask_bytes(k));
-            let y = layer
-                .forward(x, &self.shape, call.training, mask.as_deref())
-                .map_err(|e| e.to_string())?;
-            // the output is cast to the input dtype, as Keras does
-            ys.push(match setup.dtype {
-                DType::F32 => y.iter().map(|&v| v as f32 as f64).collect(),
-                DType::F16 => y.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
-            });
+            let mask = self.calls[k].mask.then(|| self.mask_bytes(k));
+            layer
+                .forward(x, &self.shape, self.calls[k].training, mask.as_deref())
+                .map_err(|e| e.to_string())
+        };
+        // outputs are cast to the input dtype, as Keras does
+        let cast = |v: &[f64], dtype: DType| -> Vec<f64> {
+            match dtype {
+                DType::F32 => v.iter().map(|&v| v as f32 as f64).collect(),
+                DType::F16 => v.iter().map(|&v| f16::from_f64(v).to_f64()).collect(),
+            }
+        };
+
+        let mut layer = new_layer()?;
+        let mut ys = Vec::new();
+        for k in 0..self.calls.len() {
+            ys.push(cast(&call_forward(&mut layer, k)?, setup.dtype));
+        }
+        let mut grads = Vec::new();
+        if let Some(dy) = self.tensors.get("grad.dy") {
+            let mut layer = new_layer()?;
+            call_forward(&mut layer, 0)?;
+            let dy = cast(&dy.values, setup.dtype);
+            let g = layer.backward(&dy, false).map_err(|e| e.to_string())?;
+            grads.push(("dx", cast(&g.dx, setup.dtype)));
+            if let Some(v) = g.dgamma {
+                grads.push(("dgamma", cast(&v, DType::F32)));
+            }
+            if let Some(v) = g.dbeta {
+                grads.push(("dbeta", cast(&v, DType::F32)));
+            }
         }
         let finals = setup
             .slots
             .iter()
-            .map(|&s| {
-                (
-                    s,
-                    layer
-                        .state
-                        .slot(s)
-                        .iter()
-                        .map(|&v| v as f32 as f64)
-                        .collect(),
-                )
-            })
+            .map(|&s| (s, layer.state.slot(s).iter().map(|&v| v as f32 as f64).collect()))
             .collect();
-        Ok(RunOutputs { ys, finals })
+        Ok(RunOutputs { ys, finals, grads })
     }
 
     fn compare(
@@ -581,17 +618,11 @@ pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
             let (dtype, bytes) = match o.dtype {
                 DType::F32 => (
                     Dtype::F32,
-                    o.values
-                        .iter()
-                        .flat_map(|&v| (v as f32).to_le_bytes())
-                        .collect(),
+                    o.values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
                 ),
                 DType::F16 => (
                     Dtype::F16,
-                    o.values
-                        .iter()
-                        .flat_map(|&v| f16::from_f64(v).to_le_bytes())
-                        .collect(),
+                    o.values.iter().flat_map(|&v| f16::from_f64(v).to_le_bytes()).collect(),
                 ),
             };
             (o.key.clone(), dtype, o.shape.clone(), bytes)
@@ -602,8 +633,7 @@ pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
             .map_err(|e| file_error(&path, e.to_string()))?;
         tensors.push((key.clone(), view));
     }
-    let bytes =
-        safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
+    let bytes = safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
     std::fs::write(&path, bytes).map_err(|e| file_error(&path, e.to_string()))?;
     Ok(path)
 }

@@ -23,6 +23,10 @@ pub(crate) const FLAG_SCALE: u32 = 16;
 pub(crate) const FLAG_RMIN: u32 = 32;
 pub(crate) const FLAG_RMAX: u32 = 64;
 pub(crate) const FLAG_DMAX: u32 = 128;
+pub(crate) const FLAG_GAMMA_L1: u32 = 256;
+pub(crate) const FLAG_GAMMA_L2: u32 = 512;
+pub(crate) const FLAG_BETA_L1: u32 = 1024;
+pub(crate) const FLAG_BETA_L2: u32 = 2048;
 
 /// The uniform block of `shaders/params.wgsl`, field for field.
 #[repr(C)]
@@ -50,14 +54,23 @@ pub(crate) struct Params {
     pub rmin: f32,
     pub rmax: f32,
     pub dmax: f32,
+    pub gamma_l1: f32,
+    pub gamma_l2: f32,
+    pub beta_l1: f32,
+    pub beta_l2: f32,
     pub _pad0: u32,
     pub _pad1: u32,
 }
 
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
+const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");
+const MASK_WGSL: &str = include_str!("../shaders/mask.wgsl");
 const STATISTICS_WGSL: &str = include_str!("../shaders/statistics.wgsl");
 const FINALIZE_WGSL: &str = include_str!("../shaders/finalize.wgsl");
 const NORMALIZE_WGSL: &str = include_str!("../shaders/normalize.wgsl");
+const BACKWARD_REDUCE_WGSL: &str = include_str!("../shaders/backward_reduce.wgsl");
+const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.wgsl");
+const BACKWARD_DX_WGSL: &str = include_str!("../shaders/backward_dx.wgsl");
 
 /// A kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,19 +78,36 @@ pub(crate) enum Kernel {
     PartialStats,
     Finalize,
     Normalize,
+    BackwardReduce,
+    BackwardFinalize,
+    BackwardDx,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 3] = [Kernel::PartialStats, Kernel::Finalize, Kernel::Normalize];
+    pub(crate) const ALL: [Kernel; 6] = [
+        Kernel::PartialStats,
+        Kernel::Finalize,
+        Kernel::Normalize,
+        Kernel::BackwardReduce,
+        Kernel::BackwardFinalize,
+        Kernel::BackwardDx,
+    ];
 
-    /// The WGSL source: the shared uniform block followed by the family's file.
+    /// The WGSL source: the shared uniform block, the shared pieces the
+    /// kernel uses, then the kernel's own file.
     pub(crate) fn source(self) -> String {
-        let body = match self {
-            Kernel::PartialStats => STATISTICS_WGSL,
-            Kernel::Finalize => FINALIZE_WGSL,
-            Kernel::Normalize => NORMALIZE_WGSL,
+        let pieces: &[&str] = match self {
+            Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, STATISTICS_WGSL],
+            Kernel::Finalize => &[FINALIZE_WGSL],
+            Kernel::Normalize => &[NORMALIZE_WGSL],
+            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, BACKWARD_REDUCE_WGSL],
+            Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
+            Kernel::BackwardDx => &[MASK_WGSL, BACKWARD_DX_WGSL],
         };
-        format!("{PARAMS_WGSL}\n{body}")
+        std::iter::once(PARAMS_WGSL)
+            .chain(pieces.iter().copied())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub(crate) fn entry_point(self) -> &'static str {
@@ -85,6 +115,9 @@ impl Kernel {
             Kernel::PartialStats => "partial_stats",
             Kernel::Finalize => "finalize",
             Kernel::Normalize => "normalize",
+            Kernel::BackwardReduce => "backward_reduce",
+            Kernel::BackwardFinalize => "backward_finalize",
+            Kernel::BackwardDx => "backward_dx",
         }
     }
 
@@ -97,6 +130,19 @@ impl Kernel {
             Kernel::Finalize => &[true, false, false, false],
             // x, affine, y
             Kernel::Normalize => &[true, true, false],
+            // x, dy, saved, partials
+            Kernel::BackwardReduce => &[true, true, true, false],
+            // partials, state, saved, grads, coeffs
+            Kernel::BackwardFinalize => &[true, true, true, false, false],
+            // x, dy, mask, coeffs, dx
+            Kernel::BackwardDx => &[true, true, true, true, false],
+        }
+    }
+
+    pub(crate) fn workgroup_size(self) -> u32 {
+        match self {
+            Kernel::Finalize | Kernel::BackwardFinalize => FINALIZE_WORKGROUP,
+            _ => WORKGROUP,
         }
     }
 }
@@ -112,10 +158,11 @@ pub(crate) struct KernelKey {
 impl KernelKey {
     fn constants(&self) -> Vec<(&'static str, f64)> {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
+        let masked = self.masked as u8 as f64;
         match self.kernel {
-            Kernel::PartialStats => vec![("IS_F16", f16), ("MASKED", self.masked as u8 as f64)],
-            Kernel::Normalize => vec![("IS_F16", f16)],
-            Kernel::Finalize => vec![],
+            Kernel::PartialStats | Kernel::BackwardDx => vec![("IS_F16", f16), ("MASKED", masked)],
+            Kernel::Normalize | Kernel::BackwardReduce => vec![("IS_F16", f16)],
+            Kernel::Finalize | Kernel::BackwardFinalize => vec![],
         }
     }
 }
@@ -137,9 +184,7 @@ impl Kernels {
                     ty: wgpu::BindingType::Buffer {
                         ty: wgpu::BufferBindingType::Uniform,
                         has_dynamic_offset: true,
-                        min_binding_size: wgpu::BufferSize::new(
-                            std::mem::size_of::<Params>() as u64
-                        ),
+                        min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
                     },
                     count: None,
                 }];
@@ -226,22 +271,15 @@ mod tests {
             let source = kernel.source();
             let module = naga::front::wgsl::parse_str(&source)
                 .unwrap_or_else(|e| panic!("{kernel:?}: {}", e.emit_to_string(&source)));
-            naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{kernel:?}: {e:?}"));
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{kernel:?}: {e:?}"));
             let entry = module
                 .entry_points
                 .iter()
                 .find(|e| e.name == kernel.entry_point())
                 .expect("entry point");
-            let expected = match kernel {
-                Kernel::Finalize => FINALIZE_WORKGROUP,
-                _ => WORKGROUP,
-            };
-            assert_eq!(entry.workgroup_size, [expected, 1, 1], "{kernel:?}");
+            assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{kernel:?}");
         }
     }
 

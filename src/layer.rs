@@ -1,13 +1,14 @@
 //! The layer: its state on the GPU and the forward pass.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{BatchNormConfig, ChannelView};
+use crate::config::{BatchNormConfig, ChannelView, Regularizer};
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
-use crate::plan::DispatchPlan;
-use crate::tensor::{Mask, Tensor, read_buffer};
+use crate::plan::{Chunk, DispatchPlan};
+use crate::tensor::{DType, Mask, Tensor, read_buffer};
 
 /// One per-channel state tensor, in Keras's build order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +61,7 @@ impl StateSlot {
             StateSlot::Gamma => config.scale,
             StateSlot::Beta => config.center,
             StateSlot::MovingMean | StateSlot::MovingVariance => true,
-            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => {
-                config.renorm
-            }
+            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => config.renorm,
         }
     }
 }
@@ -81,23 +80,33 @@ pub struct BatchNorm {
     state: wgpu::Buffer,
     /// Per channel (shift, scale, offset, 0) for the normalise pass.
     affine: wgpu::Buffer,
-    /// Per channel (shift, mean - shift, inverse std, r) kept for backward.
+    /// Per channel, two vec4 of the statistics backward needs.
     saved: wgpu::Buffer,
+    /// Backward: [dgamma | dbeta], and per channel the dx coefficients.
+    grads: wgpu::Buffer,
+    coeffs: wgpu::Buffer,
+    /// Bumped whenever the weights are replaced from outside a forward call.
+    weights_version: AtomicU64,
     scratch: Mutex<Scratch>,
 }
 
-/// Buffers that grow with the input and are reused across calls.
+/// Buffers that grow with the input and are reused across calls, and what
+/// the last forward call leaves for backward.
 struct Scratch {
     params: wgpu::Buffer,
     partials: wgpu::Buffer,
+    last_forward: Option<ForwardRecord>,
 }
 
-fn storage_buffer(
-    ctx: &GpuContext,
-    label: &str,
-    size: u64,
-    extra: wgpu::BufferUsages,
-) -> wgpu::Buffer {
+#[derive(Clone)]
+struct ForwardRecord {
+    x: Tensor,
+    mask: Option<Mask>,
+    batch_statistics: bool,
+    weights_version: u64,
+}
+
+fn storage_buffer(ctx: &GpuContext, label: &str, size: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
     ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: size.max(16),
@@ -121,7 +130,10 @@ impl BatchNorm {
             channels,
             state: storage_buffer(ctx, "state", 7 * c * 4, copy),
             affine: storage_buffer(ctx, "affine", c * 16, copy),
-            saved: storage_buffer(ctx, "saved statistics", c * 16, copy),
+            saved: storage_buffer(ctx, "saved statistics", c * 32, copy),
+            grads: storage_buffer(ctx, "grads", c * 8, copy),
+            coeffs: storage_buffer(ctx, "dx coefficients", c * 16, copy),
+            weights_version: AtomicU64::new(0),
             scratch: Mutex::new(Scratch {
                 params: ctx.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some("params"),
@@ -130,23 +142,13 @@ impl BatchNorm {
                     mapped_at_creation: false,
                 }),
                 partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
+                last_forward: None,
             }),
             config,
         };
-        let mut initial = vec![0f32; 7 * channels];
-        let init = &layer.config;
-        let std_init = init.moving_variance_initializer.value().sqrt();
-        for slot in StateSlot::ALL {
-            let value = match slot {
-                StateSlot::Gamma => init.gamma_initializer.value(),
-                StateSlot::Beta => init.beta_initializer.value(),
-                StateSlot::MovingMean | StateSlot::RenormMean => {
-                    init.moving_mean_initializer.value()
-                }
-                StateSlot::MovingVariance => init.moving_variance_initializer.value(),
-                StateSlot::MovingStddev | StateSlot::RenormStddev => std_init,
-            };
-            initial[slot.index() * channels..][..channels].fill(value);
+        let mut initial = Vec::with_capacity(7 * channels);
+        for values in crate::reference::initial_state(&layer.config, channels) {
+            initial.extend(values.iter().map(|&v| v as f32));
         }
         ctx.queue()
             .write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
@@ -167,29 +169,17 @@ impl BatchNorm {
 
     /// The weights this layer has, in Keras's `get_weights()` order.
     pub fn weight_slots(&self) -> Vec<StateSlot> {
-        StateSlot::ALL
-            .into_iter()
-            .filter(|s| s.present(&self.config))
-            .collect()
+        StateSlot::ALL.into_iter().filter(|s| s.present(&self.config)).collect()
     }
 
     /// Reads every weight back, in Keras order, with its name.
     pub fn named_weights(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
-        let bytes = pollster::block_on(read_buffer(
-            &self.ctx,
-            &self.state,
-            7 * self.channels as u64 * 4,
-        ))?;
+        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 7 * self.channels as u64 * 4))?;
         let all: &[f32] = bytemuck::cast_slice(&bytes);
         Ok(self
             .weight_slots()
             .into_iter()
-            .map(|s| {
-                (
-                    s,
-                    all[s.index() * self.channels..][..self.channels].to_vec(),
-                )
-            })
+            .map(|s| (s, all[s.index() * self.channels..][..self.channels].to_vec()))
             .collect())
     }
 
@@ -206,11 +196,7 @@ impl BatchNorm {
             return Err(Error::Weights(format!(
                 "expected {} weights ({}), got {}",
                 slots.len(),
-                slots
-                    .iter()
-                    .map(|s| s.keras_name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                slots.iter().map(|s| s.keras_name()).collect::<Vec<_>>().join(", "),
                 weights.len()
             )));
         }
@@ -256,6 +242,7 @@ impl BatchNorm {
         self.ctx
             .queue()
             .write_buffer(&self.state, offset, bytemuck::cast_slice(values));
+        self.weights_replaced();
     }
 
     /// The forward pass, as Keras's `layer(x, training=..., mask=...)`.
@@ -266,12 +253,201 @@ impl BatchNorm {
     /// The mask (input shape without its last axis) selects the positions
     /// that enter the batch statistics; every position is normalised.
     /// Everything is recorded into one command buffer and submitted once.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        training: Option<bool>,
-        mask: Option<&Mask>,
-    ) -> Result<Tensor> {
+    ///
+    /// The layer keeps a handle on `x` (not a copy) and the per-channel
+    /// statistics, for [`BatchNorm::backward`].
+    pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
+        let view = self.view_of(x)?;
+        if let Some(mask) = mask {
+            let expected = &x.shape()[..x.shape().len() - 1];
+            if mask.shape() != expected {
+                return Err(Error::Shape(format!(
+                    "the mask should be the input shape without its last axis: expected {expected:?}, got {:?}",
+                    mask.shape()
+                )));
+            }
+        }
+        let batch_statistics = training == Some(true) && self.config.trainable;
+        let masked = batch_statistics && mask.is_some();
+        let plan = DispatchPlan::new(
+            view,
+            x.dtype(),
+            self.ctx.max_binding_size(),
+            self.ctx.storage_alignment(),
+        )?;
+        let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
+        let key = |kernel| KernelKey {
+            kernel,
+            dtype: x.dtype(),
+            masked,
+        };
+
+        let mut scratch = self.lock_scratch();
+        let flags =
+            self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
+        let rec = Recorder::new(self, &mut scratch, &plan, x.shape(), flags);
+        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
+        let mut encoder = self
+            .ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batchnorm forward"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            if batch_statistics {
+                rec.per_chunk(&mut pass, key(Kernel::PartialStats), |chunk| {
+                    vec![
+                        chunk_binding(x.buffer(), chunk),
+                        mask_buffer.as_entire_binding(),
+                        rec.partials(),
+                    ]
+                });
+            }
+            rec.per_channel(
+                &mut pass,
+                key(Kernel::Finalize),
+                vec![
+                    rec.partials(),
+                    self.state.as_entire_binding(),
+                    self.affine.as_entire_binding(),
+                    self.saved.as_entire_binding(),
+                ],
+            );
+            rec.per_chunk(&mut pass, key(Kernel::Normalize), |chunk| {
+                vec![
+                    chunk_binding(x.buffer(), chunk),
+                    self.affine.as_entire_binding(),
+                    chunk_binding(y.buffer(), chunk),
+                ]
+            });
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        scratch.last_forward = Some(ForwardRecord {
+            x: x.clone(),
+            mask: mask.filter(|_| masked).cloned(),
+            batch_statistics,
+            weights_version: self.weights_version.load(Ordering::Acquire),
+        });
+        Ok(y)
+    }
+
+    /// Gradients of the last forward call: given `dy` (same shape and dtype
+    /// as that call's input), returns dx, and dgamma / dbeta where the layer
+    /// has those weights and is trainable, all computed on the GPU in one
+    /// submission. With `regularization`, the regularizers' gradients are
+    /// added to dgamma and dbeta.
+    ///
+    /// Keras's gradients: in training the batch mean and variance depend on
+    /// x (over the masked-in positions only, every position receiving the
+    /// direct term); in inference they are constants; renorm's r and d are
+    /// constants.
+    pub fn backward(&self, dy: &Tensor, regularization: bool) -> Result<Gradients> {
+        let mut scratch = self.lock_scratch();
+        let Some(record) = scratch.last_forward.clone() else {
+            return Err(Error::NoForward);
+        };
+        if record.weights_version != self.weights_version.load(Ordering::Acquire) {
+            return Err(Error::WeightsChanged);
+        }
+        let x = &record.x;
+        if dy.shape() != x.shape() {
+            return Err(Error::Shape(format!(
+                "dy has shape {:?}, the forward input had {:?}",
+                dy.shape(),
+                x.shape()
+            )));
+        }
+        if dy.dtype() != x.dtype() {
+            return Err(Error::DType {
+                expected: x.dtype().to_string(),
+                got: dy.dtype().to_string(),
+            });
+        }
+        let view = self.view_of(x)?;
+        let plan = DispatchPlan::new(
+            view,
+            x.dtype(),
+            self.ctx.max_binding_size(),
+            self.ctx.storage_alignment(),
+        )?;
+        let dx = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
+        let masked = record.mask.is_some();
+        let key = |kernel| KernelKey {
+            kernel,
+            dtype: x.dtype(),
+            masked,
+        };
+        let cfg = &self.config;
+        let reg = |r: Option<Regularizer>, l1_flag, l2_flag| match r {
+            Some(r) if regularization => flag(r.l1 != 0.0, l1_flag) | flag(r.l2 != 0.0, l2_flag),
+            _ => 0,
+        };
+        let flags = self.config_flags()
+            | flag(masked, kernels::FLAG_MASKED)
+            | flag(record.batch_statistics, kernels::FLAG_TRAINING)
+            | reg(cfg.gamma_regularizer, kernels::FLAG_GAMMA_L1, kernels::FLAG_GAMMA_L2)
+            | reg(cfg.beta_regularizer, kernels::FLAG_BETA_L1, kernels::FLAG_BETA_L2);
+        let rec = Recorder::new(self, &mut scratch, &plan, x.shape(), flags);
+        let mask_buffer = record
+            .mask
+            .as_ref()
+            .map(|m| &m.buffer)
+            .unwrap_or(&self.ctx.inner.placeholder);
+        let channel_bytes = self.channels as u64 * 4;
+        let dgamma = (cfg.scale && cfg.trainable).then(|| Tensor::uninit(&self.ctx, &[self.channels], DType::F32));
+        let dbeta = (cfg.center && cfg.trainable).then(|| Tensor::uninit(&self.ctx, &[self.channels], DType::F32));
+        let dgamma = dgamma.transpose()?;
+        let dbeta = dbeta.transpose()?;
+
+        let mut encoder = self
+            .ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batchnorm backward"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            rec.per_chunk(&mut pass, key(Kernel::BackwardReduce), |chunk| {
+                vec![
+                    chunk_binding(x.buffer(), chunk),
+                    chunk_binding(dy.buffer(), chunk),
+                    self.saved.as_entire_binding(),
+                    rec.partials(),
+                ]
+            });
+            rec.per_channel(
+                &mut pass,
+                key(Kernel::BackwardFinalize),
+                vec![
+                    rec.partials(),
+                    self.state.as_entire_binding(),
+                    self.saved.as_entire_binding(),
+                    self.grads.as_entire_binding(),
+                    self.coeffs.as_entire_binding(),
+                ],
+            );
+            rec.per_chunk(&mut pass, key(Kernel::BackwardDx), |chunk| {
+                vec![
+                    chunk_binding(x.buffer(), chunk),
+                    chunk_binding(dy.buffer(), chunk),
+                    mask_buffer.as_entire_binding(),
+                    self.coeffs.as_entire_binding(),
+                    chunk_binding(dx.buffer(), chunk),
+                ]
+            });
+        }
+        if let Some(g) = &dgamma {
+            encoder.copy_buffer_to_buffer(&self.grads, 0, g.buffer(), 0, channel_bytes);
+        }
+        if let Some(b) = &dbeta {
+            encoder.copy_buffer_to_buffer(&self.grads, channel_bytes, b.buffer(), 0, channel_bytes);
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(Gradients { dx, dgamma, dbeta })
+    }
+
+    fn view_of(&self, x: &Tensor) -> Result<ChannelView> {
         let axis = self.config.resolve_axis(x.shape().len())?;
         let view = ChannelView::new(x.shape(), axis);
         if view.channels != self.channels {
@@ -283,167 +459,73 @@ impl BatchNorm {
                 self.channels
             )));
         }
-        if let Some(mask) = mask {
-            let expected = &x.shape()[..x.shape().len() - 1];
-            if mask.shape() != expected {
-                return Err(Error::Shape(format!(
-                    "the mask should be the input shape without its last axis: expected {expected:?}, got {:?}",
-                    mask.shape()
-                )));
-            }
-        }
-        let batch_statistics = training == Some(true) && self.config.trainable;
-        let plan = DispatchPlan::new(
-            view,
-            x.dtype(),
-            self.ctx.max_binding_size(),
-            self.ctx.storage_alignment(),
-        )?;
-        let masked = batch_statistics && mask.is_some();
-        let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
-
-        let device = self.ctx.device();
-        let kernels = &self.ctx.inner.kernels;
-        let key = |kernel| KernelKey {
-            kernel,
-            dtype: x.dtype(),
-            masked,
-        };
-        let stats_pipeline =
-            batch_statistics.then(|| kernels.pipeline(device, key(Kernel::PartialStats)));
-        let finalize_pipeline = kernels.pipeline(device, key(Kernel::Finalize));
-        let normalize_pipeline = kernels.pipeline(device, key(Kernel::Normalize));
-
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let params = self.params_for(&plan, x.shape(), masked, batch_statistics);
-        scratch.reserve(
-            &self.ctx,
-            params.len(),
-            (self.channels * plan.total_tiles * 16) as u64,
-        );
-        let mut slots = vec![0u8; params.len() * PARAMS_SLOT as usize];
-        for (i, p) in params.iter().enumerate() {
-            slots[i * PARAMS_SLOT as usize..][..std::mem::size_of::<Params>()]
-                .copy_from_slice(bytemuck::bytes_of(p));
-        }
-        self.ctx.queue().write_buffer(&scratch.params, 0, &slots);
-
-        let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: &scratch.params,
-            offset: 0,
-            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
-        });
-        fn chunk_of<'a>(
-            buffer: &'a wgpu::Buffer,
-            c: &crate::plan::Chunk,
-        ) -> wgpu::BindingResource<'a> {
-            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer,
-                offset: c.bind_offset,
-                size: wgpu::BufferSize::new(c.bind_size),
-            })
-        }
-        let bind = |kernel: Kernel, resources: Vec<wgpu::BindingResource>| {
-            let entries: Vec<_> = std::iter::once(uniform.clone())
-                .chain(resources)
-                .enumerate()
-                .map(|(i, resource)| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource,
-                })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.entry_point()),
-                layout: kernels.bind_group_layout(kernel),
-                entries: &entries,
-            })
-        };
-        let mask_buffer = mask
-            .map(|m| &m.buffer)
-            .unwrap_or(&self.ctx.inner.placeholder);
-
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("batchnorm forward"),
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("batchnorm forward"),
-                timestamp_writes: None,
-            });
-            if let Some(pipeline) = &stats_pipeline {
-                pass.set_pipeline(pipeline);
-                for (i, chunk) in plan.chunks.iter().enumerate() {
-                    let group = bind(
-                        Kernel::PartialStats,
-                        vec![
-                            chunk_of(x.buffer(), chunk),
-                            mask_buffer.as_entire_binding(),
-                            scratch.partials.as_entire_binding(),
-                        ],
-                    );
-                    pass.set_bind_group(0, &group, &[(i as u64 * PARAMS_SLOT) as u32]);
-                    let (gx, gy) = plan.stats_grid(chunk);
-                    pass.dispatch_workgroups(gx, gy, 1);
-                }
-            }
-            pass.set_pipeline(&finalize_pipeline);
-            let group = bind(
-                Kernel::Finalize,
-                vec![
-                    scratch.partials.as_entire_binding(),
-                    self.state.as_entire_binding(),
-                    self.affine.as_entire_binding(),
-                    self.saved.as_entire_binding(),
-                ],
-            );
-            pass.set_bind_group(0, &group, &[0]);
-            let (gx, gy) =
-                kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
-            pass.dispatch_workgroups(gx, gy, 1);
-
-            pass.set_pipeline(&normalize_pipeline);
-            for (i, chunk) in plan.chunks.iter().enumerate() {
-                let group = bind(
-                    Kernel::Normalize,
-                    vec![
-                        chunk_of(x.buffer(), chunk),
-                        self.affine.as_entire_binding(),
-                        chunk_of(y.buffer(), chunk),
-                    ],
-                );
-                pass.set_bind_group(0, &group, &[(i as u64 * PARAMS_SLOT) as u32]);
-                let (gx, gy) = plan.normalize_grid(chunk);
-                pass.dispatch_workgroups(gx, gy, 1);
-            }
-        }
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(y)
+        Ok(view)
     }
 
-    /// One uniform slot per chunk; slot 0 also drives finalize.
-    fn params_for(
-        &self,
-        plan: &DispatchPlan,
-        shape: &[usize],
-        masked: bool,
-        training: bool,
-    ) -> Vec<Params> {
+    fn lock_scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Flags that follow from the config alone.
+    fn config_flags(&self) -> u32 {
         let cfg = &self.config;
         let clip = cfg.renorm_clipping;
-        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
-        let flags = flag(masked, kernels::FLAG_MASKED)
-            | flag(training, kernels::FLAG_TRAINING)
-            | flag(cfg.renorm, kernels::FLAG_RENORM)
+        flag(cfg.renorm, kernels::FLAG_RENORM)
             | flag(cfg.center, kernels::FLAG_CENTER)
             | flag(cfg.scale, kernels::FLAG_SCALE)
             | flag(clip.rmin.is_some(), kernels::FLAG_RMIN)
             | flag(clip.rmax.is_some(), kernels::FLAG_RMAX)
-            | flag(clip.dmax.is_some(), kernels::FLAG_DMAX);
-        let last_dim = *shape.last().unwrap_or(&1);
+            | flag(clip.dmax.is_some(), kernels::FLAG_DMAX)
+    }
+
+    /// Marks the weights as replaced: the saved forward no longer matches.
+    pub(crate) fn weights_replaced(&self) {
+        self.weights_version.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// What [`BatchNorm::backward`] returns.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// Same shape and dtype as the forward input.
+    pub dx: Tensor,
+    /// float32 per channel; `None` without `scale` or with `trainable = false`.
+    pub dgamma: Option<Tensor>,
+    /// float32 per channel; `None` without `center` or with `trainable = false`.
+    pub dbeta: Option<Tensor>,
+}
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on { bit } else { 0 }
+}
+
+fn chunk_binding<'a>(buffer: &'a wgpu::Buffer, chunk: &Chunk) -> wgpu::BindingResource<'a> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: chunk.bind_offset,
+        size: wgpu::BufferSize::new(chunk.bind_size),
+    })
+}
+
+/// Records one call's dispatches: writes the per-chunk uniform slots, then
+/// binds and dispatches kernels over the plan's chunks or channels.
+struct Recorder<'a> {
+    layer: &'a BatchNorm,
+    plan: &'a DispatchPlan,
+    params: wgpu::Buffer,
+    partials: wgpu::Buffer,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(layer: &'a BatchNorm, scratch: &mut Scratch, plan: &'a DispatchPlan, shape: &[usize], flags: u32) -> Self {
+        let ctx = &layer.ctx;
+        let cfg = &layer.config;
+        let clip = cfg.renorm_clipping;
         let view = plan.view;
-        let (finalize_x, _) =
-            kernels::grid((self.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
-        plan.chunks
+        let (finalize_x, _) = kernels::grid((layer.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
+        let regularizer = |r: Option<Regularizer>| r.unwrap_or_default();
+        let params: Vec<Params> = plan
+            .chunks
             .iter()
             .map(|chunk| Params {
                 channels: view.channels as u32,
@@ -451,7 +533,7 @@ impl BatchNorm {
                 chunk_start: chunk.start as u32,
                 x_base: chunk.base,
                 y_base: chunk.base,
-                last_dim: last_dim as u32,
+                last_dim: *shape.last().unwrap_or(&1) as u32,
                 _pad2: 0,
                 elems_per_thread: plan.elems_per_thread as u32,
                 tiles: chunk.tiles as u32,
@@ -468,10 +550,85 @@ impl BatchNorm {
                 rmin: clip.rmin.unwrap_or(0.0),
                 rmax: clip.rmax.unwrap_or(0.0),
                 dmax: clip.dmax.unwrap_or(0.0),
+                gamma_l1: regularizer(cfg.gamma_regularizer).l1,
+                gamma_l2: regularizer(cfg.gamma_regularizer).l2,
+                beta_l1: regularizer(cfg.beta_regularizer).l1,
+                beta_l2: regularizer(cfg.beta_regularizer).l2,
                 _pad0: 0,
                 _pad1: 0,
             })
-            .collect()
+            .collect();
+        scratch.reserve(ctx, params.len(), (layer.channels * plan.total_tiles * 16) as u64);
+        let mut slots = vec![0u8; params.len() * PARAMS_SLOT as usize];
+        for (i, p) in params.iter().enumerate() {
+            slots[i * PARAMS_SLOT as usize..][..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+        }
+        ctx.queue().write_buffer(&scratch.params, 0, &slots);
+        Recorder {
+            layer,
+            plan,
+            params: scratch.params.clone(),
+            partials: scratch.partials.clone(),
+        }
+    }
+
+    fn partials(&self) -> wgpu::BindingResource<'_> {
+        self.partials.as_entire_binding()
+    }
+
+    fn bind(&self, kernel: Kernel, resources: Vec<wgpu::BindingResource>) -> wgpu::BindGroup {
+        let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.params,
+            offset: 0,
+            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+        });
+        let entries: Vec<_> = std::iter::once(uniform)
+            .chain(resources)
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        let ctx = &self.layer.ctx;
+        ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry_point()),
+            layout: ctx.inner.kernels.bind_group_layout(kernel),
+            entries: &entries,
+        })
+    }
+
+    fn pipeline(&self, key: KernelKey) -> wgpu::ComputePipeline {
+        let ctx = &self.layer.ctx;
+        ctx.inner.kernels.pipeline(ctx.device(), key)
+    }
+
+    /// One dispatch per chunk, bound to that chunk's uniform slot.
+    fn per_chunk<'r>(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        key: KernelKey,
+        resources: impl Fn(&Chunk) -> Vec<wgpu::BindingResource<'r>>,
+    ) {
+        pass.set_pipeline(&self.pipeline(key));
+        for (i, chunk) in self.plan.chunks.iter().enumerate() {
+            let group = self.bind(key.kernel, resources(chunk));
+            pass.set_bind_group(0, &group, &[(i as u64 * PARAMS_SLOT) as u32]);
+            let (gx, gy) = match key.kernel {
+                Kernel::PartialStats | Kernel::BackwardReduce => self.plan.stats_grid(chunk),
+                _ => self.plan.normalize_grid(chunk),
+            };
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+    }
+
+    /// One invocation per channel, with the first uniform slot.
+    fn per_channel(&self, pass: &mut wgpu::ComputePass, key: KernelKey, resources: Vec<wgpu::BindingResource>) {
+        pass.set_pipeline(&self.pipeline(key));
+        let group = self.bind(key.kernel, resources);
+        pass.set_bind_group(0, &group, &[0]);
+        let (gx, gy) = kernels::grid((self.layer.channels as u32).div_ceil(key.kernel.workgroup_size()));
+        pass.dispatch_workgroups(gx, gy, 1);
     }
 }
 
@@ -487,8 +644,7 @@ impl Scratch {
             });
         }
         if self.partials.size() < partial_bytes {
-            self.partials =
-                storage_buffer(ctx, "partials", partial_bytes, wgpu::BufferUsages::empty());
+            self.partials = storage_buffer(ctx, "partials", partial_bytes, wgpu::BufferUsages::empty());
         }
     }
 }

@@ -79,12 +79,7 @@ fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
 }
 
 impl DispatchPlan {
-    pub(crate) fn new(
-        view: ChannelView,
-        dtype: DType,
-        max_binding: u64,
-        alignment: u64,
-    ) -> Result<Self> {
+    pub(crate) fn new(view: ChannelView, dtype: DType, max_binding: u64, alignment: u64) -> Result<Self> {
         let len = view.len();
         // element indices (and one past the end) are u32 in the kernels
         if len >= u32::MAX as usize {
@@ -131,14 +126,8 @@ impl DispatchPlan {
             .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
             .collect();
         let longest = runs.iter().copied().max().unwrap_or(1);
-        let mut elems_per_thread = longest
-            .div_ceil(WORKGROUP as usize)
-            .clamp(1, STATS_ELEMS_PER_THREAD);
-        let tiles_for = |e: usize| -> usize {
-            runs.iter()
-                .map(|r| r.div_ceil(WORKGROUP as usize * e).max(1))
-                .sum()
-        };
+        let mut elems_per_thread = longest.div_ceil(WORKGROUP as usize).clamp(1, STATS_ELEMS_PER_THREAD);
+        let tiles_for = |e: usize| -> usize { runs.iter().map(|r| r.div_ceil(WORKGROUP as usize * e).max(1)).sum() };
         while tiles_for(elems_per_thread) > MAX_TILES && elems_per_thread < MAX_LOOP {
             elems_per_thread *= 2;
         }
@@ -271,11 +260,7 @@ mod tests {
                     .map(|c| (start..end).filter(|&e| view.channel_of(e) == c).count())
                     .max()
                     .unwrap();
-                assert_eq!(
-                    longest_channel_run(view, start, end),
-                    brute,
-                    "{start}..{end}"
-                );
+                assert_eq!(longest_channel_run(view, start, end), brute, "{start}..{end}");
             }
         }
     }

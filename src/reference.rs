@@ -19,12 +19,7 @@ pub struct ChannelMoments {
 
 /// Mirror of the statistics kernel: per-channel moments over the values the
 /// mask lets in (the mask has the input shape without its last axis).
-pub fn channel_moments(
-    x: &[f64],
-    view: ChannelView,
-    mask: Option<&[u8]>,
-    last_dim: usize,
-) -> Vec<ChannelMoments> {
+pub fn channel_moments(x: &[f64], view: ChannelView, mask: Option<&[u8]>, last_dim: usize) -> Vec<ChannelMoments> {
     let included = |e: usize| mask.is_none_or(|m| m[e / last_dim] != 0);
     let mut sums = vec![(0.0f64, 0.0f64); view.channels];
     for (e, &v) in x.iter().enumerate() {
@@ -90,12 +85,21 @@ impl ReferenceState {
     }
 }
 
-/// Per channel: y = (x - mean) * scale + offset.
+/// Per channel: y = (x - mean) * scale + offset, and what backward needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChannelAffine {
     pub mean: f64,
     pub scale: f64,
     pub offset: f64,
+    /// 1 / sqrt(variance + epsilon)
+    pub inv: f64,
+    /// Renorm's corrections (1 and 0 without renorm or in inference).
+    pub r: f64,
+    pub d: f64,
+    /// The statistics' denominator (count, or count + 1e-7 with a mask).
+    pub denom: f64,
+    /// 1e-7 with a mask, else 0.
+    pub mask_eps: f64,
 }
 
 /// Mirror of the finalize kernel. With batch moments (training) it applies
@@ -115,27 +119,38 @@ pub fn finalize(
             let gamma = if config.scale { state.gamma[c] } else { 1.0 };
             let beta = if config.center { state.beta[c] } else { 0.0 };
             let Some(moments) = moments else {
+                let inv = 1.0 / (state.moving_variance[c] + eps).sqrt();
                 return ChannelAffine {
                     mean: state.moving_mean[c],
-                    scale: gamma / (state.moving_variance[c] + eps).sqrt(),
+                    scale: gamma * inv,
                     offset: beta,
+                    inv,
+                    r: 1.0,
+                    d: 0.0,
+                    denom: 1.0,
+                    mask_eps: 0.0,
                 };
             };
             let ChannelMoments { count, mean, m2 } = moments[c];
-            let (mean, variance) = if masked {
+            let (mean, variance, denom) = if masked {
                 let denom = count + MASK_COUNT_EPS;
                 let keras_mean = mean * count / denom;
                 // sum((x - keras_mean)^2) = m2 + count * (mean - keras_mean)^2
                 let d = mean - keras_mean;
-                (keras_mean, (m2 + count * d * d) / denom)
+                (keras_mean, (m2 + count * d * d) / denom, denom)
             } else {
-                (mean, m2 / count)
+                (mean, m2 / count, count)
             };
             let inv = 1.0 / (variance + eps).sqrt();
             let mut affine = ChannelAffine {
                 mean,
                 scale: inv * gamma,
                 offset: beta,
+                inv,
+                r: 1.0,
+                d: 0.0,
+                denom,
+                mask_eps: if masked { MASK_COUNT_EPS } else { 0.0 },
             };
             if config.renorm {
                 let clip = config.renorm_clipping;
@@ -154,6 +169,8 @@ pub fn finalize(
                 }
                 affine.scale = inv * r * gamma;
                 affine.offset = d * gamma + beta;
+                affine.r = r;
+                affine.d = d;
                 let rm = config.renorm_momentum as f64;
                 state.renorm_mean[c] = state.renorm_mean[c] * rm + mean * (1.0 - rm);
                 state.renorm_stddev[c] = state.renorm_stddev[c] * rm + stddev * (1.0 - rm);
@@ -163,8 +180,7 @@ pub fn finalize(
                 state.moving_variance[c] = (moving_stddev * moving_stddev - eps).max(0.0);
             } else {
                 state.moving_mean[c] = state.moving_mean[c] * momentum + mean * (1.0 - momentum);
-                state.moving_variance[c] =
-                    state.moving_variance[c] * momentum + variance * (1.0 - momentum);
+                state.moving_variance[c] = state.moving_variance[c] * momentum + variance * (1.0 - momentum);
             }
             affine
         })
@@ -182,11 +198,152 @@ pub fn normalize(x: &[f64], view: ChannelView, affine: &[ChannelAffine]) -> Vec<
         .collect()
 }
 
+/// Every state tensor's initial values, in [`StateSlot`] order. As in
+/// Keras, the renorm statistics start from clones of the moving-statistics
+/// initializers (the stddevs as square roots of the variance's values).
+pub fn initial_state(config: &BatchNormConfig, channels: usize) -> [Vec<f64>; 7] {
+    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+    let mean = widen(config.moving_mean_initializer.values(channels));
+    let variance = widen(config.moving_variance_initializer.values(channels));
+    let stddev: Vec<f64> = variance.iter().map(|v| (*v as f32).sqrt() as f64).collect();
+    [
+        widen(config.gamma_initializer.values(channels)),
+        widen(config.beta_initializer.values(channels)),
+        mean.clone(),
+        variance,
+        stddev.clone(),
+        mean,
+        stddev,
+    ]
+}
+
 /// The whole layer on the CPU in float64.
 #[derive(Debug, Clone)]
 pub struct ReferenceLayer {
     pub config: BatchNormConfig,
     pub state: ReferenceState,
+    /// What the last forward call leaves for backward.
+    pub saved: Option<ReferenceSaved>,
+}
+
+/// The last forward call's input and per-channel transform.
+#[derive(Debug, Clone)]
+pub struct ReferenceSaved {
+    pub x: Vec<f64>,
+    pub shape: Vec<usize>,
+    pub mask: Option<Vec<u8>>,
+    pub batch_statistics: bool,
+    pub affine: Vec<ChannelAffine>,
+}
+
+/// Gradients from [`ReferenceLayer::backward`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceGradients {
+    pub dx: Vec<f64>,
+    pub dgamma: Option<Vec<f64>>,
+    pub dbeta: Option<Vec<f64>>,
+}
+
+/// Per channel: sum(dy) and sum(dy * (x - mean)) over every position.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GradSums {
+    pub sum_dy: f64,
+    pub sum_dy_centered: f64,
+}
+
+/// Mirror of the backward reduce kernel.
+pub fn backward_sums(x: &[f64], dy: &[f64], view: ChannelView, affine: &[ChannelAffine]) -> Vec<GradSums> {
+    let mut sums = vec![GradSums::default(); view.channels];
+    for (e, (&xv, &g)) in x.iter().zip(dy).enumerate() {
+        let c = view.channel_of(e);
+        sums[c].sum_dy += g;
+        sums[c].sum_dy_centered += g * (xv - affine[c].mean);
+    }
+    sums
+}
+
+/// dx = c1 * dy - m * (c2 + c3 * (x - mean)) per channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DxCoefficients {
+    pub mean: f64,
+    pub c1: f64,
+    pub c2: f64,
+    pub c3: f64,
+}
+
+/// Mirror of the backward finalize kernel: dgamma, dbeta (`None` where the
+/// layer has no such trainable weight) and the dx coefficients.
+pub fn backward_finalize(
+    config: &BatchNormConfig,
+    state: &ReferenceState,
+    affine: &[ChannelAffine],
+    sums: &[GradSums],
+    batch_statistics: bool,
+    regularization: bool,
+) -> (Option<Vec<f64>>, Option<Vec<f64>>, Vec<DxCoefficients>) {
+    let channels = affine.len();
+    let mut dgamma = vec![0.0; channels];
+    let mut dbeta = vec![0.0; channels];
+    let mut coeffs = Vec::with_capacity(channels);
+    for c in 0..channels {
+        let a = affine[c];
+        let s = sums[c];
+        let sum_dy_xhat = s.sum_dy_centered * a.inv;
+        let gamma = if config.scale { state.gamma[c] } else { 1.0 };
+        dgamma[c] = sum_dy_xhat * a.r + a.d * s.sum_dy;
+        dbeta[c] = s.sum_dy;
+        if regularization {
+            if let Some(r) = config.gamma_regularizer {
+                dgamma[c] += r.gradient(state.gamma[c]);
+            }
+            if let Some(r) = config.beta_regularizer {
+                dbeta[c] += r.gradient(state.beta[c]);
+            }
+        }
+        let gamma_eff = gamma * a.r;
+        let c1 = a.inv * gamma_eff;
+        let (mut c2, mut c3) = (0.0, 0.0);
+        if batch_statistics {
+            let sg = gamma_eff * s.sum_dy;
+            let sgx = gamma_eff * sum_dy_xhat;
+            // the mean's own dependence through Keras's count + 1e-7
+            let mean_term = a.inv * a.mask_eps * a.mean * sgx / (a.denom * a.denom);
+            c2 = a.inv * (sg / a.denom - mean_term);
+            c3 = a.inv * a.inv * sgx / a.denom;
+        }
+        coeffs.push(DxCoefficients {
+            mean: a.mean,
+            c1,
+            c2,
+            c3,
+        });
+    }
+    let trainable = config.trainable;
+    (
+        (config.scale && trainable).then_some(dgamma),
+        (config.center && trainable).then_some(dbeta),
+        coeffs,
+    )
+}
+
+/// Mirror of the backward dx kernel.
+pub fn backward_dx(
+    x: &[f64],
+    dy: &[f64],
+    view: ChannelView,
+    mask: Option<&[u8]>,
+    last_dim: usize,
+    coeffs: &[DxCoefficients],
+) -> Vec<f64> {
+    x.iter()
+        .zip(dy)
+        .enumerate()
+        .map(|(e, (&xv, &g))| {
+            let k = coeffs[view.channel_of(e)];
+            let included = mask.is_none_or(|m| m[e / last_dim] != 0);
+            k.c1 * g - if included { k.c2 + k.c3 * (xv - k.mean) } else { 0.0 }
+        })
+        .collect()
 }
 
 impl ReferenceLayer {
@@ -195,18 +352,29 @@ impl ReferenceLayer {
         if channels == 0 {
             return Err(ConfigError::NoChannels.into());
         }
-        let fill = |v: f32| vec![v as f64; channels];
-        let std_init = (config.moving_variance_initializer.value() as f64).sqrt();
+        let [
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            moving_stddev,
+            renorm_mean,
+            renorm_stddev,
+        ] = initial_state(&config, channels);
         let state = ReferenceState {
-            gamma: fill(config.gamma_initializer.value()),
-            beta: fill(config.beta_initializer.value()),
-            moving_mean: fill(config.moving_mean_initializer.value()),
-            moving_variance: fill(config.moving_variance_initializer.value()),
-            moving_stddev: vec![std_init; channels],
-            renorm_mean: fill(config.moving_mean_initializer.value()),
-            renorm_stddev: vec![std_init; channels],
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            moving_stddev,
+            renorm_mean,
+            renorm_stddev,
         };
-        Ok(ReferenceLayer { config, state })
+        Ok(ReferenceLayer {
+            config,
+            state,
+            saved: None,
+        })
     }
 
     pub fn channels(&self) -> usize {
@@ -250,15 +418,45 @@ impl ReferenceLayer {
         let training = training == Some(true) && self.config.trainable;
         let affine = if training {
             let moments = channel_moments(x, view, mask, last_dim);
-            finalize(
-                &self.config,
-                &mut self.state,
-                Some(&moments),
-                mask.is_some(),
-            )
+            finalize(&self.config, &mut self.state, Some(&moments), mask.is_some())
         } else {
             finalize(&self.config, &mut self.state, None, false)
         };
-        Ok(normalize(x, view, &affine))
+        let y = normalize(x, view, &affine);
+        self.saved = Some(ReferenceSaved {
+            x: x.to_vec(),
+            shape: shape.to_vec(),
+            mask: mask.filter(|_| training).map(<[u8]>::to_vec),
+            batch_statistics: training,
+            affine,
+        });
+        Ok(y)
+    }
+
+    /// Same contract as [`crate::BatchNorm::backward`]: the gradients of the
+    /// last forward call for the upstream gradient `dy`.
+    pub fn backward(&self, dy: &[f64], regularization: bool) -> Result<ReferenceGradients> {
+        let saved = self.saved.as_ref().ok_or(Error::NoForward)?;
+        if dy.len() != saved.x.len() {
+            return Err(Error::Shape(format!(
+                "dy has {} values, the forward input had shape {:?}",
+                dy.len(),
+                saved.shape
+            )));
+        }
+        let axis = self.config.resolve_axis(saved.shape.len())?;
+        let view = ChannelView::new(&saved.shape, axis);
+        let sums = backward_sums(&saved.x, dy, view, &saved.affine);
+        let (dgamma, dbeta, coeffs) = backward_finalize(
+            &self.config,
+            &self.state,
+            &saved.affine,
+            &sums,
+            saved.batch_statistics,
+            regularization,
+        );
+        let last_dim = *saved.shape.last().unwrap_or(&1);
+        let dx = backward_dx(&saved.x, dy, view, saved.mask.as_deref(), last_dim, &coeffs);
+        Ok(ReferenceGradients { dx, dgamma, dbeta })
     }
 }

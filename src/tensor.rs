@@ -54,21 +54,14 @@ pub(crate) fn padded_bytes(len: usize, dtype: DType) -> u64 {
 
 fn check_shape(shape: &[usize], len: usize) -> Result<()> {
     if shape.is_empty() || shape.len() > 8 {
-        return Err(Error::Shape(format!(
-            "rank {} is not supported (1 to 8)",
-            shape.len()
-        )));
+        return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
     }
     if shape.contains(&0) {
-        return Err(Error::Shape(format!(
-            "shape {shape:?} has an empty dimension"
-        )));
+        return Err(Error::Shape(format!("shape {shape:?} has an empty dimension")));
     }
     let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if n != Some(len) {
-        return Err(Error::Shape(format!(
-            "shape {shape:?} does not hold {len} values"
-        )));
+        return Err(Error::Shape(format!("shape {shape:?} does not hold {len} values")));
     }
     Ok(())
 }
@@ -94,33 +87,16 @@ pub struct Tensor {
 impl Tensor {
     /// Uploads float32 values.
     pub fn from_f32(ctx: &GpuContext, shape: &[usize], data: &[f32]) -> Result<Self> {
-        Self::from_bytes(
-            ctx,
-            shape,
-            DType::F32,
-            data.len(),
-            bytemuck::cast_slice(data),
-        )
+        Self::from_bytes(ctx, shape, DType::F32, data.len(), bytemuck::cast_slice(data))
     }
 
     /// Uploads float16 values.
     pub fn from_f16(ctx: &GpuContext, shape: &[usize], data: &[f16]) -> Result<Self> {
-        Self::from_bytes(
-            ctx,
-            shape,
-            DType::F16,
-            data.len(),
-            bytemuck::cast_slice(data),
-        )
+        Self::from_bytes(ctx, shape, DType::F16, data.len(), bytemuck::cast_slice(data))
     }
 
     /// Uploads float32 values stored as `dtype` (rounded to nearest for float16).
-    pub fn from_f32_as(
-        ctx: &GpuContext,
-        shape: &[usize],
-        data: &[f32],
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn from_f32_as(ctx: &GpuContext, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         match dtype {
             DType::F32 => Self::from_f32(ctx, shape, data),
             DType::F16 => {
@@ -130,22 +106,14 @@ impl Tensor {
         }
     }
 
-    fn from_bytes(
-        ctx: &GpuContext,
-        shape: &[usize],
-        dtype: DType,
-        len: usize,
-        bytes: &[u8],
-    ) -> Result<Self> {
+    fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, len: usize, bytes: &[u8]) -> Result<Self> {
         check_shape(shape, len)?;
         check_size(ctx, padded_bytes(len, dtype))?;
-        let buffer = ctx
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("tensor"),
-                contents: bytes,
-                usage: Self::USAGE,
-            });
+        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("tensor"),
+            contents: bytes,
+            usage: Self::USAGE,
+        });
         Ok(Tensor {
             buffer,
             shape: shape.to_vec(),
@@ -243,11 +211,7 @@ impl Tensor {
                 got: self.dtype.to_string(),
             });
         }
-        let bytes = pollster::block_on(read_buffer(
-            ctx,
-            &self.buffer,
-            padded_bytes(self.len(), self.dtype),
-        ))?;
+        let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, padded_bytes(self.len(), self.dtype)))?;
         Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
     }
 }
@@ -271,13 +235,11 @@ impl Mask {
             )));
         }
         check_size(ctx, (len as u64).div_ceil(4) * 4)?;
-        let buffer = ctx
-            .device()
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("mask"),
-                contents: flags,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            });
+        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("mask"),
+            contents: flags,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        });
         Ok(Mask {
             buffer,
             shape: shape.to_vec(),
@@ -295,11 +257,7 @@ impl Mask {
 }
 
 /// Copies `size` bytes from the start of `buffer` into host memory.
-pub(crate) async fn read_buffer(
-    ctx: &GpuContext,
-    buffer: &wgpu::Buffer,
-    size: u64,
-) -> Result<Vec<u8>> {
+pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
     let device = ctx.device();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),

@@ -22,8 +22,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("wgpu-batchnorm-cli-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("wgpu-batchnorm-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -39,8 +38,7 @@ fn edited_case(
 ) {
     let bytes = std::fs::read(fixtures().join(format!("{source}.safetensors"))).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let mut case: serde_json::Value =
-        serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
+    let mut case: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
     case["name"] = name.into();
     edit_case(&mut case);
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -75,12 +73,7 @@ fn edited_case(
 #[test]
 fn conform_passes_every_public_case_on_the_gpu_and_writes_outputs() {
     let out = scratch("out");
-    let o = run(&[
-        "conform",
-        fixtures().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = run(&["conform", fixtures().to_str().unwrap(), "--out", out.to_str().unwrap()]);
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
@@ -108,12 +101,11 @@ fn conform_passes_every_public_case_on_the_gpu_and_writes_outputs() {
     ] {
         assert!(names.contains(&key), "{key} missing from {names:?}");
     }
-    let f16 =
-        SafeTensors::deserialize(&std::fs::read(out.join("float16_policy.safetensors")).unwrap())
-            .unwrap()
-            .tensor("y.0")
-            .unwrap()
-            .dtype();
+    let f16 = SafeTensors::deserialize(&std::fs::read(out.join("float16_policy.safetensors")).unwrap())
+        .unwrap()
+        .tensor("y.0")
+        .unwrap()
+        .dtype();
     assert_eq!(f16, safetensors::Dtype::F16);
 }
 
@@ -157,13 +149,7 @@ fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1() {
     let o = run(&["conform", dir.to_str().unwrap()]);
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{stdout}{}", text(&o.stderr));
-    let row = |name: &str| {
-        stdout
-            .lines()
-            .find(|l| l.starts_with(name))
-            .unwrap()
-            .to_string()
-    };
+    let row = |name: &str| stdout.lines().find(|l| l.starts_with(name)).unwrap().to_string();
     assert!(row("wrong_truth").contains("FAIL") && row("wrong_truth").contains("y.0="));
     assert!(row("synchronized").contains("FAIL") && row("synchronized").contains("synchronized"));
     assert!(row("bfloat16").contains("FAIL") && row("bfloat16").contains("bfloat16"));
@@ -174,17 +160,9 @@ fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1() {
 fn assert_usage_error(args: &[&str], mentions: &str) {
     let o = run(args);
     let stderr = text(&o.stderr);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{args:?}: {stderr}{}",
-        text(&o.stdout)
-    );
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}{}", text(&o.stdout));
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(
-        stderr.contains(mentions),
-        "{stderr} should mention {mentions}"
-    );
+    assert!(stderr.contains(mentions), "{stderr} should mention {mentions}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -198,11 +176,7 @@ fn bad_files_are_one_line_errors_with_exit_2() {
     assert_usage_error(&["conform", dir.to_str().unwrap()], "cut.safetensors");
 
     let dir = scratch("garbage");
-    std::fs::write(
-        dir.join("junk.safetensors"),
-        b"not a safetensors file at all",
-    )
-    .unwrap();
+    std::fs::write(dir.join("junk.safetensors"), b"not a safetensors file at all").unwrap();
     assert_usage_error(&["conform", dir.to_str().unwrap()], "junk.safetensors");
 
     let dir = scratch("shape");

@@ -4,9 +4,7 @@ mod common;
 
 use common::gpu;
 use wgpu_batchnorm::reference::ReferenceLayer;
-use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, ConfigError, Error, Mask, RenormClipping, StateSlot, Tensor,
-};
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, ConfigError, Error, Mask, RenormClipping, StateSlot, Tensor};
 
 fn renorm(clip: RenormClipping) -> BatchNormConfig {
     BatchNormConfig {
@@ -136,10 +134,7 @@ fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
         ));
     }
     let nine = [1usize; 9];
-    assert!(matches!(
-        Tensor::from_f32(&ctx, &nine, &[1.0]),
-        Err(Error::Shape(_))
-    ));
+    assert!(matches!(Tensor::from_f32(&ctx, &nine, &[1.0]), Err(Error::Shape(_))));
     assert!(matches!(
         BatchNormConfig::default().resolve_axis(9),
         Err(ConfigError::Rank(9))
@@ -157,25 +152,14 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
     let before = layer.get_weights().unwrap();
     // wrong channel count
     let x = Tensor::from_f32(&ctx, &[2, 4], &[1.0; 8]).unwrap();
-    assert!(matches!(
-        layer.forward(&x, Some(true), None),
-        Err(Error::Shape(_))
-    ));
+    assert!(matches!(layer.forward(&x, Some(true), None), Err(Error::Shape(_))));
     // a mask of the wrong shape
-    let x = Tensor::from_f32(
-        &ctx,
-        &[2, 5, 3],
-        &common::random_input(&mut common::rng(3), 30, 0.0),
-    )
-    .unwrap();
+    let x = Tensor::from_f32(&ctx, &[2, 5, 3], &common::random_input(&mut common::rng(3), 30, 0.0)).unwrap();
     for shape in [vec![2usize], vec![2, 3], vec![5, 2], vec![2, 5, 3]] {
         let n = shape.iter().product();
         let mask = Mask::from_u8(&ctx, &shape, &vec![1; n]).unwrap();
         assert!(
-            matches!(
-                layer.forward(&x, Some(true), Some(&mask)),
-                Err(Error::Shape(_))
-            ),
+            matches!(layer.forward(&x, Some(true), Some(&mask)), Err(Error::Shape(_))),
             "{shape:?}"
         );
     }
@@ -185,18 +169,9 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
         Tensor::from_f32(&ctx, &[2, 2], &[1.0; 3]),
         Err(Error::Shape(_))
     ));
-    assert!(matches!(
-        Tensor::from_f32(&ctx, &[0, 2], &[]),
-        Err(Error::Shape(_))
-    ));
-    assert!(matches!(
-        Tensor::from_f32(&ctx, &[], &[1.0]),
-        Err(Error::Shape(_))
-    ));
-    assert!(matches!(
-        Mask::from_u8(&ctx, &[3], &[1, 0]),
-        Err(Error::Shape(_))
-    ));
+    assert!(matches!(Tensor::from_f32(&ctx, &[0, 2], &[]), Err(Error::Shape(_))));
+    assert!(matches!(Tensor::from_f32(&ctx, &[], &[1.0]), Err(Error::Shape(_))));
+    assert!(matches!(Mask::from_u8(&ctx, &[3], &[1, 0]), Err(Error::Shape(_))));
     // a buffer too small for the shape it is said to hold
     let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,

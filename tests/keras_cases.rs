@@ -10,11 +10,7 @@ use wgpu_batchnorm::keras::{self, Device};
 fn cases() -> Vec<keras::KerasCase> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras");
     let cases = keras::load_dir(&dir).expect("fixtures load");
-    assert!(
-        cases.len() >= 15,
-        "expected the 15 public cases, found {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 15, "expected the 15 public cases, found {}", cases.len());
     cases
 }
 
@@ -28,11 +24,7 @@ fn assert_all_pass(device: Device) {
         // every output the case can be checked on was checked
         assert!(report.keys.iter().any(|k| k.key == "y.0"), "{}", case.name);
     }
-    assert!(
-        failures.is_empty(),
-        "failing cases:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -57,8 +49,7 @@ fn gl_backend_passes_every_case() {
 
 #[test]
 fn gpu_passes_every_case_in_small_binding_chunks() {
-    let ctx =
-        wgpu_batchnorm::GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    let ctx = wgpu_batchnorm::GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
     // 1 KiB bindings: every case but the smallest spans several chunks
     ctx.set_max_binding_size(1024);
     assert_all_pass(Device::Gpu(ctx));
@@ -66,10 +57,7 @@ fn gpu_passes_every_case_in_small_binding_chunks() {
 
 #[test]
 fn large_offset_beats_keras_own_float32() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name == "large_offset")
-        .unwrap();
+    let case = cases().into_iter().find(|c| c.name == "large_offset").unwrap();
     let report = case.run(&Device::Gpu(common::gpu()));
     let y0 = report.keys.iter().find(|k| k.key == "y.0").unwrap();
     // Keras's own float32 output misses by 4.3e-4 here

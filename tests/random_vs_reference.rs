@@ -76,14 +76,7 @@ fn sweep(ctx: &GpuContext) {
             // both spellings of the axis
             for spelled in [axis, axis - rank] {
                 let (config, dtype) = variant(i, spelled);
-                let o = compare_with_reference(
-                    ctx,
-                    &config,
-                    shape,
-                    dtype,
-                    &calls(shape.len()),
-                    i as u64,
-                );
+                let o = compare_with_reference(ctx, &config, shape, dtype, &calls(shape.len()), i as u64);
                 let tol = tolerance(dtype);
                 if !(o.y_error <= tol && o.state_error <= tol) {
                     failures.push(format!(
@@ -127,14 +120,7 @@ fn chunked_bindings_match_the_reference() {
     {
         let (mut config, _) = variant(i, axis);
         config.axis = axis;
-        let o = compare_with_reference(
-            &ctx,
-            &config,
-            shape,
-            dtype,
-            &calls(shape.len()),
-            100 + i as u64,
-        );
+        let o = compare_with_reference(&ctx, &config, shape, dtype, &calls(shape.len()), 100 + i as u64);
         assert!(
             o.y_error <= tolerance(dtype) && o.state_error <= tolerance(dtype),
             "{shape:?} {dtype}: y {:.2e} state {:.2e}",
@@ -176,10 +162,7 @@ fn channels_longer_than_one_workgroup_tile() {
 /// loops over a whole channel is wrong past that. Both layouts, > 2^20 values.
 #[test]
 fn channels_of_more_than_2_pow_20_values_nhwc_and_nchw() {
-    for (shape, axis) in [
-        (&[17usize, 256, 256, 2][..], -1i64),
-        (&[3, 2, 600, 600][..], 1),
-    ] {
+    for (shape, axis) in [(&[17usize, 256, 256, 2][..], -1i64), (&[3, 2, 600, 600][..], 1)] {
         let per_channel = shape.iter().product::<usize>() / 2;
         assert!(per_channel > 1 << 20);
         let config = BatchNormConfig {
@@ -238,12 +221,8 @@ fn trainable_false_is_inference_and_changes_nothing() {
     let ctx = gpu();
     let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 3).unwrap();
     let before = layer.get_weights().unwrap();
-    let x = wgpu_batchnorm::Tensor::from_f32(
-        &ctx,
-        &[4, 3],
-        &common::random_input(&mut common::rng(1), 12, 2.0),
-    )
-    .unwrap();
+    let x =
+        wgpu_batchnorm::Tensor::from_f32(&ctx, &[4, 3], &common::random_input(&mut common::rng(1), 12, 2.0)).unwrap();
     layer.forward(&x, Some(true), None).unwrap();
     assert_eq!(layer.get_weights().unwrap(), before);
     let o = compare_with_reference(
@@ -273,11 +252,7 @@ fn a_fully_masked_out_batch_gives_keras_zero_statistics() {
         .unwrap();
     let inv = 1.0 / (1e-3f32).sqrt();
     for (got, v) in y.iter().zip(values) {
-        assert!(
-            (got - v * inv).abs() <= 1e-5 * inv * 5.0,
-            "{got} vs {}",
-            v * inv
-        );
+        assert!((got - v * inv).abs() <= 1e-5 * inv * 5.0, "{got} vs {}", v * inv);
     }
     let w = layer.get_weights().unwrap();
     assert!(w[2].iter().all(|&m| m == 0.0));

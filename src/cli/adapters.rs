@@ -9,10 +9,7 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
         adapters.retain(|a| a.info.name.to_lowercase().contains(&name));
     }
     if adapters.is_empty() {
-        return Err(wgpu_batchnorm::Error::NoAdapter(
-            "wgpu sees no adapter matching the selection".into(),
-        )
-        .to_string());
+        return Err(wgpu_batchnorm::Error::NoAdapter("wgpu sees no adapter matching the selection".into()).to_string());
     }
     for a in adapters {
         let i = &a.info;
@@ -29,10 +26,7 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
             "  max workgroups/dim:   {} (invocations per workgroup {})",
             l.max_compute_workgroups_per_dimension, l.max_compute_invocations_per_workgroup
         );
-        println!(
-            "  storage buffers/stage: {}",
-            l.max_storage_buffers_per_shader_stage
-        );
+        println!("  storage buffers/stage: {}", l.max_storage_buffers_per_shader_stage);
         let f = a.features;
         let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
         println!(

@@ -55,16 +55,9 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| e.to_string())?;
         let elapsed = start.elapsed();
-        let got: Vec<f64> = y
-            .read_f32(&ctx)
-            .map_err(err)?
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let got: Vec<f64> = y.read_f32(&ctx).map_err(err)?.into_iter().map(f64::from).collect();
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let truth = reference
-            .forward(&x64, &SHAPE, training, None)
-            .map_err(err)?;
+        let truth = reference.forward(&x64, &SHAPE, training, None).map_err(err)?;
         let error = error_measure(&got, &truth);
         let pass = error <= wgpu_batchnorm::keras::tolerance(wgpu_batchnorm::DType::F32, false);
         all_pass &= pass;
@@ -91,12 +84,6 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
         state_error = state_error.max(error_measure(&got, reference.state.slot(slot)));
     }
     println!("moving statistics after {TRAINING_STEPS} steps: max error {state_error:.2e}");
-    println!(
-        "(times include submission and a blocking wait; GB/s counts the bytes a perfect pass moves)"
-    );
-    Ok(if all_pass && state_error <= 2e-5 {
-        0
-    } else {
-        EXIT_FAIL
-    })
+    println!("(times include submission and a blocking wait; GB/s counts the bytes a perfect pass moves)");
+    Ok(if all_pass && state_error <= 2e-5 { 0 } else { EXIT_FAIL })
 }

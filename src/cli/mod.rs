@@ -93,9 +93,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         None => demo::run(&selection),
         Some(Command::Adapters) => adapters::run(&selection),
-        Some(Command::Conform { dir, out, device }) => {
-            conform::run(&selection, dir, out.as_deref(), *device)
-        }
+        Some(Command::Conform { dir, out, device }) => conform::run(&selection, dir, out.as_deref(), *device),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -8,9 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
-use wgpu_batchnorm::{
-    AdapterSelection, BatchNorm, BatchNormConfig, DType, GpuContext, Mask, Tensor,
-};
+use wgpu_batchnorm::{AdapterSelection, BatchNorm, BatchNormConfig, DType, GpuContext, Mask, Tensor};
 
 const INSTALL_HINT: &str = "GPU tests need an adapter and never skip. On Debian/Ubuntu without a GPU run \
      `apt-get install -y mesa-vulkan-drivers` (or scripts/test.sh, which does it), then rerun";
@@ -25,8 +23,7 @@ fn open(selection: AdapterSelection) -> GpuContext {
 /// The default adapter (WGPU_BACKEND / WGPU_ADAPTER_NAME respected).
 pub fn gpu() -> GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
-    CTX.get_or_init(|| open(AdapterSelection::from_env()))
-        .clone()
+    CTX.get_or_init(|| open(AdapterSelection::from_env())).clone()
 }
 
 /// The GL adapter (Mesa's llvmpipe through EGL on a headless Linux box).
@@ -44,16 +41,12 @@ pub fn gl() -> GpuContext {
 /// Values around `offset` with per-channel spread, never all equal.
 pub fn random_input(rng: &mut StdRng, len: usize, offset: f32) -> Vec<f32> {
     (0..len)
-        .map(|_| {
-            offset + rng.random::<f32>() * 4.0 - 2.0 + rng.random::<f32>() * rng.random::<f32>()
-        })
+        .map(|_| offset + rng.random::<f32>() * 4.0 - 2.0 + rng.random::<f32>() * rng.random::<f32>())
         .collect()
 }
 
 pub fn random_mask(rng: &mut StdRng, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|_| (rng.random::<f32>() < 0.7) as u8)
-        .collect()
+    (0..len).map(|_| (rng.random::<f32>() < 0.7) as u8).collect()
 }
 
 pub fn rng(seed: u64) -> StdRng {
@@ -101,32 +94,18 @@ pub fn compare_with_reference(
         // what the GPU really sees (float16 rounds)
         let x64: Vec<f64> = match dtype {
             DType::F32 => x32.iter().map(|&v| v as f64).collect(),
-            DType::F16 => x32
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_f64())
-                .collect(),
+            DType::F16 => x32.iter().map(|&v| half::f16::from_f32(v).to_f64()).collect(),
         };
         let flags = masked.then(|| random_mask(&mut rng, len / shape[shape.len() - 1]));
-        let mask = flags
-            .as_ref()
-            .map(|f| Mask::from_u8(ctx, mask_shape, f).unwrap());
+        let mask = flags.as_ref().map(|f| Mask::from_u8(ctx, mask_shape, f).unwrap());
         let y = layer.forward(&x, training, mask.as_ref()).unwrap();
-        let got: Vec<f64> = y
-            .read_f32(ctx)
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let truth = reference
-            .forward(&x64, shape, training, flags.as_deref())
-            .unwrap();
+        let got: Vec<f64> = y.read_f32(ctx).unwrap().into_iter().map(f64::from).collect();
+        let truth = reference.forward(&x64, shape, training, flags.as_deref()).unwrap();
         outcome.y_error = outcome.y_error.max(error_measure(&got, &truth));
     }
     for (slot, values) in layer.named_weights().unwrap() {
         let got: Vec<f64> = values.into_iter().map(f64::from).collect();
-        outcome.state_error = outcome
-            .state_error
-            .max(error_measure(&got, reference.state.slot(slot)));
+        outcome.state_error = outcome.state_error.max(error_measure(&got, reference.state.slot(slot)));
     }
     outcome
 }

@@ -1,0 +1,35 @@
+// Shared by the kernels that walk one channel's values tile by tile
+// (statistics, backward reduce) and the elementwise ones. Expects an `x`
+// binding and an IS_F16 override in the including kernel.
+
+fn half_at(word: u32, e: u32) -> f32 {
+    let pair = unpack2x16float(word);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+}
+
+fn load_x(e: u32) -> f32 {
+    if IS_F16 {
+        return half_at(x[e >> 1u], e);
+    }
+    return bitcast<f32>(x[e]);
+}
+
+// The first position j (of channel c's values, j = o * inner + i) whose
+// element index is at or after absolute element `a`. Element indices grow
+// with j, so a chunk's values of channel c are one interval of j.
+fn first_j_at(a: u32, c: u32) -> u32 {
+    let run = a / p.inner;
+    let o = run / p.channels;
+    let ca = run % p.channels;
+    if c == ca {
+        return o * p.inner + a % p.inner;
+    }
+    if c > ca {
+        return o * p.inner;
+    }
+    return (o + 1u) * p.inner;
+}
+
+fn element_of(j: u32, c: u32) -> u32 {
+    return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
+}
