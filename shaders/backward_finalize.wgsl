@@ -23,10 +23,12 @@ fn backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var sum_dy = 0.0;
     var sum_dyx = 0.0;
+    var sum_xc = 0.0;
     for (var t = 0u; t < p.total_tiles; t++) {
         let q = partials[c * p.total_tiles + t];
         sum_dy += q.x;
         sum_dyx += q.y;
+        sum_xc += q.z;
     }
     let stats = saved[2u * c];
     let extra = saved[2u * c + 1u];
@@ -37,6 +39,13 @@ fn backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     let d = extra.x;
     let denom = extra.y;
     let mask_eps = extra.z;
+    let count = extra.w;
+    if has_flag(FLAG_TRAINING) && count > 0.0 {
+        // sum over masked-in (x - mean) is exactly mask_eps * mean; what is
+        // left over is count times the float32 error of the mean
+        let mean_error = (sum_xc - mask_eps * (shift + delta)) / count;
+        sum_dyx -= mean_error * sum_dy;
+    }
     let sum_dy_xhat = sum_dyx * inv;
 
     var gamma = 1.0;

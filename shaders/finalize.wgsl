@@ -12,7 +12,7 @@
 // (shift, scale, offset, 0)
 @group(0) @binding(3) var<storage, read_write> affine: array<vec4<f32>>;
 // What backward needs, two per channel:
-// (shift, mean - shift, 1 / sqrt(var + eps), r), (d, denominator, mask eps, 0)
+// (shift, mean - shift, 1 / sqrt(var + eps), r), (d, denominator, mask eps, count)
 @group(0) @binding(4) var<storage, read_write> saved: array<vec4<f32>>;
 
 // Keras's backend.epsilon(): added to the masked count before dividing
@@ -115,5 +115,5 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     affine[c] = vec4<f32>(shift, scale, offset, 0.0);
     saved[2u * c] = vec4<f32>(shift, delta, inv, r);
-    saved[2u * c + 1u] = vec4<f32>(d, denom, mask_eps, 0.0);
+    saved[2u * c + 1u] = vec4<f32>(d, denom, mask_eps, count);
 }

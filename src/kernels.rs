@@ -100,7 +100,7 @@ impl Kernel {
             Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, STATISTICS_WGSL],
             Kernel::Finalize => &[FINALIZE_WGSL],
             Kernel::Normalize => &[NORMALIZE_WGSL],
-            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, BACKWARD_REDUCE_WGSL],
+            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, BACKWARD_REDUCE_WGSL],
             Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
             Kernel::BackwardDx => &[MASK_WGSL, BACKWARD_DX_WGSL],
         };
@@ -130,8 +130,8 @@ impl Kernel {
             Kernel::Finalize => &[true, false, false, false],
             // x, affine, y
             Kernel::Normalize => &[true, true, false],
-            // x, dy, saved, partials
-            Kernel::BackwardReduce => &[true, true, true, false],
+            // x, dy, saved, mask, partials
+            Kernel::BackwardReduce => &[true, true, true, true, false],
             // partials, state, saved, grads, coeffs
             Kernel::BackwardFinalize => &[true, true, true, false, false],
             // x, dy, mask, coeffs, dx
@@ -160,8 +160,10 @@ impl KernelKey {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
         let masked = self.masked as u8 as f64;
         match self.kernel {
-            Kernel::PartialStats | Kernel::BackwardDx => vec![("IS_F16", f16), ("MASKED", masked)],
-            Kernel::Normalize | Kernel::BackwardReduce => vec![("IS_F16", f16)],
+            Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => {
+                vec![("IS_F16", f16), ("MASKED", masked)]
+            }
+            Kernel::Normalize => vec![("IS_F16", f16)],
             Kernel::Finalize | Kernel::BackwardFinalize => vec![],
         }
     }

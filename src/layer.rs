@@ -413,6 +413,7 @@ impl BatchNorm {
                     chunk_binding(x.buffer(), chunk),
                     chunk_binding(dy.buffer(), chunk),
                     self.saved.as_entire_binding(),
+                    mask_buffer.as_entire_binding(),
                     rec.partials(),
                 ]
             });

@@ -24,10 +24,10 @@ pub(crate) mod plan;
 pub mod reference;
 pub mod tensor;
 
-pub use config::{BatchNormConfig, ChannelView, Initializer, RenormClipping};
+pub use config::{BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping};
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
-pub use layer::{BatchNorm, StateSlot};
+pub use layer::{BatchNorm, Gradients, StateSlot};
 pub use tensor::{DType, Mask, Tensor};
 
 /// The README's example compiles as a doctest.

@@ -100,6 +100,8 @@ pub struct ChannelAffine {
     pub denom: f64,
     /// 1e-7 with a mask, else 0.
     pub mask_eps: f64,
+    /// Values in the batch statistics (0 in inference).
+    pub count: f64,
 }
 
 /// Mirror of the finalize kernel. With batch moments (training) it applies
@@ -129,6 +131,7 @@ pub fn finalize(
                     d: 0.0,
                     denom: 1.0,
                     mask_eps: 0.0,
+                    count: 0.0,
                 };
             };
             let ChannelMoments { count, mean, m2 } = moments[c];
@@ -151,6 +154,7 @@ pub fn finalize(
                 d: 0.0,
                 denom,
                 mask_eps: if masked { MASK_COUNT_EPS } else { 0.0 },
+                count,
             };
             if config.renorm {
                 let clip = config.renorm_clipping;
@@ -244,20 +248,33 @@ pub struct ReferenceGradients {
     pub dbeta: Option<Vec<f64>>,
 }
 
-/// Per channel: sum(dy) and sum(dy * (x - mean)) over every position.
+/// Per channel: sum(dy) and sum(dy * (x - mean)) over every position, and
+/// sum(x - mean) over the masked-in ones.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GradSums {
     pub sum_dy: f64,
     pub sum_dy_centered: f64,
+    pub sum_centered: f64,
 }
 
 /// Mirror of the backward reduce kernel.
-pub fn backward_sums(x: &[f64], dy: &[f64], view: ChannelView, affine: &[ChannelAffine]) -> Vec<GradSums> {
+pub fn backward_sums(
+    x: &[f64],
+    dy: &[f64],
+    view: ChannelView,
+    mask: Option<&[u8]>,
+    last_dim: usize,
+    affine: &[ChannelAffine],
+) -> Vec<GradSums> {
     let mut sums = vec![GradSums::default(); view.channels];
     for (e, (&xv, &g)) in x.iter().zip(dy).enumerate() {
         let c = view.channel_of(e);
+        let centered = xv - affine[c].mean;
         sums[c].sum_dy += g;
-        sums[c].sum_dy_centered += g * (xv - affine[c].mean);
+        sums[c].sum_dy_centered += g * centered;
+        if mask.is_none_or(|m| m[e / last_dim] != 0) {
+            sums[c].sum_centered += centered;
+        }
     }
     sums
 }
@@ -288,7 +305,14 @@ pub fn backward_finalize(
     for c in 0..channels {
         let a = affine[c];
         let s = sums[c];
-        let sum_dy_xhat = s.sum_dy_centered * a.inv;
+        let mut sum_dy_centered = s.sum_dy_centered;
+        if batch_statistics && a.count > 0.0 {
+            // as the GPU does: sum(x - mean) over the masked-in values is
+            // mask_eps * mean exactly; the rest is the mean's rounding error
+            let mean_error = (s.sum_centered - a.mask_eps * a.mean) / a.count;
+            sum_dy_centered -= mean_error * s.sum_dy;
+        }
+        let sum_dy_xhat = sum_dy_centered * a.inv;
         let gamma = if config.scale { state.gamma[c] } else { 1.0 };
         dgamma[c] = sum_dy_xhat * a.r + a.d * s.sum_dy;
         dbeta[c] = s.sum_dy;
@@ -446,7 +470,8 @@ impl ReferenceLayer {
         }
         let axis = self.config.resolve_axis(saved.shape.len())?;
         let view = ChannelView::new(&saved.shape, axis);
-        let sums = backward_sums(&saved.x, dy, view, &saved.affine);
+        let last_dim = *saved.shape.last().unwrap_or(&1);
+        let sums = backward_sums(&saved.x, dy, view, saved.mask.as_deref(), last_dim, &saved.affine);
         let (dgamma, dbeta, coeffs) = backward_finalize(
             &self.config,
             &self.state,
@@ -455,7 +480,6 @@ impl ReferenceLayer {
             saved.batch_statistics,
             regularization,
         );
-        let last_dim = *saved.shape.last().unwrap_or(&1);
         let dx = backward_dx(&saved.x, dy, view, saved.mask.as_deref(), last_dim, &coeffs);
         Ok(ReferenceGradients { dx, dgamma, dbeta })
     }

@@ -1,0 +1,356 @@
+//! Gradients: the float64 reference against finite differences, the GPU
+//! against the reference on random shapes, and backward's error paths.
+
+mod common;
+
+use common::{gpu, random_input, random_mask, rng};
+use rand::Rng;
+use wgpu_batchnorm::keras::error_measure;
+use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, DType, Error, GpuContext, Mask, Regularizer, RenormClipping, StateSlot, Tensor,
+};
+
+/// A scalar loss L = sum(w * y) of one forward call from a fixed state.
+fn loss(
+    layer: &ReferenceLayer,
+    x: &[f64],
+    shape: &[usize],
+    training: Option<bool>,
+    mask: Option<&[u8]>,
+    w: &[f64],
+) -> f64 {
+    let mut l = layer.clone();
+    let y = l.forward(x, shape, training, mask).unwrap();
+    y.iter().zip(w).map(|(a, b)| a * b).sum()
+}
+
+fn finite_difference_check(config: BatchNormConfig, shape: &[usize], training: Option<bool>, masked: bool, seed: u64) {
+    let mut r = rng(seed);
+    let axis = config.resolve_axis(shape.len()).unwrap();
+    let channels = shape[axis];
+    let mut layer = ReferenceLayer::new(config.clone(), channels).unwrap();
+    for slot in StateSlot::ALL.into_iter().filter(|s| s.present(&config)) {
+        *layer.state.slot_mut(slot) = (0..channels).map(|_| 0.5 + r.random::<f64>()).collect();
+    }
+    if config.renorm {
+        // Keras stops the gradient through r and d; finite differences see
+        // it unless both sit on their clipping bounds, where they are constant
+        layer.state.renorm_stddev = vec![0.01; channels];
+        layer.state.renorm_mean = vec![-100.0; channels];
+    }
+    let len: usize = shape.iter().product();
+    let x: Vec<f64> = random_input(&mut r, len, 3.0).into_iter().map(f64::from).collect();
+    let w: Vec<f64> = random_input(&mut r, len, 0.0).into_iter().map(f64::from).collect();
+    let mask = masked.then(|| random_mask(&mut r, len / shape[shape.len() - 1]));
+    let mut fwd = layer.clone();
+    fwd.forward(&x, shape, training, mask.as_deref()).unwrap();
+    let g = fwd.backward(&w, true).unwrap();
+
+    let h = 1e-6;
+    let scale = g.dx.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for e in (0..len).step_by((len / 17).max(1)) {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus[e] += h;
+        minus[e] -= h;
+        let numeric = (loss(&layer, &plus, shape, training, mask.as_deref(), &w)
+            - loss(&layer, &minus, shape, training, mask.as_deref(), &w))
+            / (2.0 * h);
+        assert!(
+            (numeric - g.dx[e]).abs() <= 1e-6 * scale,
+            "dx[{e}]: {numeric} vs {} ({config:?})",
+            g.dx[e]
+        );
+    }
+    for (slot, grad, reg) in [
+        (StateSlot::Gamma, &g.dgamma, config.gamma_regularizer),
+        (StateSlot::Beta, &g.dbeta, config.beta_regularizer),
+    ] {
+        let Some(grad) = grad else {
+            assert!(!slot.present(&config) || !config.trainable);
+            continue;
+        };
+        for c in 0..channels {
+            let (mut plus, mut minus) = (layer.clone(), layer.clone());
+            plus.state.slot_mut(slot)[c] += h;
+            minus.state.slot_mut(slot)[c] -= h;
+            let reg_term = |l: &ReferenceLayer| {
+                reg.map(|r| {
+                    l.state
+                        .slot(slot)
+                        .iter()
+                        .map(|&v| r.l1 as f64 * v.abs() + r.l2 as f64 * v * v)
+                        .sum::<f64>()
+                })
+                .unwrap_or(0.0)
+            };
+            let numeric = (loss(&plus, &x, shape, training, mask.as_deref(), &w) + reg_term(&plus)
+                - loss(&minus, &x, shape, training, mask.as_deref(), &w)
+                - reg_term(&minus))
+                / (2.0 * h);
+            let tol = 1e-6 * grad.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            assert!(
+                (numeric - grad[c]).abs() <= tol,
+                "{slot:?}[{c}]: {numeric} vs {} ({config:?})",
+                grad[c]
+            );
+        }
+    }
+}
+
+#[test]
+fn reference_gradients_match_finite_differences() {
+    let renorm = BatchNormConfig {
+        renorm: true,
+        renorm_momentum: 0.9,
+        renorm_clipping: RenormClipping {
+            rmax: Some(1.5),
+            rmin: Some(0.5),
+            dmax: Some(0.3),
+        },
+        ..Default::default()
+    };
+    let regularized = BatchNormConfig {
+        gamma_regularizer: Some(Regularizer { l1: 0.02, l2: 0.03 }),
+        beta_regularizer: Some(Regularizer::l2()),
+        ..Default::default()
+    };
+    let cases = [
+        (BatchNormConfig::default(), &[6usize, 3][..], Some(true), false),
+        (BatchNormConfig::default(), &[4, 3, 5], Some(true), true),
+        (
+            BatchNormConfig {
+                axis: 1,
+                ..Default::default()
+            },
+            &[3, 4, 5],
+            Some(true),
+            false,
+        ),
+        (BatchNormConfig::default(), &[6, 3], None, false),
+        (BatchNormConfig::default(), &[6, 3], Some(false), true),
+        (
+            BatchNormConfig {
+                center: false,
+                scale: false,
+                ..Default::default()
+            },
+            &[5, 2],
+            Some(true),
+            false,
+        ),
+        (
+            BatchNormConfig {
+                trainable: false,
+                ..Default::default()
+            },
+            &[5, 2],
+            Some(true),
+            false,
+        ),
+        (renorm.clone(), &[7, 3], Some(true), false),
+        (renorm, &[2, 7, 3], Some(true), true),
+        (regularized, &[5, 3], Some(true), false),
+    ];
+    for (i, (config, shape, training, masked)) in cases.into_iter().enumerate() {
+        finite_difference_check(config, shape, training, masked, i as u64);
+    }
+}
+
+/// GPU gradients against the reference for one forward call.
+fn compare_gradients(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    shape: &[usize],
+    dtype: DType,
+    training: Option<bool>,
+    masked: bool,
+    seed: u64,
+) -> f64 {
+    let mut r = rng(seed);
+    let axis = config.resolve_axis(shape.len()).unwrap();
+    let channels = shape[axis];
+    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
+    for slot in layer.weight_slots() {
+        let values: Vec<f32> = (0..channels).map(|_| 0.5 + r.random::<f32>()).collect();
+        layer.set_weight(slot, &values).unwrap();
+        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
+    }
+    let len: usize = shape.iter().product();
+    let round = |v: Vec<f32>| -> (Vec<f32>, Vec<f64>) {
+        let v: Vec<f32> = match dtype {
+            DType::F32 => v,
+            DType::F16 => v.into_iter().map(|a| half::f16::from_f32(a).to_f32()).collect(),
+        };
+        let w = v.iter().map(|&a| a as f64).collect();
+        (v, w)
+    };
+    let (x32, x64) = round(random_input(&mut r, len, 4.0));
+    let (dy32, dy64) = round(random_input(&mut r, len, 0.5));
+    let flags = masked.then(|| random_mask(&mut r, len / shape[shape.len() - 1]));
+    let mask = flags
+        .as_ref()
+        .map(|f| Mask::from_u8(ctx, &shape[..shape.len() - 1], f).unwrap());
+    let x = Tensor::from_f32_as(ctx, shape, &x32, dtype).unwrap();
+    layer.forward(&x, training, mask.as_ref()).unwrap();
+    reference.forward(&x64, shape, training, flags.as_deref()).unwrap();
+    let dy = Tensor::from_f32_as(ctx, shape, &dy32, dtype).unwrap();
+    let got = layer.backward(&dy, true).unwrap();
+    let want = reference.backward(&dy64, true).unwrap();
+    let read = |t: &Tensor| -> Vec<f64> { t.read_f32(ctx).unwrap().into_iter().map(f64::from).collect() };
+    let mut worst = error_measure(&read(&got.dx), &want.dx);
+    for (g, w) in [(&got.dgamma, &want.dgamma), (&got.dbeta, &want.dbeta)] {
+        match (g, w) {
+            (Some(g), Some(w)) => worst = worst.max(error_measure(&read(g), w)),
+            (None, None) => {}
+            _ => panic!("GPU and reference disagree on which gradients exist ({config:?})"),
+        }
+    }
+    worst
+}
+
+#[test]
+fn gpu_gradients_match_the_reference_on_random_shapes() {
+    let ctx = gpu();
+    let renorm = BatchNormConfig {
+        renorm: true,
+        renorm_clipping: RenormClipping {
+            rmax: Some(2.0),
+            rmin: Some(0.5),
+            dmax: Some(0.5),
+        },
+        ..Default::default()
+    };
+    let regularized = BatchNormConfig {
+        gamma_regularizer: Some(Regularizer::l1_l2()),
+        beta_regularizer: Some(Regularizer::l1()),
+        ..Default::default()
+    };
+    let mut failures = Vec::new();
+    let shapes: &[(&[usize], i64)] = &[
+        (&[1], 0),
+        (&[7, 1], -1),
+        (&[13, 5], -1),
+        (&[257, 3], 0),
+        (&[2, 3, 5], 1),
+        (&[3, 1, 17, 2], -1),
+        (&[2, 3, 1, 5, 7], 2),
+        (&[40000, 3], -1),
+        (&[3, 2, 10007], 1),
+    ];
+    for (i, &(shape, axis)) in shapes.iter().enumerate() {
+        let base = [BatchNormConfig::default(), renorm.clone(), regularized.clone()][i % 3].clone();
+        let variants = [
+            (BatchNormConfig { axis, ..base.clone() }, DType::F32, Some(true), false),
+            (
+                BatchNormConfig { axis, ..base.clone() },
+                DType::F32,
+                Some(true),
+                shape.len() >= 2,
+            ),
+            (BatchNormConfig { axis, ..base.clone() }, DType::F32, None, false),
+            (
+                BatchNormConfig {
+                    axis,
+                    center: i % 2 == 0,
+                    scale: i % 2 == 1,
+                    ..base.clone()
+                },
+                DType::F32,
+                Some(true),
+                false,
+            ),
+            (
+                BatchNormConfig {
+                    axis,
+                    trainable: false,
+                    ..base.clone()
+                },
+                DType::F32,
+                Some(true),
+                false,
+            ),
+            (
+                BatchNormConfig { axis, ..base.clone() },
+                DType::F16,
+                Some(true),
+                shape.len() >= 2,
+            ),
+        ];
+        for (j, (config, dtype, training, masked)) in variants.into_iter().enumerate() {
+            let err = compare_gradients(&ctx, &config, shape, dtype, training, masked, (i * 10 + j) as u64);
+            let tol = wgpu_batchnorm::keras::tolerance(dtype, true);
+            if !(err <= tol) {
+                failures.push(format!(
+                    "{shape:?} {dtype} training {training:?} masked {masked} {config:?}: {err:.2e}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn gpu_gradients_in_chunked_bindings() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    ctx.set_max_binding_size(4096);
+    for (i, (shape, axis, dtype)) in [
+        (&[1001usize, 3, 7][..], 1i64, DType::F32),
+        (&[999, 5][..], -1, DType::F16),
+        (&[4000, 3][..], 0, DType::F32),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let err = compare_gradients(&ctx, &config, shape, dtype, Some(true), true, 50 + i as u64);
+        assert!(
+            err <= wgpu_batchnorm::keras::tolerance(dtype, true),
+            "{shape:?}: {err:.2e}"
+        );
+    }
+}
+
+#[test]
+fn gpu_gradients_for_channels_of_more_than_2_pow_20_values() {
+    for (shape, axis) in [(&[17usize, 256, 256, 2][..], -1i64), (&[3, 2, 600, 600][..], 1)] {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let err = compare_gradients(&gpu(), &config, shape, DType::F32, Some(true), false, 77);
+        assert!(err <= 1e-4, "{shape:?}: {err:.2e}");
+    }
+}
+
+#[test]
+fn backward_errors_are_typed_and_change_nothing() {
+    let ctx = gpu();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
+    let dy = Tensor::from_f32(&ctx, &[4, 3], &[0.5; 12]).unwrap();
+    assert!(matches!(layer.backward(&dy, false), Err(Error::NoForward)));
+
+    let x = Tensor::from_f32(&ctx, &[4, 3], &random_input(&mut rng(9), 12, 1.0)).unwrap();
+    layer.forward(&x, Some(true), None).unwrap();
+    let before = layer.get_weights().unwrap();
+    let wrong_shape = Tensor::from_f32(&ctx, &[3, 4], &[0.5; 12]).unwrap();
+    assert!(matches!(layer.backward(&wrong_shape, false), Err(Error::Shape(_))));
+    let wrong_dtype = Tensor::from_f32_as(&ctx, &[4, 3], &[0.5; 12], DType::F16).unwrap();
+    assert!(matches!(layer.backward(&wrong_dtype, false), Err(Error::DType { .. })));
+    assert!(layer.backward(&dy, false).is_ok());
+    assert_eq!(layer.get_weights().unwrap(), before, "backward changes no weight");
+
+    layer.set_weight(StateSlot::Gamma, &[2.0, 2.0, 2.0]).unwrap();
+    assert!(matches!(layer.backward(&dy, false), Err(Error::WeightsChanged)));
+    layer.forward(&x, Some(true), None).unwrap();
+    assert!(layer.backward(&dy, false).is_ok());
+
+    let mut reference = ReferenceLayer::new(BatchNormConfig::default(), 3).unwrap();
+    assert!(matches!(reference.backward(&[0.0; 12], false), Err(Error::NoForward)));
+    reference.forward(&[1.0; 12], &[4, 3], Some(true), None).unwrap();
+    assert!(matches!(reference.backward(&[0.0; 11], false), Err(Error::Shape(_))));
+}
