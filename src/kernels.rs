@@ -62,6 +62,24 @@ pub(crate) struct Params {
     pub _pad1: u32,
 }
 
+/// The uniform block of `shaders/optimizer.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct OptimizerParams {
+    pub channels: u32,
+    pub flags: u32,
+    pub learning_rate: f32,
+    pub momentum: f32,
+    /// (kind, argument 1, argument 2, argument 3) per weight
+    pub gamma_constraint: [f32; 4],
+    pub beta_constraint: [f32; 4],
+}
+
+pub(crate) const OPT_HAS_GAMMA: u32 = 1;
+pub(crate) const OPT_HAS_BETA: u32 = 2;
+pub(crate) const OPT_NESTEROV: u32 = 4;
+pub(crate) const OPT_USE_MOMENTUM: u32 = 8;
+
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
 const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");
 const MASK_WGSL: &str = include_str!("../shaders/mask.wgsl");
@@ -71,6 +89,7 @@ const NORMALIZE_WGSL: &str = include_str!("../shaders/normalize.wgsl");
 const BACKWARD_REDUCE_WGSL: &str = include_str!("../shaders/backward_reduce.wgsl");
 const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.wgsl");
 const BACKWARD_DX_WGSL: &str = include_str!("../shaders/backward_dx.wgsl");
+const OPTIMIZER_WGSL: &str = include_str!("../shaders/optimizer.wgsl");
 
 /// A kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,16 +100,20 @@ pub(crate) enum Kernel {
     BackwardReduce,
     BackwardFinalize,
     BackwardDx,
+    SgdStep,
+    Constrain,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 6] = [
+    pub(crate) const ALL: [Kernel; 8] = [
         Kernel::PartialStats,
         Kernel::Finalize,
         Kernel::Normalize,
         Kernel::BackwardReduce,
         Kernel::BackwardFinalize,
         Kernel::BackwardDx,
+        Kernel::SgdStep,
+        Kernel::Constrain,
     ];
 
     /// The WGSL source: the shared uniform block, the shared pieces the
@@ -103,6 +126,8 @@ impl Kernel {
             Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, BACKWARD_REDUCE_WGSL],
             Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
             Kernel::BackwardDx => &[MASK_WGSL, BACKWARD_DX_WGSL],
+            // its own uniform block
+            Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
         };
         std::iter::once(PARAMS_WGSL)
             .chain(pieces.iter().copied())
@@ -118,6 +143,16 @@ impl Kernel {
             Kernel::BackwardReduce => "backward_reduce",
             Kernel::BackwardFinalize => "backward_finalize",
             Kernel::BackwardDx => "backward_dx",
+            Kernel::SgdStep => "sgd_step",
+            Kernel::Constrain => "constrain",
+        }
+    }
+
+    /// Bytes of the uniform block at binding 0.
+    fn uniform_size(self) -> u64 {
+        match self {
+            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>() as u64,
+            _ => std::mem::size_of::<Params>() as u64,
         }
     }
 
@@ -136,12 +171,14 @@ impl Kernel {
             Kernel::BackwardFinalize => &[true, true, true, false, false],
             // x, dy, mask, coeffs, dx
             Kernel::BackwardDx => &[true, true, true, true, false],
+            // state, dgamma, dbeta, velocity
+            Kernel::SgdStep | Kernel::Constrain => &[false, true, true, false],
         }
     }
 
     pub(crate) fn workgroup_size(self) -> u32 {
         match self {
-            Kernel::Finalize | Kernel::BackwardFinalize => FINALIZE_WORKGROUP,
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep => FINALIZE_WORKGROUP,
             _ => WORKGROUP,
         }
     }
@@ -164,7 +201,7 @@ impl KernelKey {
                 vec![("IS_F16", f16), ("MASKED", masked)]
             }
             Kernel::Normalize => vec![("IS_F16", f16)],
-            Kernel::Finalize | Kernel::BackwardFinalize => vec![],
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
         }
     }
 }
@@ -186,7 +223,7 @@ impl Kernels {
                     ty: wgpu::BindingType::Buffer {
                         ty: wgpu::BufferBindingType::Uniform,
                         has_dynamic_offset: true,
-                        min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                        min_binding_size: wgpu::BufferSize::new(kernel.uniform_size()),
                     },
                     count: None,
                 }];

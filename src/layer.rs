@@ -167,6 +167,26 @@ impl BatchNorm {
         &self.ctx
     }
 
+    /// The buffer holding every weight, `channels` float32 values per
+    /// [`StateSlot`] in its order (gamma at 0, beta at `4 * channels`
+    /// bytes, ...). For applications that update weights in their own
+    /// kernels; call [`BatchNorm::mark_weights_changed`] after writing.
+    pub fn state_buffer(&self) -> &wgpu::Buffer {
+        &self.state
+    }
+
+    /// Byte range of one weight inside [`BatchNorm::state_buffer`].
+    pub fn weight_range(&self, slot: StateSlot) -> std::ops::Range<u64> {
+        let start = (slot.index() * self.channels * 4) as u64;
+        start..start + (self.channels * 4) as u64
+    }
+
+    /// Tells the layer its weights were written from outside: a later
+    /// `backward` then refuses to differentiate an earlier forward call.
+    pub fn mark_weights_changed(&self) {
+        self.weights_replaced();
+    }
+
     /// The weights this layer has, in Keras's `get_weights()` order.
     pub fn weight_slots(&self) -> Vec<StateSlot> {
         StateSlot::ALL.into_iter().filter(|s| s.present(&self.config)).collect()

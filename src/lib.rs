@@ -20,6 +20,7 @@ pub mod error;
 pub mod keras;
 pub(crate) mod kernels;
 pub mod layer;
+pub mod optimizer;
 pub(crate) mod plan;
 pub mod reference;
 pub mod tensor;
@@ -28,6 +29,7 @@ pub use config::{BatchNormConfig, ChannelView, Constraint, Initializer, Regulari
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, StateSlot};
+pub use optimizer::Sgd;
 pub use tensor::{DType, Mask, Tensor};
 
 /// The README's example compiles as a doctest.

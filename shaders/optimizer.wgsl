@@ -1,0 +1,118 @@
+// Updates of the layer's trainable weights (gamma, beta) on the GPU: an SGD
+// step, then Keras's constraints, applied after every update as Keras does.
+// Sections of `state` as in finalize.wgsl: [gamma | beta | ...].
+
+struct OptimizerParams {
+    channels: u32,
+    flags: u32,
+    learning_rate: f32,
+    momentum: f32,
+    // per weight (gamma, beta): constraint kind and its three arguments
+    gamma_constraint: vec4<f32>,
+    beta_constraint: vec4<f32>,
+}
+
+const HAS_GAMMA: u32 = 1u;
+const HAS_BETA: u32 = 2u;
+const NESTEROV: u32 = 4u;
+const USE_MOMENTUM: u32 = 8u;
+
+const CONSTRAINT_NONE: f32 = 0.0;
+const CONSTRAINT_NON_NEG: f32 = 1.0;
+const CONSTRAINT_MAX_NORM: f32 = 2.0;
+const CONSTRAINT_MIN_MAX_NORM: f32 = 3.0;
+const CONSTRAINT_UNIT_NORM: f32 = 4.0;
+// Keras's backend epsilon in the norm denominators
+const NORM_EPS: f32 = 1e-7;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> q: OptimizerParams;
+@group(0) @binding(1) var<storage, read_write> state: array<f32>;
+@group(0) @binding(2) var<storage, read> dgamma: array<f32>;
+@group(0) @binding(3) var<storage, read> dbeta: array<f32>;
+// [gamma velocity | beta velocity]
+@group(0) @binding(4) var<storage, read_write> velocity: array<f32>;
+
+fn sgd(index: u32, grad: f32) {
+    // Keras SGD: m = m * momentum - lr * g; w += m (or, Nesterov,
+    // w += m * momentum - lr * g); without momentum w -= lr * g
+    if (q.flags & USE_MOMENTUM) != 0u {
+        let m = velocity[index] * q.momentum - q.learning_rate * grad;
+        velocity[index] = m;
+        if (q.flags & NESTEROV) != 0u {
+            state[index] += m * q.momentum - q.learning_rate * grad;
+        } else {
+            state[index] += m;
+        }
+    } else {
+        state[index] -= q.learning_rate * grad;
+    }
+}
+
+@compute @workgroup_size(64)
+fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if c >= q.channels {
+        return;
+    }
+    if (q.flags & HAS_GAMMA) != 0u {
+        sgd(c, dgamma[c]);
+    }
+    if (q.flags & HAS_BETA) != 0u {
+        sgd(q.channels + c, dbeta[c]);
+    }
+}
+
+var<workgroup> wg_sum: array<f32, WG>;
+
+// Workgroup 0 constrains gamma, workgroup 1 beta. Keras's norm constraints
+// on a one-axis weight take the norm over every channel.
+@compute @workgroup_size(256)
+fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let which = wid.x;
+    var constraint = q.gamma_constraint;
+    var present = (q.flags & HAS_GAMMA) != 0u;
+    if which == 1u {
+        constraint = q.beta_constraint;
+        present = (q.flags & HAS_BETA) != 0u;
+    }
+    // uniform across the workgroup
+    if !present || constraint.x == CONSTRAINT_NONE {
+        return;
+    }
+    let base = which * q.channels;
+    // each invocation owns a contiguous block: ceil(channels / 256) values
+    let per = (q.channels + WG - 1u) / WG;
+    let begin = min(lid * per, q.channels);
+    let end = min(begin + per, q.channels);
+    if constraint.x == CONSTRAINT_NON_NEG {
+        for (var c = begin; c < end; c++) {
+            state[base + c] = max(state[base + c], 0.0);
+        }
+        return;
+    }
+    var sum = 0.0;
+    for (var c = begin; c < end; c++) {
+        sum += state[base + c] * state[base + c];
+    }
+    wg_sum[lid] = sum;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if lid < stride {
+            wg_sum[lid] += wg_sum[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let norm = sqrt(wg_sum[0]);
+    var desired = 1.0;
+    if constraint.x == CONSTRAINT_MAX_NORM {
+        desired = clamp(norm, 0.0, constraint.y);
+    } else if constraint.x == CONSTRAINT_MIN_MAX_NORM {
+        let rate = constraint.w;
+        desired = rate * clamp(norm, constraint.y, constraint.z) + (1.0 - rate) * norm;
+    }
+    let factor = desired / (NORM_EPS + norm);
+    for (var c = begin; c < end; c++) {
+        state[base + c] *= factor;
+    }
+}

@@ -1,0 +1,223 @@
+//! Updating the layer's trainable weights on the GPU: a small SGD (with
+//! momentum) and Keras's constraints, applied after every update. The
+//! optimiser is the application's business; this one is here so that a
+//! training loop can stay on the GPU.
+
+use crate::config::Constraint;
+use crate::context::GpuContext;
+use crate::error::{ConfigError, Error, Result};
+use crate::kernels::{self, Kernel, KernelKey, OptimizerParams};
+use crate::layer::{BatchNorm, Gradients};
+use crate::tensor::{DType, Tensor};
+
+/// Keras's `SGD(learning_rate, momentum, nesterov)` for one layer's gamma
+/// and beta. Keeps its velocity on the GPU; use one per layer.
+#[derive(Debug)]
+pub struct Sgd {
+    pub learning_rate: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+    channels: usize,
+    velocity: wgpu::Buffer,
+}
+
+impl Sgd {
+    pub fn new(layer: &BatchNorm, learning_rate: f32, momentum: f32, nesterov: bool) -> Result<Self> {
+        if !(learning_rate >= 0.0 && learning_rate.is_finite()) {
+            return Err(ConfigError::Unsupported(format!("learning rate must be >= 0, got {learning_rate}")).into());
+        }
+        if !(0.0..=1.0).contains(&momentum) {
+            return Err(ConfigError::Momentum(momentum as f64).into());
+        }
+        let velocity = layer.context().device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("sgd velocity"),
+            size: (2 * layer.channels() * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Sgd {
+            learning_rate,
+            momentum,
+            nesterov,
+            channels: layer.channels(),
+            velocity,
+        })
+    }
+
+    /// One update of gamma and beta from `grads`, then the layer's
+    /// constraints, in one submission.
+    pub fn step(&mut self, layer: &BatchNorm, grads: &Gradients) -> Result<()> {
+        if layer.channels() != self.channels {
+            return Err(Error::Weights(format!(
+                "this optimiser was made for a layer of {} channels, not {}",
+                self.channels,
+                layer.channels()
+            )));
+        }
+        let cfg = layer.config();
+        if !cfg.trainable || !(cfg.scale || cfg.center) {
+            return Err(Error::Weights("the layer has no trainable weights to update".into()));
+        }
+        let check = |g: &Option<Tensor>, present: bool, name: &str| -> Result<()> {
+            match g {
+                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => Err(Error::Shape(format!(
+                    "{name} must be float32 of shape [{}], got {} {:?}",
+                    self.channels,
+                    t.dtype(),
+                    t.shape()
+                ))),
+                None if present => Err(Error::Weights(format!("the gradients have no {name}"))),
+                _ => Ok(()),
+            }
+        };
+        check(&grads.dgamma, cfg.scale, "dgamma")?;
+        check(&grads.dbeta, cfg.center, "dbeta")?;
+        let mut flags =
+            if cfg.scale { kernels::OPT_HAS_GAMMA } else { 0 } | if cfg.center { kernels::OPT_HAS_BETA } else { 0 };
+        if self.momentum != 0.0 {
+            flags |= kernels::OPT_USE_MOMENTUM;
+        }
+        if self.nesterov {
+            flags |= kernels::OPT_NESTEROV;
+        }
+        let ctx = layer.context();
+        let placeholder = &ctx.inner.placeholder;
+        let dgamma = grads.dgamma.as_ref().map(Tensor::buffer).unwrap_or(placeholder);
+        let dbeta = grads.dbeta.as_ref().map(Tensor::buffer).unwrap_or(placeholder);
+        let params = optimizer_params(layer, flags, self.learning_rate, self.momentum);
+        record(ctx, layer, &params, [dgamma, dbeta], &self.velocity, true);
+        layer.weights_replaced();
+        Ok(())
+    }
+}
+
+fn constraint_vector(c: Option<Constraint>) -> [f32; 4] {
+    match c {
+        None => [0.0; 4],
+        Some(Constraint::NonNeg) => [1.0, 0.0, 0.0, 0.0],
+        Some(Constraint::MaxNorm { max_value }) => [2.0, max_value, 0.0, 0.0],
+        Some(Constraint::MinMaxNorm {
+            min_value,
+            max_value,
+            rate,
+        }) => [3.0, min_value, max_value, rate],
+        Some(Constraint::UnitNorm) => [4.0, 0.0, 0.0, 0.0],
+    }
+}
+
+fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum: f32) -> OptimizerParams {
+    let cfg = layer.config();
+    OptimizerParams {
+        channels: layer.channels() as u32,
+        flags,
+        learning_rate,
+        momentum,
+        gamma_constraint: constraint_vector(cfg.gamma_constraint),
+        beta_constraint: constraint_vector(cfg.beta_constraint),
+    }
+}
+
+/// Records the SGD step (when `step`) and the constraints, and submits.
+fn record(
+    ctx: &GpuContext,
+    layer: &BatchNorm,
+    params: &OptimizerParams,
+    grads: [&wgpu::Buffer; 2],
+    velocity: &wgpu::Buffer,
+    step: bool,
+) {
+    use wgpu::util::DeviceExt;
+    let device = ctx.device();
+    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("optimizer params"),
+        contents: bytemuck::bytes_of(params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let kernels = &ctx.inner.kernels;
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("optimizer"),
+        layout: kernels.bind_group_layout(Kernel::SgdStep),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: uniform.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: layer.state_buffer().as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 2,
+                resource: grads[0].as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 3,
+                resource: grads[1].as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 4,
+                resource: velocity.as_entire_binding(),
+            },
+        ],
+    });
+    let key = |kernel| KernelKey {
+        kernel,
+        dtype: DType::F32,
+        masked: false,
+    };
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("optimizer"),
+    });
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_bind_group(0, &group, &[0]);
+        if step {
+            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep)));
+            let (gx, gy) = kernels::grid((layer.channels() as u32).div_ceil(Kernel::SgdStep.workgroup_size()));
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain)));
+        pass.dispatch_workgroups(2, 1, 1);
+    }
+    ctx.queue().submit([encoder.finish()]);
+}
+
+impl BatchNorm {
+    /// Applies the config's gamma/beta constraints on the GPU, for
+    /// applications that update the weights with their own optimiser.
+    pub fn apply_constraints(&self) -> Result<()> {
+        let cfg = self.config();
+        let flags =
+            if cfg.scale { kernels::OPT_HAS_GAMMA } else { 0 } | if cfg.center { kernels::OPT_HAS_BETA } else { 0 };
+        let params = optimizer_params(self, flags, 0.0, 0.0);
+        let ctx = self.context();
+        let scratch = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("no velocity"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let placeholder = &ctx.inner.placeholder;
+        record(ctx, self, &params, [placeholder, placeholder], &scratch, false);
+        self.weights_replaced();
+        Ok(())
+    }
+
+    /// The regularizers' penalty on the current gamma and beta (Keras's
+    /// `layer.losses`), read back from the GPU.
+    pub fn regularization_loss(&self) -> Result<f32> {
+        let cfg = self.config();
+        let mut loss = 0.0f64;
+        for (slot, values) in self.named_weights()? {
+            let regularizer = match slot {
+                crate::StateSlot::Gamma => cfg.gamma_regularizer,
+                crate::StateSlot::Beta => cfg.beta_regularizer,
+                _ => None,
+            };
+            if let Some(r) = regularizer {
+                loss += r.loss(&values);
+            }
+        }
+        Ok(loss as f32)
+    }
+}
