@@ -9,9 +9,10 @@ use half::f16;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::config::{BatchNormConfig, RenormClipping};
+use super::config::config_from_case_json;
+use crate::config::BatchNormConfig;
 use crate::context::GpuContext;
-use crate::error::{ConfigError, Error, Result};
+use crate::error::{Error, Result};
 use crate::layer::{BatchNorm, StateSlot};
 use crate::reference::ReferenceLayer;
 use crate::tensor::{DType, Mask, Tensor};
@@ -131,71 +132,6 @@ pub fn tolerance(dtype: DType, gradient: bool) -> f64 {
         (DType::F32, true) => 1e-4,
         (DType::F16, _) => 2e-3,
     }
-}
-
-/// Builds a config from a case's `config` object. Keys this crate does not
-/// know are refused, never ignored.
-pub fn config_from_case_json(config: &Value, trainable: bool) -> std::result::Result<BatchNormConfig, String> {
-    let obj = config.as_object().ok_or("config is not an object")?;
-    let mut cfg = BatchNormConfig {
-        trainable,
-        ..Default::default()
-    };
-    let num = |v: &Value, k: &str| v.as_f64().ok_or(format!("config.{k} is not a number"));
-    let flag = |v: &Value, k: &str| v.as_bool().ok_or(format!("config.{k} is not a boolean"));
-    for (key, v) in obj {
-        match key.as_str() {
-            "axis" => {
-                cfg.axis = v
-                    .as_i64()
-                    .ok_or("config.axis is not an integer (a list of axes is not supported)")?
-            }
-            "momentum" => cfg.momentum = num(v, key)? as f32,
-            "epsilon" => cfg.epsilon = num(v, key)? as f32,
-            "center" => cfg.center = flag(v, key)?,
-            "scale" => cfg.scale = flag(v, key)?,
-            "renorm" => cfg.renorm = flag(v, key)?,
-            "renorm_momentum" => cfg.renorm_momentum = num(v, key)? as f32,
-            "renorm_clipping" => cfg.renorm_clipping = renorm_clipping(v)?,
-            "synchronized" => {
-                if flag(v, key)? {
-                    return Err("synchronized=true (cross-device statistics) is not supported".into());
-                }
-            }
-            other => return Err(format!("unsupported config key {other:?}")),
-        }
-    }
-    cfg.validate().map_err(|e| e.to_string())?;
-    Ok(cfg)
-}
-
-fn renorm_clipping(v: &Value) -> std::result::Result<RenormClipping, String> {
-    if v.is_null() {
-        return Ok(RenormClipping::default());
-    }
-    let obj = v.as_object().ok_or("renorm_clipping is not an object")?;
-    let unknown: Vec<String> = obj
-        .keys()
-        .filter(|k| !["rmax", "rmin", "dmax"].contains(&k.as_str()))
-        .cloned()
-        .collect();
-    if !unknown.is_empty() {
-        return Err(ConfigError::RenormClippingKeys(unknown).to_string());
-    }
-    let get = |k: &str| -> std::result::Result<Option<f32>, String> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or(format!("renorm_clipping.{k} is not a number")),
-        }
-    };
-    Ok(RenormClipping {
-        rmax: get("rmax")?,
-        rmin: get("rmin")?,
-        dmax: get("dmax")?,
-    })
 }
 
 fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {

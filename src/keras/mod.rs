@@ -1,0 +1,12 @@
+//! Keras in and out: reference case files and conformance (`cases`), and
+//! `get_config()` JSON for the layer and its initializers, regularizers and
+//! constraints (`config`).
+
+pub mod cases;
+pub mod config;
+
+pub use cases::{
+    Call, CaseReport, CaseTensor, Device, KerasCase, KeyError, Output, error_measure, load_dir, tolerance,
+    write_outputs,
+};
+pub use config::{KerasLayerConfig, config_from_case_json};
