@@ -60,3 +60,88 @@ fn backward_dx(
         }
     }
 }
+
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dx4: array<vec4<f32>>;
+
+// inner % 16 == 0, no mask: an invocation's four vec4s share one channel.
+@compute @workgroup_size(256)
+fn backward_dx_inner16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let k = coeffs[((p.chunk_start + 4u * first) / p.inner) % p.channels];
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        let a = p.x_base / 4u + v;
+        dx4[p.y_base / 4u + v] = k.y * dy4[a] - fma(x4[a] - k.x, vec4<f32>(k.w), vec4<f32>(k.z));
+    }
+}
+
+// inner % 4 == 0, no mask: vec4s that share a channel, tracked.
+@compute @workgroup_size(256)
+fn backward_dx_inner4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let e = p.chunk_start + 4u * first;
+    var c = (e / p.inner) % p.channels;
+    var i = e % p.inner;
+    var k = coeffs[c];
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        let a = p.x_base / 4u + v;
+        dx4[p.y_base / 4u + v] = k.y * dy4[a] - fma(x4[a] - k.x, vec4<f32>(k.w), vec4<f32>(k.z));
+        i += 4u;
+        if i == p.inner {
+            i = 0u;
+            c = select(c + 1u, 0u, c + 1u == p.channels);
+            k = coeffs[c];
+        }
+    }
+}
+
+// Channels last, no mask: a channel quad down ROWS_PER_THREAD rows.
+const ROWS_PER_THREAD: u32 = 8u;
+
+@compute @workgroup_size(256)
+fn backward_dx_channels4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let quads = p.channels / 4u;
+    let rows = p.chunk_elems / p.channels;
+    let q = thread % quads;
+    let r0 = (thread / quads) * ROWS_PER_THREAD;
+    if r0 >= rows {
+        return;
+    }
+    let k0 = coeffs[4u * q];
+    let k1 = coeffs[4u * q + 1u];
+    let k2 = coeffs[4u * q + 2u];
+    let k3 = coeffs[4u * q + 3u];
+    let shift = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
+    let c1 = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
+    let c2 = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
+    let c3 = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
+    let r1 = min(r0 + ROWS_PER_THREAD, rows);
+    for (var r = r0; r < r1; r++) {
+        let v = r * quads + q;
+        let a = p.x_base / 4u + v;
+        dx4[p.y_base / 4u + v] = c1 * dy4[a] - fma(x4[a] - shift, c3, c2);
+    }
+}

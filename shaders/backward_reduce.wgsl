@@ -22,10 +22,6 @@ const WG: u32 = 256u;
 // (sum dy, sum dy * (x - mean), sum of masked-in (x - mean), 0) per channel and tile
 @group(0) @binding(5) var<storage, read_write> partials: array<vec4<f32>>;
 
-var<workgroup> wg_dy: array<f32, WG>;
-var<workgroup> wg_dyx: array<f32, WG>;
-var<workgroup> wg_xc: array<f32, WG>;
-
 fn load_dy(e: u32) -> f32 {
     if IS_F16 {
         return half_at(dy[e >> 1u], e);
@@ -33,24 +29,23 @@ fn load_dy(e: u32) -> f32 {
     return bitcast<f32>(dy[e]);
 }
 
+// One invocation per tile and channel, as in statistics.wgsl.
 @compute @workgroup_size(256)
 fn backward_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
         return;
     }
-    let c = group / p.tiles;
-    let tile = group % p.tiles;
+    let c = g % p.channels;
+    let tile = g / p.channels;
     let stats = saved[2u * c];
     let shift = stats.x;
     let delta = stats.y;
-    let j_begin = first_j_at(p.chunk_start, c);
     let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let tile_start = j_begin + tile * WG * p.elems_per_thread;
-    let j0 = min(tile_start + lid * p.elems_per_thread, j_end);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
     let j1 = min(j0 + p.elems_per_thread, j_end);
     var o = j0 / p.inner;
     var i = j0 % p.inner;
@@ -73,19 +68,87 @@ fn backward_reduce(
             o += 1u;
         }
     }
-    wg_dy[lid] = s_dy;
-    wg_dyx[lid] = s_dyx;
-    wg_xc[lid] = s_xc;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if lid < stride {
-            wg_dy[lid] += wg_dy[lid + stride];
-            wg_dyx[lid] += wg_dyx[lid + stride];
-            wg_xc[lid] += wg_xc[lid + stride];
-        }
-        workgroupBarrier();
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy, s_dyx, s_xc, 0.0);
+}
+
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
+
+// inner % 4 == 0, no mask: vec4s of one channel, run by run.
+@compute @workgroup_size(256)
+fn backward_reduce_inner4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
+        return;
     }
-    if lid == 0u {
-        partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(wg_dy[0], wg_dyx[0], wg_xc[0], 0.0);
+    let c = g % p.channels;
+    let tile = g / p.channels;
+    let stats = saved[2u * c];
+    let center = stats.x + stats.y;
+    let span = 4u * p.elems_per_thread;
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * span, j_end);
+    let j1 = min(j0 + span, j_end);
+    let base = p.x_base - p.chunk_start;
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    var s_xc = vec4<f32>(0.0);
+    var j = j0;
+    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p.inner + p.inner, j1);
+        let first = (base + element_of(j, c)) / 4u;
+        let last = first + (run_end - j) / 4u;
+        for (var a = first; a < last; a++) {
+            let g4 = dy4[a];
+            let centered = (x4[a] - stats.x) - stats.y;
+            s_dy += g4;
+            s_dyx = fma(g4, centered, s_dyx);
+            s_xc += centered;
+        }
+        j = run_end;
+    }
+    let ones = vec4<f32>(1.0);
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
+}
+
+// Channels last, no mask: a channel quad down a band of rows.
+@compute @workgroup_size(256)
+fn backward_reduce_channels4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let quads = p.channels / 4u;
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * quads {
+        return;
+    }
+    let q = g % quads;
+    let tile = g / quads;
+    let k0 = saved[8u * q];
+    let k1 = saved[8u * q + 2u];
+    let k2 = saved[8u * q + 4u];
+    let k3 = saved[8u * q + 6u];
+    let shift = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
+    let delta = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
+    let rows = p.chunk_elems / p.channels;
+    let r0 = min(tile * p.elems_per_thread, rows);
+    let r1 = min(r0 + p.elems_per_thread, rows);
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    var s_xc = vec4<f32>(0.0);
+    var a = p.x_base / 4u + r0 * quads + q;
+    for (var r = r0; r < r1; r++) {
+        let g4 = dy4[a];
+        let centered = (x4[a] - shift) - delta;
+        s_dy += g4;
+        s_dyx = fma(g4, centered, s_dyx);
+        s_xc += centered;
+        a += quads;
+    }
+    for (var k = 0u; k < 4u; k++) {
+        partials[(4u * q + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy[k], s_dyx[k], s_xc[k], 0.0);
     }
 }

@@ -9,14 +9,20 @@
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 // [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev]
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
-// (shift, scale, offset, 0)
-@group(0) @binding(3) var<storage, read_write> affine: array<vec4<f32>>;
+// [shift | scale | offset], `channels` values each (vec4-readable by channel quads)
+@group(0) @binding(3) var<storage, read_write> affine: array<f32>;
 // What backward needs, two per channel:
 // (shift, mean - shift, 1 / sqrt(var + eps), r), (d, denominator, mask eps, count)
 @group(0) @binding(4) var<storage, read_write> saved: array<vec4<f32>>;
 
 // Keras's backend.epsilon(): added to the masked count before dividing
 const MASK_COUNT_EPS: f32 = 1e-7;
+
+fn write_affine(c: u32, shift: f32, scale: f32, offset: f32) {
+    affine[c] = shift;
+    affine[p.channels + c] = scale;
+    affine[2u * p.channels + c] = offset;
+}
 
 @compute @workgroup_size(64)
 fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -33,7 +39,7 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
 
     if !has_flag(FLAG_TRAINING) {
         let inv = inverseSqrt(moving_variance + eps);
-        affine[c] = vec4<f32>(moving_mean, inv * gamma, beta, 0.0);
+        write_affine(c, moving_mean, inv * gamma, beta);
         saved[2u * c] = vec4<f32>(moving_mean, 0.0, inv, 1.0);
         saved[2u * c + 1u] = vec4<f32>(0.0, 1.0, 0.0, 0.0);
         return;
@@ -113,7 +119,7 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
         state[2u * nc + c] = moving_mean * m + mean * (1.0 - m);
         state[3u * nc + c] = moving_variance * m + variance * (1.0 - m);
     }
-    affine[c] = vec4<f32>(shift, scale, offset, 0.0);
+    write_affine(c, shift, scale, offset);
     saved[2u * c] = vec4<f32>(shift, delta, inv, r);
     saved[2u * c + 1u] = vec4<f32>(d, denom, mask_eps, count);
 }

@@ -1,23 +1,31 @@
 // y = (x - shift[c]) * scale[c] + offset[c], elementwise over one chunk.
-// float16 tensors are stored as packed pairs in u32 words (WGSL's core
-// pack2x16float/unpack2x16float, so no SHADER_F16 is needed); each
-// invocation then owns whole words so no two invocations write one word.
+// `affine` holds [shift | scale | offset], `channels` values each.
+//
+// `normalize`: any layout; float16 tensors are stored as packed pairs in u32
+// words (WGSL's core pack2x16float/unpack2x16float, so no SHADER_F16 is
+// needed) and each invocation owns whole words so no two write one word.
+// `normalize_inner4` / `normalize_channels4`: float32 in vec4s whose lanes
+// share a channel (inner % 4 == 0) or are four consecutive channels.
 
 override IS_F16: bool = false;
 
 const WG: u32 = 256u;
-// elements (f32) or words (f16) per invocation
+// elements (f32), words (f16) or vec4s per invocation: lavapipe streams
+// fastest with four consecutive vec4s per invocation
 const PER_THREAD: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
-@group(0) @binding(2) var<storage, read> affine: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> affine: array<f32>;
+@group(0) @binding(2) var<storage, read> affine4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;
 
 // `e` is the element's index within the chunk
 fn apply(e: u32, v: f32) -> f32 {
-    let a = affine[((p.chunk_start + e) / p.inner) % p.channels];
-    return (v - a.x) * a.y + a.z;
+    let c = ((p.chunk_start + e) / p.inner) % p.channels;
+    return (v - affine[c]) * affine[p.channels + c] + affine[2u * p.channels + c];
 }
 
 @compute @workgroup_size(256)
@@ -50,5 +58,91 @@ fn normalize(
             }
             y[p.y_base + e] = bitcast<u32>(apply(e, bitcast<f32>(x[p.x_base + e])));
         }
+    }
+}
+
+// inner % 4 == 0: the four lanes of a vec4 share one channel. Each
+// invocation walks four consecutive vec4s and finds the channel once.
+@compute @workgroup_size(256)
+fn normalize_inner4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let e = p.chunk_start + 4u * first;
+    var c = (e / p.inner) % p.channels;
+    var i = e % p.inner;
+    // parameters are loaded once per channel the invocation meets, not per vec4
+    var shift = affine[c];
+    var scale = affine[p.channels + c];
+    var offset = affine[2u * p.channels + c];
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset));
+        i += 4u;
+        if i == p.inner {
+            i = 0u;
+            c = select(c + 1u, 0u, c + 1u == p.channels);
+            shift = affine[c];
+            scale = affine[p.channels + c];
+            offset = affine[2u * p.channels + c];
+        }
+    }
+}
+
+// inner % 16 == 0: an invocation's four vec4s lie in one run of one
+// channel, so it needs no tracking at all (lavapipe is bound by instruction
+// count here, not memory).
+@compute @workgroup_size(256)
+fn normalize_inner16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let c = ((p.chunk_start + 4u * first) / p.inner) % p.channels;
+    let shift = affine[c];
+    let scale = affine[p.channels + c];
+    let offset = affine[2u * p.channels + c];
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset));
+    }
+}
+
+// Channels last: the four lanes are four consecutive channels. Invocation
+// (quad q, band b) loads its quad's parameters once and walks ROWS_PER_THREAD
+// rows; neighbouring invocations read neighbouring vec4s of each row.
+const ROWS_PER_THREAD: u32 = 8u;
+
+@compute @workgroup_size(256)
+fn normalize_channels4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let quads = p.channels / 4u;
+    let rows = p.chunk_elems / p.channels;
+    let q = thread % quads;
+    let r0 = (thread / quads) * ROWS_PER_THREAD;
+    if r0 >= rows {
+        return;
+    }
+    let shift = affine4[q];
+    let scale = affine4[quads + q];
+    let offset = affine4[2u * quads + q];
+    let r1 = min(r0 + ROWS_PER_THREAD, rows);
+    for (var r = r0; r < r1; r++) {
+        let v = r * quads + q;
+        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, scale, offset);
     }
 }

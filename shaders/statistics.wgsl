@@ -1,14 +1,21 @@
-// Per-channel partial statistics over tiles of one channel's values.
+// Per-channel partial statistics: every invocation reduces one tile of
+// `elems_per_thread` values (or vec4s, or rows) of one channel on its own
+// and writes one partial; the finalize kernel merges a channel's partials.
+// There is no workgroup reduction: on lavapipe a workgroup barrier costs
+// about as much as streaming thousands of values, and a SIMD group runs its
+// whole loop before the next starts, so each invocation walks its own
+// contiguous run. Invocation g takes tile g / C of channel g % C, so
+// neighbouring invocations read neighbouring channels of the same rows.
 //
-// A workgroup reduces one tile of one channel: each invocation walks
-// `elems_per_thread` consecutive values of that channel (contiguous memory
-// when inner > 1; lavapipe rewards per-invocation contiguity) and
-// accumulates sums shifted by the tile's first value, so that a channel
-// whose mean is far from zero keeps its precision. The workgroup then
-// merges (count, mean, M2) triples with Chan's formula.
+// Three layouts (see plan.rs): `partial_stats` (any shape, float16, masks),
+// `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel) and
+// `partial_stats_channels4` (channels last, channels % 4 == 0: one channel
+// quad down a band of rows).
 //
-// The per-invocation loop is bounded by `elems_per_thread` (<= 4096 on the
-// host side): llvmpipe silently ends any loop after 65535 iterations.
+// Sums are shifted by the tile's first value so that a channel whose mean is
+// far from zero keeps its precision. Every loop is bounded by
+// `elems_per_thread` (<= 4096 on the host side): llvmpipe silently ends any
+// loop after 65535 iterations.
 
 override IS_F16: bool = false;
 override MASKED: bool = false;
@@ -17,37 +24,40 @@ const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
+// the same binding seen as float32 vec4s, by the vec4 entry points
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // (count, tile shift, mean - shift, M2) per channel and tile
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
 
-var<workgroup> wg_count: array<f32, WG>;
-var<workgroup> wg_mean: array<f32, WG>;
-var<workgroup> wg_m2: array<f32, WG>;
+fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
+    var mean = 0.0;
+    var m2 = 0.0;
+    if count > 0.0 {
+        mean = s1 / count;
+        m2 = max(s2 - s1 * mean, 0.0);
+    }
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(count, shift, mean, m2);
+}
 
 @compute @workgroup_size(256)
 fn partial_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    // uniform across the workgroup, so returning keeps barriers uniform
-    if group >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
         return;
     }
-    let c = group / p.tiles;
-    let tile = group % p.tiles;
-    let j_begin = first_j_at(p.chunk_start, c);
+    let c = g % p.channels;
+    let tile = g / p.channels;
     let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let tile_start = j_begin + tile * WG * p.elems_per_thread;
-    // a tile past this channel's values in the chunk still writes its (empty) partial
-    var shift = 0.0;
-    if tile_start < j_end {
-        shift = load_x(p.x_base + element_of(tile_start, c) - p.chunk_start);
-    }
-
-    let j0 = min(tile_start + lid * p.elems_per_thread, j_end);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
     let j1 = min(j0 + p.elems_per_thread, j_end);
+    var shift = 0.0;
+    if j0 < j1 {
+        shift = load_x(p.x_base + element_of(j0, c) - p.chunk_start);
+    }
     var o = j0 / p.inner;
     var i = j0 % p.inner;
     var s1 = 0.0;
@@ -55,8 +65,14 @@ fn partial_stats(
     var count = 0.0;
     for (var j = j0; j < j1; j++) {
         let a = (o * p.channels + c) * p.inner + i;
-        let v = load_x(p.x_base + a - p.chunk_start) - shift;
+        let value = load_x(p.x_base + a - p.chunk_start);
         if !MASKED || masked_in(a) {
+            // the shift must be one of the values summed: a masked-out
+            // value far from the others would cost the variance its precision
+            if MASKED && count == 0.0 {
+                shift = value;
+            }
+            let v = value - shift;
             s1 += v;
             s2 += v * v;
             count += 1.0;
@@ -67,33 +83,83 @@ fn partial_stats(
             o += 1u;
         }
     }
-    var mean = 0.0;
-    var m2 = 0.0;
-    if count > 0.0 {
-        mean = s1 / count;
-        m2 = max(s2 - s1 * mean, 0.0);
-    }
-    wg_count[lid] = count;
-    wg_mean[lid] = mean;
-    wg_m2[lid] = m2;
-    workgroupBarrier();
+    write_partial(c, tile, count, s1, s2, shift);
+}
 
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if lid < stride {
-            let na = wg_count[lid];
-            let nb = wg_count[lid + stride];
-            let n = na + nb;
-            if nb > 0.0 {
-                let delta = wg_mean[lid + stride] - wg_mean[lid];
-                let wb = nb / n;
-                wg_mean[lid] += delta * wb;
-                wg_m2[lid] += wg_m2[lid + stride] + delta * delta * na * wb;
-                wg_count[lid] = n;
-            }
-        }
-        workgroupBarrier();
+// inner % 4 == 0: a channel's values come in whole vec4s.
+@compute @workgroup_size(256)
+fn partial_stats_inner4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
+        return;
     }
-    if lid == 0u {
-        partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(wg_count[0], shift, wg_mean[0], wg_m2[0]);
+    let c = g % p.channels;
+    let tile = g / p.channels;
+    let span = 4u * p.elems_per_thread;
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * span, j_end);
+    let j1 = min(j0 + span, j_end);
+    let base = p.x_base - p.chunk_start;
+    var shift = 0.0;
+    if j0 < j1 {
+        shift = x4[(base + element_of(j0, c)) / 4u].x;
+    }
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    // run by run: the inner loop walks contiguous vec4s with no tracking;
+    // both loops together take at most elems_per_thread steps
+    var j = j0;
+    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p.inner + p.inner, j1);
+        let first = (base + element_of(j, c)) / 4u;
+        let last = first + (run_end - j) / 4u;
+        for (var a = first; a < last; a++) {
+            let v = x4[a] - shift;
+            s1 += v;
+            s2 = fma(v, v, s2);
+        }
+        j = run_end;
+    }
+    let ones = vec4<f32>(1.0);
+    write_partial(c, tile, f32(j1 - j0), dot(s1, ones), dot(s2, ones), shift);
+}
+
+// Channels last (inner == 1, channels % 4 == 0): invocation g reduces
+// channels 4q..4q+3 (q = g % quads) over the rows of tile g / quads.
+@compute @workgroup_size(256)
+fn partial_stats_channels4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let quads = p.channels / 4u;
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * quads {
+        return;
+    }
+    let q = g % quads;
+    let tile = g / quads;
+    let rows = p.chunk_elems / p.channels;
+    let r0 = min(tile * p.elems_per_thread, rows);
+    let r1 = min(r0 + p.elems_per_thread, rows);
+    let base = p.x_base / 4u;
+    var shift = vec4<f32>(0.0);
+    if r0 < r1 {
+        shift = x4[base + r0 * quads + q];
+    }
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var addr = base + r0 * quads + q;
+    for (var r = r0; r < r1; r++) {
+        let v = x4[addr] - shift;
+        s1 += v;
+        s2 = fma(v, v, s2);
+        addr += quads;
+    }
+    let count = f32(r1 - r0);
+    for (var k = 0u; k < 4u; k++) {
+        write_partial(4u * q + k, tile, count, s1[k], s2[k], shift[k]);
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::plan::Layout;
 use crate::tensor::DType;
 
 /// Workgroup size of the statistics and normalise kernels (`WG` in WGSL).
@@ -12,6 +13,8 @@ pub(crate) const WORKGROUP: u32 = 256;
 pub(crate) const FINALIZE_WORKGROUP: u32 = 64;
 /// Elements (f32) or packed words (f16) one normalise invocation handles.
 pub(crate) const NORMALIZE_PER_THREAD: u32 = 4;
+/// Rows one channels-last normalise invocation handles (`ROWS_PER_THREAD`).
+pub(crate) const NORMALIZE_ROWS_PER_THREAD: u32 = 8;
 /// Bytes between two uniform slots (wgpu's maximum uniform offset alignment).
 pub(crate) const PARAMS_SLOT: u64 = 256;
 
@@ -90,6 +93,7 @@ const BACKWARD_REDUCE_WGSL: &str = include_str!("../shaders/backward_reduce.wgsl
 const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.wgsl");
 const BACKWARD_DX_WGSL: &str = include_str!("../shaders/backward_dx.wgsl");
 const OPTIMIZER_WGSL: &str = include_str!("../shaders/optimizer.wgsl");
+const STREAM_WGSL: &str = include_str!("../shaders/stream.wgsl");
 
 /// A kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,10 +106,12 @@ pub(crate) enum Kernel {
     BackwardDx,
     SgdStep,
     Constrain,
+    /// The benchmark's streaming baseline.
+    Stream,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 8] = [
+    pub(crate) const ALL: [Kernel; 9] = [
         Kernel::PartialStats,
         Kernel::Finalize,
         Kernel::Normalize,
@@ -114,6 +120,7 @@ impl Kernel {
         Kernel::BackwardDx,
         Kernel::SgdStep,
         Kernel::Constrain,
+        Kernel::Stream,
     ];
 
     /// The WGSL source: the shared uniform block, the shared pieces the
@@ -126,6 +133,7 @@ impl Kernel {
             Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, BACKWARD_REDUCE_WGSL],
             Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
             Kernel::BackwardDx => &[MASK_WGSL, BACKWARD_DX_WGSL],
+            Kernel::Stream => &[STREAM_WGSL],
             // its own uniform block
             Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
         };
@@ -145,6 +153,7 @@ impl Kernel {
             Kernel::BackwardDx => "backward_dx",
             Kernel::SgdStep => "sgd_step",
             Kernel::Constrain => "constrain",
+            Kernel::Stream => "stream",
         }
     }
 
@@ -173,6 +182,8 @@ impl Kernel {
             Kernel::BackwardDx => &[true, true, true, true, false],
             // state, dgamma, dbeta, velocity
             Kernel::SgdStep | Kernel::Constrain => &[false, true, true, false],
+            // x, y
+            Kernel::Stream => &[true, false],
         }
     }
 
@@ -184,15 +195,47 @@ impl Kernel {
     }
 }
 
-/// One compiled variant: the family plus what its override constants fix.
+/// One compiled variant: the family plus what its entry point and override
+/// constants fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct KernelKey {
     pub kernel: Kernel,
     pub dtype: DType,
     pub masked: bool,
+    pub layout: Layout,
 }
 
 impl KernelKey {
+    pub(crate) fn new(kernel: Kernel, dtype: DType, masked: bool) -> Self {
+        KernelKey {
+            kernel,
+            dtype,
+            masked,
+            layout: Layout::Generic,
+        }
+    }
+
+    pub(crate) fn with_layout(self, layout: Layout) -> Self {
+        KernelKey { layout, ..self }
+    }
+
+    pub(crate) fn entry_point(&self) -> &'static str {
+        match (self.kernel, self.layout) {
+            (Kernel::PartialStats, Layout::Inner4) => "partial_stats_inner4",
+            (Kernel::PartialStats, Layout::Channels4) => "partial_stats_channels4",
+            (Kernel::Normalize, Layout::Inner4) => "normalize_inner4",
+            (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
+            (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
+            (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
+            (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
+            (Kernel::BackwardDx, Layout::Inner4) => "backward_dx_inner4",
+            (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
+            (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
+            (Kernel::Stream, _) if self.dtype == DType::F32 => "stream_f32",
+            (kernel, _) => kernel.entry_point(),
+        }
+    }
+
     fn constants(&self) -> Vec<(&'static str, f64)> {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
         let masked = self.masked as u8 as f64;
@@ -200,7 +243,7 @@ impl KernelKey {
             Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => {
                 vec![("IS_F16", f16), ("MASKED", masked)]
             }
-            Kernel::Normalize => vec![("IS_F16", f16)],
+            Kernel::Normalize | Kernel::Stream => vec![("IS_F16", f16)],
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
         }
     }
@@ -276,7 +319,7 @@ impl Kernels {
                     label: Some(key.kernel.entry_point()),
                     layout: Some(&self.layouts[&key.kernel].1),
                     module: &module,
-                    entry_point: Some(key.kernel.entry_point()),
+                    entry_point: Some(key.entry_point()),
                     compilation_options: wgpu::PipelineCompilationOptions {
                         constants: &key.constants(),
                         zero_initialize_workgroup_memory: false,
@@ -313,12 +356,17 @@ mod tests {
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{kernel:?}: {e:?}"));
-            let entry = module
-                .entry_points
-                .iter()
-                .find(|e| e.name == kernel.entry_point())
-                .expect("entry point");
-            assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{kernel:?}");
+            for layout in [Layout::Generic, Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+                let name = KernelKey::new(kernel, DType::F32, false)
+                    .with_layout(layout)
+                    .entry_point();
+                let entry = module
+                    .entry_points
+                    .iter()
+                    .find(|e| e.name == name)
+                    .expect("entry point");
+                assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{name}");
+            }
         }
     }
 

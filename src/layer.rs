@@ -78,7 +78,7 @@ pub struct BatchNorm {
     channels: usize,
     /// [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev]
     state: wgpu::Buffer,
-    /// Per channel (shift, scale, offset, 0) for the normalise pass.
+    /// [shift | scale | offset] per channel for the normalise pass.
     affine: wgpu::Buffer,
     /// Per channel, two vec4 of the statistics backward needs.
     saved: wgpu::Buffer,
@@ -93,7 +93,6 @@ pub struct BatchNorm {
 /// Buffers that grow with the input and are reused across calls, and what
 /// the last forward call leaves for backward.
 struct Scratch {
-    params: wgpu::Buffer,
     partials: wgpu::Buffer,
     last_forward: Option<ForwardRecord>,
 }
@@ -129,18 +128,12 @@ impl BatchNorm {
             ctx: ctx.clone(),
             channels,
             state: storage_buffer(ctx, "state", 7 * c * 4, copy),
-            affine: storage_buffer(ctx, "affine", c * 16, copy),
+            affine: storage_buffer(ctx, "affine", (c * 12).div_ceil(16) * 16, copy),
             saved: storage_buffer(ctx, "saved statistics", c * 32, copy),
             grads: storage_buffer(ctx, "grads", c * 8, copy),
             coeffs: storage_buffer(ctx, "dx coefficients", c * 16, copy),
             weights_version: AtomicU64::new(0),
             scratch: Mutex::new(Scratch {
-                params: ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("params"),
-                    size: PARAMS_SLOT,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
                 partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
                 last_forward: None,
             }),
@@ -265,7 +258,8 @@ impl BatchNorm {
         self.weights_replaced();
     }
 
-    /// The forward pass, as Keras's `layer(x, training=..., mask=...)`.
+    /// The forward pass, as Keras's `layer(x, training=..., mask=...)`,
+    /// into a new output tensor.
     ///
     /// `training: None` is inference, as in Keras; with `trainable = false`
     /// every call is inference and changes nothing. In training the batch
@@ -277,7 +271,38 @@ impl BatchNorm {
     /// The layer keeps a handle on `x` (not a copy) and the per-channel
     /// statistics, for [`BatchNorm::backward`].
     pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
+        let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
+        self.forward_into(x, training, mask, &y)?;
+        Ok(y)
+    }
+
+    /// [`BatchNorm::forward`] into an existing tensor of x's shape and
+    /// dtype: no allocation proportional to the input.
+    pub fn forward_into(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>, y: &Tensor) -> Result<()> {
+        let mut encoder = self
+            .ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batchnorm forward"),
+            });
+        self.record_forward(&mut encoder, x, training, mask, y)?;
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// Records the forward pass into the caller's encoder (nothing runs
+    /// until the caller submits it). Calls recorded in one encoder run in
+    /// order; the state they update is the layer's.
+    pub fn record_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+    ) -> Result<()> {
         let view = self.view_of(x)?;
+        check_output("y", x, y)?;
         if let Some(mask) = mask {
             let expected = &x.shape()[..x.shape().len() - 1];
             if mask.shape() != expected {
@@ -292,31 +317,25 @@ impl BatchNorm {
         let plan = DispatchPlan::new(
             view,
             x.dtype(),
+            masked,
+            true,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
         )?;
-        let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
-        let key = |kernel| KernelKey {
-            kernel,
-            dtype: x.dtype(),
-            masked,
-        };
+        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
 
         let mut scratch = self.lock_scratch();
         let flags =
             self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
         let rec = Recorder::new(self, &mut scratch, &plan, x.shape(), flags);
         let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
-        let mut encoder = self
-            .ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm forward"),
-            });
         {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("batchnorm forward"),
+                timestamp_writes: None,
+            });
             if batch_statistics {
-                rec.per_chunk(&mut pass, key(Kernel::PartialStats), |chunk| {
+                rec.per_chunk(&mut pass, key(Kernel::PartialStats).with_layout(plan.stats), |chunk| {
                     vec![
                         chunk_binding(x.buffer(), chunk),
                         mask_buffer.as_entire_binding(),
@@ -334,22 +353,25 @@ impl BatchNorm {
                     self.saved.as_entire_binding(),
                 ],
             );
-            rec.per_chunk(&mut pass, key(Kernel::Normalize), |chunk| {
-                vec![
-                    chunk_binding(x.buffer(), chunk),
-                    self.affine.as_entire_binding(),
-                    chunk_binding(y.buffer(), chunk),
-                ]
-            });
+            rec.per_chunk(
+                &mut pass,
+                key(Kernel::Normalize).with_layout(plan.elementwise),
+                |chunk| {
+                    vec![
+                        chunk_binding(x.buffer(), chunk),
+                        self.affine.as_entire_binding(),
+                        chunk_binding(y.buffer(), chunk),
+                    ]
+                },
+            );
         }
-        self.ctx.queue().submit([encoder.finish()]);
         scratch.last_forward = Some(ForwardRecord {
             x: x.clone(),
             mask: mask.filter(|_| masked).cloned(),
             batch_statistics,
             weights_version: self.weights_version.load(Ordering::Acquire),
         });
-        Ok(y)
+        Ok(())
     }
 
     /// Gradients of the last forward call: given `dy` (same shape and dtype
@@ -363,6 +385,48 @@ impl BatchNorm {
     /// direct term); in inference they are constants; renorm's r and d are
     /// constants.
     pub fn backward(&self, dy: &Tensor, regularization: bool) -> Result<Gradients> {
+        let grads = self.gradient_tensors(dy)?;
+        self.backward_into(dy, regularization, &grads)?;
+        Ok(grads)
+    }
+
+    /// Tensors shaped for the gradients of this layer (for `backward_into`).
+    pub fn gradient_tensors(&self, dy: &Tensor) -> Result<Gradients> {
+        let cfg = &self.config;
+        let per_channel = |present: bool| {
+            present
+                .then(|| Tensor::uninit(&self.ctx, &[self.channels], DType::F32))
+                .transpose()
+        };
+        Ok(Gradients {
+            dx: Tensor::uninit(&self.ctx, dy.shape(), dy.dtype())?,
+            dgamma: per_channel(cfg.scale && cfg.trainable)?,
+            dbeta: per_channel(cfg.center && cfg.trainable)?,
+        })
+    }
+
+    /// [`BatchNorm::backward`] into existing tensors.
+    pub fn backward_into(&self, dy: &Tensor, regularization: bool, grads: &Gradients) -> Result<()> {
+        let mut encoder = self
+            .ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batchnorm backward"),
+            });
+        self.record_backward(&mut encoder, dy, regularization, grads)?;
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// Records the backward pass of the last recorded forward call into the
+    /// caller's encoder.
+    pub fn record_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &Tensor,
+        regularization: bool,
+        grads: &Gradients,
+    ) -> Result<()> {
         let mut scratch = self.lock_scratch();
         let Some(record) = scratch.last_forward.clone() else {
             return Err(Error::NoForward);
@@ -384,21 +448,40 @@ impl BatchNorm {
                 got: dy.dtype().to_string(),
             });
         }
+        check_output("dx", x, &grads.dx)?;
+        if grads.dx.buffer() == dy.buffer() {
+            return Err(Error::Shape("dx must not share dy's buffer".into()));
+        }
+        let cfg = &self.config;
+        for (name, t, present) in [
+            ("dgamma", &grads.dgamma, cfg.scale && cfg.trainable),
+            ("dbeta", &grads.dbeta, cfg.center && cfg.trainable),
+        ] {
+            match t {
+                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => {
+                    return Err(Error::Shape(format!(
+                        "{name} must be float32 of shape [{}], got {} {:?}",
+                        self.channels,
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+                None if present => return Err(Error::Shape(format!("no {name} tensor to write"))),
+                _ => {}
+            }
+        }
         let view = self.view_of(x)?;
+        let masked = record.mask.is_some();
+        // the backward kernels' vec4 forms take no mask
         let plan = DispatchPlan::new(
             view,
             x.dtype(),
+            masked,
+            !masked,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
         )?;
-        let dx = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
-        let masked = record.mask.is_some();
-        let key = |kernel| KernelKey {
-            kernel,
-            dtype: x.dtype(),
-            masked,
-        };
-        let cfg = &self.config;
+        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
         let reg = |r: Option<Regularizer>, l1_flag, l2_flag| match r {
             Some(r) if regularization => flag(r.l1 != 0.0, l1_flag) | flag(r.l2 != 0.0, l2_flag),
             _ => 0,
@@ -415,28 +498,24 @@ impl BatchNorm {
             .map(|m| &m.buffer)
             .unwrap_or(&self.ctx.inner.placeholder);
         let channel_bytes = self.channels as u64 * 4;
-        let dgamma = (cfg.scale && cfg.trainable).then(|| Tensor::uninit(&self.ctx, &[self.channels], DType::F32));
-        let dbeta = (cfg.center && cfg.trainable).then(|| Tensor::uninit(&self.ctx, &[self.channels], DType::F32));
-        let dgamma = dgamma.transpose()?;
-        let dbeta = dbeta.transpose()?;
-
-        let mut encoder = self
-            .ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm backward"),
-            });
         {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            rec.per_chunk(&mut pass, key(Kernel::BackwardReduce), |chunk| {
-                vec![
-                    chunk_binding(x.buffer(), chunk),
-                    chunk_binding(dy.buffer(), chunk),
-                    self.saved.as_entire_binding(),
-                    mask_buffer.as_entire_binding(),
-                    rec.partials(),
-                ]
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("batchnorm backward"),
+                timestamp_writes: None,
             });
+            rec.per_chunk(
+                &mut pass,
+                key(Kernel::BackwardReduce).with_layout(plan.stats),
+                |chunk| {
+                    vec![
+                        chunk_binding(x.buffer(), chunk),
+                        chunk_binding(dy.buffer(), chunk),
+                        self.saved.as_entire_binding(),
+                        mask_buffer.as_entire_binding(),
+                        rec.partials(),
+                    ]
+                },
+            );
             rec.per_channel(
                 &mut pass,
                 key(Kernel::BackwardFinalize),
@@ -448,24 +527,27 @@ impl BatchNorm {
                     self.coeffs.as_entire_binding(),
                 ],
             );
-            rec.per_chunk(&mut pass, key(Kernel::BackwardDx), |chunk| {
-                vec![
-                    chunk_binding(x.buffer(), chunk),
-                    chunk_binding(dy.buffer(), chunk),
-                    mask_buffer.as_entire_binding(),
-                    self.coeffs.as_entire_binding(),
-                    chunk_binding(dx.buffer(), chunk),
-                ]
-            });
+            rec.per_chunk(
+                &mut pass,
+                key(Kernel::BackwardDx).with_layout(plan.elementwise),
+                |chunk| {
+                    vec![
+                        chunk_binding(x.buffer(), chunk),
+                        chunk_binding(dy.buffer(), chunk),
+                        mask_buffer.as_entire_binding(),
+                        self.coeffs.as_entire_binding(),
+                        chunk_binding(grads.dx.buffer(), chunk),
+                    ]
+                },
+            );
         }
-        if let Some(g) = &dgamma {
+        if let Some(g) = &grads.dgamma {
             encoder.copy_buffer_to_buffer(&self.grads, 0, g.buffer(), 0, channel_bytes);
         }
-        if let Some(b) = &dbeta {
+        if let Some(b) = &grads.dbeta {
             encoder.copy_buffer_to_buffer(&self.grads, channel_bytes, b.buffer(), 0, channel_bytes);
         }
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(Gradients { dx, dgamma, dbeta })
+        Ok(())
     }
 
     fn view_of(&self, x: &Tensor) -> Result<ChannelView> {
@@ -514,6 +596,23 @@ pub struct Gradients {
     pub dgamma: Option<Tensor>,
     /// float32 per channel; `None` without `center` or with `trainable = false`.
     pub dbeta: Option<Tensor>,
+}
+
+/// An output tensor must match its input and not alias it.
+fn check_output(name: &str, x: &Tensor, out: &Tensor) -> Result<()> {
+    if out.shape() != x.shape() || out.dtype() != x.dtype() {
+        return Err(Error::Shape(format!(
+            "{name} must be {} of shape {:?}, got {} {:?}",
+            x.dtype(),
+            x.shape(),
+            out.dtype(),
+            out.shape()
+        )));
+    }
+    if out.buffer() == x.buffer() {
+        return Err(Error::Shape(format!("{name} must not share the input's buffer")));
+    }
+    Ok(())
 }
 
 fn flag(on: bool, bit: u32) -> u32 {
@@ -579,16 +678,23 @@ impl<'a> Recorder<'a> {
                 _pad1: 0,
             })
             .collect();
-        scratch.reserve(ctx, params.len(), (layer.channels * plan.total_tiles * 16) as u64);
+        scratch.reserve(ctx, (layer.channels * plan.total_tiles * 16) as u64);
         let mut slots = vec![0u8; params.len() * PARAMS_SLOT as usize];
         for (i, p) in params.iter().enumerate() {
             slots[i * PARAMS_SLOT as usize..][..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
         }
-        ctx.queue().write_buffer(&scratch.params, 0, &slots);
+        // a uniform buffer per recorded call (a few hundred bytes): calls
+        // recorded into one encoder must not share parameters
+        use wgpu::util::DeviceExt;
+        let params = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: &slots,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
         Recorder {
             layer,
             plan,
-            params: scratch.params.clone(),
+            params,
             partials: scratch.partials.clone(),
         }
     }
@@ -654,16 +760,7 @@ impl<'a> Recorder<'a> {
 }
 
 impl Scratch {
-    fn reserve(&mut self, ctx: &GpuContext, slots: usize, partial_bytes: u64) {
-        let params_bytes = slots as u64 * PARAMS_SLOT;
-        if self.params.size() < params_bytes {
-            self.params = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: params_bytes,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-        }
+    fn reserve(&mut self, ctx: &GpuContext, partial_bytes: u64) {
         if self.partials.size() < partial_bytes {
             self.partials = storage_buffer(ctx, "partials", partial_bytes, wgpu::BufferUsages::empty());
         }

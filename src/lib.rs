@@ -14,6 +14,7 @@
 //! Every kernel has a float64 mirror in [`reference`], which the tests and
 //! the `conform` command compare against.
 
+pub mod bench;
 pub mod config;
 pub mod context;
 pub mod error;

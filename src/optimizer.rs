@@ -160,11 +160,7 @@ fn record(
             },
         ],
     });
-    let key = |kernel| KernelKey {
-        kernel,
-        dtype: DType::F32,
-        masked: false,
-    };
+    let key = |kernel| KernelKey::new(kernel, DType::F32, false);
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("optimizer"),
     });

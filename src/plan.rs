@@ -3,13 +3,15 @@
 
 use crate::config::ChannelView;
 use crate::error::{Error, Result};
-use crate::kernels::{NORMALIZE_PER_THREAD, WORKGROUP, grid};
+use crate::kernels::{NORMALIZE_PER_THREAD, NORMALIZE_ROWS_PER_THREAD, WORKGROUP, grid};
 use crate::tensor::{DType, padded_bytes};
 
-/// Values of one channel an invocation of the statistics kernel reduces at
-/// most by default: enough to amortise the workgroup reduction (see
-/// LAVAPIPE.md), few enough to keep real GPUs busy.
-const STATS_ELEMS_PER_THREAD: usize = 64;
+/// Statistics invocations to aim for: enough to fill a GPU's cores (or
+/// lavapipe's SIMD lanes many times over), few enough that each streams a
+/// long run and the partials stay small.
+const STATS_INVOCATIONS: usize = 16384;
+/// The shortest tile worth an invocation of its own.
+const STATS_MIN_PER_THREAD: usize = 16;
 /// Hard cap on any per-invocation loop (llvmpipe stops loops at 65535).
 const MAX_LOOP: usize = 4096;
 /// The finalize kernel loops over a channel's tiles.
@@ -33,11 +35,31 @@ pub(crate) struct Chunk {
     pub tile_offset: usize,
 }
 
+/// How the kernels walk an input: one scalar at a time anywhere, or float32
+/// vec4s when the layout lets four neighbours share a channel (`Inner4`:
+/// inner % 4 == 0, e.g. NCHW) or be four consecutive channels (`Channels4`:
+/// inner == 1 and channels % 4 == 0, e.g. NHWC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Layout {
+    Generic,
+    Inner4,
+    /// Inner4 with inner % 16 == 0 (the elementwise kernels need no
+    /// channel tracking); statistics treat it as Inner4.
+    Inner16,
+    Channels4,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct DispatchPlan {
     pub view: ChannelView,
     pub dtype: DType,
     pub chunks: Vec<Chunk>,
+    /// Layout of the elementwise kernels (normalise, dx).
+    pub elementwise: Layout,
+    /// Layout of the statistics kernels (masks take the generic one).
+    pub stats: Layout,
+    /// Statistics work per invocation: scalars (generic), vec4s (inner4) or
+    /// rows (channels4).
     pub elems_per_thread: usize,
     pub total_tiles: usize,
 }
@@ -79,7 +101,16 @@ fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
 }
 
 impl DispatchPlan {
-    pub(crate) fn new(view: ChannelView, dtype: DType, max_binding: u64, alignment: u64) -> Result<Self> {
+    /// `masked`: the statistics skip masked-out values; `vectorize`: the
+    /// call's kernels have vec4 forms.
+    pub(crate) fn new(
+        view: ChannelView,
+        dtype: DType,
+        masked: bool,
+        vectorize: bool,
+        max_binding: u64,
+        alignment: u64,
+    ) -> Result<Self> {
         let len = view.len();
         // element indices (and one past the end) are u32 in the kernels
         if len >= u32::MAX as usize {
@@ -88,12 +119,34 @@ impl DispatchPlan {
             )));
         }
         let size = dtype.size() as u64;
-        let chunk_elems = if padded_bytes(len, dtype) <= max_binding {
+        let fits = padded_bytes(len, dtype) <= max_binding;
+        // room for a chunk after the misalignment of its start
+        let room = (max_binding.saturating_sub(alignment + 4) / size) as usize;
+        // channels-last vec4 kernels need chunks of whole rows
+        let row_block = lcm(64, view.channels);
+        let elementwise = match dtype {
+            _ if !vectorize => Layout::Generic,
+            DType::F32 if view.inner.is_multiple_of(16) => Layout::Inner16,
+            DType::F32 if view.inner.is_multiple_of(4) => Layout::Inner4,
+            DType::F32 if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => Layout::Channels4,
+            _ => Layout::Generic,
+        };
+        let stats = match elementwise {
+            _ if masked => Layout::Generic,
+            Layout::Inner16 => Layout::Inner4,
+            other => other,
+        };
+        // chunks start on whole 64-element blocks (float16 words and vec4s
+        // stay whole) and, for channels-last vec4s, on whole rows
+        let block = if elementwise == Layout::Channels4 {
+            row_block
+        } else {
+            64
+        };
+        let chunk_elems = if fits {
             len
         } else {
-            // room for the misalignment of the start, whole 64-element blocks
-            // (float16 chunks then start on whole words)
-            let elems = (max_binding.saturating_sub(alignment + 4) / size) as usize / 64 * 64;
+            let elems = room / block * block;
             if elems == 0 {
                 return Err(Error::TooLarge(format!(
                     "a storage binding of {max_binding} bytes is too small to chunk"
@@ -121,19 +174,39 @@ impl DispatchPlan {
             start += elems;
         }
 
-        let runs: Vec<usize> = chunks
-            .iter()
-            .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
-            .collect();
-        let longest = runs.iter().copied().max().unwrap_or(1);
-        let mut elems_per_thread = longest.div_ceil(WORKGROUP as usize).clamp(1, STATS_ELEMS_PER_THREAD);
-        let tiles_for = |e: usize| -> usize { runs.iter().map(|r| r.div_ceil(WORKGROUP as usize * e).max(1)).sum() };
-        while tiles_for(elems_per_thread) > MAX_TILES && elems_per_thread < MAX_LOOP {
+        // Statistics tiles: each invocation reduces elems_per_thread units
+        // (values, vec4s or rows) of one channel (or quad). Each chunk needs
+        // enough tiles for its longest channel run.
+        let lanes = match stats {
+            Layout::Channels4 => view.channels / 4,
+            _ => view.channels,
+        };
+        let runs: Vec<usize> = match stats {
+            Layout::Generic => chunks
+                .iter()
+                .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
+                .collect(),
+            Layout::Inner4 | Layout::Inner16 => chunks
+                .iter()
+                .map(|c| longest_channel_run(view, c.start, c.start + c.elems) / 4)
+                .collect(),
+            Layout::Channels4 => chunks.iter().map(|c| c.elems / view.channels).collect(),
+        };
+        // enough invocations to fill the device, long enough loops to stream
+        let units: usize = runs.iter().sum::<usize>() * lanes;
+        let longest = runs.iter().copied().max().unwrap_or(1).max(1);
+        let mut elems_per_thread = units
+            .div_ceil(STATS_INVOCATIONS)
+            .clamp(STATS_MIN_PER_THREAD, MAX_LOOP)
+            .min(longest);
+        while runs.iter().map(|r| r.div_ceil(elems_per_thread).max(1)).sum::<usize>() > MAX_TILES
+            && elems_per_thread < MAX_LOOP
+        {
             elems_per_thread *= 2;
         }
         let mut tile_offset = 0;
         for (c, run) in chunks.iter_mut().zip(&runs) {
-            c.tiles = run.div_ceil(WORKGROUP as usize * elems_per_thread).max(1);
+            c.tiles = run.div_ceil(elems_per_thread).max(1);
             c.tile_offset = tile_offset;
             tile_offset += c.tiles;
         }
@@ -147,23 +220,38 @@ impl DispatchPlan {
             view,
             dtype,
             chunks,
+            elementwise,
+            stats,
             elems_per_thread,
             total_tiles: tile_offset,
         })
     }
 
     /// Workgroups of the statistics kernel for one chunk.
+    /// Workgroups of the statistics and backward-reduce kernels: one
+    /// invocation per tile and channel (or channel quad).
     pub(crate) fn stats_groups(&self, chunk: &Chunk) -> u32 {
-        (chunk.tiles * self.view.channels) as u32
+        let lanes = match self.stats {
+            Layout::Channels4 => self.view.channels / 4,
+            _ => self.view.channels,
+        };
+        (chunk.tiles * lanes).div_ceil(WORKGROUP as usize) as u32
     }
 
     /// Workgroups of the normalise kernel for one chunk.
     pub(crate) fn normalize_groups(&self, chunk: &Chunk) -> u32 {
-        let units = match self.dtype {
-            DType::F32 => chunk.elems,
-            DType::F16 => chunk.elems.div_ceil(2),
+        let per = NORMALIZE_PER_THREAD as usize;
+        let invocations = match (self.elementwise, self.dtype) {
+            // one quad of NORMALIZE_ROWS_PER_THREAD rows each (see normalize.wgsl)
+            (Layout::Channels4, _) => {
+                let rows = chunk.elems / self.view.channels;
+                (self.view.channels / 4) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
+            }
+            (Layout::Inner4 | Layout::Inner16, _) => (chunk.elems / 4).div_ceil(per),
+            (Layout::Generic, DType::F32) => chunk.elems.div_ceil(per),
+            (Layout::Generic, DType::F16) => chunk.elems.div_ceil(2).div_ceil(per),
         };
-        (units.div_ceil(NORMALIZE_PER_THREAD as usize)).div_ceil(WORKGROUP as usize) as u32
+        invocations.div_ceil(WORKGROUP as usize) as u32
     }
 
     pub(crate) fn stats_grid(&self, chunk: &Chunk) -> (u32, u32) {
@@ -173,6 +261,13 @@ impl DispatchPlan {
     pub(crate) fn normalize_grid(&self, chunk: &Chunk) -> (u32, u32) {
         grid(self.normalize_groups(chunk))
     }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
 }
 
 #[cfg(test)]
@@ -186,10 +281,11 @@ mod tests {
             channels: 64,
             inner: 3136,
         };
-        let plan = DispatchPlan::new(view, DType::F32, 1 << 27, 256).unwrap();
+        let plan = DispatchPlan::new(view, DType::F32, true, true, 1 << 27, 256).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
-        assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(256 * 64));
+        assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(plan.elems_per_thread));
+        assert!(plan.elems_per_thread >= 16);
     }
 
     #[test]
@@ -229,7 +325,7 @@ mod tests {
             ),
         ] {
             let max = 4096;
-            let plan = DispatchPlan::new(view, dtype, max, 256).unwrap();
+            let plan = DispatchPlan::new(view, dtype, false, true, max, 256).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
@@ -273,7 +369,7 @@ mod tests {
             inner: 1,
         };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, 256, 256),
+            DispatchPlan::new(view, DType::F32, false, true, 256, 256),
             Err(Error::TooLarge(_))
         ));
     }

@@ -23,6 +23,11 @@ const SHAPES: &[&[usize]] = &[
     &[3, 1, 257, 2],
     &[2, 3, 1, 5, 7],
     &[1, 2, 3, 1, 4],
+    // vec4 layouts: channels last with channels % 4 == 0, inner % 4 == 0
+    &[5, 12],
+    &[3, 8, 4],
+    &[2, 4, 6, 8],
+    &[600, 16],
 ];
 
 /// A config variant per index: every flag on and off across the sweep.
@@ -114,6 +119,8 @@ fn chunked_bindings_match_the_reference() {
         (&[999, 5], -1, DType::F16),
         (&[4000, 3], 0, DType::F32),
         (&[77, 3, 2, 5], 2, DType::F16),
+        (&[500, 8], -1, DType::F32),
+        (&[50, 3, 4, 4], 1, DType::F32),
     ]
     .into_iter()
     .enumerate()
@@ -162,8 +169,8 @@ fn channels_longer_than_one_workgroup_tile() {
 /// loops over a whole channel is wrong past that. Both layouts, > 2^20 values.
 #[test]
 fn channels_of_more_than_2_pow_20_values_nhwc_and_nchw() {
-    for (shape, axis) in [(&[17usize, 256, 256, 2][..], -1i64), (&[3, 2, 600, 600][..], 1)] {
-        let per_channel = shape.iter().product::<usize>() / 2;
+    for (shape, axis) in [(&[17usize, 256, 256, 4][..], -1i64), (&[3, 4, 600, 600][..], 1)] {
+        let per_channel = shape.iter().product::<usize>() / 4;
         assert!(per_channel > 1 << 20);
         let config = BatchNormConfig {
             axis,

@@ -1,6 +1,7 @@
 //! The command-line tool.
 
 mod adapters;
+mod bench;
 mod conform;
 mod demo;
 
@@ -31,6 +32,8 @@ struct Cli {
 enum Command {
     /// List every adapter wgpu sees, with the limits and features that matter here.
     Adapters,
+    /// Measure the layer against a buffer copy and a streaming kernel on this adapter.
+    Bench(bench::BenchArgs),
     /// Run Keras reference cases (DIR/*.safetensors) and report conformance.
     Conform {
         /// Folder of case files.
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         None => demo::run(&selection),
         Some(Command::Adapters) => adapters::run(&selection),
+        Some(Command::Bench(args)) => bench::run(&selection, args),
         Some(Command::Conform { dir, out, device }) => conform::run(&selection, dir, out.as_deref(), *device),
     };
     match result {

@@ -1,0 +1,57 @@
+// The benchmark's streaming baseline: y = a * x + b over a flat buffer,
+// one read and one write of every element, written the way lavapipe
+// streams fastest (four consecutive vec4s per invocation, 256 invocations
+// per workgroup). float16 buffers are streamed as packed words.
+
+override IS_F16: bool = false;
+
+const WG: u32 = 256u;
+const PER_THREAD: u32 = 4u;
+const A: f32 = 1.5;
+const B: f32 = -0.25;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x4: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> xf: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> yf: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn stream_f32(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems;
+    for (var k = 0u; k < PER_THREAD; k++) {
+        let v = thread * PER_THREAD + k;
+        if v >= vecs {
+            break;
+        }
+        yf[p.y_base + v] = xf[p.x_base + v] * A + B;
+    }
+}
+
+@compute @workgroup_size(256)
+fn stream(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    // whole 16-byte vectors: the host pads the element count
+    let vecs = p.chunk_elems;
+    for (var k = 0u; k < PER_THREAD; k++) {
+        let v = thread * PER_THREAD + k;
+        if v >= vecs {
+            break;
+        }
+        let w = x4[p.x_base + v];
+        if IS_F16 {
+            let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)) * A + B;
+            let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)) * A + B;
+            y4[p.y_base + v] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
+        } else {
+            y4[p.y_base + v] = bitcast<vec4<u32>>(bitcast<vec4<f32>>(w) * A + B);
+        }
+    }
+}

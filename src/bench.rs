@@ -1,0 +1,417 @@
+//! The cross-vendor benchmark: the layer's passes against two baselines on
+//! the same element count, a buffer copy and the best streaming kernel
+//! (y = a * x + b), measured in the same run. Every configuration is checked
+//! against the float64 reference before it is timed.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::BatchNormConfig;
+use crate::context::GpuContext;
+use crate::error::{Error, Result};
+use crate::keras::error_measure;
+use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
+use crate::layer::BatchNorm;
+use crate::reference::ReferenceLayer;
+use crate::tensor::{DType, Tensor};
+
+/// One benchmarked input: a shape and its feature axis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BenchShape {
+    pub shape: Vec<usize>,
+    pub axis: i64,
+}
+
+/// The default shapes: NHWC and NCHW activations, a dense layer, a late
+/// small feature map, and one large image.
+pub fn default_shapes() -> Vec<BenchShape> {
+    [
+        (vec![32, 56, 56, 64], -1),
+        (vec![32, 64, 56, 56], 1),
+        (vec![4096, 1024], -1),
+        (vec![8, 512, 7, 7], 1),
+        (vec![1, 3, 1024, 1024], 1),
+    ]
+    .into_iter()
+    .map(|(shape, axis)| BenchShape { shape, axis })
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    TrainForward,
+    InferenceForward,
+    Backward,
+    Copy,
+    Stream,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [
+        Op::Copy,
+        Op::Stream,
+        Op::TrainForward,
+        Op::InferenceForward,
+        Op::Backward,
+    ];
+
+    /// Passes over the tensor a perfect implementation makes.
+    pub fn passes(self) -> u64 {
+        match self {
+            Op::TrainForward => 3,
+            Op::InferenceForward | Op::Copy | Op::Stream => 2,
+            Op::Backward => 5,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::TrainForward => "train_forward",
+            Op::InferenceForward => "inference_forward",
+            Op::Backward => "backward",
+            Op::Copy => "copy",
+            Op::Stream => "stream",
+        }
+    }
+}
+
+/// One measured figure, in the JSON schema other tools read.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub shape: Vec<usize>,
+    pub axis: i64,
+    pub dtype: &'static str,
+    pub op: Op,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub runs: usize,
+    pub bytes: u64,
+    pub gbps: f64,
+    pub ratio_to_stream: f64,
+    /// Conformance error against the float64 reference (None for baselines).
+    pub max_error: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterDescription {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub adapter: AdapterDescription,
+    pub crate_version: &'static str,
+    /// How times were taken: "host-clock" (submit, then a blocking wait).
+    pub timing: &'static str,
+    pub results: Vec<BenchResult>,
+}
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub shapes: Vec<BenchShape>,
+    pub dtypes: Vec<DType>,
+    pub warmup: usize,
+    pub runs: usize,
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+    }
+}
+
+pub fn describe_adapter(ctx: &GpuContext) -> AdapterDescription {
+    match ctx.adapter_info() {
+        Some(i) => AdapterDescription {
+            name: i.name.clone(),
+            backend: i.backend.to_string(),
+            device_type: format!("{:?}", i.device_type),
+            driver: i.driver.clone(),
+            driver_info: i.driver_info.clone(),
+        },
+        None => AdapterDescription {
+            name: ctx.describe(),
+            backend: String::new(),
+            device_type: String::new(),
+            driver: String::new(),
+            driver_info: String::new(),
+        },
+    }
+}
+
+/// Runs every (shape, dtype, op) of `options`; `progress` is called after
+/// each configuration with a short label.
+pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    let mut results = Vec::new();
+    for shape in &options.shapes {
+        for &dtype in &options.dtypes {
+            let mut figures = measure_shape(ctx, shape, dtype, options, &mut progress)?;
+            let stream = figures
+                .iter()
+                .find(|r| r.op == Op::Stream)
+                .map(|r| r.median_ms)
+                .unwrap_or(f64::NAN);
+            for f in &mut figures {
+                f.ratio_to_stream = f.median_ms / stream;
+            }
+            results.extend(figures);
+        }
+    }
+    Ok(BenchReport {
+        adapter: describe_adapter(ctx),
+        crate_version: env!("CARGO_PKG_VERSION"),
+        timing: "host-clock",
+        results,
+    })
+}
+
+fn measure_shape(
+    ctx: &GpuContext,
+    bench: &BenchShape,
+    dtype: DType,
+    options: &BenchOptions,
+    progress: &mut impl FnMut(&str),
+) -> Result<Vec<BenchResult>> {
+    let config = BatchNormConfig {
+        axis: bench.axis,
+        ..Default::default()
+    };
+    let axis = config.resolve_axis(bench.shape.len())?;
+    let channels = bench.shape[axis];
+    let len: usize = bench.shape.iter().product();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
+    let round = |v: f32| match dtype {
+        DType::F32 => v,
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+    };
+    let x32: Vec<f32> = (0..len).map(|_| round(3.0 + rng.random::<f32>() * 4.0)).collect();
+    let dy32: Vec<f32> = (0..len).map(|_| round(rng.random::<f32>() - 0.25)).collect();
+    let x = Tensor::from_f32_as(ctx, &bench.shape, &x32, dtype)?;
+    let dy = Tensor::from_f32_as(ctx, &bench.shape, &dy32, dtype)?;
+    let y = Tensor::uninit(ctx, &bench.shape, dtype)?;
+    let layer = BatchNorm::new(ctx, config.clone(), channels)?;
+    let grads = layer.gradient_tensors(&dy)?;
+    let label = format!("{:?} axis {} {}", bench.shape, bench.axis, dtype_name(dtype));
+
+    // correctness first: one training call and its backward, one inference call
+    let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
+    let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
+    let mut reference = ReferenceLayer::new(config, channels)?;
+    let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
+    layer.forward_into(&x, Some(true), None, &y)?;
+    let train_error = error_measure(&read(&y)?, &reference.forward(&x64, &bench.shape, Some(true), None)?);
+    layer.backward_into(&dy, false, &grads)?;
+    let want = reference.backward(&dy64, false)?;
+    let mut backward_error = error_measure(&read(&grads.dx)?, &want.dx);
+    if let (Some(g), Some(w)) = (&grads.dgamma, &want.dgamma) {
+        backward_error = backward_error.max(error_measure(&read(g)?, w));
+    }
+    if let (Some(g), Some(w)) = (&grads.dbeta, &want.dbeta) {
+        backward_error = backward_error.max(error_measure(&read(g)?, w));
+    }
+    layer.forward_into(&x, None, None, &y)?;
+    let inference_error = error_measure(&read(&y)?, &reference.forward(&x64, &bench.shape, None, None)?);
+    let tol = crate::keras::tolerance(dtype, false);
+    let grad_tol = crate::keras::tolerance(dtype, true);
+    if !(train_error <= tol && inference_error <= tol && backward_error <= grad_tol) {
+        return Err(Error::Readback(format!(
+            "{label}: the GPU disagrees with the float64 reference (train {train_error:.2e}, \
+             inference {inference_error:.2e}, backward {backward_error:.2e}); not timing it"
+        )));
+    }
+
+    let stream = StreamBaseline::new(ctx, &x, &y)?;
+    let bytes = (len * dtype.size()) as u64;
+    let mut figures = Vec::new();
+    for op in Op::ALL {
+        let times = match op {
+            Op::Backward => time_backward(ctx, options, &layer, &x, &y, &dy, &grads)?,
+            _ => time(ctx, options.warmup, options.runs, |encoder| match op {
+                Op::Copy => {
+                    let size = crate::tensor::padded_bytes(len, dtype);
+                    encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
+                    Ok(())
+                }
+                Op::Stream => {
+                    stream.record(encoder);
+                    Ok(())
+                }
+                Op::InferenceForward => layer.record_forward(encoder, &x, None, None, &y),
+                _ => layer.record_forward(encoder, &x, Some(true), None, &y),
+            })?,
+        };
+        let (median, min, max) = summarize(&times);
+        let total = bytes * op.passes();
+        figures.push(BenchResult {
+            shape: bench.shape.clone(),
+            axis: bench.axis,
+            dtype: dtype_name(dtype),
+            op,
+            median_ms: median,
+            min_ms: min,
+            max_ms: max,
+            runs: times.len(),
+            bytes: total,
+            gbps: total as f64 / (median * 1e-3) / 1e9,
+            ratio_to_stream: f64::NAN,
+            max_error: match op {
+                Op::TrainForward => Some(train_error),
+                Op::InferenceForward => Some(inference_error),
+                Op::Backward => Some(backward_error),
+                Op::Copy | Op::Stream => None,
+            },
+        });
+        progress(&format!("{label} {}", op.name()));
+    }
+    Ok(figures)
+}
+
+/// Backward is timed alone, after a forward call that is not timed.
+fn time_backward(
+    ctx: &GpuContext,
+    options: &BenchOptions,
+    layer: &BatchNorm,
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    grads: &crate::layer::Gradients,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for i in 0..options.warmup + options.runs {
+        layer.forward_into(x, Some(true), None, y)?;
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        let start = Instant::now();
+        layer.backward_into(dy, false, grads)?;
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        if i >= options.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
+
+/// Milliseconds per run: one submission, then a blocking wait.
+fn time(
+    ctx: &GpuContext,
+    warmup: usize,
+    runs: usize,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let start = Instant::now();
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        record(&mut encoder)?;
+        ctx.queue().submit([encoder.finish()]);
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
+
+fn summarize(times: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (median, sorted[0], sorted[n - 1])
+}
+
+/// The streaming kernel y = a * x + b on buffers of the tensor's size,
+/// bound in chunks like the layer's own inputs.
+struct StreamBaseline {
+    pipeline: wgpu::ComputePipeline,
+    groups: Vec<(wgpu::BindGroup, (u32, u32))>,
+}
+
+impl StreamBaseline {
+    /// Streams the benchmarked tensor's own buffers (same memory, same
+    /// size): whole 16-byte vectors, the odd tail left out.
+    fn new(ctx: &GpuContext, x_tensor: &Tensor, y_tensor: &Tensor) -> Result<Self> {
+        let device = ctx.device();
+        let dtype = x_tensor.dtype();
+        let (x, y) = (x_tensor.buffer(), y_tensor.buffer());
+        let vecs = (x_tensor.len() * dtype.size()) as u64 / 16;
+        // whole 256-byte blocks per chunk keep every binding offset aligned
+        let chunk_vecs = ((ctx.max_binding_size() - 256) / 256 * 16).max(16);
+        let kernels = &ctx.inner.kernels;
+        let pipeline = kernels.pipeline(device, KernelKey::new(Kernel::Stream, dtype, false));
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start < vecs {
+            let count = chunk_vecs.min(vecs - start);
+            let threads = count.div_ceil(4);
+            let grid = kernels::grid(threads.div_ceil(kernels::WORKGROUP as u64) as u32);
+            let params = Params {
+                chunk_elems: count as u32,
+                norm_groups_x: grid.0,
+                ..Default::default()
+            };
+            let mut slot = vec![0u8; PARAMS_SLOT as usize];
+            slot[..std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
+            use wgpu::util::DeviceExt;
+            let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("stream params"),
+                contents: &slot,
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let range = |buffer| {
+                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: start * 16,
+                    size: wgpu::BufferSize::new(count * 16),
+                })
+            };
+            let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("stream"),
+                layout: kernels.bind_group_layout(Kernel::Stream),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &uniform,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                        }),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: range(x),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: range(y),
+                    },
+                ],
+            });
+            groups.push((group, grid));
+            start += count;
+        }
+        Ok(StreamBaseline { pipeline, groups })
+    }
+
+    fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&self.pipeline);
+        for (group, (gx, gy)) in &self.groups {
+            pass.set_bind_group(0, group, &[0]);
+            pass.dispatch_workgroups(*gx, *gy, 1);
+        }
+    }
+}

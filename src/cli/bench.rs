@@ -1,0 +1,213 @@
+//! `wgpu-batchnorm bench`: the layer against a copy and a streaming kernel
+//! on the same adapter, in the same run.
+
+use std::path::{Path, PathBuf};
+
+use wgpu_batchnorm::AdapterSelection;
+use wgpu_batchnorm::DType;
+use wgpu_batchnorm::bench::{self, BenchOptions, BenchReport, BenchShape, Op};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// A shape to measure instead of the defaults, e.g. 32,56,56,64 (repeatable).
+    #[arg(long = "shape", value_parser = parse_shape)]
+    shapes: Vec<Vec<usize>>,
+    /// The feature axis of each --shape (one for all, or one per shape; default -1).
+    #[arg(long = "axis", allow_negative_numbers = true)]
+    axes: Vec<i64>,
+    /// Element types to measure.
+    #[arg(long, value_enum, default_value_t = DTypes::Both)]
+    dtype: DTypes,
+    /// Timed runs per figure (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Few runs, float32 only: a correctness and smoke check in under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Write every figure as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw GB/s per shape and operation beside the baselines.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DTypes {
+    F32,
+    F16,
+    Both,
+}
+
+fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
+    let shape: Result<Vec<usize>, _> = s.split(',').map(|d| d.trim().parse::<usize>()).collect();
+    match shape {
+        Ok(v) if !v.is_empty() && v.len() <= 8 && !v.contains(&0) => Ok(v),
+        _ => Err(format!("{s:?} is not a shape like 32,56,56,64 (1 to 8 positive sizes)")),
+    }
+}
+
+pub(crate) fn run(selection: &AdapterSelection, args: &BenchArgs) -> Result<u8, String> {
+    let shapes = if args.shapes.is_empty() {
+        if !args.axes.is_empty() {
+            return Err("--axis needs --shape".into());
+        }
+        bench::default_shapes()
+    } else {
+        let axes = match args.axes.len() {
+            0 => vec![-1; args.shapes.len()],
+            1 => vec![args.axes[0]; args.shapes.len()],
+            n if n == args.shapes.len() => args.axes.clone(),
+            n => return Err(format!("{n} --axis values for {} --shape values", args.shapes.len())),
+        };
+        args.shapes
+            .iter()
+            .zip(axes)
+            .map(|(shape, axis)| BenchShape {
+                shape: shape.clone(),
+                axis,
+            })
+            .collect()
+    };
+    let dtypes = match (args.quick, args.dtype) {
+        (true, _) | (_, DTypes::F32) => vec![DType::F32],
+        (_, DTypes::F16) => vec![DType::F16],
+        (_, DTypes::Both) => vec![DType::F32, DType::F16],
+    };
+    let (runs, warmup) = if args.quick {
+        (3, 1)
+    } else {
+        (args.runs.max(1), args.warmup)
+    };
+    let options = BenchOptions {
+        shapes,
+        dtypes,
+        warmup,
+        runs,
+    };
+    let ctx = super::open(selection)?;
+    println!("adapter: {}", ctx.describe());
+    let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").map_err(|e| e.to_string())?);
+    let report = bench::run(&ctx, &options, |label| {
+        bar.set_message(label.to_string());
+        bar.inc(1);
+    })
+    .map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    let report = report?;
+    print_table(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        write_svg(&report, path)?;
+    }
+    Ok(0)
+}
+
+fn print_table(report: &BenchReport) {
+    println!(
+        "timing: {} (median of runs; GB/s counts the bytes a perfect pass moves)",
+        report.timing
+    );
+    println!(
+        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>8} {:>9} {:>10}",
+        "shape", "axis", "type", "op", "ms", "GB/s", "x stream", "max error"
+    );
+    for r in &report.results {
+        let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let error = r.max_error.map(|e| format!("{e:.1e}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>8.2} {:>9.2} {:>10}",
+            shape,
+            r.axis,
+            r.dtype,
+            r.op.name(),
+            r.median_ms,
+            r.gbps,
+            r.ratio_to_stream,
+            error
+        );
+    }
+}
+
+/// Grouped bars: one group per shape and dtype, one bar per operation.
+fn write_svg(report: &BenchReport, path: &Path) -> Result<(), String> {
+    let colors = ["#999999", "#555555", "#1f77b4", "#2ca02c", "#d62728"];
+    let mut groups: Vec<(String, Vec<(Op, f64)>)> = Vec::new();
+    for r in &report.results {
+        let label = format!(
+            "{} ax{} {}",
+            r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
+            r.axis,
+            r.dtype
+        );
+        match groups.last_mut() {
+            Some((l, bars)) if *l == label => bars.push((r.op, r.gbps)),
+            _ => groups.push((label, vec![(r.op, r.gbps)])),
+        }
+    }
+    let max = report.results.iter().map(|r| r.gbps).fold(0.0f64, f64::max).max(1e-9);
+    let (bar_w, gap, height, top, left) = (14.0, 24.0, 300.0, 50.0, 50.0);
+    let group_w = bar_w * Op::ALL.len() as f64 + gap;
+    let width = left + group_w * groups.len() as f64 + 20.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        top + height + 120.0
+    );
+    svg += &format!(
+        "<text x=\"{left}\" y=\"20\" font-size=\"14\">wgpu-batchnorm on {} ({}), GB/s ({})</text>\n",
+        escape(&report.adapter.name),
+        escape(&report.adapter.backend),
+        report.timing
+    );
+    for (i, op) in Op::ALL.iter().enumerate() {
+        svg += &format!(
+            "<rect x=\"{}\" y=\"30\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"39\">{}</text>\n",
+            left + i as f64 * 120.0,
+            colors[i],
+            left + i as f64 * 120.0 + 14.0,
+            op.name()
+        );
+    }
+    svg += &format!(
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<text x=\"5\" y=\"{}\">{max:.1}</text>\n",
+        top + height,
+        width - 10.0,
+        top + height,
+        top + 10.0
+    );
+    for (g, (label, bars)) in groups.iter().enumerate() {
+        let x0 = left + g as f64 * group_w;
+        for (op, gbps) in bars {
+            let i = Op::ALL.iter().position(|o| o == op).unwrap_or(0);
+            let h = gbps / max * height;
+            svg += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bar_w}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: {gbps:.2} GB/s</title></rect>\n",
+                x0 + i as f64 * bar_w,
+                top + height - h,
+                colors[i],
+                escape(label),
+                op.name()
+            );
+        }
+        svg += &format!(
+            "<text transform=\"translate({:.1},{:.1}) rotate(40)\">{}</text>\n",
+            x0,
+            top + height + 12.0,
+            escape(label)
+        );
+    }
+    svg += "</svg>\n";
+    std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
