@@ -196,6 +196,31 @@ impl BatchNorm {
             .collect())
     }
 
+    /// The inference transform per channel, `y = x * scale + shift`, for
+    /// folding the layer into a preceding convolution or dense layer:
+    /// `scale = gamma / sqrt(moving_variance + epsilon)`,
+    /// `shift = beta - moving_mean * scale` (computed in float64).
+    pub fn inference_affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let weights = self.named_weights()?;
+        let get = |slot: StateSlot, default: f64| -> Vec<f64> {
+            weights
+                .iter()
+                .find(|(s, _)| *s == slot)
+                .map(|(_, v)| v.iter().map(|&x| x as f64).collect())
+                .unwrap_or_else(|| vec![default; self.channels])
+        };
+        let (gamma, beta) = (get(StateSlot::Gamma, 1.0), get(StateSlot::Beta, 0.0));
+        let (mean, variance) = (get(StateSlot::MovingMean, 0.0), get(StateSlot::MovingVariance, 1.0));
+        let eps = self.config.epsilon as f64;
+        let scale: Vec<f64> = (0..self.channels)
+            .map(|c| gamma[c] / (variance[c] + eps).sqrt())
+            .collect();
+        let shift = (0..self.channels)
+            .map(|c| (beta[c] - mean[c] * scale[c]) as f32)
+            .collect();
+        Ok((scale.into_iter().map(|v| v as f32).collect(), shift))
+    }
+
     /// Keras's `get_weights()`: gamma, beta, moving_mean, moving_variance
     /// (then the renorm state), skipping the weights the config leaves out.
     pub fn get_weights(&self) -> Result<Vec<Vec<f32>>> {

@@ -128,7 +128,9 @@ impl DispatchPlan {
             _ if !vectorize => Layout::Generic,
             DType::F32 if view.inner.is_multiple_of(16) => Layout::Inner16,
             DType::F32 if view.inner.is_multiple_of(4) => Layout::Inner4,
-            DType::F32 if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => Layout::Channels4,
+            DType::F32 if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => {
+                Layout::Channels4
+            }
             _ => Layout::Generic,
         };
         let stats = match elementwise {

@@ -241,3 +241,58 @@ fn the_main_job_checks_itself_and_succeeds() {
     assert_eq!(stdout.matches("PASS").count(), 4, "{stdout}");
     assert!(stdout.contains("inference"));
 }
+
+#[test]
+fn bench_writes_the_json_schema_and_an_svg() {
+    let dir = scratch("bench");
+    let json = dir.join("bench.json");
+    let svg = dir.join("bench.svg");
+    let o = run(&[
+        "bench",
+        "--quick",
+        "--shape",
+        "64,8",
+        "--shape",
+        "3,4,16",
+        "--axis",
+        "-1",
+        "--axis",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["name", "backend", "device_type", "driver", "driver_info"] {
+        assert!(report["adapter"][key].is_string(), "adapter.{key}");
+    }
+    assert!(report["crate_version"].is_string());
+    assert!(report["timing"] == "host-clock" || report["timing"] == "gpu-timestamps");
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2 * 5);
+    for r in results {
+        for key in ["median_ms", "min_ms", "max_ms", "gbps", "ratio_to_stream"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key} in {r}");
+        }
+        let op = r["op"].as_str().unwrap();
+        assert!(["train_forward", "inference_forward", "backward", "copy", "stream"].contains(&op));
+        let passes = match op {
+            "train_forward" => 3,
+            "backward" => 5,
+            _ => 2,
+        };
+        let elems: u64 = r["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .product();
+        assert_eq!(r["bytes"].as_u64().unwrap(), passes * elems * 4, "{r}");
+        assert_eq!(r["max_error"].is_null(), op == "copy" || op == "stream");
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let bad = run(&["bench", "--shape", "3,0"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -156,7 +156,7 @@ fn write_svg(report: &BenchReport, path: &Path) -> Result<(), String> {
     let max = report.results.iter().map(|r| r.gbps).fold(0.0f64, f64::max).max(1e-9);
     let (bar_w, gap, height, top, left) = (14.0, 24.0, 300.0, 50.0, 50.0);
     let group_w = bar_w * Op::ALL.len() as f64 + gap;
-    let width = left + group_w * groups.len() as f64 + 20.0;
+    let width = (left + group_w * groups.len() as f64 + 20.0).max(left + 120.0 * Op::ALL.len() as f64);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
         top + height + 120.0

@@ -1,12 +1,14 @@
 //! Keras in and out: reference case files and conformance (`cases`), and
 //! `get_config()` JSON for the layer and its initializers, regularizers and
-//! constraints (`config`).
+//! constraints (`config`), and weight files with Keras's names (`weights`).
 
 pub mod cases;
 pub mod config;
+pub mod weights;
 
 pub use cases::{
     Call, CaseReport, CaseTensor, Device, KerasCase, KeyError, Output, error_measure, load_dir, tolerance,
     write_outputs,
 };
 pub use config::{KerasLayerConfig, config_from_case_json};
+pub use weights::{load_weights, save_weights};

@@ -1,0 +1,110 @@
+//! The layer's weights as safetensors with Keras's weight names (`gamma`,
+//! `beta`, `moving_mean`, `moving_variance`, and with renorm
+//! `moving_stddev`, `renorm_mean`, `renorm_stddev`), float32, one axis each.
+//!
+//! A trained Keras layer exports to this format with:
+//!
+//! ```python
+//! import numpy as np
+//! from safetensors.numpy import save_file
+//! layer = model.get_layer("batch_normalization")
+//! save_file({w.name: np.asarray(w.numpy(), dtype=np.float32) for w in layer.weights},
+//!           "batch_normalization.safetensors")
+//! ```
+
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::layer::{BatchNorm, StateSlot};
+
+fn file_error(path: &Path, message: String) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Writes every weight the layer has under its Keras name.
+pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
+    let weights: Vec<(StateSlot, Vec<u8>)> = layer
+        .named_weights()?
+        .into_iter()
+        .map(|(slot, values)| (slot, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = weights
+        .iter()
+        .map(|(slot, bytes)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, vec![layer.channels()], bytes)
+                .map(|view| (slot.keras_name().to_string(), view))
+                .map_err(|e| file_error(path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| file_error(path, e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|e| file_error(path, e.to_string()))
+}
+
+/// Reads a weight file (as [`save_weights`] or the Python snippet above
+/// writes it) into the layer. Every weight the layer has must be there, of
+/// its channel count; a name the layer does not know is an error. Nothing is
+/// written unless the whole file fits.
+pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+    let file =
+        SafeTensors::deserialize(&bytes).map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
+    let slots = layer.weight_slots();
+    for name in file.names() {
+        // Keras 3 may prefix a variable's path; its last part is the name
+        let short = name.rsplit('/').next().unwrap_or(name);
+        if !StateSlot::from_keras_name(short).is_some_and(|s| slots.contains(&s)) {
+            return Err(file_error(
+                path,
+                format!("tensor {name:?} is not a weight of this layer"),
+            ));
+        }
+    }
+    let mut values = Vec::new();
+    for slot in slots {
+        let view = file
+            .names()
+            .into_iter()
+            .find(|n| n.rsplit('/').next() == Some(slot.keras_name()))
+            .and_then(|n| file.tensor(n).ok())
+            .ok_or_else(|| file_error(path, format!("no {} tensor", slot.keras_name())))?;
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => {
+                return Err(file_error(
+                    path,
+                    format!("{} is {other:?}, not float32", slot.keras_name()),
+                ));
+            }
+        };
+        if view.shape() != [layer.channels()] {
+            return Err(file_error(
+                path,
+                format!(
+                    "{} has shape {:?}, the layer has {} channels",
+                    slot.keras_name(),
+                    view.shape(),
+                    layer.channels()
+                ),
+            ));
+        }
+        values.push((slot, data));
+    }
+    for (slot, data) in values {
+        layer.set_weight(slot, &data)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Using the layer inside an application: its own device and encoder,
+//! outputs it owns, weight files with Keras's names, inference folding, and
+//! sharing a layer between threads.
+
+mod common;
+
+use common::{gpu, random_input, rng};
+use wgpu_batchnorm::keras::{error_measure, load_weights, save_weights};
+use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Error, GpuContext, StateSlot, Tensor};
+
+#[test]
+fn layers_and_tensors_can_be_shared_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<BatchNorm>();
+    assert_send_sync::<GpuContext>();
+    assert_send_sync::<Tensor>();
+    let ctx = gpu();
+    let layer = std::sync::Arc::new(BatchNorm::new(&ctx, BatchNormConfig::default(), 4).unwrap());
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let (layer, ctx) = (layer.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                let x = Tensor::from_f32(&ctx, &[8, 4], &random_input(&mut rng(i), 32, 1.0)).unwrap();
+                layer.forward(&x, None, None).unwrap().read_f32(&ctx).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().len(), 32);
+    }
+}
+
+#[test]
+fn an_application_device_and_encoder_run_several_layers_in_one_submission() {
+    // the application's own device, as it would create it
+    let app = gpu();
+    let ctx = GpuContext::from_device(app.device().clone(), app.queue().clone());
+    assert!(ctx.adapter_info().is_none());
+    let first = BatchNorm::new(&ctx, BatchNormConfig::default(), 6).unwrap();
+    let second = BatchNorm::new(
+        &ctx,
+        BatchNormConfig {
+            axis: 1,
+            ..Default::default()
+        },
+        5,
+    )
+    .unwrap();
+    let x32 = random_input(&mut rng(5), 5 * 6, 2.0);
+    let x = Tensor::from_f32(&ctx, &[5, 6], &x32).unwrap();
+    let middle = Tensor::from_f32(&ctx, &[5, 6], &[0.0; 30]).unwrap();
+    let out = Tensor::from_f32(&ctx, &[5, 6], &[0.0; 30]).unwrap();
+    // the second layer normalises the first one's output along axis 1 of
+    // a [5, 6] view... it has 6 values on axis 1: use a [6, 5]-shaped view
+    let middle_t = Tensor::from_buffer(middle.buffer().clone(), &[6, 5], wgpu_batchnorm::DType::F32).unwrap();
+    let out_t = Tensor::from_buffer(out.buffer().clone(), &[6, 5], wgpu_batchnorm::DType::F32).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    first
+        .record_forward(&mut encoder, &x, Some(true), None, &middle)
+        .unwrap();
+    second
+        .record_forward(&mut encoder, &middle_t, Some(true), None, &out_t)
+        .unwrap();
+    ctx.queue().submit([encoder.finish()]);
+
+    let mut r1 = ReferenceLayer::new(BatchNormConfig::default(), 6).unwrap();
+    let mut r2 = ReferenceLayer::new(
+        BatchNormConfig {
+            axis: 1,
+            ..Default::default()
+        },
+        5,
+    )
+    .unwrap();
+    let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
+    let m = r1.forward(&x64, &[5, 6], Some(true), None).unwrap();
+    let want = r2.forward(&m, &[6, 5], Some(true), None).unwrap();
+    let got: Vec<f64> = out_t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect();
+    assert!(error_measure(&got, &want) < 2e-5);
+
+    // outputs must fit and must not alias the input
+    assert!(matches!(first.forward_into(&x, None, None, &x), Err(Error::Shape(_))));
+    assert!(matches!(
+        first.forward_into(&x, None, None, &middle_t),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn weights_round_trip_through_a_keras_named_file() {
+    let ctx = gpu();
+    let config = BatchNormConfig {
+        renorm: true,
+        ..Default::default()
+    };
+    let layer = BatchNorm::new(&ctx, config.clone(), 3).unwrap();
+    for (i, slot) in layer.weight_slots().into_iter().enumerate() {
+        layer.set_weight(slot, &[i as f32 + 0.5, 1.25, 2.0 + i as f32]).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("wgpu-batchnorm-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bn.safetensors");
+    save_weights(&layer, &path).unwrap();
+    let names = {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(String::from).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names,
+        [
+            "beta",
+            "gamma",
+            "moving_mean",
+            "moving_stddev",
+            "moving_variance",
+            "renorm_mean",
+            "renorm_stddev"
+        ]
+    );
+    let copy = BatchNorm::new(&ctx, config, 3).unwrap();
+    load_weights(&copy, &path).unwrap();
+    assert_eq!(copy.get_weights().unwrap(), layer.get_weights().unwrap());
+    let x = Tensor::from_f32(&ctx, &[4, 3], &random_input(&mut rng(8), 12, 0.0)).unwrap();
+    assert_eq!(
+        copy.forward(&x, None, None).unwrap().read_f32(&ctx).unwrap(),
+        layer.forward(&x, None, None).unwrap().read_f32(&ctx).unwrap()
+    );
+
+    // a layer without renorm refuses the renorm tensors; a wider one the shapes
+    let plain = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
+    assert!(matches!(load_weights(&plain, &path), Err(Error::File { .. })));
+    let wide = BatchNorm::new(
+        &ctx,
+        BatchNormConfig {
+            renorm: true,
+            ..Default::default()
+        },
+        4,
+    )
+    .unwrap();
+    let before = wide.get_weights().unwrap();
+    assert!(matches!(load_weights(&wide, &path), Err(Error::File { .. })));
+    assert_eq!(wide.get_weights().unwrap(), before, "nothing written on error");
+    assert!(matches!(
+        load_weights(&plain, &dir.join("missing.safetensors")),
+        Err(Error::File { .. })
+    ));
+}
+
+#[test]
+fn inference_folding_matches_inference() {
+    let ctx = gpu();
+    let layer = BatchNorm::new(
+        &ctx,
+        BatchNormConfig {
+            axis: 1,
+            ..Default::default()
+        },
+        3,
+    )
+    .unwrap();
+    layer.set_weight(StateSlot::Gamma, &[0.5, 2.0, -1.0]).unwrap();
+    layer.set_weight(StateSlot::Beta, &[0.1, 0.2, 0.3]).unwrap();
+    layer.set_weight(StateSlot::MovingMean, &[1.0, -2.0, 3.0]).unwrap();
+    layer.set_weight(StateSlot::MovingVariance, &[0.25, 4.0, 1.0]).unwrap();
+    let (scale, shift) = layer.inference_affine().unwrap();
+    let x32 = random_input(&mut rng(2), 2 * 3 * 5, 1.0);
+    let x = Tensor::from_f32(&ctx, &[2, 3, 5], &x32).unwrap();
+    let y = layer.forward(&x, None, None).unwrap().read_f32(&ctx).unwrap();
+    for (e, (&xv, &yv)) in x32.iter().zip(&y).enumerate() {
+        let c = (e / 5) % 3;
+        assert!((xv * scale[c] + shift[c] - yv).abs() < 1e-5, "{e}");
+    }
+}
+
+/// Files written by Keras 3.15.1 itself (tests/fixtures/keras_export/export.py).
+#[test]
+fn a_layer_exported_from_keras_gives_keras_outputs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras_export");
+    let json = std::fs::read_to_string(dir.join("bn_config.json")).unwrap();
+    let keras_config = wgpu_batchnorm::keras::KerasLayerConfig::from_json(&json).unwrap();
+    // the config goes back out as the same JSON
+    let original: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(keras_config.to_value(), original);
+
+    let ctx = gpu();
+    let layer = BatchNorm::new(&ctx, keras_config.config, 5).unwrap();
+    load_weights(&layer, &dir.join("bn.safetensors")).unwrap();
+    let io = std::fs::read(dir.join("bn_io.safetensors")).unwrap();
+    let io = safetensors::SafeTensors::deserialize(&io).unwrap();
+    let floats = |name: &str| -> Vec<f32> {
+        io.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let x = Tensor::from_f32(&ctx, &[7, 5], &floats("x")).unwrap();
+    let got: Vec<f64> = layer
+        .forward(&x, None, None)
+        .unwrap()
+        .read_f32(&ctx)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let want: Vec<f64> = floats("y").into_iter().map(f64::from).collect();
+    assert!(error_measure(&got, &want) < 1e-6, "{got:?} vs {want:?}");
+}
