@@ -209,6 +209,12 @@ impl GpuContext {
         self.inner.max_binding.store(bytes.clamp(1024, cap), Ordering::Relaxed);
     }
 
+    /// How many compute pipelines this context has compiled (they are
+    /// shared by every layer of the context).
+    pub fn compiled_pipelines(&self) -> usize {
+        self.inner.kernels.compiled()
+    }
+
     pub(crate) fn storage_alignment(&self) -> u64 {
         self.inner.device.limits().min_storage_buffer_offset_alignment as u64
     }

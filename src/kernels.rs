@@ -206,13 +206,53 @@ pub(crate) struct KernelKey {
 }
 
 impl KernelKey {
+    /// The key with only the fields the kernel's source depends on: equal
+    /// variants share one pipeline.
     pub(crate) fn new(kernel: Kernel, dtype: DType, masked: bool) -> Self {
+        let (dtype, masked) = match kernel {
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => (DType::F32, false),
+            Kernel::Normalize | Kernel::Stream => (dtype, false),
+            Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => (dtype, masked),
+        };
         KernelKey {
             kernel,
             dtype,
             masked,
             layout: Layout::Generic,
         }
+    }
+
+    /// Every variant a layer's forward, backward or optimiser step can ask
+    /// for (the vec4 layouts exist for unmasked float32 only).
+    pub(crate) fn layer_variants() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
+            for dtype in [DType::F32, DType::F16] {
+                for masked in [false, true] {
+                    let key = KernelKey::new(kernel, dtype, masked);
+                    for layout in [Layout::Generic, Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+                        let exists = match (kernel, layout) {
+                            (_, Layout::Generic) => true,
+                            // the statistics kernels treat Inner16 as Inner4
+                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
+                            (
+                                Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
+                                _,
+                            ) => dtype == DType::F32 && !key.masked,
+                            _ => false,
+                        };
+                        if !exists {
+                            continue;
+                        }
+                        let key = key.with_layout(layout);
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        keys
     }
 
     pub(crate) fn with_layout(self, layout: Layout) -> Self {
@@ -304,6 +344,19 @@ impl Kernels {
         &self.layouts[&kernel].0
     }
 
+    /// Compiles every layer variant not compiled yet, so that no forward or
+    /// backward call compiles a pipeline.
+    pub(crate) fn precompile(&self, device: &wgpu::Device) {
+        for key in KernelKey::layer_variants() {
+            self.pipeline(device, key);
+        }
+    }
+
+    /// How many pipelines were compiled so far.
+    pub(crate) fn compiled(&self) -> usize {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// The pipeline for `key`, compiled on first use and cached for the
     /// device's lifetime.
     pub(crate) fn pipeline(&self, device: &wgpu::Device, key: KernelKey) -> wgpu::ComputePipeline {
@@ -368,6 +421,40 @@ mod tests {
                 assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{name}");
             }
         }
+    }
+
+    /// Every key the layer builds is among the precompiled variants.
+    #[test]
+    fn layer_keys_are_all_precompiled_variants() {
+        let variants = KernelKey::layer_variants();
+        for kernel in [
+            Kernel::PartialStats,
+            Kernel::BackwardReduce,
+            Kernel::BackwardDx,
+            Kernel::Normalize,
+        ] {
+            for dtype in [DType::F32, DType::F16] {
+                for masked in [false, true] {
+                    let key = KernelKey::new(kernel, dtype, masked);
+                    assert!(variants.contains(&key), "{key:?}");
+                }
+            }
+        }
+        for layout in [Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+            for kernel in [
+                Kernel::PartialStats,
+                Kernel::BackwardReduce,
+                Kernel::BackwardDx,
+                Kernel::Normalize,
+            ] {
+                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
+                    continue;
+                }
+                let key = KernelKey::new(kernel, DType::F32, false).with_layout(layout);
+                assert!(variants.contains(&key), "{key:?}");
+            }
+        }
+        assert!(variants.contains(&KernelKey::new(Kernel::Finalize, DType::F16, true)));
     }
 
     #[test]

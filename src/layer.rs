@@ -116,12 +116,15 @@ fn storage_buffer(ctx: &GpuContext, label: &str, size: u64, extra: wgpu::BufferU
 
 impl BatchNorm {
     /// Builds the layer for inputs with `channels` features on the config's
-    /// axis, initialising every weight with its initializer.
+    /// axis, initialising every weight with its initializer. The first layer
+    /// of a context compiles every kernel variant (shared by all layers of
+    /// that context), so forward and backward never compile a pipeline.
     pub fn new(ctx: &GpuContext, config: BatchNormConfig, channels: usize) -> Result<Self> {
         config.validate()?;
         if channels == 0 {
             return Err(ConfigError::NoChannels.into());
         }
+        ctx.inner.kernels.precompile(ctx.device());
         let c = channels as u64;
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let layer = BatchNorm {

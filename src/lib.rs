@@ -1,6 +1,6 @@
 //! Keras 3's `BatchNormalization` layer as wgpu compute kernels.
 //!
-//! ```no_run
+//! ```
 //! use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Tensor};
 //!
 //! let ctx = GpuContext::from_env()?;

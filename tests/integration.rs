@@ -212,3 +212,47 @@ fn a_layer_exported_from_keras_gives_keras_outputs() {
     let want: Vec<f64> = floats("y").into_iter().map(f64::from).collect();
     assert!(error_measure(&got, &want) < 1e-6, "{got:?} vs {want:?}");
 }
+
+#[test]
+fn forward_and_backward_never_compile_a_pipeline() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    let layer = BatchNorm::new(
+        &ctx,
+        BatchNormConfig {
+            renorm: true,
+            ..Default::default()
+        },
+        4,
+    )
+    .unwrap();
+    let compiled = ctx.compiled_pipelines();
+    assert!(compiled > 10);
+    for (shape, axis) in [
+        (vec![6usize, 4], -1i64),
+        (vec![2, 4, 16], 1),
+        (vec![2, 4, 12], 1),
+        (vec![3, 4, 5], 1),
+    ] {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let layer = BatchNorm::new(&ctx, config, 4).unwrap();
+        for dtype in [wgpu_batchnorm::DType::F32, wgpu_batchnorm::DType::F16] {
+            let len: usize = shape.iter().product();
+            let x = Tensor::from_f32_as(&ctx, &shape, &random_input(&mut rng(1), len, 1.0), dtype).unwrap();
+            let mask_shape = &shape[..shape.len() - 1];
+            let mask = wgpu_batchnorm::Mask::from_u8(&ctx, mask_shape, &vec![1; mask_shape.iter().product()]).unwrap();
+            for (training, m) in [(Some(true), None), (Some(true), Some(&mask)), (None, None)] {
+                layer.forward(&x, training, m).unwrap();
+                layer.backward(&x, true).unwrap();
+            }
+        }
+    }
+    let mut sgd = wgpu_batchnorm::Sgd::new(&layer, 0.1, 0.9, false).unwrap();
+    let x = Tensor::from_f32(&ctx, &[6, 4], &random_input(&mut rng(2), 24, 1.0)).unwrap();
+    layer.forward(&x, Some(true), None).unwrap();
+    sgd.step(&layer, &layer.backward(&x, false).unwrap()).unwrap();
+    layer.apply_constraints().unwrap();
+    assert_eq!(ctx.compiled_pipelines(), compiled);
+}
