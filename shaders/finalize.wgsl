@@ -115,6 +115,12 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
         let moving_stddev = state[4u * nc + c] * m + stddev * (1.0 - m);
         state[4u * nc + c] = moving_stddev;
         state[3u * nc + c] = max(moving_stddev * moving_stddev - eps, 0.0);
+    } else if has_flag(FLAG_PYTORCH) {
+        // PyTorch: momentum weighs the new value; the running variance
+        // takes the unbiased batch variance (the biased one with one value)
+        let unbiased = select(variance, m2 / (count - 1.0), count > 1.0);
+        state[2u * nc + c] = moving_mean * (1.0 - m) + mean * m;
+        state[3u * nc + c] = moving_variance * (1.0 - m) + unbiased * m;
     } else {
         state[2u * nc + c] = moving_mean * m + mean * (1.0 - m);
         state[3u * nc + c] = moving_variance * m + variance * (1.0 - m);

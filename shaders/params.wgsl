@@ -54,6 +54,7 @@ const FLAG_GAMMA_L1: u32 = 256u;
 const FLAG_GAMMA_L2: u32 = 512u;
 const FLAG_BETA_L1: u32 = 1024u;
 const FLAG_BETA_L2: u32 = 2048u;
+const FLAG_PYTORCH: u32 = 4096u;
 
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;

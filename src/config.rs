@@ -171,6 +171,20 @@ pub struct RenormClipping {
     pub dmax: Option<f32>,
 }
 
+/// How training calls update the moving statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunningStatistics {
+    /// Keras: `moving = moving * momentum + batch * (1 - momentum)`, with the
+    /// biased batch variance.
+    #[default]
+    Keras,
+    /// PyTorch, for ported models: `running = running * (1 - momentum) +
+    /// batch * momentum` (momentum weighs the new value, 0.1 in PyTorch),
+    /// with the unbiased batch variance. Normalisation itself still uses the
+    /// biased variance, as PyTorch does. Not with renorm.
+    PyTorch,
+}
+
 /// The fields of Keras's `BatchNormalization(...)` that shape the forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchNormConfig {
@@ -193,6 +207,8 @@ pub struct BatchNormConfig {
     pub beta_regularizer: Option<Regularizer>,
     pub gamma_constraint: Option<Constraint>,
     pub beta_constraint: Option<Constraint>,
+    /// Keras's moving-statistics update (the default) or PyTorch's.
+    pub running_statistics: RunningStatistics,
 }
 
 impl Default for BatchNormConfig {
@@ -215,6 +231,7 @@ impl Default for BatchNormConfig {
             beta_regularizer: None,
             gamma_constraint: None,
             beta_constraint: None,
+            running_statistics: RunningStatistics::Keras,
         }
     }
 }
@@ -262,6 +279,11 @@ impl BatchNormConfig {
                     constraint: format!("{c:?}"),
                 });
             }
+        }
+        if self.renorm && self.running_statistics == RunningStatistics::PyTorch {
+            return Err(ConfigError::Unsupported(
+                "PyTorch running statistics do not combine with renorm".into(),
+            ));
         }
         if self.renorm {
             if !(0.0..=1.0).contains(&self.renorm_momentum) {

@@ -30,6 +30,7 @@ pub(crate) const FLAG_GAMMA_L1: u32 = 256;
 pub(crate) const FLAG_GAMMA_L2: u32 = 512;
 pub(crate) const FLAG_BETA_L1: u32 = 1024;
 pub(crate) const FLAG_BETA_L2: u32 = 2048;
+pub(crate) const FLAG_PYTORCH: u32 = 4096;
 
 /// The uniform block of `shaders/params.wgsl`, field for field.
 #[repr(C)]

@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{BatchNormConfig, ChannelView, Regularizer};
+use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics};
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
@@ -602,6 +602,10 @@ impl BatchNorm {
         let cfg = &self.config;
         let clip = cfg.renorm_clipping;
         flag(cfg.renorm, kernels::FLAG_RENORM)
+            | flag(
+                cfg.running_statistics == RunningStatistics::PyTorch,
+                kernels::FLAG_PYTORCH,
+            )
             | flag(cfg.center, kernels::FLAG_CENTER)
             | flag(cfg.scale, kernels::FLAG_SCALE)
             | flag(clip.rmin.is_some(), kernels::FLAG_RMIN)

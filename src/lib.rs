@@ -26,7 +26,9 @@ pub(crate) mod plan;
 pub mod reference;
 pub mod tensor;
 
-pub use config::{BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping};
+pub use config::{
+    BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping, RunningStatistics,
+};
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, StateSlot};

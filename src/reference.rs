@@ -2,7 +2,7 @@
 //! precision, written step by step like the GPU path (statistics, finalize,
 //! normalise) so that the two can be compared kernel by kernel.
 
-use crate::config::{BatchNormConfig, ChannelView};
+use crate::config::{BatchNormConfig, ChannelView, RunningStatistics};
 use crate::error::{ConfigError, Error, Result};
 use crate::layer::StateSlot;
 
@@ -104,6 +104,18 @@ pub struct ChannelAffine {
     pub count: f64,
 }
 
+/// The sum of squared deviations from the statistics' mean (Keras's, with
+/// a mask).
+fn m2_of(m: &ChannelMoments, masked: bool) -> f64 {
+    if masked {
+        let keras_mean = m.mean * m.count / (m.count + MASK_COUNT_EPS);
+        let d = m.mean - keras_mean;
+        m.m2 + m.count * d * d
+    } else {
+        m.m2
+    }
+}
+
 /// Mirror of the finalize kernel. With batch moments (training) it applies
 /// Keras's mask denominators and renorm corrections and updates `state`;
 /// without (inference) it reads the moving statistics.
@@ -182,6 +194,14 @@ pub fn finalize(
                 let moving_stddev = state.moving_stddev[c] * momentum + stddev * (1.0 - momentum);
                 state.moving_stddev[c] = moving_stddev;
                 state.moving_variance[c] = (moving_stddev * moving_stddev - eps).max(0.0);
+            } else if config.running_statistics == RunningStatistics::PyTorch {
+                let unbiased = if count > 1.0 {
+                    m2_of(&moments[c], masked) / (count - 1.0)
+                } else {
+                    variance
+                };
+                state.moving_mean[c] = state.moving_mean[c] * (1.0 - momentum) + mean * momentum;
+                state.moving_variance[c] = state.moving_variance[c] * (1.0 - momentum) + unbiased * momentum;
             } else {
                 state.moving_mean[c] = state.moving_mean[c] * momentum + mean * (1.0 - momentum);
                 state.moving_variance[c] = state.moving_variance[c] * momentum + variance * (1.0 - momentum);

@@ -265,3 +265,41 @@ fn a_fully_masked_out_batch_gives_keras_zero_statistics() {
     assert!(w[2].iter().all(|&m| m == 0.0));
     assert!(w[3].iter().all(|&v| (v - 0.99).abs() < 1e-7));
 }
+
+/// PyTorch's running statistics for ported models: momentum weighs the new
+/// value, the running variance is unbiased, normalisation stays biased.
+#[test]
+fn pytorch_running_statistics() {
+    let ctx = gpu();
+    let config = BatchNormConfig {
+        momentum: 0.1,
+        epsilon: 1e-5,
+        running_statistics: wgpu_batchnorm::RunningStatistics::PyTorch,
+        ..Default::default()
+    };
+    let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 2).unwrap();
+    let x = wgpu_batchnorm::Tensor::from_f32(&ctx, &[3, 2], &[1.0, 2.0, 3.0, 6.0, 5.0, 10.0]).unwrap();
+    let y = layer.forward(&x, Some(true), None).unwrap().read_f32(&ctx).unwrap();
+    let w = layer.get_weights().unwrap();
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-5);
+    assert!(close(&w[2], &[0.3, 0.6]), "{:?}", w[2]);
+    assert!(close(&w[3], &[0.9 + 0.4, 0.9 + 1.6]), "{:?}", w[3]);
+    let biased = [8.0f32 / 3.0, 32.0 / 3.0];
+    assert!((y[0] - (1.0 - 3.0) / (biased[0] + 1e-5).sqrt()).abs() < 1e-5);
+    // the random sweep's flags under PyTorch statistics, masks included
+    for (i, shape) in [&[7usize, 3][..], &[2, 5, 8], &[4, 4, 16]].into_iter().enumerate() {
+        let config = BatchNormConfig {
+            axis: 1,
+            ..config.clone()
+        };
+        let o = compare_with_reference(&ctx, &config, shape, DType::F32, &calls(shape.len()), 300 + i as u64);
+        assert!(
+            o.y_error <= 2e-5 && o.state_error <= 2e-5,
+            "{shape:?}: {:.2e} {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+    let renorm = BatchNormConfig { renorm: true, ..config };
+    assert!(wgpu_batchnorm::BatchNorm::new(&ctx, renorm, 2).is_err());
+}
