@@ -215,6 +215,12 @@ impl GpuContext {
         self.inner.kernels.compiled()
     }
 
+    /// The alignment a tensor view's offset needs
+    /// (`min_storage_buffer_offset_alignment`).
+    pub fn storage_offset_alignment(&self) -> u64 {
+        self.storage_alignment()
+    }
+
     pub(crate) fn storage_alignment(&self) -> u64 {
         self.inner.device.limits().min_storage_buffer_offset_alignment as u64
     }

@@ -190,7 +190,7 @@ impl BatchNorm {
 
     /// Reads every weight back, in Keras order, with its name.
     pub fn named_weights(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
-        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 7 * self.channels as u64 * 4))?;
+        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 0, 7 * self.channels as u64 * 4))?;
         let all: &[f32] = bytemuck::cast_slice(&bytes);
         Ok(self
             .weight_slots()
@@ -364,11 +364,7 @@ impl BatchNorm {
             });
             if batch_statistics {
                 rec.per_chunk(&mut pass, key(Kernel::PartialStats).with_layout(plan.stats), |chunk| {
-                    vec![
-                        chunk_binding(x.buffer(), chunk),
-                        mask_buffer.as_entire_binding(),
-                        rec.partials(),
-                    ]
+                    vec![chunk_binding(x, chunk), mask_buffer.as_entire_binding(), rec.partials()]
                 });
             }
             rec.per_channel(
@@ -386,9 +382,9 @@ impl BatchNorm {
                 key(Kernel::Normalize).with_layout(plan.elementwise),
                 |chunk| {
                     vec![
-                        chunk_binding(x.buffer(), chunk),
+                        chunk_binding(x, chunk),
                         self.affine.as_entire_binding(),
-                        chunk_binding(y.buffer(), chunk),
+                        chunk_binding(y, chunk),
                     ]
                 },
             );
@@ -478,7 +474,11 @@ impl BatchNorm {
         }
         check_output("dx", x, &grads.dx)?;
         if grads.dx.buffer() == dy.buffer() {
-            return Err(Error::Shape("dx must not share dy's buffer".into()));
+            return Err(Error::Shape(
+                "dx must live in another buffer than dy: WebGPU forbids binding one buffer read-only and \
+                 read-write in the same dispatch"
+                    .into(),
+            ));
         }
         let cfg = &self.config;
         for (name, t, present) in [
@@ -536,8 +536,8 @@ impl BatchNorm {
                 key(Kernel::BackwardReduce).with_layout(plan.stats),
                 |chunk| {
                     vec![
-                        chunk_binding(x.buffer(), chunk),
-                        chunk_binding(dy.buffer(), chunk),
+                        chunk_binding(x, chunk),
+                        chunk_binding(dy, chunk),
                         self.saved.as_entire_binding(),
                         mask_buffer.as_entire_binding(),
                         rec.partials(),
@@ -560,20 +560,20 @@ impl BatchNorm {
                 key(Kernel::BackwardDx).with_layout(plan.elementwise),
                 |chunk| {
                     vec![
-                        chunk_binding(x.buffer(), chunk),
-                        chunk_binding(dy.buffer(), chunk),
+                        chunk_binding(x, chunk),
+                        chunk_binding(dy, chunk),
                         mask_buffer.as_entire_binding(),
                         self.coeffs.as_entire_binding(),
-                        chunk_binding(grads.dx.buffer(), chunk),
+                        chunk_binding(&grads.dx, chunk),
                     ]
                 },
             );
         }
         if let Some(g) = &grads.dgamma {
-            encoder.copy_buffer_to_buffer(&self.grads, 0, g.buffer(), 0, channel_bytes);
+            encoder.copy_buffer_to_buffer(&self.grads, 0, g.buffer(), g.offset(), channel_bytes);
         }
         if let Some(b) = &grads.dbeta {
-            encoder.copy_buffer_to_buffer(&self.grads, channel_bytes, b.buffer(), 0, channel_bytes);
+            encoder.copy_buffer_to_buffer(&self.grads, channel_bytes, b.buffer(), b.offset(), channel_bytes);
         }
         Ok(())
     }
@@ -642,7 +642,10 @@ fn check_output(name: &str, x: &Tensor, out: &Tensor) -> Result<()> {
         )));
     }
     if out.buffer() == x.buffer() {
-        return Err(Error::Shape(format!("{name} must not share the input's buffer")));
+        return Err(Error::Shape(format!(
+            "{name} must live in another buffer than the input: WebGPU forbids binding one buffer \
+             read-only and read-write in the same dispatch"
+        )));
     }
     Ok(())
 }
@@ -651,10 +654,11 @@ fn flag(on: bool, bit: u32) -> u32 {
     if on { bit } else { 0 }
 }
 
-fn chunk_binding<'a>(buffer: &'a wgpu::Buffer, chunk: &Chunk) -> wgpu::BindingResource<'a> {
+/// One chunk of a tensor (which may start inside its buffer).
+fn chunk_binding<'a>(tensor: &'a Tensor, chunk: &Chunk) -> wgpu::BindingResource<'a> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer,
-        offset: chunk.bind_offset,
+        buffer: tensor.buffer(),
+        offset: tensor.offset() + chunk.bind_offset,
         size: wgpu::BufferSize::new(chunk.bind_size),
     })
 }

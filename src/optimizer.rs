@@ -81,11 +81,26 @@ impl Sgd {
             flags |= kernels::OPT_NESTEROV;
         }
         let ctx = layer.context();
+        fn binding<'a>(t: &'a Option<Tensor>, placeholder: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
+            match t {
+                Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: t.buffer(),
+                    offset: t.offset(),
+                    size: wgpu::BufferSize::new(t.byte_len()),
+                }),
+                None => placeholder.as_entire_binding(),
+            }
+        }
         let placeholder = &ctx.inner.placeholder;
-        let dgamma = grads.dgamma.as_ref().map(Tensor::buffer).unwrap_or(placeholder);
-        let dbeta = grads.dbeta.as_ref().map(Tensor::buffer).unwrap_or(placeholder);
         let params = optimizer_params(layer, flags, self.learning_rate, self.momentum);
-        record(ctx, layer, &params, [dgamma, dbeta], &self.velocity, true);
+        record(
+            ctx,
+            layer,
+            &params,
+            [binding(&grads.dgamma, placeholder), binding(&grads.dbeta, placeholder)],
+            &self.velocity,
+            true,
+        );
         layer.weights_replaced();
         Ok(())
     }
@@ -122,11 +137,12 @@ fn record(
     ctx: &GpuContext,
     layer: &BatchNorm,
     params: &OptimizerParams,
-    grads: [&wgpu::Buffer; 2],
+    grads: [wgpu::BindingResource; 2],
     velocity: &wgpu::Buffer,
     step: bool,
 ) {
     use wgpu::util::DeviceExt;
+    let [dgamma, dbeta] = grads;
     let device = ctx.device();
     let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("optimizer params"),
@@ -148,11 +164,11 @@ fn record(
             },
             wgpu::BindGroupEntry {
                 binding: 2,
-                resource: grads[0].as_entire_binding(),
+                resource: dgamma,
             },
             wgpu::BindGroupEntry {
                 binding: 3,
-                resource: grads[1].as_entire_binding(),
+                resource: dbeta,
             },
             wgpu::BindGroupEntry {
                 binding: 4,
@@ -193,8 +209,8 @@ impl BatchNorm {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let placeholder = &ctx.inner.placeholder;
-        record(ctx, self, &params, [placeholder, placeholder], &scratch, false);
+        let placeholder = || ctx.inner.placeholder.as_entire_binding();
+        record(ctx, self, &params, [placeholder(), placeholder()], &scratch, false);
         self.weights_replaced();
         Ok(())
     }

@@ -80,6 +80,7 @@ fn check_size(ctx: &GpuContext, bytes: u64) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
+    offset: u64,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -116,6 +117,7 @@ impl Tensor {
         });
         Ok(Tensor {
             buffer,
+            offset: 0,
             shape: shape.to_vec(),
             dtype,
         })
@@ -139,6 +141,7 @@ impl Tensor {
         });
         Ok(Tensor {
             buffer,
+            offset: 0,
             shape: shape.to_vec(),
             dtype,
         })
@@ -147,23 +150,59 @@ impl Tensor {
     /// Wraps an application's buffer holding a tensor from offset 0. The
     /// buffer needs `STORAGE` usage (and `COPY_SRC` to be read back).
     pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::view(buffer, 0, shape, dtype, 256)
+    }
+
+    /// A view of `shape` and `dtype` starting `offset` bytes into an
+    /// application's buffer, so layers can read and write the application's
+    /// buffers in place. `offset` must be a multiple of the device's
+    /// `min_storage_buffer_offset_alignment` (256 on most adapters; see
+    /// [`GpuContext::storage_offset_alignment`]).
+    pub fn view_of(ctx: &GpuContext, buffer: wgpu::Buffer, offset: u64, shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::view(buffer, offset, shape, dtype, ctx.storage_alignment())
+    }
+
+    fn view(buffer: wgpu::Buffer, offset: u64, shape: &[usize], dtype: DType, alignment: u64) -> Result<Self> {
         let len = shape.iter().product();
         check_shape(shape, len)?;
         if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
             return Err(Error::Shape("the buffer lacks STORAGE usage".into()));
         }
-        let need = padded_bytes(len, dtype);
-        if buffer.size() < need {
+        if offset % alignment != 0 {
             return Err(Error::Shape(format!(
-                "buffer of {} bytes is too small for shape {shape:?} of {dtype} ({need} bytes)",
+                "offset {offset} is not a multiple of the storage offset alignment {alignment}"
+            )));
+        }
+        let need = padded_bytes(len, dtype);
+        if buffer.size() < offset.saturating_add(need) {
+            return Err(Error::Shape(format!(
+                "buffer of {} bytes is too small for shape {shape:?} of {dtype} at offset {offset} ({need} bytes)",
                 buffer.size()
             )));
         }
         Ok(Tensor {
             buffer,
+            offset,
             shape: shape.to_vec(),
             dtype,
         })
+    }
+
+    /// Byte offset of the tensor in its buffer.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes the tensor occupies (padded to whole 4-byte words).
+    pub fn byte_len(&self) -> u64 {
+        padded_bytes(self.len(), self.dtype)
+    }
+
+    /// Whether two tensors share bytes of one buffer.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        self.buffer == other.buffer
+            && self.offset < other.offset + other.byte_len()
+            && other.offset < self.offset + self.byte_len()
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -188,7 +227,7 @@ impl Tensor {
 
     /// Reads the values back as float32 (float16 widened exactly).
     pub async fn read_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        let bytes = read_buffer(ctx, &self.buffer, padded_bytes(self.len(), self.dtype)).await?;
+        let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len()).await?;
         Ok(match self.dtype {
             DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
             DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()]
@@ -211,7 +250,7 @@ impl Tensor {
                 got: self.dtype.to_string(),
             });
         }
-        let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, padded_bytes(self.len(), self.dtype)))?;
+        let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, self.offset, self.byte_len()))?;
         Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
     }
 }
@@ -256,8 +295,8 @@ impl Mask {
     }
 }
 
-/// Copies `size` bytes from the start of `buffer` into host memory.
-pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+/// Copies `size` bytes from `offset` in `buffer` into host memory.
+pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
     let device = ctx.device();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
@@ -266,7 +305,7 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u
         mapped_at_creation: false,
     });
     let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     ctx.queue().submit([encoder.finish()]);
     let slice = staging.slice(..);
     let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();

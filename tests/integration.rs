@@ -256,3 +256,64 @@ fn forward_and_backward_never_compile_a_pipeline() {
     layer.apply_constraints().unwrap();
     assert_eq!(ctx.compiled_pipelines(), compiled);
 }
+
+#[test]
+fn views_at_offsets_inside_application_buffers() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    let align = ctx.storage_offset_alignment();
+    let (shape, len) = ([50usize, 12], 600usize);
+    let slot = ((len * 4) as u64).div_ceil(align) * align;
+    // WebGPU binds a buffer either read-only or read-write within one
+    // dispatch: inputs [x | dy] in one arena, outputs [y | dx] in another
+    let arena = |label| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: 2 * slot,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let (inputs, outputs) = (arena("inputs"), arena("outputs"));
+    let x32 = random_input(&mut rng(12), len, 3.0);
+    let dy32 = random_input(&mut rng(13), len, 0.2);
+    ctx.queue().write_buffer(&inputs, 0, bytemuck::cast_slice(&x32));
+    ctx.queue().write_buffer(&inputs, slot, bytemuck::cast_slice(&dy32));
+    let f32_ = wgpu_batchnorm::DType::F32;
+    let view = |b: &wgpu::Buffer, i: u64| Tensor::view_of(&ctx, b.clone(), i * slot, &shape, f32_).unwrap();
+    let (x, dy, y, dx) = (view(&inputs, 0), view(&inputs, 1), view(&outputs, 0), view(&outputs, 1));
+    // small bindings: the views are bound in several chunks
+    ctx.set_max_binding_size(1024);
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 12).unwrap();
+    layer.forward_into(&x, Some(true), None, &y).unwrap();
+    let grads = wgpu_batchnorm::Gradients {
+        dx: dx.clone(),
+        dgamma: Some(Tensor::from_f32(&ctx, &[12], &[0.0; 12]).unwrap()),
+        dbeta: Some(Tensor::from_f32(&ctx, &[12], &[0.0; 12]).unwrap()),
+    };
+    layer.backward_into(&dy, false, &grads).unwrap();
+
+    let mut reference = ReferenceLayer::new(BatchNormConfig::default(), 12).unwrap();
+    let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
+    let want_y = reference.forward(&x64, &shape, Some(true), None).unwrap();
+    let want = reference
+        .backward(&dy32.iter().map(|&v| v as f64).collect::<Vec<_>>(), false)
+        .unwrap();
+    let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+    assert!(error_measure(&read(&y), &want_y) < 2e-5);
+    assert!(error_measure(&read(&dx), &want.dx) < 1e-4);
+    assert!(error_measure(&read(grads.dgamma.as_ref().unwrap()), want.dgamma.as_ref().unwrap()) < 1e-4);
+    assert_eq!(x.read_f32(&ctx).unwrap(), x32, "the input is untouched");
+
+    // misaligned and out-of-bounds views, and outputs in an input's buffer, are refused
+    assert!(matches!(
+        Tensor::view_of(&ctx, inputs.clone(), 4, &shape, f32_),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Tensor::view_of(&ctx, inputs.clone(), 2 * slot, &shape, f32_),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(layer.forward_into(&x, None, None, &dy), Err(Error::Shape(_))));
+    assert!(x.overlaps(&Tensor::view_of(&ctx, inputs.clone(), 0, &[2, 12], f32_).unwrap()));
+    assert!(!x.overlaps(&dy));
+}
