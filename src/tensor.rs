@@ -168,7 +168,7 @@ impl Tensor {
         if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
             return Err(Error::Shape("the buffer lacks STORAGE usage".into()));
         }
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(Error::Shape(format!(
                 "offset {offset} is not a multiple of the storage offset alignment {alignment}"
             )));
