@@ -20,7 +20,9 @@ use crate::tensor::{DType, Tensor};
 /// One benchmarked input: a shape and its feature axis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BenchShape {
+    /// The input shape.
     pub shape: Vec<usize>,
+    /// The feature axis (negative counts from the end).
     pub axis: i64,
 }
 
@@ -41,15 +43,22 @@ pub fn default_shapes() -> Vec<BenchShape> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+/// What one figure measures.
 pub enum Op {
+    /// A training forward call (statistics, moving update, normalise).
     TrainForward,
+    /// An inference forward call.
     InferenceForward,
+    /// A backward call (dx, dgamma, dbeta) after an untimed training forward.
     Backward,
+    /// The copy baseline: `copy_buffer_to_buffer` of the tensor.
     Copy,
+    /// The streaming baseline: y = a * x + b over the tensor.
     Stream,
 }
 
 impl Op {
+    /// Every operation, baselines first.
     pub const ALL: [Op; 5] = [
         Op::Copy,
         Op::Stream,
@@ -67,6 +76,7 @@ impl Op {
         }
     }
 
+    /// The name used in the JSON and the table.
     pub fn name(self) -> &'static str {
         match self {
             Op::TrainForward => "train_forward",
@@ -81,48 +91,74 @@ impl Op {
 /// One measured figure, in the JSON schema other tools read.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
+    /// The input shape.
     pub shape: Vec<usize>,
+    /// The feature axis.
     pub axis: i64,
+    /// `f32` or `f16`.
     pub dtype: &'static str,
+    /// The operation.
     pub op: Op,
+    /// Median milliseconds per run.
     pub median_ms: f64,
+    /// Fastest run, in milliseconds.
     pub min_ms: f64,
+    /// Slowest run, in milliseconds.
     pub max_ms: f64,
+    /// Timed runs.
     pub runs: usize,
+    /// Bytes a perfect implementation moves (see [`Op::passes`]).
     pub bytes: u64,
+    /// `bytes` / median time, in GB/s.
     pub gbps: f64,
+    /// Median time over the streaming baseline's of the same shape and dtype.
     pub ratio_to_stream: f64,
     /// Conformance error against the float64 reference (None for baselines).
     pub max_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// The adapter a report was measured on.
 pub struct AdapterDescription {
+    /// Adapter name.
     pub name: String,
+    /// Backend (vulkan, gl, metal, dx12).
     pub backend: String,
+    /// Device type (DiscreteGpu, Cpu, ...).
     pub device_type: String,
+    /// Driver name.
     pub driver: String,
+    /// Driver version information.
     pub driver_info: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// Everything one `bench` run measured, as written by `--json`.
 pub struct BenchReport {
+    /// The adapter.
     pub adapter: AdapterDescription,
+    /// This crate's version.
     pub crate_version: &'static str,
     /// How times were taken: "host-clock" (submit, then a blocking wait).
     pub timing: &'static str,
+    /// One entry per shape, dtype and operation.
     pub results: Vec<BenchResult>,
 }
 
 /// How much to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Shapes to measure.
     pub shapes: Vec<BenchShape>,
+    /// Element types to measure.
     pub dtypes: Vec<DType>,
+    /// Untimed runs before timing.
     pub warmup: usize,
+    /// Timed runs (the median is reported).
     pub runs: usize,
 }
 
+/// `f32` or `f16`, as the JSON writes dtypes.
 pub fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
@@ -130,6 +166,7 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The adapter of a context, for reports.
 pub fn describe_adapter(ctx: &GpuContext) -> AdapterDescription {
     match ctx.adapter_info() {
         Some(i) => AdapterDescription {

@@ -9,26 +9,38 @@ use rand::{Rng, SeedableRng};
 /// but are not bit-identical to Keras's random streams.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Initializer {
+    /// Keras `Zeros`.
     Zeros,
+    /// Keras `Ones`.
     Ones,
+    /// Keras `Constant(value)`.
     Constant(f32),
     /// Keras `RandomNormal(mean=0.0, stddev=0.05, seed=None)`.
     RandomNormal {
+        /// Mean of the distribution.
         mean: f32,
+        /// Standard deviation.
         stddev: f32,
+        /// Seed (`None`: a different draw each time).
         seed: Option<u64>,
     },
     /// Keras `RandomUniform(minval=-0.05, maxval=0.05, seed=None)`.
     RandomUniform {
+        /// Lower bound.
         minval: f32,
+        /// Upper bound.
         maxval: f32,
+        /// Seed (`None`: a different draw each time).
         seed: Option<u64>,
     },
     /// Keras `TruncatedNormal(mean=0.0, stddev=0.05, seed=None)`: values
     /// beyond two standard deviations are drawn again.
     TruncatedNormal {
+        /// Mean before truncation.
         mean: f32,
+        /// Standard deviation before truncation.
         stddev: f32,
+        /// Seed (`None`: a different draw each time).
         seed: Option<u64>,
     },
 }
@@ -81,7 +93,9 @@ impl Initializer {
 /// factors is the struct itself.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Regularizer {
+    /// Factor of the L1 penalty.
     pub l1: f32,
+    /// Factor of the L2 penalty.
     pub l2: f32,
 }
 
@@ -89,6 +103,7 @@ impl Regularizer {
     /// Keras's default factor for `L1()`, `L2()` and the `"l1_l2"` string.
     pub const DEFAULT_FACTOR: f32 = 0.01;
 
+    /// Keras's `"l1"`: `L1(l1=0.01)`.
     pub fn l1() -> Self {
         Regularizer {
             l1: Self::DEFAULT_FACTOR,
@@ -96,6 +111,7 @@ impl Regularizer {
         }
     }
 
+    /// Keras's `"l2"`: `L2(l2=0.01)`.
     pub fn l2() -> Self {
         Regularizer {
             l1: 0.0,
@@ -103,6 +119,7 @@ impl Regularizer {
         }
     }
 
+    /// Keras's `"l1_l2"`: both factors 0.01.
     pub fn l1_l2() -> Self {
         Regularizer {
             l1: Self::DEFAULT_FACTOR,
@@ -132,9 +149,19 @@ pub enum Constraint {
     /// `w * (w >= 0)`.
     NonNeg,
     /// Keras `MaxNorm(max_value=2)`.
-    MaxNorm { max_value: f32 },
+    MaxNorm {
+        /// The largest norm allowed.
+        max_value: f32,
+    },
     /// Keras `MinMaxNorm(min_value=0.0, max_value=1.0, rate=1.0)`.
-    MinMaxNorm { min_value: f32, max_value: f32, rate: f32 },
+    MinMaxNorm {
+        /// The smallest norm allowed.
+        min_value: f32,
+        /// The largest norm allowed.
+        max_value: f32,
+        /// How far towards the bounds one application moves (1: all the way).
+        rate: f32,
+    },
     /// Keras `UnitNorm()`.
     UnitNorm,
 }
@@ -166,8 +193,11 @@ impl Constraint {
 /// bounds do not clip.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RenormClipping {
+    /// Upper bound of r.
     pub rmax: Option<f32>,
+    /// Lower bound of r.
     pub rmin: Option<f32>,
+    /// Bound of |d|.
     pub dmax: Option<f32>,
 }
 
@@ -190,22 +220,37 @@ pub enum RunningStatistics {
 pub struct BatchNormConfig {
     /// The feature axis; negative values count from the end, as in Keras.
     pub axis: i64,
+    /// Weight of the old moving statistics in each update (Keras: 0.99).
     pub momentum: f32,
+    /// Added to the variance before the square root (Keras: 1e-3).
     pub epsilon: f32,
+    /// Whether the layer has beta (an offset).
     pub center: bool,
+    /// Whether the layer has gamma (a scale).
     pub scale: bool,
+    /// Initial beta.
     pub beta_initializer: Initializer,
+    /// Initial gamma.
     pub gamma_initializer: Initializer,
+    /// Initial moving mean (and renorm mean).
     pub moving_mean_initializer: Initializer,
+    /// Initial moving variance (its square root starts the renorm stddevs).
     pub moving_variance_initializer: Initializer,
+    /// Batch renormalisation.
     pub renorm: bool,
+    /// Bounds of renorm's r and d.
     pub renorm_clipping: RenormClipping,
+    /// Momentum of the renorm statistics.
     pub renorm_momentum: f32,
     /// `trainable = false` makes every call an inference call that changes nothing.
     pub trainable: bool,
+    /// Penalty on gamma.
     pub gamma_regularizer: Option<Regularizer>,
+    /// Penalty on beta.
     pub beta_regularizer: Option<Regularizer>,
+    /// Constraint applied to gamma after each optimiser step.
     pub gamma_constraint: Option<Constraint>,
+    /// Constraint applied to beta after each optimiser step.
     pub beta_constraint: Option<Constraint>,
     /// Keras's moving-statistics update (the default) or PyTorch's.
     pub running_statistics: RunningStatistics,
@@ -332,12 +377,16 @@ impl BatchNormConfig {
 /// middle axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelView {
+    /// Product of the dimensions before the feature axis.
     pub outer: usize,
+    /// Size of the feature axis.
     pub channels: usize,
+    /// Product of the dimensions after the feature axis.
     pub inner: usize,
 }
 
 impl ChannelView {
+    /// The view of `shape` around `axis` (non-negative, in range).
     pub fn new(shape: &[usize], axis: usize) -> Self {
         ChannelView {
             outer: shape[..axis].iter().product(),
@@ -346,10 +395,12 @@ impl ChannelView {
         }
     }
 
+    /// Elements in the view.
     pub fn len(&self) -> usize {
         self.outer * self.channels * self.inner
     }
 
+    /// Whether the view holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

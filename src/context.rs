@@ -55,8 +55,11 @@ pub(crate) struct ContextInner {
 /// One adapter as the `adapters` command reports it.
 #[derive(Debug, Clone)]
 pub struct AdapterReport {
+    /// What the adapter says of itself.
     pub info: wgpu::AdapterInfo,
+    /// The adapter's limits.
     pub limits: wgpu::Limits,
+    /// The adapter's optional features.
     pub features: wgpu::Features,
 }
 
@@ -173,10 +176,12 @@ impl GpuContext {
         }
     }
 
+    /// The wgpu device.
     pub fn device(&self) -> &wgpu::Device {
         &self.inner.device
     }
 
+    /// The wgpu queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.inner.queue
     }

@@ -14,7 +14,9 @@ pub enum Error {
     /// The adapter was found but refused a device.
     #[error("adapter {adapter} refused a device: {source}")]
     RequestDevice {
+        /// The adapter's name.
         adapter: String,
+        /// What wgpu said.
         #[source]
         source: wgpu::RequestDeviceError,
     },
@@ -26,7 +28,12 @@ pub enum Error {
     Shape(String),
     /// A tensor of the wrong dtype for the operation.
     #[error("dtype mismatch: expected {expected}, got {got}")]
-    DType { expected: String, got: String },
+    DType {
+        /// The dtype the operation needs.
+        expected: String,
+        /// The dtype it was given.
+        got: String,
+    },
     /// A tensor that the adapter's limits cannot bind.
     #[error("tensor too large for this adapter: {0}")]
     TooLarge(String),
@@ -47,38 +54,84 @@ pub enum Error {
     Weights(String),
     /// A Keras case or weight file that cannot be used.
     #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// Invalid `BatchNormalization` arguments, one variant per Keras check.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     #[error("axis {axis} is out of range for an input of rank {rank}")]
-    AxisOutOfRange { axis: i64, rank: usize },
+    /// The feature axis does not exist in the input.
+    AxisOutOfRange {
+        /// The configured axis.
+        axis: i64,
+        /// The input's rank.
+        rank: usize,
+    },
     #[error("input rank {0} is not supported (1 to 8)")]
+    /// An input rank outside 1 to 8.
     Rank(usize),
     #[error("momentum must be in [0, 1], got {0}")]
+    /// `momentum` outside [0, 1].
     Momentum(f64),
     #[error("renorm_momentum must be in [0, 1], got {0}")]
+    /// `renorm_momentum` outside [0, 1].
     RenormMomentum(f64),
     #[error("epsilon must be a positive finite number, got {0}")]
+    /// `epsilon` not positive and finite.
     Epsilon(f64),
     #[error("rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}")]
-    RenormClippingOrder { rmin: f64, rmax: f64 },
+    /// `rmax < rmin`, as Keras refuses it.
+    RenormClippingOrder {
+        /// The lower bound given.
+        rmin: f64,
+        /// The upper bound given.
+        rmax: f64,
+    },
     #[error("dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={0}")]
+    /// `dmax < 0`, as Keras refuses it.
     NegativeDmax(f64),
     #[error("invalid renorm_clipping value {key}={value}: must be finite")]
-    RenormClippingValue { key: &'static str, value: f64 },
+    /// A clipping bound that is not finite.
+    RenormClippingValue {
+        /// `rmax`, `rmin` or `dmax`.
+        key: &'static str,
+        /// The value given.
+        value: f64,
+    },
     #[error("invalid keys for `renorm_clipping`: {0:?}. Supported values: rmax, rmin, dmax")]
+    /// `renorm_clipping` keys other than rmax, rmin, dmax.
     RenormClippingKeys(Vec<String>),
     #[error("{name}: l1 and l2 must be non-negative finite numbers, got l1={l1}, l2={l2}")]
-    Regularizer { name: &'static str, l1: f64, l2: f64 },
+    /// A regularizer factor that is negative or not finite.
+    Regularizer {
+        /// `gamma_regularizer` or `beta_regularizer`.
+        name: &'static str,
+        /// The L1 factor given.
+        l1: f64,
+        /// The L2 factor given.
+        l2: f64,
+    },
     #[error("{name}: invalid constraint {constraint}")]
-    Constraint { name: &'static str, constraint: String },
+    /// A constraint with invalid arguments.
+    Constraint {
+        /// `gamma_constraint` or `beta_constraint`.
+        name: &'static str,
+        /// The constraint given.
+        constraint: String,
+    },
     #[error("channels must be at least 1")]
+    /// A layer built for zero channels.
     NoChannels,
     #[error("{0}")]
+    /// A combination this crate does not support, with the reason.
     Unsupported(String),
 }
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,16 +13,24 @@ use crate::tensor::{DType, Mask, Tensor, read_buffer};
 /// One per-channel state tensor, in Keras's build order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateSlot {
+    /// The scale (`scale=True`).
     Gamma,
+    /// The offset (`center=True`).
     Beta,
+    /// The moving mean.
     MovingMean,
+    /// The moving variance.
     MovingVariance,
+    /// Renorm's moving standard deviation.
     MovingStddev,
+    /// Renorm's mean.
     RenormMean,
+    /// Renorm's standard deviation.
     RenormStddev,
 }
 
 impl StateSlot {
+    /// Every slot, in Keras's order.
     pub const ALL: [StateSlot; 7] = [
         StateSlot::Gamma,
         StateSlot::Beta,
@@ -46,6 +54,7 @@ impl StateSlot {
         }
     }
 
+    /// The slot of a Keras weight name.
     pub fn from_keras_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.keras_name() == name)
     }
@@ -151,14 +160,17 @@ impl BatchNorm {
         Ok(layer)
     }
 
+    /// The layer's configuration.
     pub fn config(&self) -> &BatchNormConfig {
         &self.config
     }
 
+    /// The number of features on the layer's axis.
     pub fn channels(&self) -> usize {
         self.channels
     }
 
+    /// The context the layer's buffers live in.
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Keras 3's `BatchNormalization` layer as wgpu compute kernels.
 //!
 //! ```
@@ -11,8 +12,33 @@
 //! # Ok::<(), wgpu_batchnorm::Error>(())
 //! ```
 //!
-//! Every kernel has a float64 mirror in [`reference`], which the tests and
-//! the `conform` command compare against.
+//! # Guide
+//!
+//! - **Context.** [`GpuContext::from_env`] opens the adapter chosen by
+//!   `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` (or the best one);
+//!   [`GpuContext::from_device`] wraps an application's device and queue.
+//!   Layers of one context share its compiled kernels.
+//! - **Layer.** [`BatchNorm::new`] takes a [`BatchNormConfig`] (every Keras
+//!   argument) and the channel count. [`BatchNorm::forward`] is Keras's
+//!   `layer(x, training=..., mask=...)`; [`BatchNorm::backward`] returns dx,
+//!   dgamma and dbeta of the last forward call; [`Sgd`] updates gamma and
+//!   beta and applies the constraints, all on the GPU.
+//! - **Your own encoder and buffers.** [`BatchNorm::record_forward`] and
+//!   [`BatchNorm::record_backward`] record into a caller's
+//!   `wgpu::CommandEncoder`; [`Tensor::view_of`] views a region of a
+//!   caller's buffer. Outputs must be in another buffer than their inputs
+//!   (a WebGPU rule).
+//! - **Keras in and out.** [`keras::KerasLayerConfig`] reads and writes
+//!   `get_config()` JSON; [`keras::load_weights`] / [`keras::save_weights`]
+//!   use Keras's weight names; [`keras::KerasCase`] runs Keras reference
+//!   cases (the `conform` command).
+//! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
+//!   `Send + Sync`; calls on one layer are serialised by the layer.
+//! - **Numerics.** Statistics are float32 (float16 tensors too), shifted by
+//!   a sample of each channel and merged with Chan's formula, so inputs far
+//!   from zero keep their precision. Every kernel has a float64 mirror in
+//!   [`mod@reference`], which the tests and the `conform` command compare
+//!   against.
 
 pub mod bench;
 pub mod config;

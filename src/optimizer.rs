@@ -14,14 +14,18 @@ use crate::tensor::{DType, Tensor};
 /// and beta. Keeps its velocity on the GPU; use one per layer.
 #[derive(Debug)]
 pub struct Sgd {
+    /// Keras's `learning_rate`.
     pub learning_rate: f32,
+    /// Keras's `momentum` (0: plain SGD).
     pub momentum: f32,
+    /// Keras's `nesterov`.
     pub nesterov: bool,
     channels: usize,
     velocity: wgpu::Buffer,
 }
 
 impl Sgd {
+    /// An optimiser for `layer`'s gamma and beta, velocities at zero.
     pub fn new(layer: &BatchNorm, learning_rate: f32, momentum: f32, nesterov: bool) -> Result<Self> {
         if !(learning_rate >= 0.0 && learning_rate.is_finite()) {
             return Err(ConfigError::Unsupported(format!("learning rate must be >= 0, got {learning_rate}")).into());

@@ -12,8 +12,11 @@ pub const MASK_COUNT_EPS: f64 = 1e-7;
 /// Count, mean and sum of squared deviations of one channel's values.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ChannelMoments {
+    /// Values in the statistics.
     pub count: f64,
+    /// Their mean.
     pub mean: f64,
+    /// Sum of squared deviations from the mean.
     pub m2: f64,
 }
 
@@ -50,16 +53,24 @@ pub fn channel_moments(x: &[f64], view: ChannelView, mask: Option<&[u8]>, last_d
 /// The per-channel state of the layer in float64, Keras's weight names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceState {
+    /// Scale per channel.
     pub gamma: Vec<f64>,
+    /// Offset per channel.
     pub beta: Vec<f64>,
+    /// Moving mean.
     pub moving_mean: Vec<f64>,
+    /// Moving variance.
     pub moving_variance: Vec<f64>,
+    /// Renorm's moving standard deviation.
     pub moving_stddev: Vec<f64>,
+    /// Renorm's mean.
     pub renorm_mean: Vec<f64>,
+    /// Renorm's standard deviation.
     pub renorm_stddev: Vec<f64>,
 }
 
 impl ReferenceState {
+    /// One state tensor.
     pub fn slot(&self, slot: StateSlot) -> &Vec<f64> {
         match slot {
             StateSlot::Gamma => &self.gamma,
@@ -72,6 +83,7 @@ impl ReferenceState {
         }
     }
 
+    /// One state tensor, to change.
     pub fn slot_mut(&mut self, slot: StateSlot) -> &mut Vec<f64> {
         match slot {
             StateSlot::Gamma => &mut self.gamma,
@@ -88,13 +100,17 @@ impl ReferenceState {
 /// Per channel: y = (x - mean) * scale + offset, and what backward needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChannelAffine {
+    /// The mean subtracted.
     pub mean: f64,
+    /// The scale applied after.
     pub scale: f64,
+    /// The offset added last.
     pub offset: f64,
     /// 1 / sqrt(variance + epsilon)
     pub inv: f64,
     /// Renorm's corrections (1 and 0 without renorm or in inference).
     pub r: f64,
+    /// Renorm's d correction (0 without renorm).
     pub d: f64,
     /// The statistics' denominator (count, or count + 1e-7 with a mask).
     pub denom: f64,
@@ -244,7 +260,9 @@ pub fn initial_state(config: &BatchNormConfig, channels: usize) -> [Vec<f64>; 7]
 /// The whole layer on the CPU in float64.
 #[derive(Debug, Clone)]
 pub struct ReferenceLayer {
+    /// The layer's configuration.
     pub config: BatchNormConfig,
+    /// The layer's weights in float64.
     pub state: ReferenceState,
     /// What the last forward call leaves for backward.
     pub saved: Option<ReferenceSaved>,
@@ -253,18 +271,26 @@ pub struct ReferenceLayer {
 /// The last forward call's input and per-channel transform.
 #[derive(Debug, Clone)]
 pub struct ReferenceSaved {
+    /// The input.
     pub x: Vec<f64>,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// The mask the statistics used, if any.
     pub mask: Option<Vec<u8>>,
+    /// Whether the call used batch statistics.
     pub batch_statistics: bool,
+    /// The per-channel transform it applied.
     pub affine: Vec<ChannelAffine>,
 }
 
 /// Gradients from [`ReferenceLayer::backward`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceGradients {
+    /// Gradient of the input.
     pub dx: Vec<f64>,
+    /// Gradient of gamma, where the layer has a trainable one.
     pub dgamma: Option<Vec<f64>>,
+    /// Gradient of beta, where the layer has a trainable one.
     pub dbeta: Option<Vec<f64>>,
 }
 
@@ -272,8 +298,11 @@ pub struct ReferenceGradients {
 /// sum(x - mean) over the masked-in ones.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GradSums {
+    /// sum(dy).
     pub sum_dy: f64,
+    /// sum(dy * (x - mean)).
     pub sum_dy_centered: f64,
+    /// sum(x - mean) over the masked-in values.
     pub sum_centered: f64,
 }
 
@@ -302,9 +331,13 @@ pub fn backward_sums(
 /// dx = c1 * dy - m * (c2 + c3 * (x - mean)) per channel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DxCoefficients {
+    /// The mean dx is centred on.
     pub mean: f64,
+    /// Factor of dy.
     pub c1: f64,
+    /// Constant term (masked-in positions).
     pub c2: f64,
+    /// Factor of (x - mean) (masked-in positions).
     pub c3: f64,
 }
 
@@ -391,6 +424,7 @@ pub fn backward_dx(
 }
 
 impl ReferenceLayer {
+    /// The reference layer with every weight at its initializer's values.
     pub fn new(config: BatchNormConfig, channels: usize) -> Result<Self> {
         config.validate()?;
         if channels == 0 {
@@ -421,6 +455,7 @@ impl ReferenceLayer {
         })
     }
 
+    /// Features on the layer's axis.
     pub fn channels(&self) -> usize {
         self.state.moving_mean.len()
     }

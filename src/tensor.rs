@@ -10,12 +10,14 @@ use crate::error::{Error, Result};
 /// Element type of a tensor. Statistics are always computed in float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit float.
     F32,
     /// Stored as packed pairs; works on every adapter (no `SHADER_F16`).
     F16,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -31,6 +33,7 @@ impl DType {
         }
     }
 
+    /// The dtype of a Keras dtype name.
     pub fn from_keras_name(name: &str) -> Option<Self> {
         match name {
             "float32" => Some(DType::F32),
@@ -205,22 +208,27 @@ impl Tensor {
             && other.offset < self.offset + self.byte_len()
     }
 
+    /// The tensor's shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The buffer the tensor lives in (from [`Tensor::offset`]).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
 
+    /// Elements in the tensor.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Whether the tensor holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -265,6 +273,7 @@ pub struct Mask {
 }
 
 impl Mask {
+    /// Uploads a mask of bytes (non-zero: the position takes part in the statistics).
     pub fn from_u8(ctx: &GpuContext, shape: &[usize], flags: &[u8]) -> Result<Self> {
         let len: usize = shape.iter().product();
         if len != flags.len() || shape.contains(&0) {
@@ -285,11 +294,13 @@ impl Mask {
         })
     }
 
+    /// Uploads a mask of booleans.
     pub fn from_bool(ctx: &GpuContext, shape: &[usize], flags: &[bool]) -> Result<Self> {
         let bytes: Vec<u8> = flags.iter().map(|&b| b as u8).collect();
         Self::from_u8(ctx, shape, &bytes)
     }
 
+    /// The mask's shape (the input's without its last axis).
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

@@ -20,40 +20,55 @@ use crate::tensor::{DType, Mask, Tensor};
 /// One tensor of a case file, widened to float64 (masks keep their bytes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseTensor {
+    /// The tensor's shape.
     pub shape: Vec<usize>,
+    /// The tensor's stored dtype.
     pub dtype: Dtype,
+    /// Its values (masks as 0/1).
     pub values: Vec<f64>,
 }
 
 /// One call of a case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Call {
+    /// Keras's `training` argument (`None` is inference).
     pub training: Option<bool>,
+    /// Whether the call has a mask (`mask.k`).
     pub mask: bool,
 }
 
 /// A Keras reference case.
 #[derive(Debug, Clone)]
 pub struct KerasCase {
+    /// The file.
     pub path: PathBuf,
+    /// The case's name (the file's stem).
     pub name: String,
     /// The layer config, or why this crate cannot run it.
     pub config: std::result::Result<BatchNormConfig, String>,
+    /// The dtype of inputs and outputs, or why this crate cannot run it.
     pub dtype: std::result::Result<DType, String>,
+    /// The input shape.
     pub shape: Vec<usize>,
+    /// The calls, in order.
     pub calls: Vec<Call>,
+    /// Every tensor of the file by key.
     pub tensors: BTreeMap<String, CaseTensor>,
 }
 
 /// Worst error of one output key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyError {
+    /// The output key (`y.0`, `final.moving_mean`, `grad.dx`, ...).
     pub key: String,
+    /// The conformance error (see [`error_measure`]).
     pub error: f64,
+    /// The tolerance for this key.
     pub tolerance: f64,
 }
 
 impl KeyError {
+    /// Whether the error is within the tolerance.
     pub fn passes(&self) -> bool {
         self.error <= self.tolerance
     }
@@ -62,23 +77,31 @@ impl KeyError {
 /// A tensor the runner produced, as `--out` writes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
+    /// The key it is written under.
     pub key: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its dtype in the output file.
     pub dtype: DType,
+    /// Its values.
     pub values: Vec<f64>,
 }
 
 /// The outcome of one case.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseReport {
+    /// The case's name.
     pub name: String,
+    /// The error of every output key.
     pub keys: Vec<KeyError>,
     /// Set when the case could not run (an unsupported feature, a GPU error).
     pub failure: Option<String>,
+    /// What `--out` writes.
     pub outputs: Vec<Output>,
 }
 
 impl CaseReport {
+    /// Whether every key passes and nothing failed.
     pub fn passes(&self) -> bool {
         self.failure.is_none() && !self.keys.is_empty() && self.keys.iter().all(KeyError::passes)
     }
@@ -107,6 +130,7 @@ struct Setup<'a> {
 /// Where a case runs.
 #[derive(Debug, Clone)]
 pub enum Device {
+    /// A GPU context.
     Gpu(GpuContext),
     /// The float64 reference.
     Cpu,
@@ -162,6 +186,7 @@ impl KerasCase {
         Self::parse(path, &bytes)
     }
 
+    /// [`KerasCase::load`] on bytes already read; `path` names the file in errors.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
         let bad = |m: String| file_error(path, m);
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;

@@ -13,8 +13,11 @@ type Parsed<T> = std::result::Result<T, String>;
 /// dtype policy (kept as given, for the round trip) and its arguments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KerasLayerConfig {
+    /// The layer's Keras name.
     pub name: Option<String>,
+    /// The dtype policy, as Keras wrote it.
     pub dtype: Option<Value>,
+    /// The layer's arguments.
     pub config: BatchNormConfig,
 }
 
@@ -26,6 +29,7 @@ impl KerasLayerConfig {
         Self::from_value(&value)
     }
 
+    /// [`KerasLayerConfig::from_json`] on parsed JSON.
     pub fn from_value(value: &Value) -> Parsed<Self> {
         let obj = value.as_object().ok_or("the layer config is not a JSON object")?;
         if let Some(class) = obj.get("class_name") {
@@ -103,6 +107,7 @@ impl KerasLayerConfig {
         })
     }
 
+    /// [`KerasLayerConfig::to_value`] as pretty-printed JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(&self.to_value()).expect("JSON values serialize")
     }
@@ -297,6 +302,7 @@ fn keras_object(module: &str, class: &str, config: Value) -> Value {
     json!({"module": module, "class_name": class, "config": config, "registered_name": null})
 }
 
+/// Keras's serialized form of an initializer.
 pub fn initializer_to_json(i: Initializer) -> Value {
     let (class, config) = match i {
         Initializer::Zeros => ("Zeros", json!({})),
@@ -353,6 +359,7 @@ pub fn regularizer_from_json(v: &Value) -> Parsed<Regularizer> {
     Ok(r)
 }
 
+/// Keras's serialized form of a regularizer.
 pub fn regularizer_to_json(r: Regularizer) -> Value {
     let (class, config) = match (r.l1 != 0.0, r.l2 != 0.0) {
         (true, false) => ("L1", json!({"l1": decimal(r.l1)})),
@@ -403,6 +410,7 @@ pub fn constraint_from_json(v: &Value) -> Parsed<Constraint> {
     })
 }
 
+/// Keras's serialized form of a constraint (`axis` 0).
 pub fn constraint_to_json(c: Constraint) -> Value {
     let (class, config) = match c {
         Constraint::NonNeg => ("NonNeg", json!({})),
