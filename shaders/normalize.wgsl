@@ -8,6 +8,16 @@
 // share a channel (inner % 4 == 0) or are four consecutive channels.
 
 override IS_F16: bool = false;
+// the optional fused ReLU epilogue
+override RELU: bool = false;
+
+fn epilogue(v: f32) -> f32 {
+    return select(v, max(v, 0.0), RELU);
+}
+
+fn epilogue4(v: vec4<f32>) -> vec4<f32> {
+    return select(v, max(v, vec4<f32>(0.0)), RELU);
+}
 
 const WG: u32 = 256u;
 // elements (f32), words (f16) or vec4s per invocation: lavapipe streams
@@ -25,7 +35,7 @@ const PER_THREAD: u32 = 4u;
 // `e` is the element's index within the chunk
 fn apply(e: u32, v: f32) -> f32 {
     let c = ((p.chunk_start + e) / p.inner) % p.channels;
-    return (v - affine[c]) * affine[p.channels + c] + affine[2u * p.channels + c];
+    return epilogue((v - affine[c]) * affine[p.channels + c] + affine[2u * p.channels + c]);
 }
 
 @compute @workgroup_size(256)
@@ -83,7 +93,7 @@ fn normalize_inner4(
     var offset = affine[2u * p.channels + c];
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset));
+        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
         i += 4u;
         if i == p.inner {
             i = 0u;
@@ -115,7 +125,7 @@ fn normalize_inner16(
     let offset = affine[2u * p.channels + c];
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset));
+        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
     }
 }
 
@@ -143,6 +153,6 @@ fn normalize_channels4(
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        y4[p.y_base / 4u + v] = fma(x4[p.x_base / 4u + v] - shift, scale, offset);
+        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, scale, offset));
     }
 }

@@ -254,6 +254,10 @@ pub struct BatchNormConfig {
     pub beta_constraint: Option<Constraint>,
     /// Keras's moving-statistics update (the default) or PyTorch's.
     pub running_statistics: RunningStatistics,
+    /// Applies ReLU to the output inside the normalise kernel (for
+    /// inference after folding; `backward` refuses such calls). Not a
+    /// Keras argument: Keras would use a separate activation layer.
+    pub fused_relu: bool,
 }
 
 impl Default for BatchNormConfig {
@@ -277,6 +281,7 @@ impl Default for BatchNormConfig {
             gamma_constraint: None,
             beta_constraint: None,
             running_statistics: RunningStatistics::Keras,
+            fused_relu: false,
         }
     }
 }

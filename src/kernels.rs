@@ -204,6 +204,8 @@ pub(crate) struct KernelKey {
     pub dtype: DType,
     pub masked: bool,
     pub layout: Layout,
+    /// The normalise pass's fused ReLU epilogue.
+    pub relu: bool,
 }
 
 impl KernelKey {
@@ -220,6 +222,15 @@ impl KernelKey {
             dtype,
             masked,
             layout: Layout::Generic,
+            relu: false,
+        }
+    }
+
+    /// The normalise kernel with (or without) its ReLU epilogue.
+    pub(crate) fn with_relu(self, relu: bool) -> Self {
+        KernelKey {
+            relu: relu && self.kernel == Kernel::Normalize,
+            ..self
         }
     }
 
@@ -245,9 +256,11 @@ impl KernelKey {
                         if !exists {
                             continue;
                         }
-                        let key = key.with_layout(layout);
-                        if !keys.contains(&key) {
-                            keys.push(key);
+                        for relu in [false, true] {
+                            let key = key.with_layout(layout).with_relu(relu);
+                            if !keys.contains(&key) {
+                                keys.push(key);
+                            }
                         }
                     }
                 }
@@ -284,7 +297,8 @@ impl KernelKey {
             Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => {
                 vec![("IS_F16", f16), ("MASKED", masked)]
             }
-            Kernel::Normalize | Kernel::Stream => vec![("IS_F16", f16)],
+            Kernel::Normalize => vec![("IS_F16", f16), ("RELU", self.relu as u8 as f64)],
+            Kernel::Stream => vec![("IS_F16", f16)],
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
         }
     }

@@ -391,7 +391,9 @@ impl BatchNorm {
             );
             rec.per_chunk(
                 &mut pass,
-                key(Kernel::Normalize).with_layout(plan.elementwise),
+                key(Kernel::Normalize)
+                    .with_layout(plan.elementwise)
+                    .with_relu(self.config.fused_relu),
                 |chunk| {
                     vec![
                         chunk_binding(x, chunk),
@@ -467,6 +469,12 @@ impl BatchNorm {
         let Some(record) = scratch.last_forward.clone() else {
             return Err(Error::NoForward);
         };
+        if self.config.fused_relu {
+            return Err(ConfigError::Unsupported(
+                "backward through the fused ReLU epilogue is not supported: use fused_relu for inference".into(),
+            )
+            .into());
+        }
         if record.weights_version != self.weights_version.load(Ordering::Acquire) {
             return Err(Error::WeightsChanged);
         }

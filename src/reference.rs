@@ -501,7 +501,10 @@ impl ReferenceLayer {
         } else {
             finalize(&self.config, &mut self.state, None, false)
         };
-        let y = normalize(x, view, &affine);
+        let mut y = normalize(x, view, &affine);
+        if self.config.fused_relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
         self.saved = Some(ReferenceSaved {
             x: x.to_vec(),
             shape: shape.to_vec(),
@@ -516,6 +519,9 @@ impl ReferenceLayer {
     /// last forward call for the upstream gradient `dy`.
     pub fn backward(&self, dy: &[f64], regularization: bool) -> Result<ReferenceGradients> {
         let saved = self.saved.as_ref().ok_or(Error::NoForward)?;
+        if self.config.fused_relu {
+            return Err(ConfigError::Unsupported("backward through the fused ReLU epilogue".into()).into());
+        }
         if dy.len() != saved.x.len() {
             return Err(Error::Shape(format!(
                 "dy has {} values, the forward input had shape {:?}",

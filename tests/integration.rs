@@ -317,3 +317,54 @@ fn views_at_offsets_inside_application_buffers() {
     assert!(x.overlaps(&Tensor::view_of(&ctx, inputs.clone(), 0, &[2, 12], f32_).unwrap()));
     assert!(!x.overlaps(&dy));
 }
+
+#[test]
+fn the_fused_relu_epilogue_matches_the_reference_and_refuses_backward() {
+    let ctx = gpu();
+    for (shape, axis, dtype) in [
+        (vec![9usize, 8], -1i64, wgpu_batchnorm::DType::F32),
+        (vec![2, 4, 16], 1, wgpu_batchnorm::DType::F32),
+        (vec![3, 5, 7], 1, wgpu_batchnorm::DType::F16),
+    ] {
+        let config = BatchNormConfig {
+            axis,
+            fused_relu: true,
+            ..Default::default()
+        };
+        let channels = shape[config.resolve_axis(shape.len()).unwrap()];
+        let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
+        let mut reference = ReferenceLayer::new(config, channels).unwrap();
+        let len: usize = shape.iter().product();
+        let x32: Vec<f32> = random_input(&mut rng(31), len, 1.0)
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect();
+        let x = Tensor::from_f32_as(&ctx, &shape, &x32, dtype).unwrap();
+        for training in [Some(true), None] {
+            let got: Vec<f64> = layer
+                .forward(&x, training, None)
+                .unwrap()
+                .read_f32(&ctx)
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let want = reference
+                .forward(
+                    &x32.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                    &shape,
+                    training,
+                    None,
+                )
+                .unwrap();
+            assert!(want.iter().all(|&v| v >= 0.0) && want.iter().any(|&v| v == 0.0));
+            assert!(
+                error_measure(&got, &want) < wgpu_batchnorm::keras::tolerance(dtype, false),
+                "{shape:?} {training:?} {:?} {:?}",
+                &got[..8],
+                &want[..8]
+            );
+        }
+        assert!(matches!(layer.backward(&x, false), Err(Error::Config(_))));
+    }
+}
