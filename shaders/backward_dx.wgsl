@@ -115,7 +115,8 @@ fn backward_dx_inner4(
 }
 
 // Channels last, no mask: a channel quad down ROWS_PER_THREAD rows.
-const ROWS_PER_THREAD: u32 = 8u;
+// set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
+override ROWS_PER_THREAD: u32;
 
 @compute @workgroup_size(256)
 fn backward_dx_channels4(

@@ -132,7 +132,8 @@ fn normalize_inner16(
 // Channels last: the four lanes are four consecutive channels. Invocation
 // (quad q, band b) loads its quad's parameters once and walks ROWS_PER_THREAD
 // rows; neighbouring invocations read neighbouring vec4s of each row.
-const ROWS_PER_THREAD: u32 = 8u;
+// set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
+override ROWS_PER_THREAD: u32;
 
 @compute @workgroup_size(256)
 fn normalize_channels4(

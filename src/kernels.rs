@@ -13,7 +13,8 @@ pub(crate) const WORKGROUP: u32 = 256;
 pub(crate) const FINALIZE_WORKGROUP: u32 = 64;
 /// Elements (f32) or packed words (f16) one normalise invocation handles.
 pub(crate) const NORMALIZE_PER_THREAD: u32 = 4;
-/// Rows one channels-last normalise invocation handles (`ROWS_PER_THREAD`).
+/// Rows one channels-last normalise or dx invocation handles (the
+/// `ROWS_PER_THREAD` override of normalize.wgsl and backward_dx.wgsl).
 pub(crate) const NORMALIZE_ROWS_PER_THREAD: u32 = 8;
 /// Bytes between two uniform slots (wgpu's maximum uniform offset alignment).
 pub(crate) const PARAMS_SLOT: u64 = 256;
@@ -293,11 +294,15 @@ impl KernelKey {
     fn constants(&self) -> Vec<(&'static str, f64)> {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
         let masked = self.masked as u8 as f64;
+        let rows = NORMALIZE_ROWS_PER_THREAD as f64;
         match self.kernel {
-            Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => {
-                vec![("IS_F16", f16), ("MASKED", masked)]
-            }
-            Kernel::Normalize => vec![("IS_F16", f16), ("RELU", self.relu as u8 as f64)],
+            Kernel::PartialStats | Kernel::BackwardReduce => vec![("IS_F16", f16), ("MASKED", masked)],
+            Kernel::BackwardDx => vec![("IS_F16", f16), ("MASKED", masked), ("ROWS_PER_THREAD", rows)],
+            Kernel::Normalize => vec![
+                ("IS_F16", f16),
+                ("RELU", self.relu as u8 as f64),
+                ("ROWS_PER_THREAD", rows),
+            ],
             Kernel::Stream => vec![("IS_F16", f16)],
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
         }
