@@ -72,6 +72,21 @@ fn calls(rank: usize) -> Vec<(Option<bool>, bool)> {
     ]
 }
 
+/// float32 with default arguments on `axis`: y and the state within 2e-5.
+fn assert_float32_matches(shape: &[usize], axis: i64, calls: &[(Option<bool>, bool)], seed: u64) {
+    let config = BatchNormConfig {
+        axis,
+        ..Default::default()
+    };
+    let o = compare_with_reference(&gpu(), &config, shape, DType::F32, calls, seed);
+    assert!(
+        o.y_error <= 2e-5 && o.state_error <= 2e-5,
+        "{shape:?} axis {axis}: y {:.2e} state {:.2e}",
+        o.y_error,
+        o.state_error
+    );
+}
+
 fn sweep(ctx: &GpuContext) {
     let mut failures = Vec::new();
     let mut i = 0;
@@ -143,25 +158,11 @@ fn channels_longer_than_one_workgroup_tile() {
         (&[40000usize, 3][..], -1i64),
         (&[3, 5, 10007][..], 1),
         (&[20011, 1][..], 1),
+        (&[40000, 8][..], -1),
+        (&[3, 4, 20000][..], 1),
     ] {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        let o = compare_with_reference(
-            &gpu(),
-            &config,
-            shape,
-            DType::F32,
-            &[(Some(true), true), (None, false)],
-            5,
-        );
-        assert!(
-            o.y_error <= 2e-5 && o.state_error <= 2e-5,
-            "{shape:?}: {:.2e} {:.2e}",
-            o.y_error,
-            o.state_error
-        );
+        assert_float32_matches(shape, axis, &[(Some(true), true), (None, false)], 5);
+        assert_float32_matches(shape, axis, &[(Some(true), false), (Some(true), false)], 6);
     }
 }
 
@@ -170,26 +171,8 @@ fn channels_longer_than_one_workgroup_tile() {
 #[test]
 fn channels_of_more_than_2_pow_20_values_nhwc_and_nchw() {
     for (shape, axis) in [(&[17usize, 256, 256, 4][..], -1i64), (&[3, 4, 600, 600][..], 1)] {
-        let per_channel = shape.iter().product::<usize>() / 4;
-        assert!(per_channel > 1 << 20);
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        let o = compare_with_reference(
-            &gpu(),
-            &config,
-            shape,
-            DType::F32,
-            &[(Some(true), false), (None, false)],
-            11,
-        );
-        assert!(
-            o.y_error <= 2e-5 && o.state_error <= 2e-5,
-            "{shape:?}: {:.2e} {:.2e}",
-            o.y_error,
-            o.state_error
-        );
+        assert!(shape.iter().product::<usize>() / 4 > 1 << 20);
+        assert_float32_matches(shape, axis, &[(Some(true), false), (None, false)], 11);
     }
 }
 
@@ -199,24 +182,7 @@ fn channels_of_more_than_2_pow_20_values_nhwc_and_nchw() {
 fn tensor_larger_than_one_binding() {
     let shape = [9usize, 4, 1000, 1000];
     assert!(shape.iter().product::<usize>() * 4 > 128 << 20);
-    let config = BatchNormConfig {
-        axis: 1,
-        ..Default::default()
-    };
-    let o = compare_with_reference(
-        &gpu(),
-        &config,
-        &shape,
-        DType::F32,
-        &[(Some(true), false), (None, false)],
-        13,
-    );
-    assert!(
-        o.y_error <= 2e-5 && o.state_error <= 2e-5,
-        "{:.2e} {:.2e}",
-        o.y_error,
-        o.state_error
-    );
+    assert_float32_matches(&shape, 1, &[(Some(true), false), (None, false)], 13);
 }
 
 #[test]
