@@ -3,8 +3,6 @@
 // streams fastest (four consecutive vec4s per invocation, 256 invocations
 // per workgroup). float16 buffers are streamed as packed words.
 
-override IS_F16: bool = false;
-
 const WG: u32 = 256u;
 const PER_THREAD: u32 = 4u;
 const A: f32 = 1.5;
@@ -32,13 +30,14 @@ fn stream_f32(
     }
 }
 
+// float16: a vec4<u32> word quad holds eight halves
 @compute @workgroup_size(256)
-fn stream(
+fn stream_f16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    // whole 16-byte vectors: the host pads the element count
+    // whole 16-byte vectors: the host leaves an odd tail out
     let vecs = p.chunk_elems;
     for (var k = 0u; k < PER_THREAD; k++) {
         let v = thread * PER_THREAD + k;
@@ -46,12 +45,8 @@ fn stream(
             break;
         }
         let w = x4[p.x_base + v];
-        if IS_F16 {
-            let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)) * A + B;
-            let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)) * A + B;
-            y4[p.y_base + v] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
-        } else {
-            y4[p.y_base + v] = bitcast<vec4<u32>>(bitcast<vec4<f32>>(w) * A + B);
-        }
+        let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)) * A + B;
+        let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)) * A + B;
+        y4[p.y_base + v] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
     }
 }

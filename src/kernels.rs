@@ -155,7 +155,7 @@ impl Kernel {
             Kernel::BackwardDx => "backward_dx",
             Kernel::SgdStep => "sgd_step",
             Kernel::Constrain => "constrain",
-            Kernel::Stream => "stream",
+            Kernel::Stream => "stream_f16",
         }
     }
 
@@ -303,7 +303,7 @@ impl KernelKey {
                 ("RELU", self.relu as u8 as f64),
                 ("ROWS_PER_THREAD", rows),
             ],
-            Kernel::Stream => vec![("IS_F16", f16)],
+            Kernel::Stream => vec![],
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
         }
     }

@@ -120,18 +120,6 @@ pub struct ChannelAffine {
     pub count: f64,
 }
 
-/// The sum of squared deviations from the statistics' mean (Keras's, with
-/// a mask).
-fn m2_of(m: &ChannelMoments, masked: bool) -> f64 {
-    if masked {
-        let keras_mean = m.mean * m.count / (m.count + MASK_COUNT_EPS);
-        let d = m.mean - keras_mean;
-        m.m2 + m.count * d * d
-    } else {
-        m.m2
-    }
-}
-
 /// Mirror of the finalize kernel. With batch moments (training) it applies
 /// Keras's mask denominators and renorm corrections and updates `state`;
 /// without (inference) it reads the moving statistics.
@@ -163,15 +151,17 @@ pub fn finalize(
                 };
             };
             let ChannelMoments { count, mean, m2 } = moments[c];
-            let (mean, variance, denom) = if masked {
+            // `deviations`: sum of squared deviations from the statistics' mean
+            let (mean, deviations, denom) = if masked {
                 let denom = count + MASK_COUNT_EPS;
                 let keras_mean = mean * count / denom;
                 // sum((x - keras_mean)^2) = m2 + count * (mean - keras_mean)^2
                 let d = mean - keras_mean;
-                (keras_mean, (m2 + count * d * d) / denom, denom)
+                (keras_mean, m2 + count * d * d, denom)
             } else {
-                (mean, m2 / count, count)
+                (mean, m2, count)
             };
+            let variance = deviations / denom;
             let inv = 1.0 / (variance + eps).sqrt();
             let mut affine = ChannelAffine {
                 mean,
@@ -212,7 +202,7 @@ pub fn finalize(
                 state.moving_variance[c] = (moving_stddev * moving_stddev - eps).max(0.0);
             } else if config.running_statistics == RunningStatistics::PyTorch {
                 let unbiased = if count > 1.0 {
-                    m2_of(&moments[c], masked) / (count - 1.0)
+                    deviations / (count - 1.0)
                 } else {
                     variance
                 };
