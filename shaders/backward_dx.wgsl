@@ -13,11 +13,22 @@ const PER_THREAD: u32 = 4u;
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
 @group(0) @binding(4) var<storage, read> coeffs: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> dx: array<u32>;
+// The first 64 KiB of `coeffs` again, as a uniform: with UNIFORM_PARAMS the
+// coefficients are read here (see kernels::KernelKey::uniform_params).
+@group(0) @binding(6) var<uniform> coeffs_u: array<vec4<f32>, 4096>;
+override UNIFORM_PARAMS: bool = false;
+
+fn coeffs_of(c: u32) -> vec4<f32> {
+    if UNIFORM_PARAMS {
+        return coeffs_u[c];
+    }
+    return coeffs[c];
+}
 
 // `e` is the element's index within the chunk
 fn grad(e: u32, xv: f32, g: f32) -> f32 {
     let a = p.chunk_start + e;
-    let k = coeffs[(a / p.inner) % p.channels];
+    let k = coeffs_of((a / p.inner) % p.channels);
     var out = k.y * g;
     if !MASKED || masked_in(a) {
         out -= k.z + k.w * (xv - k.x);
@@ -77,7 +88,7 @@ fn backward_dx_inner16(
     if first >= vecs {
         return;
     }
-    let k = coeffs[((p.chunk_start + 4u * first) / p.inner) % p.channels];
+    let k = coeffs_of(((p.chunk_start + 4u * first) / p.inner) % p.channels);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         let a = p.x_base / 4u + v;
@@ -100,7 +111,7 @@ fn backward_dx_inner4(
     let e = p.chunk_start + 4u * first;
     var c = (e / p.inner) % p.channels;
     var i = e % p.inner;
-    var k = coeffs[c];
+    var k = coeffs_of(c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         let a = p.x_base / 4u + v;
@@ -109,7 +120,7 @@ fn backward_dx_inner4(
         if i == p.inner {
             i = 0u;
             c = select(c + 1u, 0u, c + 1u == p.channels);
-            k = coeffs[c];
+            k = coeffs_of(c);
         }
     }
 }
@@ -131,10 +142,10 @@ fn backward_dx_channels4(
     if r0 >= rows {
         return;
     }
-    let k0 = coeffs[4u * q];
-    let k1 = coeffs[4u * q + 1u];
-    let k2 = coeffs[4u * q + 2u];
-    let k3 = coeffs[4u * q + 3u];
+    let k0 = coeffs_of(4u * q);
+    let k1 = coeffs_of(4u * q + 1u);
+    let k2 = coeffs_of(4u * q + 2u);
+    let k3 = coeffs_of(4u * q + 3u);
     let shift = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
     let c1 = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
     let c2 = vec4<f32>(k0.z, k1.z, k2.z, k3.z);

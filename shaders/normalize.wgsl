@@ -31,11 +31,31 @@ const PER_THREAD: u32 = 4u;
 @group(0) @binding(2) var<storage, read> affine4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;
+// The first 64 KiB of `affine` again, as a uniform: with UNIFORM_PARAMS the
+// parameters are read here (see kernels::KernelKey::uniform_params).
+@group(0) @binding(4) var<uniform> affine_u: array<vec4<f32>, 4096>;
+override UNIFORM_PARAMS: bool = false;
+
+// affine[i], through whichever binding the variant reads
+fn affine_at(i: u32) -> f32 {
+    if UNIFORM_PARAMS {
+        return affine_u[i / 4u][i % 4u];
+    }
+    return affine[i];
+}
+
+// the i-th vec4 of affine
+fn affine_quad(i: u32) -> vec4<f32> {
+    if UNIFORM_PARAMS {
+        return affine_u[i];
+    }
+    return affine4[i];
+}
 
 // `e` is the element's index within the chunk
 fn apply(e: u32, v: f32) -> f32 {
     let c = ((p.chunk_start + e) / p.inner) % p.channels;
-    return epilogue((v - affine[c]) * affine[p.channels + c] + affine[2u * p.channels + c]);
+    return epilogue((v - affine_at(c)) * affine_at(p.channels + c) + affine_at(2u * p.channels + c));
 }
 
 @compute @workgroup_size(256)
@@ -88,9 +108,9 @@ fn normalize_inner4(
     var c = (e / p.inner) % p.channels;
     var i = e % p.inner;
     // parameters are loaded once per channel the invocation meets, not per vec4
-    var shift = affine[c];
-    var scale = affine[p.channels + c];
-    var offset = affine[2u * p.channels + c];
+    var shift = affine_at(c);
+    var scale = affine_at(p.channels + c);
+    var offset = affine_at(2u * p.channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
@@ -98,9 +118,9 @@ fn normalize_inner4(
         if i == p.inner {
             i = 0u;
             c = select(c + 1u, 0u, c + 1u == p.channels);
-            shift = affine[c];
-            scale = affine[p.channels + c];
-            offset = affine[2u * p.channels + c];
+            shift = affine_at(c);
+            scale = affine_at(p.channels + c);
+            offset = affine_at(2u * p.channels + c);
         }
     }
 }
@@ -120,9 +140,9 @@ fn normalize_inner16(
         return;
     }
     let c = ((p.chunk_start + 4u * first) / p.inner) % p.channels;
-    let shift = affine[c];
-    let scale = affine[p.channels + c];
-    let offset = affine[2u * p.channels + c];
+    let shift = affine_at(c);
+    let scale = affine_at(p.channels + c);
+    let offset = affine_at(2u * p.channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
@@ -148,9 +168,9 @@ fn normalize_channels4(
     if r0 >= rows {
         return;
     }
-    let shift = affine4[q];
-    let scale = affine4[quads + q];
-    let offset = affine4[2u * quads + q];
+    let shift = affine_quad(q);
+    let scale = affine_quad(quads + q);
+    let offset = affine_quad(2u * quads + q);
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;

@@ -2,7 +2,7 @@
 //! application), the adapter they came from, and the kernel cache.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
@@ -50,6 +50,9 @@ pub(crate) struct ContextInner {
     max_binding: AtomicU64,
     /// A 4-byte buffer bound where a kernel's optional input is absent.
     pub(crate) placeholder: wgpu::Buffer,
+    /// Whether the elementwise kernels read per-channel parameters through
+    /// a uniform binding (see [`GpuContext::set_uniform_parameters`]).
+    uniform_params: AtomicBool,
 }
 
 /// One adapter as the `adapters` command reports it.
@@ -164,6 +167,9 @@ impl GpuContext {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        // a CPU adapter (llvmpipe, WARP, SwiftShader) runs each storage
+        // load as a loop over SIMD lanes but a uniform load as one gather
+        let uniform_params = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         GpuContext {
             inner: Arc::new(ContextInner {
                 device,
@@ -172,6 +178,7 @@ impl GpuContext {
                 kernels,
                 max_binding: AtomicU64::new(max_binding),
                 placeholder,
+                uniform_params: AtomicBool::new(uniform_params),
             }),
         }
     }
@@ -212,6 +219,24 @@ impl GpuContext {
         let limits = self.inner.device.limits();
         let cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         self.inner.max_binding.store(bytes.clamp(1024, cap), Ordering::Relaxed);
+    }
+
+    /// Whether the normalise and dx kernels read the per-channel
+    /// parameters through a 64 KiB uniform binding (layers of up to 4096
+    /// channels) rather than a storage binding. On by default for CPU
+    /// adapters, where it makes those parameters nearly free; off for GPUs,
+    /// where lanes reading different uniform addresses serialise.
+    pub fn uniform_parameters(&self) -> bool {
+        self.inner.uniform_params.load(Ordering::Relaxed)
+    }
+
+    /// Chooses how the normalise and dx kernels read per-channel parameters
+    /// (see [`GpuContext::uniform_parameters`]); both ways give the same
+    /// results. Compiles the chosen variants now, so that later calls
+    /// compile nothing.
+    pub fn set_uniform_parameters(&self, on: bool) {
+        self.inner.uniform_params.store(on, Ordering::Relaxed);
+        self.inner.kernels.precompile(&self.inner.device, on);
     }
 
     /// How many compute pipelines this context has compiled (they are

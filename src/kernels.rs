@@ -18,6 +18,10 @@ pub(crate) const NORMALIZE_PER_THREAD: u32 = 4;
 pub(crate) const NORMALIZE_ROWS_PER_THREAD: u32 = 8;
 /// Bytes between two uniform slots (wgpu's maximum uniform offset alignment).
 pub(crate) const PARAMS_SLOT: u64 = 256;
+/// Bytes of the uniform view of the per-channel parameters (WebGPU's
+/// default `max_uniform_buffer_binding_size`); the WGSL declares
+/// `array<vec4<f32>, 4096>`.
+pub(crate) const UNIFORM_PARAMS_BYTES: u64 = 65536;
 
 pub(crate) const FLAG_MASKED: u32 = 1;
 pub(crate) const FLAG_TRAINING: u32 = 2;
@@ -159,6 +163,18 @@ impl Kernel {
         }
     }
 
+    /// The binding of the uniform view of the per-channel parameters, for
+    /// the kernels that can read them that way (see `KernelKey::uniform_params`).
+    pub(crate) fn uniform_params_binding(self) -> Option<u32> {
+        match self {
+            // after x, affine, y
+            Kernel::Normalize => Some(4),
+            // after x, dy, mask, coeffs, dx
+            Kernel::BackwardDx => Some(6),
+            _ => None,
+        }
+    }
+
     /// Bytes of the uniform block at binding 0.
     fn uniform_size(self) -> u64 {
         match self {
@@ -207,6 +223,11 @@ pub(crate) struct KernelKey {
     pub layout: Layout,
     /// The normalise pass's fused ReLU epilogue.
     pub relu: bool,
+    /// Per-channel parameters read through a uniform binding instead of a
+    /// storage one (normalise and dx only). On llvmpipe a storage load is a
+    /// per-lane loop while a uniform load is one vector gather: the
+    /// parameters then cost next to nothing.
+    pub uniform_params: bool,
 }
 
 impl KernelKey {
@@ -224,6 +245,16 @@ impl KernelKey {
             masked,
             layout: Layout::Generic,
             relu: false,
+            uniform_params: false,
+        }
+    }
+
+    /// The kernel reading its per-channel parameters through the uniform
+    /// binding (where it has one).
+    pub(crate) fn with_uniform_params(self, on: bool) -> Self {
+        KernelKey {
+            uniform_params: on && self.kernel.uniform_params_binding().is_some(),
+            ..self
         }
     }
 
@@ -237,7 +268,7 @@ impl KernelKey {
 
     /// Every variant a layer's forward, backward or optimiser step can ask
     /// for (the vec4 layouts exist for unmasked float32 only).
-    pub(crate) fn layer_variants() -> Vec<KernelKey> {
+    pub(crate) fn layer_variants(uniform_params: bool) -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
             for dtype in [DType::F32, DType::F16] {
@@ -258,7 +289,10 @@ impl KernelKey {
                             continue;
                         }
                         for relu in [false, true] {
-                            let key = key.with_layout(layout).with_relu(relu);
+                            let key = key
+                                .with_layout(layout)
+                                .with_relu(relu)
+                                .with_uniform_params(uniform_params);
                             if !keys.contains(&key) {
                                 keys.push(key);
                             }
@@ -295,13 +329,20 @@ impl KernelKey {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
         let masked = self.masked as u8 as f64;
         let rows = NORMALIZE_ROWS_PER_THREAD as f64;
+        let uniform = self.uniform_params as u8 as f64;
         match self.kernel {
             Kernel::PartialStats | Kernel::BackwardReduce => vec![("IS_F16", f16), ("MASKED", masked)],
-            Kernel::BackwardDx => vec![("IS_F16", f16), ("MASKED", masked), ("ROWS_PER_THREAD", rows)],
+            Kernel::BackwardDx => vec![
+                ("IS_F16", f16),
+                ("MASKED", masked),
+                ("ROWS_PER_THREAD", rows),
+                ("UNIFORM_PARAMS", uniform),
+            ],
             Kernel::Normalize => vec![
                 ("IS_F16", f16),
                 ("RELU", self.relu as u8 as f64),
                 ("ROWS_PER_THREAD", rows),
+                ("UNIFORM_PARAMS", uniform),
             ],
             Kernel::Stream => vec![],
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
@@ -342,6 +383,18 @@ impl Kernels {
                         count: None,
                     });
                 }
+                if let Some(binding) = kernel.uniform_params_binding() {
+                    entries.push(wgpu::BindGroupLayoutEntry {
+                        binding,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Uniform,
+                            has_dynamic_offset: false,
+                            min_binding_size: wgpu::BufferSize::new(UNIFORM_PARAMS_BYTES),
+                        },
+                        count: None,
+                    });
+                }
                 let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                     label: Some(kernel.entry_point()),
                     entries: &entries,
@@ -366,8 +419,8 @@ impl Kernels {
 
     /// Compiles every layer variant not compiled yet, so that no forward or
     /// backward call compiles a pipeline.
-    pub(crate) fn precompile(&self, device: &wgpu::Device) {
-        for key in KernelKey::layer_variants() {
+    pub(crate) fn precompile(&self, device: &wgpu::Device, uniform_params: bool) {
+        for key in KernelKey::layer_variants(uniform_params) {
             self.pipeline(device, key);
         }
     }
@@ -446,7 +499,15 @@ mod tests {
     /// Every key the layer builds is among the precompiled variants.
     #[test]
     fn layer_keys_are_all_precompiled_variants() {
-        let variants = KernelKey::layer_variants();
+        for uniform in [false, true] {
+            let variants = KernelKey::layer_variants(uniform);
+            for kernel in [Kernel::Normalize, Kernel::BackwardDx] {
+                let key = KernelKey::new(kernel, DType::F32, false).with_uniform_params(uniform);
+                assert_eq!(key.uniform_params, uniform);
+                assert!(variants.contains(&key), "{key:?}");
+            }
+        }
+        let variants = KernelKey::layer_variants(false);
         for kernel in [
             Kernel::PartialStats,
             Kernel::BackwardReduce,

@@ -114,6 +114,21 @@ struct ForwardRecord {
     weights_version: u64,
 }
 
+/// A per-channel parameter buffer is at least as large as its uniform view.
+fn params_buffer_size(bytes: u64) -> u64 {
+    bytes.div_ceil(16).max(kernels::UNIFORM_PARAMS_BYTES / 16) * 16
+}
+
+/// The first 64 KiB of a per-channel parameter buffer, as the uniform
+/// binding of the normalise and dx kernels sees it.
+fn uniform_view(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: wgpu::BufferSize::new(kernels::UNIFORM_PARAMS_BYTES),
+    })
+}
+
 fn storage_buffer(ctx: &GpuContext, label: &str, size: u64, extra: wgpu::BufferUsages) -> wgpu::Buffer {
     ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
@@ -133,17 +148,28 @@ impl BatchNorm {
         if channels == 0 {
             return Err(ConfigError::NoChannels.into());
         }
-        ctx.inner.kernels.precompile(ctx.device());
+        ctx.inner.kernels.precompile(ctx.device(), ctx.uniform_parameters());
         let c = channels as u64;
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let layer = BatchNorm {
             ctx: ctx.clone(),
             channels,
             state: storage_buffer(ctx, "state", 7 * c * 4, copy),
-            affine: storage_buffer(ctx, "affine", (c * 12).div_ceil(16) * 16, copy),
+            // both also bound as a 64 KiB uniform view (see `uniform_params`)
+            affine: storage_buffer(
+                ctx,
+                "affine",
+                params_buffer_size(c * 12),
+                copy | wgpu::BufferUsages::UNIFORM,
+            ),
             saved: storage_buffer(ctx, "saved statistics", c * 32, copy),
             grads: storage_buffer(ctx, "grads", c * 8, copy),
-            coeffs: storage_buffer(ctx, "dx coefficients", c * 16, copy),
+            coeffs: storage_buffer(
+                ctx,
+                "dx coefficients",
+                params_buffer_size(c * 16),
+                copy | wgpu::BufferUsages::UNIFORM,
+            ),
             weights_version: AtomicU64::new(0),
             scratch: Mutex::new(Scratch {
                 partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
@@ -393,12 +419,14 @@ impl BatchNorm {
                 &mut pass,
                 key(Kernel::Normalize)
                     .with_layout(plan.elementwise)
-                    .with_relu(self.config.fused_relu),
+                    .with_relu(self.config.fused_relu)
+                    .with_uniform_params(self.uniform_params(3)),
                 |chunk| {
                     vec![
                         chunk_binding(x, chunk),
                         self.affine.as_entire_binding(),
                         chunk_binding(y, chunk),
+                        uniform_view(&self.affine),
                     ]
                 },
             );
@@ -577,7 +605,9 @@ impl BatchNorm {
             );
             rec.per_chunk(
                 &mut pass,
-                key(Kernel::BackwardDx).with_layout(plan.elementwise),
+                key(Kernel::BackwardDx)
+                    .with_layout(plan.elementwise)
+                    .with_uniform_params(self.uniform_params(4)),
                 |chunk| {
                     vec![
                         chunk_binding(x, chunk),
@@ -585,6 +615,7 @@ impl BatchNorm {
                         mask_buffer.as_entire_binding(),
                         self.coeffs.as_entire_binding(),
                         chunk_binding(&grads.dx, chunk),
+                        uniform_view(&self.coeffs),
                     ]
                 },
             );
@@ -611,6 +642,13 @@ impl BatchNorm {
             )));
         }
         Ok(view)
+    }
+
+    /// Whether the elementwise kernels read this layer's parameters (`floats`
+    /// per channel) through the uniform view: the context asks for it and
+    /// they fit in it.
+    fn uniform_params(&self, floats: u64) -> bool {
+        self.ctx.uniform_parameters() && self.channels as u64 * floats * 4 <= kernels::UNIFORM_PARAMS_BYTES
     }
 
     fn lock_scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {

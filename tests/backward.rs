@@ -212,7 +212,46 @@ fn compare_gradients(
 
 #[test]
 fn gpu_gradients_match_the_reference_on_random_shapes() {
-    let ctx = gpu();
+    gradient_sweep(&gpu());
+}
+
+/// The dx kernels reading their coefficients through a storage binding
+/// (the GPU default; a CPU adapter reads them through a uniform one).
+#[test]
+fn gpu_gradients_with_storage_parameters() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    ctx.set_uniform_parameters(!ctx.uniform_parameters());
+    gradient_sweep(&ctx);
+}
+
+/// More channels than the 4096 the uniform view of the dx coefficients holds.
+#[test]
+fn gpu_gradients_beyond_the_uniform_parameter_view() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    ctx.set_uniform_parameters(true);
+    for (i, (shape, axis)) in [
+        (&[3usize, 4100][..], -1i64),
+        (&[2, 4099, 5][..], 1),
+        (&[2, 5000, 4][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        for training in [Some(true), None] {
+            let err = compare_gradients(&ctx, &config, shape, DType::F32, training, false, 500 + i as u64);
+            assert!(
+                err <= wgpu_batchnorm::keras::tolerance(DType::F32, true),
+                "{shape:?}: {err:.2e}"
+            );
+        }
+    }
+}
+
+fn gradient_sweep(ctx: &GpuContext) {
     let renorm = BatchNormConfig {
         renorm: true,
         renorm_clipping: RenormClipping {
@@ -285,7 +324,7 @@ fn gpu_gradients_match_the_reference_on_random_shapes() {
             ),
         ];
         for (j, (config, dtype, training, masked)) in variants.into_iter().enumerate() {
-            let err = compare_gradients(&ctx, &config, shape, dtype, training, masked, (i * 10 + j) as u64);
+            let err = compare_gradients(ctx, &config, shape, dtype, training, masked, (i * 10 + j) as u64);
             let tol = wgpu_batchnorm::keras::tolerance(dtype, true);
             if err.is_nan() || err > tol {
                 failures.push(format!(

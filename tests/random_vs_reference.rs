@@ -123,6 +123,55 @@ fn every_rank_axis_and_flag_matches_the_reference_on_gl() {
     sweep(&common::gl());
 }
 
+/// The normalise kernels reading their parameters through a storage
+/// binding (the GPU default; a CPU adapter reads them through a uniform one).
+#[test]
+fn every_rank_axis_and_flag_matches_the_reference_with_storage_parameters() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    ctx.set_uniform_parameters(!ctx.uniform_parameters());
+    sweep(&ctx);
+}
+
+/// Uniform parameters are on by default exactly for CPU adapters, and a
+/// layer whose parameters outgrow the 64 KiB uniform view (3 x 5462 floats
+/// for the normalise pass) reads them from storage.
+#[test]
+fn uniform_parameters_default_and_their_channel_limit() {
+    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    let cpu = ctx.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(ctx.uniform_parameters(), cpu);
+    ctx.set_uniform_parameters(true);
+    for (i, (shape, axis)) in [
+        (&[3usize, 5461][..], -1i64),
+        (&[3, 5462][..], -1),
+        (&[3, 5464][..], -1),
+        (&[2, 5462, 16][..], 1),
+        (&[2, 5461, 3][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let o = compare_with_reference(
+            &ctx,
+            &config,
+            shape,
+            DType::F32,
+            &[(Some(true), false), (None, false)],
+            40 + i as u64,
+        );
+        assert!(
+            o.y_error <= 2e-5 && o.state_error <= 2e-5,
+            "{shape:?}: y {:.2e} state {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+}
+
 #[test]
 fn chunked_bindings_match_the_reference() {
     // a private context: capping its bindings forces several chunks per input
