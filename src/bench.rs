@@ -139,7 +139,9 @@ pub struct BenchReport {
     pub adapter: AdapterDescription,
     /// This crate's version.
     pub crate_version: &'static str,
-    /// How times were taken: "host-clock" (submit, then a blocking wait).
+    /// How times were taken: "gpu-timestamps" (timestamp queries written
+    /// before and after the operation's commands) where the device has
+    /// them, else "host-clock" (submit, then a blocking wait).
     pub timing: &'static str,
     /// One entry per shape, dtype and operation.
     pub results: Vec<BenchResult>,
@@ -189,10 +191,11 @@ pub fn describe_adapter(ctx: &GpuContext) -> AdapterDescription {
 /// Runs every (shape, dtype, op) of `options`; `progress` is called after
 /// each configuration with a short label.
 pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    let clock = Clock::new(ctx);
     let mut results = Vec::new();
     for shape in &options.shapes {
         for &dtype in &options.dtypes {
-            let mut figures = measure_shape(ctx, shape, dtype, options, &mut progress)?;
+            let mut figures = measure_shape(ctx, &clock, shape, dtype, options, &mut progress)?;
             let stream = figures
                 .iter()
                 .find(|r| r.op == Op::Stream)
@@ -207,13 +210,14 @@ pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&s
     Ok(BenchReport {
         adapter: describe_adapter(ctx),
         crate_version: env!("CARGO_PKG_VERSION"),
-        timing: "host-clock",
+        timing: clock.name(),
         results,
     })
 }
 
 fn measure_shape(
     ctx: &GpuContext,
+    clock: &Clock,
     bench: &BenchShape,
     dtype: DType,
     options: &BenchOptions,
@@ -271,9 +275,16 @@ fn measure_shape(
     let bytes = (len * dtype.size()) as u64;
     let mut figures = Vec::new();
     for op in Op::ALL {
+        let no_setup = || Ok(());
         let times = match op {
-            Op::Backward => time_backward(ctx, options, &layer, &x, &y, &dy, &grads)?,
-            _ => time(ctx, options.warmup, options.runs, |encoder| match op {
+            // after an untimed training forward each time (backward uses its statistics)
+            Op::Backward => clock.time(
+                ctx,
+                options,
+                || layer.forward_into(&x, Some(true), None, &y),
+                |encoder| layer.record_backward(encoder, &dy, false, &grads),
+            )?,
+            _ => clock.time(ctx, options, no_setup, |encoder| match op {
                 Op::Copy => {
                     let size = crate::tensor::padded_bytes(len, dtype);
                     encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
@@ -313,49 +324,140 @@ fn measure_shape(
     Ok(figures)
 }
 
-/// Backward is timed alone, after a forward call that is not timed.
-fn time_backward(
-    ctx: &GpuContext,
-    options: &BenchOptions,
-    layer: &BatchNorm,
-    x: &Tensor,
-    y: &Tensor,
-    dy: &Tensor,
-    grads: &crate::layer::Gradients,
-) -> Result<Vec<f64>> {
-    let mut times = Vec::new();
-    for i in 0..options.warmup + options.runs {
-        layer.forward_into(x, Some(true), None, y)?;
-        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-        let start = Instant::now();
-        layer.backward_into(dy, false, grads)?;
-        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-        if i >= options.warmup {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(times)
+/// How one run is timed: GPU timestamp queries around the operation's
+/// commands where the device has them (no submission or wait overhead),
+/// else the host clock from submission to the end of a blocking wait.
+enum Clock {
+    Gpu {
+        queries: wgpu::QuerySet,
+        resolved: wgpu::Buffer,
+        readback: wgpu::Buffer,
+        /// Nanoseconds per timestamp tick.
+        period: f64,
+    },
+    Host,
 }
 
-/// Milliseconds per run: one submission, then a blocking wait.
-fn time(
-    ctx: &GpuContext,
-    warmup: usize,
-    runs: usize,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
-) -> Result<Vec<f64>> {
-    let mut times = Vec::with_capacity(runs);
-    for i in 0..warmup + runs {
-        let start = Instant::now();
-        let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        record(&mut encoder)?;
-        ctx.queue().submit([encoder.finish()]);
-        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-        if i >= warmup {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
+impl Clock {
+    fn new(ctx: &GpuContext) -> Self {
+        let device = ctx.device();
+        if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Clock::Host;
+        }
+        let buffer = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Clock::Gpu {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolved: buffer(
+                "resolved timestamps",
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            ),
+            readback: buffer(
+                "timestamp readback",
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+            period: ctx.queue().get_timestamp_period() as f64,
         }
     }
-    Ok(times)
+
+    /// The JSON's `timing` value.
+    fn name(&self) -> &'static str {
+        match self {
+            Clock::Gpu { .. } => "gpu-timestamps",
+            Clock::Host => "host-clock",
+        }
+    }
+
+    /// Milliseconds per run of `record` (one submission each), after
+    /// `setup` (untimed) before every run.
+    fn time(
+        &self,
+        ctx: &GpuContext,
+        options: &BenchOptions,
+        mut setup: impl FnMut() -> Result<()>,
+        mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(options.runs);
+        for i in 0..options.warmup + options.runs {
+            setup()?;
+            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+            let start = Instant::now();
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            self.mark(&mut encoder, 0);
+            record(&mut encoder)?;
+            self.mark(&mut encoder, 1);
+            if let Clock::Gpu {
+                queries,
+                resolved,
+                readback,
+                ..
+            } = self
+            {
+                encoder.resolve_query_set(queries, 0..2, resolved, 0);
+                encoder.copy_buffer_to_buffer(resolved, 0, readback, 0, 16);
+            }
+            ctx.queue().submit([encoder.finish()]);
+            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+            let ms = match self {
+                Clock::Host => start.elapsed().as_secs_f64() * 1e3,
+                Clock::Gpu { readback, period, .. } => {
+                    let ticks = read_timestamps(ctx, readback)?;
+                    ticks[1].saturating_sub(ticks[0]) as f64 * period / 1e6
+                }
+            };
+            if i >= options.warmup {
+                times.push(ms);
+            }
+        }
+        Ok(times)
+    }
+
+    /// An empty compute pass that writes timestamp `index` (0 at its start,
+    /// 1 at its end), bracketing the commands recorded between the two.
+    fn mark(&self, encoder: &mut wgpu::CommandEncoder, index: u32) {
+        if let Clock::Gpu { queries, .. } = self {
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench timestamp"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: queries,
+                    beginning_of_pass_write_index: (index == 0).then_some(0),
+                    end_of_pass_write_index: (index == 1).then_some(1),
+                }),
+            });
+        }
+    }
+}
+
+fn read_timestamps(ctx: &GpuContext, readback: &wgpu::Buffer) -> Result<[u64; 2]> {
+    let slice = readback.slice(..);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |result| {
+        let _ = sender.send(result);
+    });
+    ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+    receiver
+        .recv()
+        .map_err(|_| Error::Readback("the timestamp readback was dropped".into()))?
+        .map_err(|e| Error::Readback(format!("timestamp readback: {e}")))?;
+    let ticks = {
+        let mapped = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Readback(format!("timestamp readback: {e}")))?;
+        let words: &[u64] = bytemuck::cast_slice(&mapped);
+        [words[0], words[1]]
+    };
+    readback.unmap();
+    Ok(ticks)
 }
 
 fn summarize(times: &[f64]) -> (f64, f64, f64) {

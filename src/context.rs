@@ -138,7 +138,8 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("wgpu-batchnorm"),
-                required_features: wgpu::Features::empty(),
+                // timestamps let the benchmark time on the device's own clock
+                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
