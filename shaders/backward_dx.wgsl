@@ -72,9 +72,16 @@ fn backward_dx(
     }
 }
 
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x4: array<Quad>;
+@group(0) @binding(2) var<storage, read> dy4: array<Quad>;
+@group(0) @binding(5) var<storage, read_write> dx4: array<Quad>;
+
+// dx = c1 * dy - (c2 + c3 * (x - shift)) for the v-th group of four values
+fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
+    let a = p.x_base / 4u + v;
+    let out = c1 * unpack_quad(dy4[a]) - fma(unpack_quad(x4[a]) - shift, c3, c2);
+    dx4[p.y_base / 4u + v] = pack_quad(out);
+}
 
 // inner % 16 == 0, no mask: an invocation's four vec4s share one channel.
 @compute @workgroup_size(256)
@@ -91,8 +98,7 @@ fn backward_dx_inner16(
     let k = coeffs_of(((p.chunk_start + 4u * first) / p.inner) % p.channels);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        let a = p.x_base / 4u + v;
-        dx4[p.y_base / 4u + v] = k.y * dy4[a] - fma(x4[a] - k.x, vec4<f32>(k.w), vec4<f32>(k.z));
+        grad4(v, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
     }
 }
 
@@ -114,8 +120,7 @@ fn backward_dx_inner4(
     var k = coeffs_of(c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        let a = p.x_base / 4u + v;
-        dx4[p.y_base / 4u + v] = k.y * dy4[a] - fma(x4[a] - k.x, vec4<f32>(k.w), vec4<f32>(k.z));
+        grad4(v, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
         i += 4u;
         if i == p.inner {
             i = 0u;
@@ -153,7 +158,6 @@ fn backward_dx_channels4(
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        let a = p.x_base / 4u + v;
-        dx4[p.y_base / 4u + v] = c1 * dy4[a] - fma(x4[a] - shift, c3, c2);
+        grad4(v, shift, c1, c2, c3);
     }
 }

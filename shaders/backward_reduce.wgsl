@@ -71,8 +71,17 @@ fn backward_reduce(
     partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy, s_dyx, s_xc, 0.0);
 }
 
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy4: array<vec4<f32>>;
+// the same bindings in groups of four values, by the vec4 entry points
+@group(0) @binding(1) var<storage, read> x4: array<Quad>;
+@group(0) @binding(2) var<storage, read> dy4: array<Quad>;
+
+fn load_x4(i: u32) -> vec4<f32> {
+    return unpack_quad(x4[i]);
+}
+
+fn load_dy4(i: u32) -> vec4<f32> {
+    return unpack_quad(dy4[i]);
+}
 
 // inner % 4 == 0, no mask: vec4s of one channel, run by run.
 @compute @workgroup_size(256)
@@ -102,8 +111,8 @@ fn backward_reduce_inner4(
         let first = (base + element_of(j, c)) / 4u;
         let last = first + (run_end - j) / 4u;
         for (var a = first; a < last; a++) {
-            let g4 = dy4[a];
-            let centered = (x4[a] - stats.x) - stats.y;
+            let g4 = load_dy4(a);
+            let centered = (load_x4(a) - stats.x) - stats.y;
             s_dy += g4;
             s_dyx = fma(g4, centered, s_dyx);
             s_xc += centered;
@@ -141,8 +150,8 @@ fn backward_reduce_channels4(
     var s_xc = vec4<f32>(0.0);
     var a = p.x_base / 4u + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let g4 = dy4[a];
-        let centered = (x4[a] - shift) - delta;
+        let g4 = load_dy4(a);
+        let centered = (load_x4(a) - shift) - delta;
         s_dy += g4;
         s_dyx = fma(g4, centered, s_dyx);
         s_xc += centered;

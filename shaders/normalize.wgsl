@@ -26,11 +26,17 @@ const PER_THREAD: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x4: array<Quad>;
 @group(0) @binding(2) var<storage, read> affine: array<f32>;
 @group(0) @binding(2) var<storage, read> affine4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<u32>;
-@group(0) @binding(3) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y4: array<Quad>;
+
+// the i-th group of four values of the chunk
+fn map4(i: u32, shift: vec4<f32>, scale: vec4<f32>, offset: vec4<f32>) {
+    let v = unpack_quad(x4[p.x_base / 4u + i]);
+    y4[p.y_base / 4u + i] = pack_quad(epilogue4(fma(v - shift, scale, offset)));
+}
 // The first 64 KiB of `affine` again, as a uniform: with UNIFORM_PARAMS the
 // parameters are read here (see kernels::KernelKey::uniform_params).
 @group(0) @binding(4) var<uniform> affine_u: array<vec4<f32>, 4096>;
@@ -113,7 +119,7 @@ fn normalize_inner4(
     var offset = affine_at(2u * p.channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
+        map4(v, vec4<f32>(shift), vec4<f32>(scale), vec4<f32>(offset));
         i += 4u;
         if i == p.inner {
             i = 0u;
@@ -145,7 +151,7 @@ fn normalize_inner16(
     let offset = affine_at(2u * p.channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, vec4<f32>(scale), vec4<f32>(offset)));
+        map4(v, vec4<f32>(shift), vec4<f32>(scale), vec4<f32>(offset));
     }
 }
 
@@ -174,6 +180,6 @@ fn normalize_channels4(
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        y4[p.y_base / 4u + v] = epilogue4(fma(x4[p.x_base / 4u + v] - shift, scale, offset));
+        map4(v, shift, scale, offset);
     }
 }

@@ -24,8 +24,12 @@ const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
-// the same binding seen as float32 vec4s, by the vec4 entry points
-@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+// the same binding in groups of four values, by the vec4 entry points
+@group(0) @binding(1) var<storage, read> x4: array<Quad>;
+
+fn load_x4(i: u32) -> vec4<f32> {
+    return unpack_quad(x4[i]);
+}
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // (count, tile shift, mean - shift, M2) per channel and tile
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
@@ -105,7 +109,7 @@ fn partial_stats_inner4(
     let base = p.x_base - p.chunk_start;
     var shift = 0.0;
     if j0 < j1 {
-        shift = x4[(base + element_of(j0, c)) / 4u].x;
+        shift = load_x4((base + element_of(j0, c)) / 4u).x;
     }
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
@@ -117,7 +121,7 @@ fn partial_stats_inner4(
         let first = (base + element_of(j, c)) / 4u;
         let last = first + (run_end - j) / 4u;
         for (var a = first; a < last; a++) {
-            let v = x4[a] - shift;
+            let v = load_x4(a) - shift;
             s1 += v;
             s2 = fma(v, v, s2);
         }
@@ -147,13 +151,13 @@ fn partial_stats_channels4(
     let base = p.x_base / 4u;
     var shift = vec4<f32>(0.0);
     if r0 < r1 {
-        shift = x4[base + r0 * quads + q];
+        shift = load_x4(base + r0 * quads + q);
     }
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
     var addr = base + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let v = x4[addr] - shift;
+        let v = load_x4(addr) - shift;
         s1 += v;
         s2 = fma(v, v, s2);
         addr += quads;

@@ -100,6 +100,8 @@ const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.
 const BACKWARD_DX_WGSL: &str = include_str!("../shaders/backward_dx.wgsl");
 const OPTIMIZER_WGSL: &str = include_str!("../shaders/optimizer.wgsl");
 const STREAM_WGSL: &str = include_str!("../shaders/stream.wgsl");
+const QUAD_F32_WGSL: &str = include_str!("../shaders/quad_f32.wgsl");
+const QUAD_F16_WGSL: &str = include_str!("../shaders/quad_f16.wgsl");
 
 /// A kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,16 +131,21 @@ impl Kernel {
         Kernel::Stream,
     ];
 
-    /// The WGSL source: the shared uniform block, the shared pieces the
-    /// kernel uses, then the kernel's own file.
-    pub(crate) fn source(self) -> String {
+    /// The WGSL source for tensors of `dtype`: the shared uniform block, the
+    /// shared pieces the kernel uses (among them how `dtype` stores four
+    /// values, for the vec4 layouts), then the kernel's own file.
+    pub(crate) fn source(self, dtype: DType) -> String {
+        let quad = match dtype {
+            DType::F32 => QUAD_F32_WGSL,
+            DType::F16 => QUAD_F16_WGSL,
+        };
         let pieces: &[&str] = match self {
-            Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, STATISTICS_WGSL],
+            Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
             Kernel::Finalize => &[FINALIZE_WGSL],
-            Kernel::Normalize => &[NORMALIZE_WGSL],
-            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, BACKWARD_REDUCE_WGSL],
+            Kernel::Normalize => &[quad, NORMALIZE_WGSL],
+            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
             Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
-            Kernel::BackwardDx => &[MASK_WGSL, BACKWARD_DX_WGSL],
+            Kernel::BackwardDx => &[MASK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => &[STREAM_WGSL],
             // its own uniform block
             Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
@@ -267,7 +274,7 @@ impl KernelKey {
     }
 
     /// Every variant a layer's forward, backward or optimiser step can ask
-    /// for (the vec4 layouts exist for unmasked float32 only).
+    /// for (the vec4 layouts exist for unmasked inputs only).
     pub(crate) fn layer_variants(uniform_params: bool) -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
@@ -282,7 +289,7 @@ impl KernelKey {
                             (
                                 Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
                                 _,
-                            ) => dtype == DType::F32 && !key.masked,
+                            ) => !key.masked,
                             _ => false,
                         };
                         if !exists {
@@ -439,7 +446,7 @@ impl Kernels {
             .or_insert_with(|| {
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(key.kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(key.kernel.source().into()),
+                    source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype).into()),
                 });
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.kernel.entry_point()),
@@ -475,17 +482,15 @@ mod tests {
     /// the one the host plans dispatches with.
     #[test]
     fn shaders_validate_and_match_host_constants() {
-        for kernel in Kernel::ALL {
-            let source = kernel.source();
+        for (kernel, dtype) in Kernel::ALL.into_iter().flat_map(|k| [(k, DType::F32), (k, DType::F16)]) {
+            let source = kernel.source(dtype);
             let module = naga::front::wgsl::parse_str(&source)
-                .unwrap_or_else(|e| panic!("{kernel:?}: {}", e.emit_to_string(&source)));
+                .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {}", e.emit_to_string(&source)));
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
                 .validate(&module)
-                .unwrap_or_else(|e| panic!("{kernel:?}: {e:?}"));
+                .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {e:?}"));
             for layout in [Layout::Generic, Layout::Inner4, Layout::Inner16, Layout::Channels4] {
-                let name = KernelKey::new(kernel, DType::F32, false)
-                    .with_layout(layout)
-                    .entry_point();
+                let name = KernelKey::new(kernel, dtype, false).with_layout(layout).entry_point();
                 let entry = module
                     .entry_points
                     .iter()

@@ -35,8 +35,9 @@ pub(crate) struct Chunk {
     pub tile_offset: usize,
 }
 
-/// How the kernels walk an input: one scalar at a time anywhere, or float32
-/// vec4s when the layout lets four neighbours share a channel (`Inner4`:
+/// How the kernels walk an input: one scalar at a time anywhere, or four
+/// values at a time (a vec4 of float32, a vec2<u32> of float16) when the
+/// layout lets four neighbours share a channel (`Inner4`:
 /// inner % 4 == 0, e.g. NCHW) or be four consecutive channels (`Channels4`:
 /// inner == 1 and channels % 4 == 0, e.g. NHWC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,13 +125,12 @@ impl DispatchPlan {
         let room = (max_binding.saturating_sub(alignment + 4) / size) as usize;
         // channels-last vec4 kernels need chunks of whole rows
         let row_block = lcm(64, view.channels);
-        let elementwise = match dtype {
+        // float16 walks the same layouts, four halves per 8-byte load
+        let elementwise = match () {
             _ if !vectorize => Layout::Generic,
-            DType::F32 if view.inner.is_multiple_of(16) => Layout::Inner16,
-            DType::F32 if view.inner.is_multiple_of(4) => Layout::Inner4,
-            DType::F32 if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => {
-                Layout::Channels4
-            }
+            _ if view.inner.is_multiple_of(16) => Layout::Inner16,
+            _ if view.inner.is_multiple_of(4) => Layout::Inner4,
+            _ if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => Layout::Channels4,
             _ => Layout::Generic,
         };
         let stats = match elementwise {

@@ -251,6 +251,34 @@ fn gpu_gradients_beyond_the_uniform_parameter_view() {
     }
 }
 
+/// float16 gradients in every vec4 layout (unmasked: a mask takes the
+/// scalar kernels), training and inference.
+#[test]
+fn float16_gradients_in_the_vec4_layouts() {
+    let ctx = gpu();
+    for (i, (shape, axis)) in [
+        (&[500usize, 12][..], -1i64),
+        (&[3, 4, 48][..], 1),
+        (&[3, 4, 12][..], 1),
+        (&[2, 8, 5, 4][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        for training in [Some(true), None] {
+            let err = compare_gradients(&ctx, &config, shape, DType::F16, training, false, 700 + i as u64);
+            assert!(
+                err <= wgpu_batchnorm::keras::tolerance(DType::F16, true),
+                "{shape:?} training {training:?}: {err:.2e}"
+            );
+        }
+    }
+}
+
 fn gradient_sweep(ctx: &GpuContext) {
     let renorm = BatchNormConfig {
         renorm: true,

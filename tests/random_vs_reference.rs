@@ -172,6 +172,44 @@ fn uniform_parameters_default_and_their_channel_limit() {
     }
 }
 
+/// float16 in every vec4 layout (four halves per 8-byte load): channels
+/// last, inner % 16 == 0 and inner % 4 == 0, each also cut into chunks.
+#[test]
+fn float16_in_the_vec4_layouts() {
+    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    chunked.set_max_binding_size(4096);
+    for (i, (shape, axis)) in [
+        (&[500usize, 12][..], -1i64),
+        (&[37, 3, 8][..], -1),
+        (&[3, 4, 48][..], 1),
+        (&[5, 3, 4, 4][..], 1),
+        (&[3, 4, 12][..], 1),
+        (&[2, 8, 5, 4][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut config, _) = variant(i, axis);
+        config.axis = axis;
+        for ctx in [gpu(), chunked.clone()] {
+            let o = compare_with_reference(
+                &ctx,
+                &config,
+                shape,
+                DType::F16,
+                &[(Some(true), false), (None, false), (Some(true), false)],
+                60 + i as u64,
+            );
+            assert!(
+                o.y_error <= tolerance(DType::F16) && o.state_error <= tolerance(DType::F16),
+                "{shape:?}: y {:.2e} state {:.2e}",
+                o.y_error,
+                o.state_error
+            );
+        }
+    }
+}
+
 #[test]
 fn chunked_bindings_match_the_reference() {
     // a private context: capping its bindings forces several chunks per input
