@@ -1,5 +1,6 @@
-// Backward, pass 2: one invocation per channel merges the tile sums into
-// dgamma and dbeta and the coefficients of dx:
+// Backward, pass 2: eight invocations per channel (as finalize.wgsl) add up
+// the tile sums, then the first of them turns them into dgamma and dbeta
+// and the coefficients of dx:
 //   dx = c1 * dy - m * (c2 + c3 * (x - shift))
 // where m is the mask (1 without one). With batch statistics (training)
 // the mean and variance depend on x; in inference they are constants and
@@ -14,22 +15,38 @@
 // (shift, c1, c2, c3)
 @group(0) @binding(5) var<storage, read_write> coeffs: array<vec4<f32>>;
 
+const LANES: u32 = 8u;
+var<workgroup> sums: array<vec4<f32>, 64>;
+
 @compute @workgroup_size(64)
-fn backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x + gid.y * p.finalize_groups_x * 64u;
+fn backward_finalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
+    let lane = lid % LANES;
     let nc = p.channels;
-    if c >= nc {
+    // barriers below: no invocation leaves before them
+    let tiles = select(0u, p.total_tiles, c < nc);
+    // a strided share of the tiles each (at most 65535 / 8 steps)
+    var acc = vec4<f32>(0.0);
+    for (var t = lane; t < tiles; t += LANES) {
+        acc += partials[c * p.total_tiles + t];
+    }
+    sums[lid] = acc;
+    workgroupBarrier();
+    for (var half = LANES / 2u; half > 0u; half /= 2u) {
+        if lane < half {
+            sums[lid] += sums[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if lane != 0u || c >= nc {
         return;
     }
-    var sum_dy = 0.0;
-    var sum_dyx = 0.0;
-    var sum_xc = 0.0;
-    for (var t = 0u; t < p.total_tiles; t++) {
-        let q = partials[c * p.total_tiles + t];
-        sum_dy += q.x;
-        sum_dyx += q.y;
-        sum_xc += q.z;
-    }
+    let sum_dy = sums[lid].x;
+    var sum_dyx = sums[lid].y;
+    let sum_xc = sums[lid].z;
     let stats = saved[2u * c];
     let extra = saved[2u * c + 1u];
     let shift = stats.x;

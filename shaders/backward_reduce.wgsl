@@ -123,6 +123,15 @@ fn backward_reduce_inner4(
     partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
 }
 
+// The shifts and mean - shift of channels 4q..4q+3.
+fn quad_shift(q: u32) -> vec4<f32> {
+    return vec4<f32>(saved[8u * q].x, saved[8u * q + 2u].x, saved[8u * q + 4u].x, saved[8u * q + 6u].x);
+}
+
+fn quad_delta(q: u32) -> vec4<f32> {
+    return vec4<f32>(saved[8u * q].y, saved[8u * q + 2u].y, saved[8u * q + 4u].y, saved[8u * q + 6u].y);
+}
+
 // Channels last, no mask: a channel quad down a band of rows.
 @compute @workgroup_size(256)
 fn backward_reduce_channels4(
@@ -136,12 +145,8 @@ fn backward_reduce_channels4(
     }
     let q = g % quads;
     let tile = g / quads;
-    let k0 = saved[8u * q];
-    let k1 = saved[8u * q + 2u];
-    let k2 = saved[8u * q + 4u];
-    let k3 = saved[8u * q + 6u];
-    let shift = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
-    let delta = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
+    let shift = quad_shift(q);
+    let delta = quad_delta(q);
     let rows = p.chunk_elems / p.channels;
     let r0 = min(tile * p.elems_per_thread, rows);
     let r1 = min(r0 + p.elems_per_thread, rows);
@@ -159,5 +164,53 @@ fn backward_reduce_channels4(
     }
     for (var k = 0u; k < 4u; k++) {
         partials[(4u * q + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy[k], s_dyx[k], s_xc[k], 0.0);
+    }
+}
+
+// Channels last, channels % 8 == 0, no mask: quads 2h and 2h + 1 down a
+// band of rows (as partial_stats_channels8).
+@compute @workgroup_size(256)
+fn backward_reduce_channels8(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let quads = p.channels / 4u;
+    let pairs = quads / 2u;
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * pairs {
+        return;
+    }
+    let q = 2u * (g % pairs);
+    let tile = g / pairs;
+    let shift_a = quad_shift(q);
+    let delta_a = quad_delta(q);
+    let shift_b = quad_shift(q + 1u);
+    let delta_b = quad_delta(q + 1u);
+    let rows = p.chunk_elems / p.channels;
+    let r0 = min(tile * p.elems_per_thread, rows);
+    let r1 = min(r0 + p.elems_per_thread, rows);
+    var a_dy = vec4<f32>(0.0);
+    var a_dyx = vec4<f32>(0.0);
+    var a_xc = vec4<f32>(0.0);
+    var b_dy = vec4<f32>(0.0);
+    var b_dyx = vec4<f32>(0.0);
+    var b_xc = vec4<f32>(0.0);
+    var a = p.x_base / 4u + r0 * quads + q;
+    for (var r = r0; r < r1; r++) {
+        let ga = load_dy4(a);
+        let gb = load_dy4(a + 1u);
+        let ca = (load_x4(a) - shift_a) - delta_a;
+        let cb = (load_x4(a + 1u) - shift_b) - delta_b;
+        a_dy += ga;
+        a_dyx = fma(ga, ca, a_dyx);
+        a_xc += ca;
+        b_dy += gb;
+        b_dyx = fma(gb, cb, b_dyx);
+        b_xc += cb;
+        a += quads;
+    }
+    for (var k = 0u; k < 4u; k++) {
+        partials[(4u * q + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(a_dy[k], a_dyx[k], a_xc[k], 0.0);
+        partials[(4u * q + 4u + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(b_dy[k], b_dyx[k], b_xc[k], 0.0);
     }
 }

@@ -1,4 +1,6 @@
-// One invocation per channel: merges the channel's partial statistics,
+// Eight invocations per channel (eight channels per workgroup): they merge
+// the channel's partial statistics, each a strided share of the tiles, then
+// a three-level tree in workgroup memory; the first of the eight then
 // updates the moving statistics in place (training only) and writes the
 // per-channel affine map that the normalise pass applies:
 //   y = (x - shift) * scale + offset
@@ -24,11 +26,52 @@ fn write_affine(c: u32, shift: f32, scale: f32, offset: f32) {
     affine[2u * p.channels + c] = offset;
 }
 
+// invocations per channel: one SIMD group on lavapipe (contiguous loads,
+// few barriers), eight-fold parallel on a GPU
+const LANES: u32 = 8u;
+var<workgroup> merged: array<vec4<f32>, 64>;
+
+// Chan's merge of two (count, shift, mean - shift, M2) partials, relative
+// to the first non-empty one's shift
+fn merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    if b.x == 0.0 {
+        return a;
+    }
+    if a.x == 0.0 {
+        return b;
+    }
+    let n = a.x + b.x;
+    let d = ((b.y - a.y) + b.z) - a.z;
+    let wb = b.x / n;
+    return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w + d * d * a.x * wb);
+}
+
 @compute @workgroup_size(64)
-fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x + gid.y * p.finalize_groups_x * 64u;
+fn finalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
+    let lane = lid % LANES;
     let nc = p.channels;
-    if c >= nc {
+    // barriers below: no invocation leaves before them
+    let tiles = select(0u, p.total_tiles, c < nc);
+    if has_flag(FLAG_TRAINING) {
+        // a strided share of the tiles each (at most 65535 / 8 steps)
+        var acc = vec4<f32>(0.0);
+        for (var t = lane; t < tiles; t += LANES) {
+            acc = merge(acc, partials[c * p.total_tiles + t]);
+        }
+        merged[lid] = acc;
+        workgroupBarrier();
+        for (var half = LANES / 2u; half > 0u; half /= 2u) {
+            if lane < half {
+                merged[lid] = merge(merged[lid], merged[lid + half]);
+            }
+            workgroupBarrier();
+        }
+    }
+    if lane != 0u || c >= nc {
         return;
     }
     let gamma = select(1.0, state[c], has_flag(FLAG_SCALE));
@@ -45,30 +88,11 @@ fn finalize(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
 
-    // Chan merge of the tiles, relative to the first non-empty tile's shift.
-    var count = 0.0;
-    var shift = 0.0;
-    var delta = 0.0;
-    var m2 = 0.0;
-    for (var t = 0u; t < p.total_tiles; t++) {
-        let q = partials[c * p.total_tiles + t];
-        if q.x == 0.0 {
-            continue;
-        }
-        if count == 0.0 {
-            count = q.x;
-            shift = q.y;
-            delta = q.z;
-            m2 = q.w;
-            continue;
-        }
-        let n = count + q.x;
-        let d = ((q.y - shift) + q.z) - delta;
-        let wb = q.x / n;
-        delta += d * wb;
-        m2 += q.w + d * d * count * wb;
-        count = n;
-    }
+    let total = merged[lid];
+    let count = total.x;
+    let shift = total.y;
+    var delta = total.z;
+    var m2 = total.w;
 
     var denom = count;
     var mask_eps = 0.0;

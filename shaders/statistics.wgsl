@@ -7,10 +7,11 @@
 // contiguous run. Invocation g takes tile g / C of channel g % C, so
 // neighbouring invocations read neighbouring channels of the same rows.
 //
-// Three layouts (see plan.rs): `partial_stats` (any shape, float16, masks),
-// `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel) and
+// Four layouts (see plan.rs): `partial_stats` (any shape, masks),
+// `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel),
 // `partial_stats_channels4` (channels last, channels % 4 == 0: one channel
-// quad down a band of rows).
+// quad down a band of rows) and `partial_stats_channels8` (channels % 8 ==
+// 0: two neighbouring quads down a band of rows).
 //
 // Sums are shifted by the tile's first value so that a channel whose mean is
 // far from zero keeps its precision. Every loop is bounded by
@@ -165,5 +166,51 @@ fn partial_stats_channels4(
     let count = f32(r1 - r0);
     for (var k = 0u; k < 4u; k++) {
         write_partial(4u * q + k, tile, count, s1[k], s2[k], shift[k]);
+    }
+}
+
+// Channels last, channels % 8 == 0: invocation g reduces quads 2h and
+// 2h + 1 (h = g % (quads / 2)) over the rows of tile g / (quads / 2).
+@compute @workgroup_size(256)
+fn partial_stats_channels8(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let quads = p.channels / 4u;
+    let pairs = quads / 2u;
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * pairs {
+        return;
+    }
+    let q = 2u * (g % pairs);
+    let tile = g / pairs;
+    let rows = p.chunk_elems / p.channels;
+    let r0 = min(tile * p.elems_per_thread, rows);
+    let r1 = min(r0 + p.elems_per_thread, rows);
+    let base = p.x_base / 4u;
+    var shift_a = vec4<f32>(0.0);
+    var shift_b = vec4<f32>(0.0);
+    if r0 < r1 {
+        shift_a = load_x4(base + r0 * quads + q);
+        shift_b = load_x4(base + r0 * quads + q + 1u);
+    }
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var addr = base + r0 * quads + q;
+    for (var r = r0; r < r1; r++) {
+        let va = load_x4(addr) - shift_a;
+        let vb = load_x4(addr + 1u) - shift_b;
+        a1 += va;
+        a2 = fma(va, va, a2);
+        b1 += vb;
+        b2 = fma(vb, vb, b2);
+        addr += quads;
+    }
+    let count = f32(r1 - r0);
+    for (var k = 0u; k < 4u; k++) {
+        write_partial(4u * q + k, tile, count, a1[k], a2[k], shift_a[k]);
+        write_partial(4u * q + 4u + k, tile, count, b1[k], b2[k], shift_b[k]);
     }
 }

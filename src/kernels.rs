@@ -281,9 +281,11 @@ impl KernelKey {
             for dtype in [DType::F32, DType::F16] {
                 for masked in [false, true] {
                     let key = KernelKey::new(kernel, dtype, masked);
-                    for layout in [Layout::Generic, Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+                    for layout in Layout::ALL {
                         let exists = match (kernel, layout) {
                             (_, Layout::Generic) => true,
+                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Channels8) => !key.masked,
+                            (_, Layout::Channels8) => false,
                             // the statistics kernels treat Inner16 as Inner4
                             (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
                             (
@@ -319,11 +321,13 @@ impl KernelKey {
         match (self.kernel, self.layout) {
             (Kernel::PartialStats, Layout::Inner4) => "partial_stats_inner4",
             (Kernel::PartialStats, Layout::Channels4) => "partial_stats_channels4",
+            (Kernel::PartialStats, Layout::Channels8) => "partial_stats_channels8",
             (Kernel::Normalize, Layout::Inner4) => "normalize_inner4",
             (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
             (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
             (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
             (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
+            (Kernel::BackwardReduce, Layout::Channels8) => "backward_reduce_channels8",
             (Kernel::BackwardDx, Layout::Inner4) => "backward_dx_inner4",
             (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
             (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
@@ -464,6 +468,12 @@ impl Kernels {
     }
 }
 
+/// Workgroups of the finalize kernels: eight invocations per channel,
+/// eight channels per workgroup (`LANES` in finalize.wgsl).
+pub(crate) fn finalize_groups(channels: usize) -> u32 {
+    channels.div_ceil(8) as u32
+}
+
 /// A 2-D grid for `groups` workgroups: WebGPU caps each dimension at 65535.
 pub(crate) fn grid(groups: u32) -> (u32, u32) {
     const MAX: u32 = 65535;
@@ -489,7 +499,7 @@ mod tests {
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {e:?}"));
-            for layout in [Layout::Generic, Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+            for layout in Layout::ALL {
                 let name = KernelKey::new(kernel, dtype, false).with_layout(layout).entry_point();
                 let entry = module
                     .entry_points
@@ -526,18 +536,22 @@ mod tests {
                 }
             }
         }
-        for layout in [Layout::Inner4, Layout::Inner16, Layout::Channels4] {
+        for layout in [Layout::Inner4, Layout::Inner16, Layout::Channels4, Layout::Channels8] {
             for kernel in [
                 Kernel::PartialStats,
                 Kernel::BackwardReduce,
                 Kernel::BackwardDx,
                 Kernel::Normalize,
             ] {
-                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
+                let reduces = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
+                // statistics layouts: Inner16 is read as Inner4; Channels8 exists only there
+                if (layout == Layout::Inner16 && reduces) || (layout == Layout::Channels8 && !reduces) {
                     continue;
                 }
-                let key = KernelKey::new(kernel, DType::F32, false).with_layout(layout);
-                assert!(variants.contains(&key), "{key:?}");
+                for dtype in [DType::F32, DType::F16] {
+                    let key = KernelKey::new(kernel, dtype, false).with_layout(layout);
+                    assert!(variants.contains(&key), "{key:?}");
+                }
             }
         }
         assert!(variants.contains(&KernelKey::new(Kernel::Finalize, DType::F16, true)));

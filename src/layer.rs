@@ -736,7 +736,7 @@ impl<'a> Recorder<'a> {
         let cfg = &layer.config;
         let clip = cfg.renorm_clipping;
         let view = plan.view;
-        let (finalize_x, _) = kernels::grid((layer.channels as u32).div_ceil(kernels::FINALIZE_WORKGROUP));
+        let (finalize_x, _) = kernels::grid(kernels::finalize_groups(layer.channels));
         let regularizer = |r: Option<Regularizer>| r.unwrap_or_default();
         let params: Vec<Params> = plan
             .chunks
@@ -843,12 +843,12 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// One invocation per channel, with the first uniform slot.
+    /// The finalize kernels over every channel, with the first uniform slot.
     fn per_channel(&self, pass: &mut wgpu::ComputePass, key: KernelKey, resources: Vec<wgpu::BindingResource>) {
         pass.set_pipeline(&self.pipeline(key));
         let group = self.bind(key.kernel, resources);
         pass.set_bind_group(0, &group, &[0]);
-        let (gx, gy) = kernels::grid((self.layer.channels as u32).div_ceil(key.kernel.workgroup_size()));
+        let (gx, gy) = kernels::grid(kernels::finalize_groups(self.layer.channels));
         pass.dispatch_workgroups(gx, gy, 1);
     }
 }
