@@ -25,15 +25,33 @@ fn coeffs_of(c: u32) -> vec4<f32> {
     return coeffs[c];
 }
 
-// `e` is the element's index within the chunk
-fn grad(e: u32, xv: f32, g: f32) -> f32 {
-    let a = p.chunk_start + e;
-    let k = coeffs_of((a / p.inner) % p.channels);
+// `e` is the element's index within the chunk, `c` its channel
+fn grad(e: u32, c: u32, xv: f32, g: f32) -> f32 {
+    let k = coeffs_of(c);
     var out = k.y * g;
-    if !MASKED || masked_in(a) {
+    if !MASKED || masked_in(p.chunk_start + e) {
         out -= k.z + k.w * (xv - k.x);
     }
     return out;
+}
+
+// The channel of consecutive elements, found once by division and then
+// followed by counting (as in normalize.wgsl).
+struct ChannelWalk {
+    c: u32,
+    i: u32,
+}
+
+fn walk_at(e: u32) -> ChannelWalk {
+    let a = p.chunk_start + e;
+    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
+}
+
+fn walk_next(w: ChannelWalk) -> ChannelWalk {
+    if w.i + 1u < p.inner {
+        return ChannelWalk(w.c, w.i + 1u);
+    }
+    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
 }
 
 @compute @workgroup_size(256)
@@ -45,6 +63,7 @@ fn backward_dx(
     if IS_F16 {
         let x_word = p.x_base / 2u;
         let y_word = p.y_base / 2u;
+        var walk = walk_at(2u * thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let w = thread * PER_THREAD + k;
             let e = 2u * w;
@@ -53,13 +72,16 @@ fn backward_dx(
             }
             let xs = unpack2x16float(x[x_word + w]);
             let gs = unpack2x16float(dy[x_word + w]);
-            var out = vec2<f32>(grad(e, xs.x, gs.x), 0.0);
+            var out = vec2<f32>(grad(e, walk.c, xs.x, gs.x), 0.0);
+            walk = walk_next(walk);
             if e + 1u < p.chunk_elems {
-                out.y = grad(e + 1u, xs.y, gs.y);
+                out.y = grad(e + 1u, walk.c, xs.y, gs.y);
             }
+            walk = walk_next(walk);
             dx[y_word + w] = pack2x16float(out);
         }
     } else {
+        var walk = walk_at(thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let e = thread * PER_THREAD + k;
             if e >= p.chunk_elems {
@@ -67,7 +89,8 @@ fn backward_dx(
             }
             let xv = bitcast<f32>(x[p.x_base + e]);
             let g = bitcast<f32>(dy[p.x_base + e]);
-            dx[p.y_base + e] = bitcast<u32>(grad(e, xv, g));
+            dx[p.y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
+            walk = walk_next(walk);
         }
     }
 }

@@ -58,10 +58,29 @@ fn affine_quad(i: u32) -> vec4<f32> {
     return affine4[i];
 }
 
-// `e` is the element's index within the chunk
-fn apply(e: u32, v: f32) -> f32 {
-    let c = ((p.chunk_start + e) / p.inner) % p.channels;
+fn apply(c: u32, v: f32) -> f32 {
     return epilogue((v - affine_at(c)) * affine_at(p.channels + c) + affine_at(2u * p.channels + c));
+}
+
+// The channel of consecutive elements, found once by division and then
+// followed by counting (a vector integer division is eight scalar ones on
+// llvmpipe).
+struct ChannelWalk {
+    c: u32,
+    i: u32,
+}
+
+// the walk at element `e` of the chunk
+fn walk_at(e: u32) -> ChannelWalk {
+    let a = p.chunk_start + e;
+    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
+}
+
+fn walk_next(w: ChannelWalk) -> ChannelWalk {
+    if w.i + 1u < p.inner {
+        return ChannelWalk(w.c, w.i + 1u);
+    }
+    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
 }
 
 @compute @workgroup_size(256)
@@ -73,6 +92,7 @@ fn normalize(
     if IS_F16 {
         let x_word = p.x_base / 2u;
         let y_word = p.y_base / 2u;
+        var walk = walk_at(2u * thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let w = thread * PER_THREAD + k;
             let e = 2u * w;
@@ -80,19 +100,23 @@ fn normalize(
                 break;
             }
             let pair = unpack2x16float(x[x_word + w]);
-            var out = vec2<f32>(apply(e, pair.x), 0.0);
+            var out = vec2<f32>(apply(walk.c, pair.x), 0.0);
+            walk = walk_next(walk);
             if e + 1u < p.chunk_elems {
-                out.y = apply(e + 1u, pair.y);
+                out.y = apply(walk.c, pair.y);
             }
+            walk = walk_next(walk);
             y[y_word + w] = pack2x16float(out);
         }
     } else {
+        var walk = walk_at(thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let e = thread * PER_THREAD + k;
             if e >= p.chunk_elems {
                 break;
             }
-            y[p.y_base + e] = bitcast<u32>(apply(e, bitcast<f32>(x[p.x_base + e])));
+            y[p.y_base + e] = bitcast<u32>(apply(walk.c, bitcast<f32>(x[p.x_base + e])));
+            walk = walk_next(walk);
         }
     }
 }
