@@ -153,6 +153,11 @@ fn backward_dx_inner4(
     }
 }
 
+// The coefficients (shift, c1, c2, c3) of channels 4q..4q+3, one vec4 each.
+fn quad_coeffs(q: u32) -> mat4x4<f32> {
+    return transpose(mat4x4<f32>(coeffs_of(4u * q), coeffs_of(4u * q + 1u), coeffs_of(4u * q + 2u), coeffs_of(4u * q + 3u)));
+}
+
 // Channels last, no mask: a channel quad down ROWS_PER_THREAD rows.
 // set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
 override ROWS_PER_THREAD: u32;
@@ -170,17 +175,36 @@ fn backward_dx_channels4(
     if r0 >= rows {
         return;
     }
-    let k0 = coeffs_of(4u * q);
-    let k1 = coeffs_of(4u * q + 1u);
-    let k2 = coeffs_of(4u * q + 2u);
-    let k3 = coeffs_of(4u * q + 3u);
-    let shift = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
-    let c1 = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
-    let c2 = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
-    let c3 = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
+    let k = quad_coeffs(q);
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        grad4(v, shift, c1, c2, c3);
+        grad4(v, k[0], k[1], k[2], k[3]);
+    }
+}
+
+// Channels last, channels % 8 == 0, no mask: two neighbouring quads down
+// ROWS_PER_THREAD rows (as normalize_channels8).
+@compute @workgroup_size(256)
+fn backward_dx_channels8(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let quads = p.channels / 4u;
+    let pairs = quads / 2u;
+    let rows = p.chunk_elems / p.channels;
+    let q = 2u * (thread % pairs);
+    let r0 = (thread / pairs) * ROWS_PER_THREAD;
+    if r0 >= rows {
+        return;
+    }
+    let ka = quad_coeffs(q);
+    let kb = quad_coeffs(q + 1u);
+    let r1 = min(r0 + ROWS_PER_THREAD, rows);
+    for (var r = r0; r < r1; r++) {
+        let v = r * quads + q;
+        grad4(v, ka[0], ka[1], ka[2], ka[3]);
+        grad4(v + 1u, kb[0], kb[1], kb[2], kb[3]);
     }
 }

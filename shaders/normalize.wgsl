@@ -207,3 +207,34 @@ fn normalize_channels4(
         map4(v, shift, scale, offset);
     }
 }
+
+// Channels last, channels % 8 == 0: as normalize_channels4 with two
+// neighbouring quads per invocation, so a SIMD group of eight writes 256
+// contiguous bytes of a row per step.
+@compute @workgroup_size(256)
+fn normalize_channels8(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let quads = p.channels / 4u;
+    let pairs = quads / 2u;
+    let rows = p.chunk_elems / p.channels;
+    let q = 2u * (thread % pairs);
+    let r0 = (thread / pairs) * ROWS_PER_THREAD;
+    if r0 >= rows {
+        return;
+    }
+    let shift_a = affine_quad(q);
+    let scale_a = affine_quad(quads + q);
+    let offset_a = affine_quad(2u * quads + q);
+    let shift_b = affine_quad(q + 1u);
+    let scale_b = affine_quad(quads + q + 1u);
+    let offset_b = affine_quad(2u * quads + q + 1u);
+    let r1 = min(r0 + ROWS_PER_THREAD, rows);
+    for (var r = r0; r < r1; r++) {
+        let v = r * quads + q;
+        map4(v, shift_a, scale_a, offset_a);
+        map4(v + 1u, shift_b, scale_b, offset_b);
+    }
+}

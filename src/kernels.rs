@@ -284,8 +284,6 @@ impl KernelKey {
                     for layout in Layout::ALL {
                         let exists = match (kernel, layout) {
                             (_, Layout::Generic) => true,
-                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Channels8) => !key.masked,
-                            (_, Layout::Channels8) => false,
                             // the statistics kernels treat Inner16 as Inner4
                             (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
                             (
@@ -325,12 +323,14 @@ impl KernelKey {
             (Kernel::Normalize, Layout::Inner4) => "normalize_inner4",
             (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
             (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
+            (Kernel::Normalize, Layout::Channels8) => "normalize_channels8",
             (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
             (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
             (Kernel::BackwardReduce, Layout::Channels8) => "backward_reduce_channels8",
             (Kernel::BackwardDx, Layout::Inner4) => "backward_dx_inner4",
             (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
             (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
+            (Kernel::BackwardDx, Layout::Channels8) => "backward_dx_channels8",
             (Kernel::Stream, _) if self.dtype == DType::F32 => "stream_f32",
             (kernel, _) => kernel.entry_point(),
         }
@@ -543,9 +543,8 @@ mod tests {
                 Kernel::BackwardDx,
                 Kernel::Normalize,
             ] {
-                let reduces = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
-                // statistics layouts: Inner16 is read as Inner4; Channels8 exists only there
-                if (layout == Layout::Inner16 && reduces) || (layout == Layout::Channels8 && !reduces) {
+                // the statistics kernels read Inner16 as Inner4
+                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
                     continue;
                 }
                 for dtype in [DType::F32, DType::F16] {

@@ -48,10 +48,10 @@ pub(crate) enum Layout {
     /// channel tracking); statistics treat it as Inner4.
     Inner16,
     Channels4,
-    /// Channels4 with channels % 8 == 0, statistics kernels only: an
-    /// invocation reduces two neighbouring quads, so a SIMD group of eight
-    /// reads 256 contiguous bytes of a row per step (about 15% faster on
-    /// lavapipe than one quad, see benches/NOTES.md).
+    /// Channels4 with channels % 8 == 0: an invocation takes two
+    /// neighbouring quads, so a SIMD group of eight reads 256 contiguous
+    /// bytes of a row per step (10-30% faster on lavapipe than one quad,
+    /// see benches/NOTES.md).
     Channels8,
 }
 
@@ -145,18 +145,23 @@ impl DispatchPlan {
             _ if !vectorize => Layout::Generic,
             _ if view.inner.is_multiple_of(16) => Layout::Inner16,
             _ if view.inner.is_multiple_of(4) => Layout::Inner4,
-            _ if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => Layout::Channels4,
+            _ if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => {
+                if view.channels.is_multiple_of(8) {
+                    Layout::Channels8
+                } else {
+                    Layout::Channels4
+                }
+            }
             _ => Layout::Generic,
         };
         let stats = match elementwise {
             _ if masked => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
-            Layout::Channels4 if view.channels.is_multiple_of(8) => Layout::Channels8,
             other => other,
         };
         // chunks start on whole 64-element blocks (float16 words and vec4s
         // stay whole) and, for channels-last vec4s, on whole rows
-        let block = if elementwise == Layout::Channels4 {
+        let block = if matches!(elementwise, Layout::Channels4 | Layout::Channels8) {
             row_block
         } else {
             64
@@ -263,9 +268,13 @@ impl DispatchPlan {
         let per = NORMALIZE_PER_THREAD as usize;
         let invocations = match (self.elementwise, self.dtype) {
             // one quad of NORMALIZE_ROWS_PER_THREAD rows each (see normalize.wgsl)
-            (Layout::Channels4 | Layout::Channels8, _) => {
+            (Layout::Channels4, _) => {
                 let rows = chunk.elems / self.view.channels;
                 (self.view.channels / 4) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
+            }
+            (Layout::Channels8, _) => {
+                let rows = chunk.elems / self.view.channels;
+                (self.view.channels / 8) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
             }
             (Layout::Inner4 | Layout::Inner16, _) => (chunk.elems / 4).div_ceil(per),
             (Layout::Generic, DType::F32) => chunk.elems.div_ceil(per),
