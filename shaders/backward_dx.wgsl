@@ -208,3 +208,36 @@ fn backward_dx_channels8(
         grad4(v + 1u, kb[0], kb[1], kb[2], kb[3]);
     }
 }
+
+// inner >= 16, not a multiple of 4, no mask, whole vec4s: as
+// normalize_runs16, an invocation's sixteen values meet at most two
+// channels.
+@compute @workgroup_size(256)
+fn backward_dx_runs16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let a = p.chunk_start + 4u * first;
+    let c0 = (a / p.inner) % p.channels;
+    let k0 = coeffs_of(c0);
+    let k1 = coeffs_of(select(c0 + 1u, 0u, c0 + 1u == p.channels));
+    let in_c0 = p.inner - a % p.inner;
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        // lanes at or past the boundary are in the next channel
+        let next = vec4<u32>(4u * (v - first)) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(in_c0);
+        grad4(
+            v,
+            select(vec4<f32>(k0.x), vec4<f32>(k1.x), next),
+            select(vec4<f32>(k0.y), vec4<f32>(k1.y), next),
+            select(vec4<f32>(k0.z), vec4<f32>(k1.z), next),
+            select(vec4<f32>(k0.w), vec4<f32>(k1.w), next),
+        );
+    }
+}

@@ -238,3 +238,50 @@ fn normalize_channels8(
         map4(v + 1u, shift_b, scale_b, offset_b);
     }
 }
+
+// The channels of values e .. e + 15 of the chunk when inner >= 16: the
+// first value's channel `c0`, the next one `c1`, and how many of the
+// sixteen values still lie in c0.
+struct TwoChannels {
+    c0: u32,
+    c1: u32,
+    in_c0: u32,
+}
+
+fn two_channels(e: u32) -> TwoChannels {
+    let a = p.chunk_start + e;
+    let c0 = (a / p.inner) % p.channels;
+    return TwoChannels(c0, select(c0 + 1u, 0u, c0 + 1u == p.channels), p.inner - a % p.inner);
+}
+
+// inner >= 16, not a multiple of 4 (e.g. 7x7), whole vec4s: an invocation's
+// four vec4s meet at most two channels; each lane takes its channel's
+// parameters by select.
+@compute @workgroup_size(256)
+fn normalize_runs16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let vecs = p.chunk_elems / 4u;
+    let first = thread * PER_THREAD;
+    if first >= vecs {
+        return;
+    }
+    let two = two_channels(4u * first);
+    let c = p.channels;
+    let shift = vec2<f32>(affine_at(two.c0), affine_at(two.c1));
+    let scale = vec2<f32>(affine_at(c + two.c0), affine_at(c + two.c1));
+    let offset = vec2<f32>(affine_at(2u * c + two.c0), affine_at(2u * c + two.c1));
+    let last = min(first + PER_THREAD, vecs);
+    for (var v = first; v < last; v++) {
+        // lanes at or past the boundary are in c1
+        let next = vec4<u32>(4u * (v - first)) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(two.in_c0);
+        map4(
+            v,
+            select(vec4<f32>(shift.x), vec4<f32>(shift.y), next),
+            select(vec4<f32>(scale.x), vec4<f32>(scale.y), next),
+            select(vec4<f32>(offset.x), vec4<f32>(offset.y), next),
+        );
+    }
+}

@@ -284,8 +284,8 @@ impl KernelKey {
                     for layout in Layout::ALL {
                         let exists = match (kernel, layout) {
                             (_, Layout::Generic) => true,
-                            // the statistics kernels treat Inner16 as Inner4
-                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
+                            // the statistics kernels treat Inner16 as Inner4; Runs16 is elementwise
+                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16 | Layout::Runs16) => false,
                             (
                                 Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
                                 _,
@@ -324,6 +324,7 @@ impl KernelKey {
             (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
             (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
             (Kernel::Normalize, Layout::Channels8) => "normalize_channels8",
+            (Kernel::Normalize, Layout::Runs16) => "normalize_runs16",
             (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
             (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
             (Kernel::BackwardReduce, Layout::Channels8) => "backward_reduce_channels8",
@@ -331,6 +332,7 @@ impl KernelKey {
             (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
             (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
             (Kernel::BackwardDx, Layout::Channels8) => "backward_dx_channels8",
+            (Kernel::BackwardDx, Layout::Runs16) => "backward_dx_runs16",
             (Kernel::Stream, _) if self.dtype == DType::F32 => "stream_f32",
             (kernel, _) => kernel.entry_point(),
         }
@@ -536,15 +538,17 @@ mod tests {
                 }
             }
         }
-        for layout in [Layout::Inner4, Layout::Inner16, Layout::Channels4, Layout::Channels8] {
+        for layout in Layout::ALL.into_iter().skip(1) {
             for kernel in [
                 Kernel::PartialStats,
                 Kernel::BackwardReduce,
                 Kernel::BackwardDx,
                 Kernel::Normalize,
             ] {
-                // the statistics kernels read Inner16 as Inner4
-                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
+                // the statistics kernels read Inner16 as Inner4; Runs16 is elementwise
+                if matches!(layout, Layout::Inner16 | Layout::Runs16)
+                    && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce)
+                {
                     continue;
                 }
                 for dtype in [DType::F32, DType::F16] {

@@ -53,6 +53,11 @@ pub(crate) enum Layout {
     /// bytes of a row per step (10-30% faster on lavapipe than one quad,
     /// see benches/NOTES.md).
     Channels8,
+    /// Elementwise kernels only: inner >= 16 but not a multiple of 4 (7x7
+    /// feature maps), whole vec4s over the flat tensor (length % 4 == 0).
+    /// An invocation's sixteen values meet at most two channels, whose
+    /// parameters it loads once and selects per lane.
+    Runs16,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,12 +112,13 @@ fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
 }
 
 impl Layout {
-    pub(crate) const ALL: [Layout; 5] = [
+    pub(crate) const ALL: [Layout; 6] = [
         Layout::Generic,
         Layout::Inner4,
         Layout::Inner16,
         Layout::Channels4,
         Layout::Channels8,
+        Layout::Runs16,
     ];
 }
 
@@ -152,11 +158,13 @@ impl DispatchPlan {
                     Layout::Channels4
                 }
             }
+            _ if view.inner >= 16 && len.is_multiple_of(4) => Layout::Runs16,
             _ => Layout::Generic,
         };
         let stats = match elementwise {
             _ if masked => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
+            Layout::Runs16 => Layout::Generic,
             other => other,
         };
         // chunks start on whole 64-element blocks (float16 words and vec4s
@@ -206,7 +214,8 @@ impl DispatchPlan {
             _ => view.channels,
         };
         let runs: Vec<usize> = match stats {
-            Layout::Generic => chunks
+            // (Runs16 is an elementwise layout only)
+            Layout::Generic | Layout::Runs16 => chunks
                 .iter()
                 .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
                 .collect(),
@@ -276,7 +285,7 @@ impl DispatchPlan {
                 let rows = chunk.elems / self.view.channels;
                 (self.view.channels / 8) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
             }
-            (Layout::Inner4 | Layout::Inner16, _) => (chunk.elems / 4).div_ceil(per),
+            (Layout::Inner4 | Layout::Inner16 | Layout::Runs16, _) => (chunk.elems / 4).div_ceil(per),
             (Layout::Generic, DType::F32) => chunk.elems.div_ceil(per),
             (Layout::Generic, DType::F16) => chunk.elems.div_ceil(2).div_ceil(per),
         };

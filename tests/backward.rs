@@ -279,6 +279,31 @@ fn float16_gradients_in_the_vec4_layouts() {
     }
 }
 
+/// Gradients where inner >= 16 is not a multiple of 4 (the vec4 dx kernel
+/// whose values straddle two channels), float32 and float16.
+#[test]
+fn gradients_of_runs_not_a_multiple_of_4() {
+    let ctx = gpu();
+    for (i, shape) in [&[8usize, 5, 7, 7][..], &[4, 3, 17], &[3, 5, 17], &[2, 7, 18]]
+        .into_iter()
+        .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis: 1,
+            ..Default::default()
+        };
+        for dtype in [DType::F32, DType::F16] {
+            for training in [Some(true), None] {
+                let err = compare_gradients(&ctx, &config, shape, dtype, training, false, 800 + i as u64);
+                assert!(
+                    err <= wgpu_batchnorm::keras::tolerance(dtype, true),
+                    "{shape:?} {dtype} training {training:?}: {err:.2e}"
+                );
+            }
+        }
+    }
+}
+
 fn gradient_sweep(ctx: &GpuContext) {
     let renorm = BatchNormConfig {
         renorm: true,

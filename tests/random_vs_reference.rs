@@ -210,6 +210,50 @@ fn float16_in_the_vec4_layouts() {
     }
 }
 
+/// inner >= 16 but not a multiple of 4 (7x7 maps): whole vec4s whose four
+/// values may straddle two channels; a length not a multiple of 4 takes the
+/// scalar kernels. Whole and chunked, float32 and float16.
+#[test]
+fn runs_of_16_or_more_values_not_a_multiple_of_4() {
+    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    chunked.set_max_binding_size(4096);
+    for (i, shape) in [
+        &[8usize, 5, 7, 7][..],
+        &[4, 3, 17],
+        &[3, 5, 17],
+        &[2, 7, 18],
+        &[1, 1, 49],
+        &[6, 2, 3, 7],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut config, _) = variant(i, 1);
+        config.axis = 1;
+        for (ctx, dtype) in [
+            (gpu(), DType::F32),
+            (gpu(), DType::F16),
+            (chunked.clone(), DType::F32),
+            (chunked.clone(), DType::F16),
+        ] {
+            let o = compare_with_reference(
+                &ctx,
+                &config,
+                shape,
+                dtype,
+                &[(Some(true), false), (None, false), (Some(true), false)],
+                80 + i as u64,
+            );
+            assert!(
+                o.y_error <= tolerance(dtype) && o.state_error <= tolerance(dtype),
+                "{shape:?} {dtype}: y {:.2e} state {:.2e}",
+                o.y_error,
+                o.state_error
+            );
+        }
+    }
+}
+
 #[test]
 fn chunked_bindings_match_the_reference() {
     // a private context: capping its bindings forces several chunks per input
