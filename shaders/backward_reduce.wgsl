@@ -214,3 +214,47 @@ fn backward_reduce_channels8(
         partials[(4u * q + 4u + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(b_dy[k], b_dyx[k], b_xc[k], 0.0);
     }
 }
+
+// inner >= 16, not a multiple of 4, no mask: run by run in the vec4s that
+// cover each run, lanes outside it masked (as partial_stats_runs16).
+@compute @workgroup_size(256)
+fn backward_reduce_runs16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
+        return;
+    }
+    let c = g % p.channels;
+    let tile = g / p.channels;
+    let stats = saved[2u * c];
+    let shift = stats.x;
+    let delta = stats.y;
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
+    let j1 = min(j0 + p.elems_per_thread, j_end);
+    let base = p.x_base - p.chunk_start;
+    let lane = vec4<u32>(0u, 1u, 2u, 3u);
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    var s_xc = vec4<f32>(0.0);
+    var j = j0;
+    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p.inner + p.inner, j1);
+        let a0 = base + element_of(j, c);
+        let a1 = a0 + (run_end - j);
+        for (var q = a0 / 4u; q * 4u < a1; q++) {
+            let at = vec4<u32>(4u * q) + lane;
+            let inside = at >= vec4<u32>(a0) & at < vec4<u32>(a1);
+            let g4 = select(vec4<f32>(0.0), load_dy4(q), inside);
+            let centered = select(vec4<f32>(0.0), (load_x4(q) - shift) - delta, inside);
+            s_dy += g4;
+            s_dyx = fma(g4, centered, s_dyx);
+            s_xc += centered;
+        }
+        j = run_end;
+    }
+    let ones = vec4<f32>(1.0);
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
+}

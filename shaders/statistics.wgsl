@@ -7,11 +7,13 @@
 // contiguous run. Invocation g takes tile g / C of channel g % C, so
 // neighbouring invocations read neighbouring channels of the same rows.
 //
-// Four layouts (see plan.rs): `partial_stats` (any shape, masks),
+// Five layouts (see plan.rs): `partial_stats` (any shape, masks),
 // `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel),
 // `partial_stats_channels4` (channels last, channels % 4 == 0: one channel
 // quad down a band of rows) and `partial_stats_channels8` (channels % 8 ==
-// 0: two neighbouring quads down a band of rows).
+// 0: two neighbouring quads down a band of rows); `partial_stats_runs16`
+// (inner >= 16, not a multiple of 4: each run of a channel read in the
+// vec4s that cover it, lanes outside the run masked).
 //
 // Sums are shifted by the tile's first value so that a channel whose mean is
 // far from zero keeps its precision. Every loop is bounded by
@@ -213,4 +215,50 @@ fn partial_stats_channels8(
         write_partial(4u * q + k, tile, count, a1[k], a2[k], shift_a[k]);
         write_partial(4u * q + 4u + k, tile, count, b1[k], b2[k], shift_b[k]);
     }
+}
+
+// inner >= 16, not a multiple of 4, length % 4 == 0: the tile's values of
+// channel c, run by run, in the vec4s that cover each run; lanes outside
+// the run (other channels, other tiles) count for nothing. Both loops
+// together take at most elems_per_thread / 4 + 2 steps per run.
+@compute @workgroup_size(256)
+fn partial_stats_runs16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
+    if g >= p.tiles * p.channels {
+        return;
+    }
+    let c = g % p.channels;
+    let tile = g / p.channels;
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
+    let j1 = min(j0 + p.elems_per_thread, j_end);
+    // element positions inside the binding
+    let base = p.x_base - p.chunk_start;
+    var shift = 0.0;
+    if j0 < j1 {
+        let first = base + element_of(j0, c);
+        shift = load_x4(first / 4u)[first % 4u];
+    }
+    let lane = vec4<u32>(0u, 1u, 2u, 3u);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var j = j0;
+    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p.inner + p.inner, j1);
+        let a0 = base + element_of(j, c);
+        let a1 = a0 + (run_end - j);
+        for (var q = a0 / 4u; q * 4u < a1; q++) {
+            let at = vec4<u32>(4u * q) + lane;
+            let inside = at >= vec4<u32>(a0) & at < vec4<u32>(a1);
+            let v = select(vec4<f32>(0.0), load_x4(q) - shift, inside);
+            s1 += v;
+            s2 = fma(v, v, s2);
+        }
+        j = run_end;
+    }
+    let ones = vec4<f32>(1.0);
+    write_partial(c, tile, f32(j1 - j0), dot(s1, ones), dot(s2, ones), shift);
 }

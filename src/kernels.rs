@@ -284,8 +284,8 @@ impl KernelKey {
                     for layout in Layout::ALL {
                         let exists = match (kernel, layout) {
                             (_, Layout::Generic) => true,
-                            // the statistics kernels treat Inner16 as Inner4; Runs16 is elementwise
-                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16 | Layout::Runs16) => false,
+                            // the statistics kernels treat Inner16 as Inner4
+                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
                             (
                                 Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
                                 _,
@@ -320,6 +320,7 @@ impl KernelKey {
             (Kernel::PartialStats, Layout::Inner4) => "partial_stats_inner4",
             (Kernel::PartialStats, Layout::Channels4) => "partial_stats_channels4",
             (Kernel::PartialStats, Layout::Channels8) => "partial_stats_channels8",
+            (Kernel::PartialStats, Layout::Runs16) => "partial_stats_runs16",
             (Kernel::Normalize, Layout::Inner4) => "normalize_inner4",
             (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
             (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
@@ -328,6 +329,7 @@ impl KernelKey {
             (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
             (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
             (Kernel::BackwardReduce, Layout::Channels8) => "backward_reduce_channels8",
+            (Kernel::BackwardReduce, Layout::Runs16) => "backward_reduce_runs16",
             (Kernel::BackwardDx, Layout::Inner4) => "backward_dx_inner4",
             (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
             (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
@@ -545,10 +547,8 @@ mod tests {
                 Kernel::BackwardDx,
                 Kernel::Normalize,
             ] {
-                // the statistics kernels read Inner16 as Inner4; Runs16 is elementwise
-                if matches!(layout, Layout::Inner16 | Layout::Runs16)
-                    && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce)
-                {
+                // the statistics kernels read Inner16 as Inner4
+                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
                     continue;
                 }
                 for dtype in [DType::F32, DType::F16] {

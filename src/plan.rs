@@ -53,10 +53,12 @@ pub(crate) enum Layout {
     /// bytes of a row per step (10-30% faster on lavapipe than one quad,
     /// see benches/NOTES.md).
     Channels8,
-    /// Elementwise kernels only: inner >= 16 but not a multiple of 4 (7x7
-    /// feature maps), whole vec4s over the flat tensor (length % 4 == 0).
-    /// An invocation's sixteen values meet at most two channels, whose
-    /// parameters it loads once and selects per lane.
+    /// inner >= 16 but not a multiple of 4 (7x7 feature maps), length %
+    /// 4 == 0: vec4s over the flat tensor. An elementwise invocation's
+    /// sixteen values meet at most two channels, whose parameters it loads
+    /// once and selects per lane; statistics read each run in the vec4s
+    /// that cover it and mask the lanes outside (tiles sized in values, as
+    /// Generic).
     Runs16,
 }
 
@@ -164,7 +166,6 @@ impl DispatchPlan {
         let stats = match elementwise {
             _ if masked => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
-            Layout::Runs16 => Layout::Generic,
             other => other,
         };
         // chunks start on whole 64-element blocks (float16 words and vec4s
@@ -214,7 +215,7 @@ impl DispatchPlan {
             _ => view.channels,
         };
         let runs: Vec<usize> = match stats {
-            // (Runs16 is an elementwise layout only)
+            // tiles of values
             Layout::Generic | Layout::Runs16 => chunks
                 .iter()
                 .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
@@ -228,9 +229,14 @@ impl DispatchPlan {
         // enough invocations to fill the device, long enough loops to stream
         let units: usize = runs.iter().sum::<usize>() * lanes;
         let longest = runs.iter().copied().max().unwrap_or(1).max(1);
+        // Runs16 tiles are in values but read in vec4s: as long as the others
+        let min_per_thread = match stats {
+            Layout::Runs16 => 4 * STATS_MIN_PER_THREAD,
+            _ => STATS_MIN_PER_THREAD,
+        };
         let mut elems_per_thread = units
             .div_ceil(STATS_INVOCATIONS)
-            .clamp(STATS_MIN_PER_THREAD, MAX_LOOP)
+            .clamp(min_per_thread, MAX_LOOP)
             .min(longest);
         while runs.iter().map(|r| r.div_ceil(elems_per_thread).max(1)).sum::<usize>() > MAX_TILES
             && elems_per_thread < MAX_LOOP
