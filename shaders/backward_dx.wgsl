@@ -35,25 +35,6 @@ fn grad(e: u32, c: u32, xv: f32, g: f32) -> f32 {
     return out;
 }
 
-// The channel of consecutive elements, found once by division and then
-// followed by counting (as in normalize.wgsl).
-struct ChannelWalk {
-    c: u32,
-    i: u32,
-}
-
-fn walk_at(e: u32) -> ChannelWalk {
-    let a = p.chunk_start + e;
-    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
-}
-
-fn walk_next(w: ChannelWalk) -> ChannelWalk {
-    if w.i + 1u < p.inner {
-        return ChannelWalk(w.c, w.i + 1u);
-    }
-    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
-}
-
 @compute @workgroup_size(256)
 fn backward_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -223,15 +204,12 @@ fn backward_dx_runs16(
     if first >= vecs {
         return;
     }
-    let a = p.chunk_start + 4u * first;
-    let c0 = (a / p.inner) % p.channels;
-    let k0 = coeffs_of(c0);
-    let k1 = coeffs_of(select(c0 + 1u, 0u, c0 + 1u == p.channels));
-    let in_c0 = p.inner - a % p.inner;
+    let two = two_channels(4u * first);
+    let k0 = coeffs_of(two.c0);
+    let k1 = coeffs_of(two.c1);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        // lanes at or past the boundary are in the next channel
-        let next = vec4<u32>(4u * (v - first)) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(in_c0);
+        let next = in_next_channel(two, v - first);
         grad4(
             v,
             select(vec4<f32>(k0.x), vec4<f32>(k1.x), next),

@@ -30,6 +30,14 @@ fn first_j_at(a: u32, c: u32) -> u32 {
     return (o + 1u) * p.inner;
 }
 
+// Tile `tile` of channel c in this chunk, `per_tile` positions long: the
+// positions [x, y) of j-space (empty past the channel's end).
+fn tile_span(c: u32, tile: u32, per_tile: u32) -> vec2<u32> {
+    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
+    let j0 = min(first_j_at(p.chunk_start, c) + tile * per_tile, j_end);
+    return vec2<u32>(j0, min(j0 + per_tile, j_end));
+}
+
 fn element_of(j: u32, c: u32) -> u32 {
     return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
 }

@@ -62,27 +62,6 @@ fn apply(c: u32, v: f32) -> f32 {
     return epilogue((v - affine_at(c)) * affine_at(p.channels + c) + affine_at(2u * p.channels + c));
 }
 
-// The channel of consecutive elements, found once by division and then
-// followed by counting (a vector integer division is eight scalar ones on
-// llvmpipe).
-struct ChannelWalk {
-    c: u32,
-    i: u32,
-}
-
-// the walk at element `e` of the chunk
-fn walk_at(e: u32) -> ChannelWalk {
-    let a = p.chunk_start + e;
-    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
-}
-
-fn walk_next(w: ChannelWalk) -> ChannelWalk {
-    if w.i + 1u < p.inner {
-        return ChannelWalk(w.c, w.i + 1u);
-    }
-    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
-}
-
 @compute @workgroup_size(256)
 fn normalize(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -239,21 +218,6 @@ fn normalize_channels8(
     }
 }
 
-// The channels of values e .. e + 15 of the chunk when inner >= 16: the
-// first value's channel `c0`, the next one `c1`, and how many of the
-// sixteen values still lie in c0.
-struct TwoChannels {
-    c0: u32,
-    c1: u32,
-    in_c0: u32,
-}
-
-fn two_channels(e: u32) -> TwoChannels {
-    let a = p.chunk_start + e;
-    let c0 = (a / p.inner) % p.channels;
-    return TwoChannels(c0, select(c0 + 1u, 0u, c0 + 1u == p.channels), p.inner - a % p.inner);
-}
-
 // inner >= 16, not a multiple of 4 (e.g. 7x7), whole vec4s: an invocation's
 // four vec4s meet at most two channels; each lane takes its channel's
 // parameters by select.
@@ -275,8 +239,7 @@ fn normalize_runs16(
     let offset = vec2<f32>(affine_at(2u * c + two.c0), affine_at(2u * c + two.c1));
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
-        // lanes at or past the boundary are in c1
-        let next = vec4<u32>(4u * (v - first)) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(two.in_c0);
+        let next = in_next_channel(two, v - first);
         map4(
             v,
             select(vec4<f32>(shift.x), vec4<f32>(shift.y), next),

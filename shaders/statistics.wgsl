@@ -58,9 +58,9 @@ fn partial_stats(
     }
     let c = g % p.channels;
     let tile = g / p.channels;
-    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
-    let j1 = min(j0 + p.elems_per_thread, j_end);
+    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let j0 = span_j.x;
+    let j1 = span_j.y;
     var shift = 0.0;
     if j0 < j1 {
         shift = load_x(p.x_base + element_of(j0, c) - p.chunk_start);
@@ -106,9 +106,9 @@ fn partial_stats_inner4(
     let c = g % p.channels;
     let tile = g / p.channels;
     let span = 4u * p.elems_per_thread;
-    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let j0 = min(first_j_at(p.chunk_start, c) + tile * span, j_end);
-    let j1 = min(j0 + span, j_end);
+    let span_j = tile_span(c, tile, span);
+    let j0 = span_j.x;
+    let j1 = span_j.y;
     let base = p.x_base - p.chunk_start;
     var shift = 0.0;
     if j0 < j1 {
@@ -232,9 +232,9 @@ fn partial_stats_runs16(
     }
     let c = g % p.channels;
     let tile = g / p.channels;
-    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let j0 = min(first_j_at(p.chunk_start, c) + tile * p.elems_per_thread, j_end);
-    let j1 = min(j0 + p.elems_per_thread, j_end);
+    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let j0 = span_j.x;
+    let j1 = span_j.y;
     // element positions inside the binding
     let base = p.x_base - p.chunk_start;
     var shift = 0.0;

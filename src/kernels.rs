@@ -100,6 +100,7 @@ const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.
 const BACKWARD_DX_WGSL: &str = include_str!("../shaders/backward_dx.wgsl");
 const OPTIMIZER_WGSL: &str = include_str!("../shaders/optimizer.wgsl");
 const STREAM_WGSL: &str = include_str!("../shaders/stream.wgsl");
+const CHANNEL_WALK_WGSL: &str = include_str!("../shaders/channel_walk.wgsl");
 const QUAD_F32_WGSL: &str = include_str!("../shaders/quad_f32.wgsl");
 const QUAD_F16_WGSL: &str = include_str!("../shaders/quad_f16.wgsl");
 
@@ -142,10 +143,10 @@ impl Kernel {
         let pieces: &[&str] = match self {
             Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
             Kernel::Finalize => &[FINALIZE_WGSL],
-            Kernel::Normalize => &[quad, NORMALIZE_WGSL],
+            Kernel::Normalize => &[CHANNEL_WALK_WGSL, quad, NORMALIZE_WGSL],
             Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
             Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
-            Kernel::BackwardDx => &[MASK_WGSL, quad, BACKWARD_DX_WGSL],
+            Kernel::BackwardDx => &[MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => &[STREAM_WGSL],
             // its own uniform block
             Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),

@@ -224,84 +224,49 @@ fn gpu_gradients_with_storage_parameters() {
     gradient_sweep(&ctx);
 }
 
+/// Unmasked gradients of the default config, training and inference, for
+/// each (shape, axis) and dtype: within the gradient tolerance.
+fn assert_gradients_match(ctx: &GpuContext, cases: &[(&[usize], i64)], dtypes: &[DType], seed: u64) {
+    for (i, &(shape, axis)) in cases.iter().enumerate() {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        for &dtype in dtypes {
+            for training in [Some(true), None] {
+                let err = compare_gradients(ctx, &config, shape, dtype, training, false, seed + i as u64);
+                assert!(
+                    err <= wgpu_batchnorm::keras::tolerance(dtype, true),
+                    "{shape:?} axis {axis} {dtype} training {training:?}: {err:.2e}"
+                );
+            }
+        }
+    }
+}
+
 /// More channels than the 4096 the uniform view of the dx coefficients holds.
 #[test]
 fn gpu_gradients_beyond_the_uniform_parameter_view() {
     let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
     ctx.set_uniform_parameters(true);
-    for (i, (shape, axis)) in [
-        (&[3usize, 4100][..], -1i64),
-        (&[2, 4099, 5][..], 1),
-        (&[2, 5000, 4][..], 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        for training in [Some(true), None] {
-            let err = compare_gradients(&ctx, &config, shape, DType::F32, training, false, 500 + i as u64);
-            assert!(
-                err <= wgpu_batchnorm::keras::tolerance(DType::F32, true),
-                "{shape:?}: {err:.2e}"
-            );
-        }
-    }
+    let cases: &[(&[usize], i64)] = &[(&[3, 4100], -1), (&[2, 4099, 5], 1), (&[2, 5000, 4], 1)];
+    assert_gradients_match(&ctx, cases, &[DType::F32], 500);
 }
 
 /// float16 gradients in every vec4 layout (unmasked: a mask takes the
 /// scalar kernels), training and inference.
 #[test]
 fn float16_gradients_in_the_vec4_layouts() {
-    let ctx = gpu();
-    for (i, (shape, axis)) in [
-        (&[500usize, 12][..], -1i64),
-        (&[3, 4, 48][..], 1),
-        (&[3, 4, 12][..], 1),
-        (&[2, 8, 5, 4][..], 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        for training in [Some(true), None] {
-            let err = compare_gradients(&ctx, &config, shape, DType::F16, training, false, 700 + i as u64);
-            assert!(
-                err <= wgpu_batchnorm::keras::tolerance(DType::F16, true),
-                "{shape:?} training {training:?}: {err:.2e}"
-            );
-        }
-    }
+    let cases: &[(&[usize], i64)] = &[(&[500, 12], -1), (&[3, 4, 48], 1), (&[3, 4, 12], 1), (&[2, 8, 5, 4], 1)];
+    assert_gradients_match(&gpu(), cases, &[DType::F16], 700);
 }
 
-/// Gradients where inner >= 16 is not a multiple of 4 (the vec4 dx kernel
+/// Gradients where inner >= 16 is not a multiple of 4 (the vec4 kernels
 /// whose values straddle two channels), float32 and float16.
 #[test]
 fn gradients_of_runs_not_a_multiple_of_4() {
-    let ctx = gpu();
-    for (i, shape) in [&[8usize, 5, 7, 7][..], &[4, 3, 17], &[3, 5, 17], &[2, 7, 18]]
-        .into_iter()
-        .enumerate()
-    {
-        let config = BatchNormConfig {
-            axis: 1,
-            ..Default::default()
-        };
-        for dtype in [DType::F32, DType::F16] {
-            for training in [Some(true), None] {
-                let err = compare_gradients(&ctx, &config, shape, dtype, training, false, 800 + i as u64);
-                assert!(
-                    err <= wgpu_batchnorm::keras::tolerance(dtype, true),
-                    "{shape:?} {dtype} training {training:?}: {err:.2e}"
-                );
-            }
-        }
-    }
+    let cases: &[(&[usize], i64)] = &[(&[8, 5, 7, 7], 1), (&[4, 3, 17], 1), (&[3, 5, 17], 1), (&[2, 7, 18], 1)];
+    assert_gradients_match(&gpu(), cases, &[DType::F32, DType::F16], 800);
 }
 
 fn gradient_sweep(ctx: &GpuContext) {

@@ -1,0 +1,43 @@
+// Shared by the elementwise kernels (normalise, dx): which channel the
+// elements of a chunk belong to, without a division per element (a vector
+// integer division is eight scalar ones on llvmpipe).
+
+// The channel `c` of an element and its position `i` in the channel's run,
+// found once by division and then followed by counting.
+struct ChannelWalk {
+    c: u32,
+    i: u32,
+}
+
+// the walk at element `e` of the chunk
+fn walk_at(e: u32) -> ChannelWalk {
+    let a = p.chunk_start + e;
+    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
+}
+
+fn walk_next(w: ChannelWalk) -> ChannelWalk {
+    if w.i + 1u < p.inner {
+        return ChannelWalk(w.c, w.i + 1u);
+    }
+    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
+}
+
+// The channels of elements e .. e + 15 of the chunk when inner >= 16: the
+// first one's channel `c0`, the next channel `c1`, and how many of the
+// sixteen still lie in c0.
+struct TwoChannels {
+    c0: u32,
+    c1: u32,
+    in_c0: u32,
+}
+
+fn two_channels(e: u32) -> TwoChannels {
+    let a = p.chunk_start + e;
+    let c0 = (a / p.inner) % p.channels;
+    return TwoChannels(c0, select(c0 + 1u, 0u, c0 + 1u == p.channels), p.inner - a % p.inner);
+}
+
+// which lanes of the k-th vec4 from e lie in c1
+fn in_next_channel(two: TwoChannels, k: u32) -> vec4<bool> {
+    return vec4<u32>(4u * k) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(two.in_c0);
+}
