@@ -81,10 +81,15 @@ fn backward_dx(
 @group(0) @binding(5) var<storage, read_write> dx4: array<Quad>;
 
 // dx = c1 * dy - (c2 + c3 * (x - shift)) for the v-th group of four values
-fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
+// (masked out: dx = c1 * dy)
+fn grad4_kept(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>, keep: bool) {
     let a = p.x_base / 4u + v;
-    let out = c1 * unpack_quad(dy4[a]) - fma(unpack_quad(x4[a]) - shift, c3, c2);
-    dx4[p.y_base / 4u + v] = pack_quad(out);
+    let through_stats = select(vec4<f32>(0.0), fma(unpack_quad(x4[a]) - shift, c3, c2), keep);
+    dx4[p.y_base / 4u + v] = pack_quad(c1 * unpack_quad(dy4[a]) - through_stats);
+}
+
+fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
+    grad4_kept(v, shift, c1, c2, c3, true);
 }
 
 // inner % 16 == 0, no mask: an invocation's four vec4s share one channel.
@@ -139,7 +144,7 @@ fn quad_coeffs(q: u32) -> mat4x4<f32> {
     return transpose(mat4x4<f32>(coeffs_of(4u * q), coeffs_of(4u * q + 1u), coeffs_of(4u * q + 2u), coeffs_of(4u * q + 3u)));
 }
 
-// Channels last, no mask: a channel quad down ROWS_PER_THREAD rows.
+// Channels last (a mask per row if any): a channel quad down ROWS_PER_THREAD rows.
 // set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
 override ROWS_PER_THREAD: u32;
 
@@ -160,11 +165,11 @@ fn backward_dx_channels4(
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        grad4(v, k[0], k[1], k[2], k[3]);
+        grad4_kept(v, k[0], k[1], k[2], k[3], !MASKED || row_masked_in(r));
     }
 }
 
-// Channels last, channels % 8 == 0, no mask: two neighbouring quads down
+// Channels last, channels % 8 == 0 (a mask per row if any): two neighbouring quads down
 // ROWS_PER_THREAD rows (as normalize_channels8).
 @compute @workgroup_size(256)
 fn backward_dx_channels8(
@@ -185,8 +190,9 @@ fn backward_dx_channels8(
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
         let v = r * quads + q;
-        grad4(v, ka[0], ka[1], ka[2], ka[3]);
-        grad4(v + 1u, kb[0], kb[1], kb[2], kb[3]);
+        let keep = !MASKED || row_masked_in(r);
+        grad4_kept(v, ka[0], ka[1], ka[2], ka[3], keep);
+        grad4_kept(v + 1u, kb[0], kb[1], kb[2], kb[3], keep);
     }
 }
 

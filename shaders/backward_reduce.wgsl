@@ -132,7 +132,7 @@ fn quad_delta(q: u32) -> vec4<f32> {
     return vec4<f32>(saved[8u * q].y, saved[8u * q + 2u].y, saved[8u * q + 4u].y, saved[8u * q + 6u].y);
 }
 
-// Channels last, no mask: a channel quad down a band of rows.
+// Channels last (a mask per row if any): a channel quad down a band of rows.
 @compute @workgroup_size(256)
 fn backward_reduce_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -159,7 +159,8 @@ fn backward_reduce_channels4(
         let centered = (load_x4(a) - shift) - delta;
         s_dy += g4;
         s_dyx = fma(g4, centered, s_dyx);
-        s_xc += centered;
+        // a mask per row: only masked-in rows measure the mean's error
+        s_xc += select(vec4<f32>(0.0), centered, !MASKED || row_masked_in(r));
         a += quads;
     }
     for (var k = 0u; k < 4u; k++) {
@@ -167,7 +168,7 @@ fn backward_reduce_channels4(
     }
 }
 
-// Channels last, channels % 8 == 0, no mask: quads 2h and 2h + 1 down a
+// Channels last, channels % 8 == 0 (a mask per row if any): quads 2h and 2h + 1 down a
 // band of rows (as partial_stats_channels8).
 @compute @workgroup_size(256)
 fn backward_reduce_channels8(
@@ -201,12 +202,14 @@ fn backward_reduce_channels8(
         let gb = load_dy4(a + 1u);
         let ca = (load_x4(a) - shift_a) - delta_a;
         let cb = (load_x4(a + 1u) - shift_b) - delta_b;
+        // a mask per row: only masked-in rows measure the mean's error
+        let keep = !MASKED || row_masked_in(r);
         a_dy += ga;
         a_dyx = fma(ga, ca, a_dyx);
-        a_xc += ca;
+        a_xc += select(vec4<f32>(0.0), ca, keep);
         b_dy += gb;
         b_dyx = fma(gb, cb, b_dyx);
-        b_xc += cb;
+        b_xc += select(vec4<f32>(0.0), cb, keep);
         a += quads;
     }
     for (var k = 0u; k < 4u; k++) {

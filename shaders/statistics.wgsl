@@ -134,7 +134,7 @@ fn partial_stats_inner4(
     write_partial(c, tile, f32(j1 - j0), dot(s1, ones), dot(s2, ones), shift);
 }
 
-// Channels last (inner == 1, channels % 4 == 0): invocation g reduces
+// Channels last (inner == 1, channels % 4 == 0, a mask per row if any): invocation g reduces
 // channels 4q..4q+3 (q = g % quads) over the rows of tile g / quads.
 @compute @workgroup_size(256)
 fn partial_stats_channels4(
@@ -158,14 +158,25 @@ fn partial_stats_channels4(
     }
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
+    var kept = 0.0;
     var addr = base + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let v = load_x4(addr) - shift;
+        let value = load_x4(addr);
+        var keep = true;
+        if MASKED {
+            // a mask per row; the shift is the first masked-in row
+            keep = row_masked_in(r);
+            if keep && kept == 0.0 {
+                shift = value;
+            }
+            kept += select(0.0, 1.0, keep);
+        }
+        let v = select(vec4<f32>(0.0), value - shift, keep);
         s1 += v;
         s2 = fma(v, v, s2);
         addr += quads;
     }
-    let count = f32(r1 - r0);
+    let count = select(f32(r1 - r0), kept, MASKED);
     for (var k = 0u; k < 4u; k++) {
         write_partial(4u * q + k, tile, count, s1[k], s2[k], shift[k]);
     }
@@ -200,17 +211,30 @@ fn partial_stats_channels8(
     var a2 = vec4<f32>(0.0);
     var b1 = vec4<f32>(0.0);
     var b2 = vec4<f32>(0.0);
+    var kept = 0.0;
     var addr = base + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let va = load_x4(addr) - shift_a;
-        let vb = load_x4(addr + 1u) - shift_b;
+        let xa = load_x4(addr);
+        let xb = load_x4(addr + 1u);
+        var keep = true;
+        if MASKED {
+            // a mask per row; the shift is the first masked-in row
+            keep = row_masked_in(r);
+            if keep && kept == 0.0 {
+                shift_a = xa;
+                shift_b = xb;
+            }
+            kept += select(0.0, 1.0, keep);
+        }
+        let va = select(vec4<f32>(0.0), xa - shift_a, keep);
+        let vb = select(vec4<f32>(0.0), xb - shift_b, keep);
         a1 += va;
         a2 = fma(va, va, a2);
         b1 += vb;
         b2 = fma(vb, vb, b2);
         addr += quads;
     }
-    let count = f32(r1 - r0);
+    let count = select(f32(r1 - r0), kept, MASKED);
     for (var k = 0u; k < 4u; k++) {
         write_partial(4u * q + k, tile, count, a1[k], a2[k], shift_a[k]);
         write_partial(4u * q + 4u + k, tile, count, b1[k], b2[k], shift_b[k]);

@@ -287,6 +287,11 @@ impl KernelKey {
                             (_, Layout::Generic) => true,
                             // the statistics kernels treat Inner16 as Inner4
                             (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
+                            // a mask per row suits the channels-last kernels
+                            (
+                                Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx,
+                                Layout::Channels4 | Layout::Channels8,
+                            ) => true,
                             (
                                 Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
                                 _,

@@ -114,6 +114,12 @@ struct ForwardRecord {
     weights_version: u64,
 }
 
+/// Whether a mask (the input shape without its last axis) holds one value
+/// per row of channels: the channels are the last axis.
+fn mask_by_row(view: ChannelView, shape: &[usize]) -> bool {
+    view.inner == 1 && shape.last() == Some(&view.channels)
+}
+
 /// A per-channel parameter buffer is at least as large as its uniform view.
 fn params_buffer_size(bytes: u64) -> u64 {
     bytes.div_ceil(16).max(kernels::UNIFORM_PARAMS_BYTES / 16) * 16
@@ -384,6 +390,7 @@ impl BatchNorm {
             view,
             x.dtype(),
             masked,
+            mask_by_row(view, x.shape()),
             true,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
@@ -548,12 +555,15 @@ impl BatchNorm {
         }
         let view = self.view_of(x)?;
         let masked = record.mask.is_some();
-        // the backward kernels' vec4 forms take no mask
+        // of the backward kernels' vec4 forms only the channels-last ones
+        // take a mask, one value per row
+        let by_row = mask_by_row(view, x.shape());
         let plan = DispatchPlan::new(
             view,
             x.dtype(),
             masked,
-            !masked,
+            by_row,
+            !masked || by_row,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
         )?;

@@ -125,12 +125,15 @@ impl Layout {
 }
 
 impl DispatchPlan {
-    /// `masked`: the statistics skip masked-out values; `vectorize`: the
-    /// call's kernels have vec4 forms.
+    /// `masked`: the statistics skip masked-out values, `mask_by_row`: the
+    /// mask holds one value per row of channels (channels last, the
+    /// channels the last axis), which the channels-last vec4 kernels take;
+    /// `vectorize`: the call's kernels have vec4 forms.
     pub(crate) fn new(
         view: ChannelView,
         dtype: DType,
         masked: bool,
+        mask_by_row: bool,
         vectorize: bool,
         max_binding: u64,
         alignment: u64,
@@ -163,8 +166,9 @@ impl DispatchPlan {
             _ if view.inner >= 16 && len.is_multiple_of(4) => Layout::Runs16,
             _ => Layout::Generic,
         };
+        let channels_last = matches!(elementwise, Layout::Channels4 | Layout::Channels8);
         let stats = match elementwise {
-            _ if masked => Layout::Generic,
+            _ if masked && !(mask_by_row && channels_last) => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
             other => other,
         };
@@ -325,11 +329,43 @@ mod tests {
             channels: 64,
             inner: 3136,
         };
-        let plan = DispatchPlan::new(view, DType::F32, true, true, 1 << 27, 256).unwrap();
+        let plan = DispatchPlan::new(view, DType::F32, true, false, true, 1 << 27, 256).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
         assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(plan.elems_per_thread));
         assert!(plan.elems_per_thread >= 16);
+    }
+
+    /// Which layout each shape and mask gets: the vec4 layouts for both
+    /// dtypes, the channels-last ones also under a mask per row.
+    #[test]
+    fn layouts_by_shape_and_mask() {
+        let view = |outer, channels, inner| ChannelView { outer, channels, inner };
+        let cases = [
+            // (view, masked, mask by row) -> (elementwise, statistics)
+            (view(32, 64, 3136), false, false, Layout::Inner16, Layout::Inner4),
+            (view(32, 64, 3136), true, false, Layout::Inner16, Layout::Generic),
+            (view(3, 4, 12), false, false, Layout::Inner4, Layout::Inner4),
+            (view(100, 64, 1), false, false, Layout::Channels8, Layout::Channels8),
+            (view(100, 64, 1), true, true, Layout::Channels8, Layout::Channels8),
+            (view(100, 64, 1), true, false, Layout::Channels8, Layout::Generic),
+            (view(100, 12, 1), true, true, Layout::Channels4, Layout::Channels4),
+            (view(8, 512, 49), false, false, Layout::Runs16, Layout::Runs16),
+            (view(8, 512, 49), true, false, Layout::Runs16, Layout::Generic),
+            (view(3, 5, 17), false, false, Layout::Generic, Layout::Generic),
+            (view(3, 5, 9), false, false, Layout::Generic, Layout::Generic),
+            (view(100, 6, 1), false, false, Layout::Generic, Layout::Generic),
+        ];
+        for (v, masked, by_row, elementwise, stats) in cases {
+            for dtype in [DType::F32, DType::F16] {
+                let plan = DispatchPlan::new(v, dtype, masked, by_row, true, 1 << 27, 256).unwrap();
+                assert_eq!(
+                    (plan.elementwise, plan.stats),
+                    (elementwise, stats),
+                    "{v:?} masked {masked} {dtype}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -369,7 +405,7 @@ mod tests {
             ),
         ] {
             let max = 4096;
-            let plan = DispatchPlan::new(view, dtype, false, true, max, 256).unwrap();
+            let plan = DispatchPlan::new(view, dtype, false, false, true, max, 256).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
@@ -413,7 +449,7 @@ mod tests {
             inner: 1,
         };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, false, true, 256, 256),
+            DispatchPlan::new(view, DType::F32, false, false, true, 256, 256),
             Err(Error::TooLarge(_))
         ));
     }

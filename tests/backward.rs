@@ -269,6 +269,81 @@ fn gradients_of_runs_not_a_multiple_of_4() {
     assert_gradients_match(&gpu(), cases, &[DType::F32, DType::F16], 800);
 }
 
+/// A mask per row (channels last, the channels the last axis) runs the
+/// vec4 channels-last kernels: forward (statistics over the masked-in rows,
+/// shift from a masked-in row), state and gradients against the reference.
+/// Masked-out rows hold values far from the rest, so a shift taken from one
+/// of them would cost the variance its precision; the first tiles are
+/// masked out entirely.
+#[test]
+fn masks_per_row_in_the_channels_last_kernels() {
+    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    chunked.set_max_binding_size(4096);
+    for (i, shape) in [&[600usize, 16][..], &[7, 90, 8], &[300, 12], &[5, 41, 4]]
+        .into_iter()
+        .enumerate()
+    {
+        let channels = *shape.last().unwrap();
+        let rows: usize = shape.iter().product::<usize>() / channels;
+        let mut r = rng(900 + i as u64);
+        // the first third of the rows out, then 70% in
+        let flags: Vec<u8> = (0..rows)
+            .map(|row| (row >= rows / 3 && r.random::<f32>() < 0.7) as u8)
+            .collect();
+        let mut x32 = random_input(&mut r, rows * channels, 3.0);
+        for (row, &f) in flags.iter().enumerate() {
+            if f == 0 {
+                for v in &mut x32[row * channels..][..channels] {
+                    *v += 1.0e4;
+                }
+            }
+        }
+        let dy32 = random_input(&mut r, rows * channels, 0.5);
+        for (ctx, dtype) in [
+            (gpu(), DType::F32),
+            (gpu(), DType::F16),
+            (chunked.clone(), DType::F32),
+            (chunked.clone(), DType::F16),
+        ] {
+            let config = BatchNormConfig::default();
+            let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
+            let mut reference = ReferenceLayer::new(config, channels).unwrap();
+            let round = |v: &[f32]| -> Vec<f64> {
+                v.iter()
+                    .map(|&a| match dtype {
+                        DType::F32 => a as f64,
+                        DType::F16 => half::f16::from_f32(a).to_f64(),
+                    })
+                    .collect()
+            };
+            let x = Tensor::from_f32_as(&ctx, shape, &x32, dtype).unwrap();
+            let mask = Mask::from_u8(&ctx, &shape[..shape.len() - 1], &flags).unwrap();
+            let y = layer.forward(&x, Some(true), Some(&mask)).unwrap();
+            let want_y = reference
+                .forward(&round(&x32), shape, Some(true), Some(&flags))
+                .unwrap();
+            let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+            let tol = wgpu_batchnorm::keras::tolerance(dtype, false);
+            let y_err = error_measure(&read(&y), &want_y);
+            assert!(y_err <= tol, "{shape:?} {dtype}: y {y_err:.2e}");
+            for (slot, values) in layer.named_weights().unwrap() {
+                let got: Vec<f64> = values.into_iter().map(f64::from).collect();
+                let err = error_measure(&got, reference.state.slot(slot));
+                assert!(err <= tol, "{shape:?} {dtype}: {slot:?} {err:.2e}");
+            }
+            let dy = Tensor::from_f32_as(&ctx, shape, &dy32, dtype).unwrap();
+            let got = layer.backward(&dy, false).unwrap();
+            let want = reference.backward(&round(&dy32), false).unwrap();
+            let grad_tol = wgpu_batchnorm::keras::tolerance(dtype, true);
+            let mut err = error_measure(&read(&got.dx), &want.dx);
+            for (g, w) in [(&got.dgamma, &want.dgamma), (&got.dbeta, &want.dbeta)] {
+                err = err.max(error_measure(&read(g.as_ref().unwrap()), w.as_ref().unwrap()));
+            }
+            assert!(err <= grad_tol, "{shape:?} {dtype}: gradients {err:.2e}");
+        }
+    }
+}
+
 fn gradient_sweep(ctx: &GpuContext) {
     let renorm = BatchNormConfig {
         renorm: true,
