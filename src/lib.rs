@@ -39,6 +39,12 @@
 //!   from zero keep their precision. Every kernel has a float64 mirror in
 //!   [`mod@reference`], which the tests and the `conform` command compare
 //!   against.
+//! - **Performance.** Each call picks vec4 kernels by layout (channels
+//!   last, `inner % 4 == 0`, runs of 16 or more), float16 included, and
+//!   scalar kernels elsewhere; a mask per row keeps the channels-last ones.
+//!   On CPU adapters per-channel parameters are read through a uniform
+//!   binding ([`GpuContext::set_uniform_parameters`]). The `bench` command
+//!   and `benches/NOTES.md` give the figures.
 
 pub mod bench;
 pub mod config;
