@@ -13,9 +13,10 @@ const PER_THREAD: u32 = 4u;
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
 @group(0) @binding(4) var<storage, read> coeffs: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> dx: array<u32>;
-// The first 64 KiB of `coeffs` again, as a uniform: with UNIFORM_PARAMS the
+// The start of `coeffs` again (64 KiB where the device allows; the host
+// prepends UNIFORM_VIEW_VEC4S), as a uniform: with UNIFORM_PARAMS the
 // coefficients are read here (see kernels::KernelKey::uniform_params).
-@group(0) @binding(6) var<uniform> coeffs_u: array<vec4<f32>, 4096>;
+@group(0) @binding(6) var<uniform> coeffs_u: array<vec4<f32>, UNIFORM_VIEW_VEC4S>;
 override UNIFORM_PARAMS: bool = false;
 
 fn coeffs_of(c: u32) -> vec4<f32> {

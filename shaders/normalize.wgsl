@@ -37,9 +37,10 @@ fn map4(i: u32, shift: vec4<f32>, scale: vec4<f32>, offset: vec4<f32>) {
     let v = unpack_quad(x4[p.x_base / 4u + i]);
     y4[p.y_base / 4u + i] = pack_quad(epilogue4(fma(v - shift, scale, offset)));
 }
-// The first 64 KiB of `affine` again, as a uniform: with UNIFORM_PARAMS the
+// The start of `affine` again (64 KiB where the device allows; the host
+// prepends UNIFORM_VIEW_VEC4S), as a uniform: with UNIFORM_PARAMS the
 // parameters are read here (see kernels::KernelKey::uniform_params).
-@group(0) @binding(4) var<uniform> affine_u: array<vec4<f32>, 4096>;
+@group(0) @binding(4) var<uniform> affine_u: array<vec4<f32>, UNIFORM_VIEW_VEC4S>;
 override UNIFORM_PARAMS: bool = false;
 
 // affine[i], through whichever binding the variant reads

@@ -223,8 +223,9 @@ impl GpuContext {
     }
 
     /// Whether the normalise and dx kernels read the per-channel
-    /// parameters through a 64 KiB uniform binding (layers of up to 4096
-    /// channels) rather than a storage binding. On by default for CPU
+    /// parameters through a uniform binding of 64 KiB (or the device's
+    /// `max_uniform_buffer_binding_size` if smaller: layers of up to 4096
+    /// channels at 64 KiB) rather than a storage binding. On by default for CPU
     /// adapters, where it makes those parameters nearly free; off for GPUs,
     /// where lanes reading different uniform addresses serialise.
     pub fn uniform_parameters(&self) -> bool {

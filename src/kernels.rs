@@ -18,10 +18,13 @@ pub(crate) const NORMALIZE_PER_THREAD: u32 = 4;
 pub(crate) const NORMALIZE_ROWS_PER_THREAD: u32 = 8;
 /// Bytes between two uniform slots (wgpu's maximum uniform offset alignment).
 pub(crate) const PARAMS_SLOT: u64 = 256;
-/// Bytes of the uniform view of the per-channel parameters (WebGPU's
-/// default `max_uniform_buffer_binding_size`); the WGSL declares
-/// `array<vec4<f32>, 4096>`.
-pub(crate) const UNIFORM_PARAMS_BYTES: u64 = 65536;
+/// Bytes of the uniform view of the per-channel parameters: 64 KiB
+/// (WebGPU's default `max_uniform_buffer_binding_size`), less where the
+/// device allows less. The WGSL declares `array<vec4<f32>,
+/// UNIFORM_VIEW_VEC4S>`, a constant the host prepends.
+pub(crate) fn uniform_view_bytes(limits: &wgpu::Limits) -> u64 {
+    (limits.max_uniform_buffer_binding_size.min(65536) / 16 * 16).max(16)
+}
 
 pub(crate) const FLAG_MASKED: u32 = 1;
 pub(crate) const FLAG_TRAINING: u32 = 2;
@@ -132,10 +135,11 @@ impl Kernel {
         Kernel::Stream,
     ];
 
-    /// The WGSL source for tensors of `dtype`: the shared uniform block, the
+    /// The WGSL source for tensors of `dtype` on a device whose uniform
+    /// view holds `uniform_vec4s` vec4s: the shared uniform block, the
     /// shared pieces the kernel uses (among them how `dtype` stores four
     /// values, for the vec4 layouts), then the kernel's own file.
-    pub(crate) fn source(self, dtype: DType) -> String {
+    pub(crate) fn source(self, dtype: DType, uniform_vec4s: u64) -> String {
         let quad = match dtype {
             DType::F32 => QUAD_F32_WGSL,
             DType::F16 => QUAD_F16_WGSL,
@@ -151,7 +155,9 @@ impl Kernel {
             // its own uniform block
             Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
         };
-        std::iter::once(PARAMS_WGSL)
+        let view = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;");
+        std::iter::once(view.as_str())
+            .chain(std::iter::once(PARAMS_WGSL))
             .chain(pieces.iter().copied())
             .collect::<Vec<_>>()
             .join("\n")
@@ -373,12 +379,15 @@ impl KernelKey {
 
 /// Bind-group layouts (one per family) and the pipelines compiled so far.
 pub(crate) struct Kernels {
+    /// Bytes of the per-channel parameters' uniform view on this device.
+    pub(crate) uniform_view: u64,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device) -> Self {
+        let uniform_view = uniform_view_bytes(&device.limits());
         let layouts = Kernel::ALL
             .into_iter()
             .map(|kernel| {
@@ -411,7 +420,7 @@ impl Kernels {
                         ty: wgpu::BindingType::Buffer {
                             ty: wgpu::BufferBindingType::Uniform,
                             has_dynamic_offset: false,
-                            min_binding_size: wgpu::BufferSize::new(UNIFORM_PARAMS_BYTES),
+                            min_binding_size: wgpu::BufferSize::new(uniform_view),
                         },
                         count: None,
                     });
@@ -429,6 +438,7 @@ impl Kernels {
             })
             .collect();
         Kernels {
+            uniform_view,
             layouts,
             pipelines: Mutex::new(HashMap::new()),
         }
@@ -460,7 +470,7 @@ impl Kernels {
             .or_insert_with(|| {
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(key.kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype).into()),
+                    source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype, self.uniform_view / 16).into()),
                 });
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.kernel.entry_point()),
@@ -503,7 +513,7 @@ mod tests {
     #[test]
     fn shaders_validate_and_match_host_constants() {
         for (kernel, dtype) in Kernel::ALL.into_iter().flat_map(|k| [(k, DType::F32), (k, DType::F16)]) {
-            let source = kernel.source(dtype);
+            let source = kernel.source(dtype, 4096);
             let module = naga::front::wgsl::parse_str(&source)
                 .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {}", e.emit_to_string(&source)));
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())

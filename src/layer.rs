@@ -121,17 +121,17 @@ fn mask_by_row(view: ChannelView, shape: &[usize]) -> bool {
 }
 
 /// A per-channel parameter buffer is at least as large as its uniform view.
-fn params_buffer_size(bytes: u64) -> u64 {
-    bytes.div_ceil(16).max(kernels::UNIFORM_PARAMS_BYTES / 16) * 16
+fn params_buffer_size(ctx: &GpuContext, bytes: u64) -> u64 {
+    bytes.max(ctx.inner.kernels.uniform_view).div_ceil(16) * 16
 }
 
-/// The first 64 KiB of a per-channel parameter buffer, as the uniform
-/// binding of the normalise and dx kernels sees it.
-fn uniform_view(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+/// The start of a per-channel parameter buffer (64 KiB where the device
+/// allows), as the uniform binding of the normalise and dx kernels sees it.
+fn uniform_view<'a>(ctx: &GpuContext, buffer: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer,
         offset: 0,
-        size: wgpu::BufferSize::new(kernels::UNIFORM_PARAMS_BYTES),
+        size: wgpu::BufferSize::new(ctx.inner.kernels.uniform_view),
     })
 }
 
@@ -165,7 +165,7 @@ impl BatchNorm {
             affine: storage_buffer(
                 ctx,
                 "affine",
-                params_buffer_size(c * 12),
+                params_buffer_size(ctx, c * 12),
                 copy | wgpu::BufferUsages::UNIFORM,
             ),
             saved: storage_buffer(ctx, "saved statistics", c * 32, copy),
@@ -173,7 +173,7 @@ impl BatchNorm {
             coeffs: storage_buffer(
                 ctx,
                 "dx coefficients",
-                params_buffer_size(c * 16),
+                params_buffer_size(ctx, c * 16),
                 copy | wgpu::BufferUsages::UNIFORM,
             ),
             weights_version: AtomicU64::new(0),
@@ -433,7 +433,7 @@ impl BatchNorm {
                         chunk_binding(x, chunk),
                         self.affine.as_entire_binding(),
                         chunk_binding(y, chunk),
-                        uniform_view(&self.affine),
+                        uniform_view(&self.ctx, &self.affine),
                     ]
                 },
             );
@@ -625,7 +625,7 @@ impl BatchNorm {
                         mask_buffer.as_entire_binding(),
                         self.coeffs.as_entire_binding(),
                         chunk_binding(&grads.dx, chunk),
-                        uniform_view(&self.coeffs),
+                        uniform_view(&self.ctx, &self.coeffs),
                     ]
                 },
             );
@@ -658,7 +658,7 @@ impl BatchNorm {
     /// per channel) through the uniform view: the context asks for it and
     /// they fit in it.
     fn uniform_params(&self, floats: u64) -> bool {
-        self.ctx.uniform_parameters() && self.channels as u64 * floats * 4 <= kernels::UNIFORM_PARAMS_BYTES
+        self.ctx.uniform_parameters() && self.channels as u64 * floats * 4 <= self.ctx.inner.kernels.uniform_view
     }
 
     fn lock_scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {

@@ -253,6 +253,19 @@ fn gpu_gradients_beyond_the_uniform_parameter_view() {
     assert_gradients_match(&ctx, cases, &[DType::F32], 500);
 }
 
+/// A device with 16 KiB uniform bindings: the dx coefficients' uniform
+/// view holds 1024 channels.
+#[test]
+fn gpu_gradients_on_a_device_with_small_uniform_bindings() {
+    let cases: &[(&[usize], i64)] = &[
+        (&[3, 1024], -1),
+        (&[3, 1028], -1),
+        (&[2, 1023, 5], 1),
+        (&[2, 1025, 4], 1),
+    ];
+    assert_gradients_match(&common::small_uniform_device(), cases, &[DType::F32], 600);
+}
+
 /// float16 gradients in every vec4 layout (unmasked: a mask takes the
 /// scalar kernels), training and inference.
 #[test]

@@ -254,6 +254,35 @@ fn runs_of_16_or_more_values_not_a_multiple_of_4() {
     }
 }
 
+/// A device with 16 KiB uniform bindings: the parameters' uniform view is
+/// 16 KiB, used up to 1365 channels (3 x 4 bytes each) and not beyond.
+#[test]
+fn a_device_with_small_uniform_bindings() {
+    let ctx = common::small_uniform_device();
+    for (i, (shape, axis)) in [
+        (&[3usize, 1364][..], -1i64),
+        (&[3, 1368][..], -1),
+        (&[2, 1365, 4][..], 1),
+        (&[2, 1366, 7][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            ..Default::default()
+        };
+        let calls = [(Some(true), false), (None, false)];
+        let o = compare_with_reference(&ctx, &config, shape, DType::F32, &calls, 120 + i as u64);
+        assert!(
+            o.y_error <= 2e-5 && o.state_error <= 2e-5,
+            "{shape:?}: y {:.2e} state {:.2e}",
+            o.y_error,
+            o.state_error
+        );
+    }
+}
+
 #[test]
 fn chunked_bindings_match_the_reference() {
     // a private context: capping its bindings forces several chunks per input

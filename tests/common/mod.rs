@@ -38,6 +38,27 @@ pub fn gl() -> GpuContext {
     .clone()
 }
 
+/// A device on the default adapter that allows uniform bindings of 16 KiB
+/// only (WebGPU's WebGL2 limit): the per-channel parameters' uniform view
+/// shrinks to it. Uniform parameters on.
+pub fn small_uniform_device() -> GpuContext {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
+        .unwrap_or_else(|e| panic!("{e}\n{INSTALL_HINT}"));
+    let limits = wgpu::Limits {
+        max_uniform_buffer_binding_size: 16 << 10,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let ctx = GpuContext::from_device(device, queue);
+    ctx.set_uniform_parameters(true);
+    ctx
+}
+
 /// Values around `offset` with per-channel spread, never all equal.
 pub fn random_input(rng: &mut StdRng, len: usize, offset: f32) -> Vec<f32> {
     (0..len)
