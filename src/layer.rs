@@ -161,7 +161,8 @@ impl BatchNorm {
             ctx: ctx.clone(),
             channels,
             state: storage_buffer(ctx, "state", 7 * c * 4, copy),
-            // both also bound as a 64 KiB uniform view (see `uniform_params`)
+            // both also bound as a uniform view, 64 KiB where the device allows
+            // (see `uniform_params`): every layer pads them to it
             affine: storage_buffer(
                 ctx,
                 "affine",
