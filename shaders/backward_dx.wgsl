@@ -89,11 +89,6 @@ fn grad4_kept(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f
     dx4[p.y_base / 4u + v] = pack_quad(c1 * unpack_quad(dy4[a]) - through_stats);
 }
 
-// in pairs of quads, by the two-quad entry point
-@group(0) @binding(1) var<storage, read> x8: array<Octet>;
-@group(0) @binding(2) var<storage, read> dy8: array<Octet>;
-@group(0) @binding(5) var<storage, read_write> dx8: array<Octet>;
-
 fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
     grad4_kept(v, shift, c1, c2, c3, true);
 }
@@ -195,15 +190,10 @@ fn backward_dx_channels8(
     let kb = quad_coeffs(q + 1u);
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
-        // octet index: quads and q are even, x_base / 4 too
-        let v = (r * quads + q) / 2u;
-        let a = p.x_base / 8u + v;
-        let x = unpack_octet(x8[a]);
-        let g = unpack_octet(dy8[a]);
+        let v = r * quads + q;
         let keep = !MASKED || row_masked_in(r);
-        let sa = select(vec4<f32>(0.0), fma(x[0] - ka[0], ka[3], ka[2]), keep);
-        let sb = select(vec4<f32>(0.0), fma(x[1] - kb[0], kb[3], kb[2]), keep);
-        dx8[p.y_base / 8u + v] = pack_octet(mat2x4<f32>(ka[1] * g[0] - sa, kb[1] * g[1] - sb));
+        grad4_kept(v, ka[0], ka[1], ka[2], ka[3], keep);
+        grad4_kept(v + 1u, kb[0], kb[1], kb[2], kb[3], keep);
     }
 }
 

@@ -83,10 +83,6 @@ fn load_dy4(i: u32) -> vec4<f32> {
     return unpack_quad(dy4[i]);
 }
 
-// in pairs of quads, by the two-quad entry point
-@group(0) @binding(1) var<storage, read> x8: array<Octet>;
-@group(0) @binding(2) var<storage, read> dy8: array<Octet>;
-
 // inner % 4 == 0, no mask: vec4s of one channel, run by run.
 @compute @workgroup_size(256)
 fn backward_reduce_inner4(
@@ -202,12 +198,10 @@ fn backward_reduce_channels8(
     var b_xc = vec4<f32>(0.0);
     var a = p.x_base / 4u + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let g8 = unpack_octet(dy8[a / 2u]);
-        let x8v = unpack_octet(x8[a / 2u]);
-        let ga = g8[0];
-        let gb = g8[1];
-        let ca = (x8v[0] - shift_a) - delta_a;
-        let cb = (x8v[1] - shift_b) - delta_b;
+        let ga = load_dy4(a);
+        let gb = load_dy4(a + 1u);
+        let ca = (load_x4(a) - shift_a) - delta_a;
+        let cb = (load_x4(a + 1u) - shift_b) - delta_b;
         // a mask per row: only masked-in rows measure the mean's error
         let keep = !MASKED || row_masked_in(r);
         a_dy += ga;

@@ -32,10 +32,6 @@ const PER_THREAD: u32 = 4u;
 @group(0) @binding(3) var<storage, read_write> y: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y4: array<Quad>;
 
-// in pairs of quads, by the two-quad entry point
-@group(0) @binding(1) var<storage, read> x8: array<Octet>;
-@group(0) @binding(3) var<storage, read_write> y8: array<Octet>;
-
 // the i-th group of four values of the chunk
 fn map4(i: u32, shift: vec4<f32>, scale: vec4<f32>, offset: vec4<f32>) {
     let v = unpack_quad(x4[p.x_base / 4u + i]);
@@ -209,17 +205,17 @@ fn normalize_channels8(
     if r0 >= rows {
         return;
     }
-    let shift = mat2x4<f32>(affine_quad(q), affine_quad(q + 1u));
-    let scale = mat2x4<f32>(affine_quad(quads + q), affine_quad(quads + q + 1u));
-    let offset = mat2x4<f32>(affine_quad(2u * quads + q), affine_quad(2u * quads + q + 1u));
+    let shift_a = affine_quad(q);
+    let scale_a = affine_quad(quads + q);
+    let offset_a = affine_quad(2u * quads + q);
+    let shift_b = affine_quad(q + 1u);
+    let scale_b = affine_quad(quads + q + 1u);
+    let offset_b = affine_quad(2u * quads + q + 1u);
     let r1 = min(r0 + ROWS_PER_THREAD, rows);
     for (var r = r0; r < r1; r++) {
-        // octet index: quads and q are even, x_base / 4 too
-        let v = (r * quads + q) / 2u;
-        let x = unpack_octet(x8[p.x_base / 8u + v]);
-        let a = epilogue4(fma(x[0] - shift[0], scale[0], offset[0]));
-        let b = epilogue4(fma(x[1] - shift[1], scale[1], offset[1]));
-        y8[p.y_base / 8u + v] = pack_octet(mat2x4<f32>(a, b));
+        let v = r * quads + q;
+        map4(v, shift_a, scale_a, offset_a);
+        map4(v + 1u, shift_b, scale_b, offset_b);
     }
 }
 

@@ -1,6 +1,5 @@
 // Four values of a float16 tensor in the vec4 layouts: four halves in one
-// vec2<u32>, one 8-byte load or store, computed in float32; the two-quad
-// kernels (Channels8) read eight as one 16-byte Octet.
+// vec2<u32>, one 8-byte load or store, computed in float32.
 // (quad_f32.wgsl is the float32 form; the host picks one per dtype.)
 alias Quad = vec2<u32>;
 
@@ -10,14 +9,4 @@ fn unpack_quad(q: Quad) -> vec4<f32> {
 
 fn pack_quad(v: vec4<f32>) -> Quad {
     return Quad(pack2x16float(v.xy), pack2x16float(v.zw));
-}
-
-alias Octet = vec4<u32>;
-
-fn unpack_octet(o: Octet) -> mat2x4<f32> {
-    return mat2x4<f32>(unpack_quad(o.xy), unpack_quad(o.zw));
-}
-
-fn pack_octet(m: mat2x4<f32>) -> Octet {
-    return Octet(pack_quad(m[0]), pack_quad(m[1]));
 }

@@ -33,14 +33,6 @@ const WG: u32 = 256u;
 fn load_x4(i: u32) -> vec4<f32> {
     return unpack_quad(x4[i]);
 }
-
-// in pairs of quads, by the two-quad entry point
-@group(0) @binding(1) var<storage, read> x8: array<Octet>;
-
-// quads 2i and 2i + 1, one per column
-fn load_x8(i: u32) -> mat2x4<f32> {
-    return unpack_octet(x8[i]);
-}
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // (count, tile shift, mean - shift, M2) per channel and tile
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
@@ -212,9 +204,8 @@ fn partial_stats_channels8(
     var shift_a = vec4<f32>(0.0);
     var shift_b = vec4<f32>(0.0);
     if r0 < r1 {
-        let first = load_x8((base + r0 * quads + q) / 2u);
-        shift_a = first[0];
-        shift_b = first[1];
+        shift_a = load_x4(base + r0 * quads + q);
+        shift_b = load_x4(base + r0 * quads + q + 1u);
     }
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -223,9 +214,8 @@ fn partial_stats_channels8(
     var kept = 0.0;
     var addr = base + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
-        let pair = load_x8(addr / 2u);
-        let xa = pair[0];
-        let xb = pair[1];
+        let xa = load_x4(addr);
+        let xb = load_x4(addr + 1u);
         var keep = true;
         if MASKED {
             // a mask per row; the shift is the first masked-in row
