@@ -146,9 +146,6 @@ fn quad_coeffs(q: u32) -> mat4x4<f32> {
 }
 
 // Channels last (a mask per row if any): a channel quad down ROWS_PER_THREAD rows.
-// set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
-override ROWS_PER_THREAD: u32;
-
 @compute @workgroup_size(256)
 fn backward_dx_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -156,15 +153,13 @@ fn backward_dx_channels4(
 ) {
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
-    let rows = p.chunk_elems / p.channels;
     let q = thread % quads;
-    let r0 = (thread / quads) * ROWS_PER_THREAD;
-    if r0 >= rows {
+    let band = row_band(thread, quads);
+    if band.x >= band.y {
         return;
     }
     let k = quad_coeffs(q);
-    let r1 = min(r0 + ROWS_PER_THREAD, rows);
-    for (var r = r0; r < r1; r++) {
+    for (var r = band.x; r < band.y; r++) {
         let v = r * quads + q;
         grad4_kept(v, k[0], k[1], k[2], k[3], !MASKED || row_masked_in(r));
     }
@@ -180,16 +175,14 @@ fn backward_dx_channels8(
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
-    let rows = p.chunk_elems / p.channels;
     let q = 2u * (thread % pairs);
-    let r0 = (thread / pairs) * ROWS_PER_THREAD;
-    if r0 >= rows {
+    let band = row_band(thread, pairs);
+    if band.x >= band.y {
         return;
     }
     let ka = quad_coeffs(q);
     let kb = quad_coeffs(q + 1u);
-    let r1 = min(r0 + ROWS_PER_THREAD, rows);
-    for (var r = r0; r < r1; r++) {
+    for (var r = band.x; r < band.y; r++) {
         let v = r * quads + q;
         let keep = !MASKED || row_masked_in(r);
         grad4_kept(v, ka[0], ka[1], ka[2], ka[3], keep);

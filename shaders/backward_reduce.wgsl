@@ -147,9 +147,9 @@ fn backward_reduce_channels4(
     let tile = g / quads;
     let shift = quad_shift(q);
     let delta = quad_delta(q);
-    let rows = p.chunk_elems / p.channels;
-    let r0 = min(tile * p.elems_per_thread, rows);
-    let r1 = min(r0 + p.elems_per_thread, rows);
+    let band = tile_rows(tile);
+    let r0 = band.x;
+    let r1 = band.y;
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
     var s_xc = vec4<f32>(0.0);
@@ -187,9 +187,9 @@ fn backward_reduce_channels8(
     let delta_a = quad_delta(q);
     let shift_b = quad_shift(q + 1u);
     let delta_b = quad_delta(q + 1u);
-    let rows = p.chunk_elems / p.channels;
-    let r0 = min(tile * p.elems_per_thread, rows);
-    let r1 = min(r0 + p.elems_per_thread, rows);
+    let band = tile_rows(tile);
+    let r0 = band.x;
+    let r1 = band.y;
     var a_dy = vec4<f32>(0.0);
     var a_dyx = vec4<f32>(0.0);
     var a_xc = vec4<f32>(0.0);

@@ -38,6 +38,14 @@ fn tile_span(c: u32, tile: u32, per_tile: u32) -> vec2<u32> {
     return vec2<u32>(j0, min(j0 + per_tile, j_end));
 }
 
+// Channels last: tile `tile` of the chunk's rows, elems_per_thread rows
+// long, as rows [x, y) (empty past the end).
+fn tile_rows(tile: u32) -> vec2<u32> {
+    let rows = p.chunk_elems / p.channels;
+    let r0 = min(tile * p.elems_per_thread, rows);
+    return vec2<u32>(r0, min(r0 + p.elems_per_thread, rows));
+}
+
 fn element_of(j: u32, c: u32) -> u32 {
     return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
 }

@@ -41,3 +41,15 @@ fn two_channels(e: u32) -> TwoChannels {
 fn in_next_channel(two: TwoChannels, k: u32) -> vec4<bool> {
     return vec4<u32>(4u * k) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(two.in_c0);
 }
+
+// Rows one channels-last invocation walks: set by the host
+// (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid.
+override ROWS_PER_THREAD: u32;
+
+// Channels last, `lanes` invocations across a row: invocation `thread` walks
+// rows [x, y) of the chunk (empty past the end).
+fn row_band(thread: u32, lanes: u32) -> vec2<u32> {
+    let rows = p.chunk_elems / p.channels;
+    let r0 = (thread / lanes) * ROWS_PER_THREAD;
+    return vec2<u32>(r0, min(r0 + ROWS_PER_THREAD, rows));
+}

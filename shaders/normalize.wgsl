@@ -4,8 +4,9 @@
 // `normalize`: any layout; float16 tensors are stored as packed pairs in u32
 // words (WGSL's core pack2x16float/unpack2x16float, so no SHADER_F16 is
 // needed) and each invocation owns whole words so no two write one word.
-// `normalize_inner4` / `normalize_channels4`: float32 in vec4s whose lanes
-// share a channel (inner % 4 == 0) or are four consecutive channels.
+// The vec4 entry points (`_inner4`, `_inner16`, `_channels4`, `_channels8`,
+// `_runs16`, see plan::Layout) read four values at a time as a `Quad`
+// (float32 or float16, quad_f32.wgsl / quad_f16.wgsl).
 
 override IS_F16: bool = false;
 // the optional fused ReLU epilogue
@@ -162,9 +163,6 @@ fn normalize_inner16(
 // Channels last: the four lanes are four consecutive channels. Invocation
 // (quad q, band b) loads its quad's parameters once and walks ROWS_PER_THREAD
 // rows; neighbouring invocations read neighbouring vec4s of each row.
-// set by the host (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid
-override ROWS_PER_THREAD: u32;
-
 @compute @workgroup_size(256)
 fn normalize_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -172,17 +170,15 @@ fn normalize_channels4(
 ) {
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
-    let rows = p.chunk_elems / p.channels;
     let q = thread % quads;
-    let r0 = (thread / quads) * ROWS_PER_THREAD;
-    if r0 >= rows {
+    let band = row_band(thread, quads);
+    if band.x >= band.y {
         return;
     }
     let shift = affine_quad(q);
     let scale = affine_quad(quads + q);
     let offset = affine_quad(2u * quads + q);
-    let r1 = min(r0 + ROWS_PER_THREAD, rows);
-    for (var r = r0; r < r1; r++) {
+    for (var r = band.x; r < band.y; r++) {
         let v = r * quads + q;
         map4(v, shift, scale, offset);
     }
@@ -199,10 +195,9 @@ fn normalize_channels8(
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
-    let rows = p.chunk_elems / p.channels;
     let q = 2u * (thread % pairs);
-    let r0 = (thread / pairs) * ROWS_PER_THREAD;
-    if r0 >= rows {
+    let band = row_band(thread, pairs);
+    if band.x >= band.y {
         return;
     }
     let shift_a = affine_quad(q);
@@ -211,8 +206,7 @@ fn normalize_channels8(
     let shift_b = affine_quad(q + 1u);
     let scale_b = affine_quad(quads + q + 1u);
     let offset_b = affine_quad(2u * quads + q + 1u);
-    let r1 = min(r0 + ROWS_PER_THREAD, rows);
-    for (var r = r0; r < r1; r++) {
+    for (var r = band.x; r < band.y; r++) {
         let v = r * quads + q;
         map4(v, shift_a, scale_a, offset_a);
         map4(v + 1u, shift_b, scale_b, offset_b);

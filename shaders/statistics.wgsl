@@ -148,9 +148,9 @@ fn partial_stats_channels4(
     }
     let q = g % quads;
     let tile = g / quads;
-    let rows = p.chunk_elems / p.channels;
-    let r0 = min(tile * p.elems_per_thread, rows);
-    let r1 = min(r0 + p.elems_per_thread, rows);
+    let band = tile_rows(tile);
+    let r0 = band.x;
+    let r1 = band.y;
     let base = p.x_base / 4u;
     var shift = vec4<f32>(0.0);
     if r0 < r1 {
@@ -197,9 +197,9 @@ fn partial_stats_channels8(
     }
     let q = 2u * (g % pairs);
     let tile = g / pairs;
-    let rows = p.chunk_elems / p.channels;
-    let r0 = min(tile * p.elems_per_thread, rows);
-    let r1 = min(r0 + p.elems_per_thread, rows);
+    let band = tile_rows(tile);
+    let r0 = band.x;
+    let r1 = band.y;
     let base = p.x_base / 4u;
     var shift_a = vec4<f32>(0.0);
     var shift_b = vec4<f32>(0.0);
