@@ -72,19 +72,38 @@ fn calls(rank: usize) -> Vec<(Option<bool>, bool)> {
     ]
 }
 
-/// float32 with default arguments on `axis`: y and the state within 2e-5.
-fn assert_float32_matches(shape: &[usize], axis: i64, calls: &[(Option<bool>, bool)], seed: u64) {
-    let config = BatchNormConfig {
-        axis,
-        ..Default::default()
-    };
-    let o = compare_with_reference(&gpu(), &config, shape, DType::F32, calls, seed);
+/// `calls` through the GPU layer and the reference: y and the state within
+/// `tol`.
+fn assert_within(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    shape: &[usize],
+    dtype: DType,
+    calls: &[(Option<bool>, bool)],
+    seed: u64,
+    tol: f64,
+) {
+    let o = compare_with_reference(ctx, config, shape, dtype, calls, seed);
     assert!(
-        o.y_error <= 2e-5 && o.state_error <= 2e-5,
-        "{shape:?} axis {axis}: y {:.2e} state {:.2e}",
+        o.y_error <= tol && o.state_error <= tol,
+        "{shape:?} axis {} {dtype}: y {:.2e} state {:.2e}",
+        config.axis,
         o.y_error,
         o.state_error
     );
+}
+
+/// The default arguments on `axis`.
+fn on_axis(axis: i64) -> BatchNormConfig {
+    BatchNormConfig {
+        axis,
+        ..Default::default()
+    }
+}
+
+/// float32 with default arguments on `axis`: y and the state within 2e-5.
+fn assert_float32_matches(shape: &[usize], axis: i64, calls: &[(Option<bool>, bool)], seed: u64) {
+    assert_within(&gpu(), &on_axis(axis), shape, DType::F32, calls, seed, 2e-5);
 }
 
 fn sweep(ctx: &GpuContext) {
@@ -151,24 +170,8 @@ fn uniform_parameters_default_and_their_channel_limit() {
     .into_iter()
     .enumerate()
     {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        let o = compare_with_reference(
-            &ctx,
-            &config,
-            shape,
-            DType::F32,
-            &[(Some(true), false), (None, false)],
-            40 + i as u64,
-        );
-        assert!(
-            o.y_error <= 2e-5 && o.state_error <= 2e-5,
-            "{shape:?}: y {:.2e} state {:.2e}",
-            o.y_error,
-            o.state_error
-        );
+        let calls = [(Some(true), false), (None, false)];
+        assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 40 + i as u64, 2e-5);
     }
 }
 
@@ -191,21 +194,10 @@ fn float16_in_the_vec4_layouts() {
     {
         let (mut config, _) = variant(i, axis);
         config.axis = axis;
+        let calls = [(Some(true), false), (None, false), (Some(true), false)];
         for ctx in [gpu(), chunked.clone()] {
-            let o = compare_with_reference(
-                &ctx,
-                &config,
-                shape,
-                DType::F16,
-                &[(Some(true), false), (None, false), (Some(true), false)],
-                60 + i as u64,
-            );
-            assert!(
-                o.y_error <= tolerance(DType::F16) && o.state_error <= tolerance(DType::F16),
-                "{shape:?}: y {:.2e} state {:.2e}",
-                o.y_error,
-                o.state_error
-            );
+            let tol = tolerance(DType::F16);
+            assert_within(&ctx, &config, shape, DType::F16, &calls, 60 + i as u64, tol);
         }
     }
 }
@@ -236,20 +228,8 @@ fn runs_of_16_or_more_values_not_a_multiple_of_4() {
             (chunked.clone(), DType::F32),
             (chunked.clone(), DType::F16),
         ] {
-            let o = compare_with_reference(
-                &ctx,
-                &config,
-                shape,
-                dtype,
-                &[(Some(true), false), (None, false), (Some(true), false)],
-                80 + i as u64,
-            );
-            assert!(
-                o.y_error <= tolerance(dtype) && o.state_error <= tolerance(dtype),
-                "{shape:?} {dtype}: y {:.2e} state {:.2e}",
-                o.y_error,
-                o.state_error
-            );
+            let calls = [(Some(true), false), (None, false), (Some(true), false)];
+            assert_within(&ctx, &config, shape, dtype, &calls, 80 + i as u64, tolerance(dtype));
         }
     }
 }
@@ -268,18 +248,8 @@ fn a_device_with_small_uniform_bindings() {
     .into_iter()
     .enumerate()
     {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
         let calls = [(Some(true), false), (None, false)];
-        let o = compare_with_reference(&ctx, &config, shape, DType::F32, &calls, 120 + i as u64);
-        assert!(
-            o.y_error <= 2e-5 && o.state_error <= 2e-5,
-            "{shape:?}: y {:.2e} state {:.2e}",
-            o.y_error,
-            o.state_error
-        );
+        assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 120 + i as u64, 2e-5);
     }
 }
 
@@ -302,13 +272,8 @@ fn chunked_bindings_match_the_reference() {
     {
         let (mut config, _) = variant(i, axis);
         config.axis = axis;
-        let o = compare_with_reference(&ctx, &config, shape, dtype, &calls(shape.len()), 100 + i as u64);
-        assert!(
-            o.y_error <= tolerance(dtype) && o.state_error <= tolerance(dtype),
-            "{shape:?} {dtype}: y {:.2e} state {:.2e}",
-            o.y_error,
-            o.state_error
-        );
+        let seed = 100 + i as u64;
+        assert_within(&ctx, &config, shape, dtype, &calls(shape.len()), seed, tolerance(dtype));
     }
 }
 
