@@ -382,6 +382,9 @@ pub(crate) struct Kernels {
     /// Bytes of the per-channel parameters' uniform view on this device.
     pub(crate) uniform_view: u64,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    /// Shader modules by source (family and dtype), kept for compiling more
+    /// variants of it.
+    modules: Mutex<HashMap<(Kernel, DType), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
@@ -440,6 +443,7 @@ impl Kernels {
         Kernels {
             uniform_view,
             layouts,
+            modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -468,14 +472,19 @@ impl Kernels {
         cache
             .entry(key)
             .or_insert_with(|| {
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(key.kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype, self.uniform_view / 16).into()),
+                // one module per source: the variants of a family differ by
+                // entry point and override constants only
+                let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+                let module = modules.entry((key.kernel, key.dtype)).or_insert_with(|| {
+                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(key.kernel.entry_point()),
+                        source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype, self.uniform_view / 16).into()),
+                    })
                 });
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.kernel.entry_point()),
                     layout: Some(&self.layouts[&key.kernel].1),
-                    module: &module,
+                    module,
                     entry_point: Some(key.entry_point()),
                     compilation_options: wgpu::PipelineCompilationOptions {
                         constants: &key.constants(),
