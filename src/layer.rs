@@ -7,7 +7,7 @@ use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
-use crate::plan::{Chunk, DispatchPlan};
+use crate::plan::{Chunk, DispatchPlan, MaskUse};
 use crate::tensor::{DType, Mask, Tensor, read_buffer};
 
 /// One per-channel state tensor, in Keras's build order.
@@ -387,12 +387,15 @@ impl BatchNorm {
         }
         let batch_statistics = training == Some(true) && self.config.trainable;
         let masked = batch_statistics && mask.is_some();
+        let mask_use = MaskUse {
+            statistics: masked,
+            elementwise: false,
+            by_row: mask_by_row(view, x.shape()),
+        };
         let plan = DispatchPlan::new(
             view,
             x.dtype(),
-            masked,
-            mask_by_row(view, x.shape()),
-            true,
+            mask_use,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
         )?;
@@ -556,15 +559,16 @@ impl BatchNorm {
         }
         let view = self.view_of(x)?;
         let masked = record.mask.is_some();
-        // of the backward kernels' vec4 forms only the channels-last ones
-        // take a mask, one value per row
-        let by_row = mask_by_row(view, x.shape());
+        // backward reduce and dx both read the forward call's mask
+        let mask_use = MaskUse {
+            statistics: masked,
+            elementwise: masked,
+            by_row: mask_by_row(view, x.shape()),
+        };
         let plan = DispatchPlan::new(
             view,
             x.dtype(),
-            masked,
-            by_row,
-            !masked || by_row,
+            mask_use,
             self.ctx.max_binding_size(),
             self.ctx.storage_alignment(),
         )?;

@@ -124,17 +124,25 @@ impl Layout {
     ];
 }
 
+/// Which of a call's kernels read its mask, and its shape. Of the vec4
+/// kernels only the channels-last ones take a mask, one value per row; any
+/// other masked kernel runs the scalar (Generic) form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct MaskUse {
+    /// The reducing kernels read it (training statistics, backward reduce).
+    pub statistics: bool,
+    /// The elementwise kernels read it too (dx; normalise never does).
+    pub elementwise: bool,
+    /// One value per row of channels: channels last, the channels the
+    /// input's last axis.
+    pub by_row: bool,
+}
+
 impl DispatchPlan {
-    /// `masked`: the statistics skip masked-out values, `mask_by_row`: the
-    /// mask holds one value per row of channels (channels last, the
-    /// channels the last axis), which the channels-last vec4 kernels take;
-    /// `vectorize`: the call's kernels have vec4 forms.
     pub(crate) fn new(
         view: ChannelView,
         dtype: DType,
-        masked: bool,
-        mask_by_row: bool,
-        vectorize: bool,
+        mask: MaskUse,
         max_binding: u64,
         alignment: u64,
     ) -> Result<Self> {
@@ -152,8 +160,7 @@ impl DispatchPlan {
         // channels-last vec4 kernels need chunks of whole rows
         let row_block = lcm(64, view.channels);
         // float16 walks the same layouts, four halves per 8-byte load
-        let elementwise = match () {
-            _ if !vectorize => Layout::Generic,
+        let vec4 = match () {
             _ if view.inner.is_multiple_of(16) => Layout::Inner16,
             _ if view.inner.is_multiple_of(4) => Layout::Inner4,
             _ if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => {
@@ -166,9 +173,15 @@ impl DispatchPlan {
             _ if view.inner >= 16 && len.is_multiple_of(4) => Layout::Runs16,
             _ => Layout::Generic,
         };
-        let channels_last = matches!(elementwise, Layout::Channels4 | Layout::Channels8);
+        // a kernel that reads the mask keeps its vec4 form only for a mask per row
+        let takes_mask = mask.by_row && matches!(vec4, Layout::Channels4 | Layout::Channels8);
+        let elementwise = if mask.elementwise && !takes_mask {
+            Layout::Generic
+        } else {
+            vec4
+        };
         let stats = match elementwise {
-            _ if masked && !(mask_by_row && channels_last) => Layout::Generic,
+            _ if mask.statistics && !takes_mask => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
             other => other,
         };
@@ -329,7 +342,11 @@ mod tests {
             channels: 64,
             inner: 3136,
         };
-        let plan = DispatchPlan::new(view, DType::F32, true, false, true, 1 << 27, 256).unwrap();
+        let mask = MaskUse {
+            statistics: true,
+            ..Default::default()
+        };
+        let plan = DispatchPlan::new(view, DType::F32, mask, 1 << 27, 256).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
         assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(plan.elems_per_thread));
@@ -358,13 +375,35 @@ mod tests {
         ];
         for (v, masked, by_row, elementwise, stats) in cases {
             for dtype in [DType::F32, DType::F16] {
-                let plan = DispatchPlan::new(v, dtype, masked, by_row, true, 1 << 27, 256).unwrap();
+                // a forward call: the statistics read the mask, normalise does not
+                let mask = MaskUse {
+                    statistics: masked,
+                    elementwise: false,
+                    by_row,
+                };
+                let plan = DispatchPlan::new(v, dtype, mask, 1 << 27, 256).unwrap();
                 assert_eq!(
                     (plan.elementwise, plan.stats),
                     (elementwise, stats),
                     "{v:?} masked {masked} {dtype}"
                 );
             }
+        }
+        // a masked backward call: dx reads the mask too
+        for (v, by_row, layout) in [
+            (view(100, 64, 1), true, Layout::Channels8),
+            (view(100, 12, 1), true, Layout::Channels4),
+            (view(100, 64, 1), false, Layout::Generic),
+            (view(32, 64, 3136), false, Layout::Generic),
+            (view(8, 512, 49), false, Layout::Generic),
+        ] {
+            let mask = MaskUse {
+                statistics: true,
+                elementwise: true,
+                by_row,
+            };
+            let plan = DispatchPlan::new(v, DType::F32, mask, 1 << 27, 256).unwrap();
+            assert_eq!((plan.elementwise, plan.stats), (layout, layout), "{v:?} backward");
         }
     }
 
@@ -405,7 +444,7 @@ mod tests {
             ),
         ] {
             let max = 4096;
-            let plan = DispatchPlan::new(view, dtype, false, false, true, max, 256).unwrap();
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), max, 256).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
@@ -449,7 +488,7 @@ mod tests {
             inner: 1,
         };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, false, false, true, 256, 256),
+            DispatchPlan::new(view, DType::F32, MaskUse::default(), 256, 256),
             Err(Error::TooLarge(_))
         ));
     }
