@@ -353,6 +353,22 @@ mod tests {
         assert!(plan.elems_per_thread >= 16);
     }
 
+    /// A small tensor is one chunk: its training forward is three
+    /// dispatches (statistics, finalize, normalise) in the caller's one
+    /// submission, as issue 4 asks.
+    #[test]
+    fn a_small_tensor_is_one_chunk() {
+        let view = ChannelView {
+            outer: 64,
+            channels: 16,
+            inner: 1,
+        };
+        for dtype in [DType::F32, DType::F16] {
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), 128 << 20, 256).unwrap();
+            assert_eq!(plan.chunks.len(), 1);
+        }
+    }
+
     /// Which layout each shape and mask gets: the vec4 layouts for both
     /// dtypes, the channels-last ones also under a mask per row.
     #[test]
