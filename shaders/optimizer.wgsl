@@ -50,8 +50,9 @@ fn sgd(index: u32, grad: f32) {
 }
 
 @compute @workgroup_size(64)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    // a 2-D grid past 65535 workgroups: rows of groups.x * 64 channels
+    let c = gid.x + gid.y * groups.x * 64u;
     if c >= q.channels {
         return;
     }

@@ -496,7 +496,10 @@ impl StreamBaseline {
         while start < vecs {
             let count = chunk_vecs.min(vecs - start);
             let threads = count.div_ceil(4);
-            let grid = kernels::grid(threads.div_ceil(kernels::WORKGROUP as u64) as u32);
+            let grid = kernels::grid(
+                threads.div_ceil(u64::from(kernels::WORKGROUP)),
+                ctx.max_workgroups_per_dimension(),
+            )?;
             let params = Params {
                 chunk_elems: count as u32,
                 norm_groups_x: grid.0,

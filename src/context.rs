@@ -217,8 +217,7 @@ impl GpuContext {
     /// above it). Chunked binding is then used for smaller tensors too,
     /// which is how the tests exercise it cheaply.
     pub fn set_max_binding_size(&self, bytes: u64) {
-        let limits = self.inner.device.limits();
-        let cap = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let cap = self.device_binding_size();
         self.inner.max_binding.store(bytes.clamp(1024, cap), Ordering::Relaxed);
     }
 
@@ -251,6 +250,27 @@ impl GpuContext {
     /// (`min_storage_buffer_offset_alignment`).
     pub fn storage_offset_alignment(&self) -> u64 {
         self.storage_alignment()
+    }
+
+    /// What a dispatch plan needs of this device.
+    pub(crate) fn plan_limits(&self) -> crate::plan::PlanLimits {
+        crate::plan::PlanLimits {
+            max_binding: self.max_binding_size(),
+            device_binding: self.device_binding_size(),
+            alignment: self.storage_alignment(),
+            max_groups: self.max_workgroups_per_dimension(),
+        }
+    }
+
+    /// The most bytes the device lets one storage binding cover.
+    pub(crate) fn device_binding_size(&self) -> u64 {
+        let limits = self.inner.device.limits();
+        limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+    }
+
+    /// The device's `max_compute_workgroups_per_dimension`.
+    pub(crate) fn max_workgroups_per_dimension(&self) -> u32 {
+        self.inner.device.limits().max_compute_workgroups_per_dimension
     }
 
     pub(crate) fn storage_alignment(&self) -> u64 {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::error::{Error, Result};
 use crate::plan::Layout;
 use crate::tensor::DType;
 
@@ -499,18 +500,27 @@ impl Kernels {
 
 /// Workgroups of the finalize kernels: eight invocations per channel,
 /// eight channels per workgroup (`LANES` in finalize.wgsl).
-pub(crate) fn finalize_groups(channels: usize) -> u32 {
-    channels.div_ceil(8) as u32
+pub(crate) fn finalize_groups(channels: usize) -> u64 {
+    channels.div_ceil(8) as u64
 }
 
-/// A 2-D grid for `groups` workgroups: WebGPU caps each dimension at 65535.
-pub(crate) fn grid(groups: u32) -> (u32, u32) {
-    const MAX: u32 = 65535;
-    if groups <= MAX {
-        (groups.max(1), 1)
-    } else {
-        (MAX, groups.div_ceil(MAX))
+/// A 2-D grid of at least `groups` workgroups with neither dimension above
+/// `max` (the device's `max_compute_workgroups_per_dimension`, 65535 in
+/// WebGPU); the kernels number workgroups `wid.x + wid.y * x` and skip
+/// those past their work. Checked here, on the host: a grid the device
+/// cannot run is an error, never a dispatch.
+pub(crate) fn grid(groups: u64, max: u32) -> Result<(u32, u32)> {
+    // Plain divisions, no clamp: rustc 1.95's LLVM miscompiles
+    // `if g <= 65535 { g.max(1) } else { 65535 }` (65536 for 65536).
+    let max = u64::from(max);
+    let y = groups.saturating_sub(1) / max + 1;
+    let x = groups.saturating_sub(1) / y + 1;
+    if x > max || y > max || x * y < groups {
+        return Err(Error::TooLarge(format!(
+            "{groups} workgroups do not fit a grid of {max} x {max} (max_compute_workgroups_per_dimension)"
+        )));
     }
+    Ok((x as u32, y as u32))
 }
 
 #[cfg(test)]
@@ -593,9 +603,37 @@ mod tests {
 
     #[test]
     fn grids_cover_every_workgroup() {
-        for groups in [1, 65535, 65536, 200_000] {
-            let (x, y) = grid(groups);
-            assert!(x <= 65535 && y <= 65535 && x * y >= groups);
+        // the unit tests build at opt-level 1, where the old clamp shape
+        // returned 65536 for 65536
+        for max in [65535, 1000, 1] {
+            for groups in [
+                0,
+                1,
+                2,
+                999,
+                1000,
+                1001,
+                65534,
+                65535,
+                65536,
+                65537,
+                200_000,
+                524_281 / 8 + 1,
+            ] {
+                let Ok((x, y)) = grid(std::hint::black_box(groups), std::hint::black_box(max)) else {
+                    assert!(groups > u64::from(max) * u64::from(max), "{groups} in {max}");
+                    continue;
+                };
+                let (x, y) = (u64::from(x), u64::from(y));
+                assert!(x >= 1 && y >= 1, "{groups}: {x} x {y}");
+                assert!(
+                    x <= u64::from(max) && y <= u64::from(max),
+                    "{groups} in {max}: {x} x {y}"
+                );
+                assert!(x * y >= groups, "{groups}: {x} x {y}");
+            }
         }
+        assert!(grid(65535 * 65535 + 1, 65535).is_err());
+        assert_eq!(grid(65536, 65535).unwrap(), (32768, 2));
     }
 }

@@ -154,6 +154,19 @@ impl BatchNorm {
         if channels == 0 {
             return Err(ConfigError::NoChannels.into());
         }
+        // the largest per-channel buffer (the saved statistics, 8 float32
+        // a channel) is bound whole: check before allocating anything
+        (channels as u64)
+            .checked_mul(32)
+            .filter(|&b| b <= ctx.device_binding_size())
+            .ok_or_else(|| {
+                Error::TooLarge(format!(
+                    "{channels} channels need {} bytes of per-channel statistics (8 float32 a channel), \
+                     more than one binding of {} bytes on this device",
+                    (channels as u128) * 32,
+                    ctx.device_binding_size()
+                ))
+            })?;
         ctx.inner.kernels.precompile(ctx.device(), ctx.uniform_parameters());
         let c = channels as u64;
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
@@ -392,13 +405,7 @@ impl BatchNorm {
             elementwise: false,
             by_row: mask_by_row(view, x.shape()),
         };
-        let plan = DispatchPlan::new(
-            view,
-            x.dtype(),
-            mask_use,
-            self.ctx.max_binding_size(),
-            self.ctx.storage_alignment(),
-        )?;
+        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
         let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
 
         let mut scratch = self.lock_scratch();
@@ -565,13 +572,7 @@ impl BatchNorm {
             elementwise: masked,
             by_row: mask_by_row(view, x.shape()),
         };
-        let plan = DispatchPlan::new(
-            view,
-            x.dtype(),
-            mask_use,
-            self.ctx.max_binding_size(),
-            self.ctx.storage_alignment(),
-        )?;
+        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
         let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
         let reg = |r: Option<Regularizer>, l1_flag, l2_flag| match r {
             Some(r) if regularization => flag(r.l1 != 0.0, l1_flag) | flag(r.l2 != 0.0, l2_flag),
@@ -751,7 +752,6 @@ impl<'a> Recorder<'a> {
         let cfg = &layer.config;
         let clip = cfg.renorm_clipping;
         let view = plan.view;
-        let (finalize_x, _) = kernels::grid(kernels::finalize_groups(layer.channels));
         let regularizer = |r: Option<Regularizer>| r.unwrap_or_default();
         let params: Vec<Params> = plan
             .chunks
@@ -768,9 +768,9 @@ impl<'a> Recorder<'a> {
                 tiles: chunk.tiles as u32,
                 tile_offset: chunk.tile_offset as u32,
                 total_tiles: plan.total_tiles as u32,
-                stats_groups_x: plan.stats_grid(chunk).0,
-                norm_groups_x: plan.normalize_grid(chunk).0,
-                finalize_groups_x: finalize_x,
+                stats_groups_x: chunk.stats_grid.0,
+                norm_groups_x: chunk.normalize_grid.0,
+                finalize_groups_x: plan.finalize_grid.0,
                 chunk_elems: chunk.elems as u32,
                 flags,
                 momentum: cfg.momentum,
@@ -851,8 +851,8 @@ impl<'a> Recorder<'a> {
             let group = self.bind(key.kernel, resources(chunk));
             pass.set_bind_group(0, &group, &[(i as u64 * PARAMS_SLOT) as u32]);
             let (gx, gy) = match key.kernel {
-                Kernel::PartialStats | Kernel::BackwardReduce => self.plan.stats_grid(chunk),
-                _ => self.plan.normalize_grid(chunk),
+                Kernel::PartialStats | Kernel::BackwardReduce => chunk.stats_grid,
+                _ => chunk.normalize_grid,
             };
             pass.dispatch_workgroups(gx, gy, 1);
         }
@@ -863,7 +863,7 @@ impl<'a> Recorder<'a> {
         pass.set_pipeline(&self.pipeline(key));
         let group = self.bind(key.kernel, resources);
         pass.set_bind_group(0, &group, &[0]);
-        let (gx, gy) = kernels::grid(kernels::finalize_groups(self.layer.channels));
+        let (gx, gy) = self.plan.finalize_grid;
         pass.dispatch_workgroups(gx, gy, 1);
     }
 }

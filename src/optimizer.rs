@@ -104,7 +104,7 @@ impl Sgd {
             [binding(&grads.dgamma, placeholder), binding(&grads.dbeta, placeholder)],
             &self.velocity,
             true,
-        );
+        )?;
         layer.weights_replaced();
         Ok(())
     }
@@ -144,7 +144,7 @@ fn record(
     grads: [wgpu::BindingResource; 2],
     velocity: &wgpu::Buffer,
     step: bool,
-) {
+) -> Result<()> {
     use wgpu::util::DeviceExt;
     let [dgamma, dbeta] = grads;
     let device = ctx.device();
@@ -181,6 +181,8 @@ fn record(
         ],
     });
     let key = |kernel| KernelKey::new(kernel, DType::F32, false);
+    let groups = (layer.channels() as u64).div_ceil(u64::from(Kernel::SgdStep.workgroup_size()));
+    let grid = kernels::grid(groups, ctx.max_workgroups_per_dimension())?;
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("optimizer"),
     });
@@ -189,13 +191,13 @@ fn record(
         pass.set_bind_group(0, &group, &[0]);
         if step {
             pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep)));
-            let (gx, gy) = kernels::grid((layer.channels() as u32).div_ceil(Kernel::SgdStep.workgroup_size()));
-            pass.dispatch_workgroups(gx, gy, 1);
+            pass.dispatch_workgroups(grid.0, grid.1, 1);
         }
         pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain)));
         pass.dispatch_workgroups(2, 1, 1);
     }
     ctx.queue().submit([encoder.finish()]);
+    Ok(())
 }
 
 impl BatchNorm {
@@ -214,7 +216,7 @@ impl BatchNorm {
             mapped_at_creation: false,
         });
         let placeholder = || ctx.inner.placeholder.as_entire_binding();
-        record(ctx, self, &params, [placeholder(), placeholder()], &scratch, false);
+        record(ctx, self, &params, [placeholder(), placeholder()], &scratch, false)?;
         self.weights_replaced();
         Ok(())
     }

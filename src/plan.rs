@@ -3,7 +3,7 @@
 
 use crate::config::ChannelView;
 use crate::error::{Error, Result};
-use crate::kernels::{NORMALIZE_PER_THREAD, NORMALIZE_ROWS_PER_THREAD, WORKGROUP, grid};
+use crate::kernels::{NORMALIZE_PER_THREAD, NORMALIZE_ROWS_PER_THREAD, WORKGROUP, finalize_groups, grid};
 use crate::tensor::{DType, padded_bytes};
 
 /// Statistics invocations to aim for: enough to fill a GPU's cores (or
@@ -14,8 +14,25 @@ const STATS_INVOCATIONS: usize = 16384;
 const STATS_MIN_PER_THREAD: usize = 16;
 /// Hard cap on any per-invocation loop (llvmpipe stops loops at 65535).
 const MAX_LOOP: usize = 4096;
-/// The finalize kernel loops over a channel's tiles.
-const MAX_TILES: usize = 65535;
+/// The longest statistics tile when a channel is very long: still under
+/// llvmpipe's loop cap, so that any channel fits `MAX_TILES` tiles.
+const MAX_LOOP_LONG: usize = 32768;
+/// Each of the finalize kernels' eight lanes per channel loops over an
+/// eighth of the channel's tiles (kept under 65535 steps).
+const MAX_TILES: usize = 8 * 65000;
+
+/// What a plan needs of the device: the bytes one chunk's storage binding
+/// may cover (the device's limit or a cap below it), the device's own
+/// binding limit (the partial sums are bound whole), the alignment of a
+/// binding's offset, and the most workgroups a grid may have in one
+/// dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlanLimits {
+    pub max_binding: u64,
+    pub device_binding: u64,
+    pub alignment: u64,
+    pub max_groups: u32,
+}
 
 /// A flat range of elements bound at one aligned offset. Any range works:
 /// the kernels find each channel's values inside it.
@@ -33,6 +50,10 @@ pub(crate) struct Chunk {
     /// Statistics tiles per channel, and where they start in its partials.
     pub tiles: usize,
     pub tile_offset: usize,
+    /// Checked grids of the statistics / backward-reduce and the
+    /// elementwise kernels over this chunk.
+    pub stats_grid: (u32, u32),
+    pub normalize_grid: (u32, u32),
 }
 
 /// How the kernels walk an input: one scalar at a time anywhere, or four
@@ -75,6 +96,8 @@ pub(crate) struct DispatchPlan {
     /// rows (channels4).
     pub elems_per_thread: usize,
     pub total_tiles: usize,
+    /// Checked grid of the finalize kernels (eight lanes per channel).
+    pub finalize_grid: (u32, u32),
 }
 
 /// Mirror of `first_j_at` in `shaders/statistics.wgsl`: the first position
@@ -139,13 +162,10 @@ pub(crate) struct MaskUse {
 }
 
 impl DispatchPlan {
-    pub(crate) fn new(
-        view: ChannelView,
-        dtype: DType,
-        mask: MaskUse,
-        max_binding: u64,
-        alignment: u64,
-    ) -> Result<Self> {
+    pub(crate) fn new(view: ChannelView, dtype: DType, mask: MaskUse, limits: PlanLimits) -> Result<Self> {
+        let PlanLimits {
+            max_binding, alignment, ..
+        } = limits;
         let len = view.len();
         // element indices (and one past the end) are u32 in the kernels
         if len >= u32::MAX as usize {
@@ -219,6 +239,8 @@ impl DispatchPlan {
                 base: ((first - bind_offset) / size) as u32,
                 tiles: 0,
                 tile_offset: 0,
+                stats_grid: (0, 0),
+                normalize_grid: (0, 0),
             });
             start += elems;
         }
@@ -255,8 +277,9 @@ impl DispatchPlan {
             .div_ceil(STATS_INVOCATIONS)
             .clamp(min_per_thread, MAX_LOOP)
             .min(longest);
+        // very long channels take longer tiles rather than more of them
         while runs.iter().map(|r| r.div_ceil(elems_per_thread).max(1)).sum::<usize>() > MAX_TILES
-            && elems_per_thread < MAX_LOOP
+            && elems_per_thread < MAX_LOOP_LONG
         {
             elems_per_thread *= 2;
         }
@@ -272,7 +295,16 @@ impl DispatchPlan {
                 view.per_channel()
             )));
         }
-        Ok(DispatchPlan {
+        // the finalize kernels bind every channel's tiles at once
+        let partial_bytes = (view.channels as u64).saturating_mul(tile_offset as u64 * 16);
+        if partial_bytes > limits.device_binding {
+            return Err(Error::TooLarge(format!(
+                "{} channels of {tile_offset} statistics tiles need {partial_bytes} bytes of partial sums, \
+                 more than one binding of {} bytes",
+                view.channels, limits.device_binding
+            )));
+        }
+        let mut plan = DispatchPlan {
             view,
             dtype,
             chunks,
@@ -280,23 +312,31 @@ impl DispatchPlan {
             stats,
             elems_per_thread,
             total_tiles: tile_offset,
-        })
+            finalize_grid: grid(finalize_groups(view.channels), limits.max_groups)?,
+        };
+        for i in 0..plan.chunks.len() {
+            let chunk = &plan.chunks[i];
+            let stats_grid = grid(plan.stats_groups(chunk), limits.max_groups)?;
+            let normalize_grid = grid(plan.normalize_groups(chunk), limits.max_groups)?;
+            plan.chunks[i].stats_grid = stats_grid;
+            plan.chunks[i].normalize_grid = normalize_grid;
+        }
+        Ok(plan)
     }
 
-    /// Workgroups of the statistics kernel for one chunk.
     /// Workgroups of the statistics and backward-reduce kernels: one
     /// invocation per tile and channel (or channel quad).
-    pub(crate) fn stats_groups(&self, chunk: &Chunk) -> u32 {
+    fn stats_groups(&self, chunk: &Chunk) -> u64 {
         let lanes = match self.stats {
             Layout::Channels4 => self.view.channels / 4,
             Layout::Channels8 => self.view.channels / 8,
             _ => self.view.channels,
         };
-        (chunk.tiles * lanes).div_ceil(WORKGROUP as usize) as u32
+        (chunk.tiles as u64 * lanes as u64).div_ceil(u64::from(WORKGROUP))
     }
 
     /// Workgroups of the normalise kernel for one chunk.
-    pub(crate) fn normalize_groups(&self, chunk: &Chunk) -> u32 {
+    fn normalize_groups(&self, chunk: &Chunk) -> u64 {
         let per = NORMALIZE_PER_THREAD as usize;
         let invocations = match (self.elementwise, self.dtype) {
             // one quad of NORMALIZE_ROWS_PER_THREAD rows each (see normalize.wgsl)
@@ -312,15 +352,7 @@ impl DispatchPlan {
             (Layout::Generic, DType::F32) => chunk.elems.div_ceil(per),
             (Layout::Generic, DType::F16) => chunk.elems.div_ceil(2).div_ceil(per),
         };
-        invocations.div_ceil(WORKGROUP as usize) as u32
-    }
-
-    pub(crate) fn stats_grid(&self, chunk: &Chunk) -> (u32, u32) {
-        grid(self.stats_groups(chunk))
-    }
-
-    pub(crate) fn normalize_grid(&self, chunk: &Chunk) -> (u32, u32) {
-        grid(self.normalize_groups(chunk))
+        (invocations as u64).div_ceil(u64::from(WORKGROUP))
     }
 }
 
@@ -335,6 +367,15 @@ fn lcm(a: usize, b: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn limits(max_binding: u64) -> PlanLimits {
+        PlanLimits {
+            max_binding,
+            device_binding: 128 << 20,
+            alignment: 256,
+            max_groups: 65535,
+        }
+    }
+
     #[test]
     fn one_chunk_when_it_fits() {
         let view = ChannelView {
@@ -346,7 +387,7 @@ mod tests {
             statistics: true,
             ..Default::default()
         };
-        let plan = DispatchPlan::new(view, DType::F32, mask, 1 << 27, 256).unwrap();
+        let plan = DispatchPlan::new(view, DType::F32, mask, limits(1 << 27)).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
         assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(plan.elems_per_thread));
@@ -364,7 +405,7 @@ mod tests {
             inner: 1,
         };
         for dtype in [DType::F32, DType::F16] {
-            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), 128 << 20, 256).unwrap();
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(128 << 20)).unwrap();
             assert_eq!(plan.chunks.len(), 1);
         }
     }
@@ -397,7 +438,7 @@ mod tests {
                     elementwise: false,
                     by_row,
                 };
-                let plan = DispatchPlan::new(v, dtype, mask, 1 << 27, 256).unwrap();
+                let plan = DispatchPlan::new(v, dtype, mask, limits(1 << 27)).unwrap();
                 assert_eq!(
                     (plan.elementwise, plan.stats),
                     (elementwise, stats),
@@ -418,7 +459,7 @@ mod tests {
                 elementwise: true,
                 by_row,
             };
-            let plan = DispatchPlan::new(v, DType::F32, mask, 1 << 27, 256).unwrap();
+            let plan = DispatchPlan::new(v, DType::F32, mask, limits(1 << 27)).unwrap();
             assert_eq!((plan.elementwise, plan.stats), (layout, layout), "{v:?} backward");
         }
     }
@@ -460,7 +501,7 @@ mod tests {
             ),
         ] {
             let max = 4096;
-            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), max, 256).unwrap();
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(max)).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
@@ -504,7 +545,62 @@ mod tests {
             inner: 1,
         };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, MaskUse::default(), 256, 256),
+            DispatchPlan::new(view, DType::F32, MaskUse::default(), limits(256)),
+            Err(Error::TooLarge(_))
+        ));
+    }
+
+    /// A channel may hold any number of values a kernel can index: 2^28
+    /// values of one channel (a 1 GiB float32 input) and just under 2^32
+    /// plan within every loop bound, as do layers wider than 2^19 channels.
+    #[test]
+    fn long_channels_and_wide_layers_plan_within_the_loop_bounds() {
+        let view = |outer, channels, inner| ChannelView { outer, channels, inner };
+        for (v, dtype) in [
+            (view(268_435_456, 1, 1), DType::F32),
+            (view(1, 1, 268_435_456), DType::F32),
+            (view(4_294_967_000, 1, 1), DType::F16),
+            (view(1, 3, 1_431_655_000), DType::F16),
+            (view(3, 1_000_003, 1), DType::F32),
+            (view(3, 1 << 20, 1), DType::F16),
+            (view(2, 524_281, 1), DType::F32),
+        ] {
+            let plan = DispatchPlan::new(v, dtype, MaskUse::default(), limits(128 << 20))
+                .unwrap_or_else(|e| panic!("{v:?} {dtype}: {e}"));
+            assert!(plan.total_tiles <= MAX_TILES, "{v:?}");
+            assert!(plan.elems_per_thread <= MAX_LOOP_LONG, "{v:?}");
+            assert!(plan.total_tiles.div_ceil(8) < 65535, "{v:?}");
+            let groups = |g: (u32, u32)| u64::from(g.0) * u64::from(g.1);
+            assert!(groups(plan.finalize_grid) >= (v.channels as u64).div_ceil(8));
+            for c in &plan.chunks {
+                for g in [c.stats_grid, c.normalize_grid, plan.finalize_grid] {
+                    assert!(g.0 >= 1 && g.0 <= 65535 && g.1 >= 1 && g.1 <= 65535, "{v:?}: {g:?}");
+                }
+            }
+        }
+    }
+
+    /// A device with fewer workgroups per dimension gets grids within its
+    /// limit, and an error where no grid fits.
+    #[test]
+    fn grids_follow_the_device_limit() {
+        let v = ChannelView {
+            outer: 3,
+            channels: 1_000_003,
+            inner: 1,
+        };
+        let small = PlanLimits {
+            max_groups: 1024,
+            ..limits(128 << 20)
+        };
+        let plan = DispatchPlan::new(v, DType::F32, MaskUse::default(), small).unwrap();
+        assert!(plan.finalize_grid.0 <= 1024 && plan.finalize_grid.1 <= 1024);
+        let tiny = PlanLimits {
+            max_groups: 8,
+            ..limits(128 << 20)
+        };
+        assert!(matches!(
+            DispatchPlan::new(v, DType::F32, MaskUse::default(), tiny),
             Err(Error::TooLarge(_))
         ));
     }

@@ -508,3 +508,20 @@ fn backward_errors_are_typed_and_change_nothing() {
     reference.forward(&[1.0; 12], &[4, 3], Some(true), None).unwrap();
     assert!(matches!(reference.backward(&[0.0; 11], false), Err(Error::Shape(_))));
 }
+
+/// Gradients of layers wider than 524,280 channels (2-D finalize and
+/// optimiser grids), training and inference, on Vulkan and GL.
+fn wide_layer_gradients_match(ctx: &GpuContext) {
+    let cases: &[(&[usize], i64)] = &[(&[3, 524_281], -1), (&[2, 600_000], -1), (&[2, 1 << 20], -1)];
+    assert_gradients_match(ctx, cases, &[DType::F32], 910);
+}
+
+#[test]
+fn gradients_of_layers_wider_than_2_pow_19_channels() {
+    wide_layer_gradients_match(&gpu());
+}
+
+#[test]
+fn gradients_of_layers_wider_than_2_pow_19_channels_on_gl() {
+    wide_layer_gradients_match(&common::gl());
+}

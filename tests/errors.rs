@@ -143,6 +143,13 @@ fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
         BatchNorm::new(&ctx, BatchNormConfig::default(), 0),
         Err(Error::Config(ConfigError::NoChannels))
     ));
+    // more channels than a buffer holds: refused before any allocation
+    for channels in [1usize << 40, usize::MAX] {
+        assert!(matches!(
+            BatchNorm::new(&ctx, BatchNormConfig::default(), channels),
+            Err(Error::TooLarge(_))
+        ));
+    }
 }
 
 #[test]

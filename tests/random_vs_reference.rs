@@ -394,3 +394,41 @@ fn pytorch_running_statistics() {
     let renorm = BatchNormConfig { renorm: true, ..config };
     assert!(wgpu_batchnorm::BatchNorm::new(&ctx, renorm, 2).is_err());
 }
+
+/// Layers wider than 524,280 channels (the finalize grid needs a second
+/// dimension): every channel normalised and its moving statistics updated,
+/// training and inference, on Vulkan and GL. The test profile is optimised
+/// (opt-level 1), where rustc 1.95 miscompiled the old grid clamp.
+fn wide_layers_match(ctx: &GpuContext) {
+    for (i, (shape, axis)) in [
+        (&[3usize, 524_281][..], -1i64),
+        (&[2, 600_000][..], -1),
+        (&[2, 1 << 20][..], -1),
+        (&[2, 600_000, 1][..], 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let calls = [(Some(true), false), (None, false), (Some(true), shape.len() > 2)];
+        assert_within(ctx, &on_axis(axis), shape, DType::F32, &calls, 900 + i as u64, 2e-5);
+    }
+    assert_within(
+        ctx,
+        &on_axis(-1),
+        &[3, 600_001],
+        DType::F16,
+        &[(Some(true), false)],
+        905,
+        tolerance(DType::F16),
+    );
+}
+
+#[test]
+fn layers_wider_than_2_pow_19_channels() {
+    wide_layers_match(&gpu());
+}
+
+#[test]
+fn layers_wider_than_2_pow_19_channels_on_gl() {
+    wide_layers_match(&common::gl());
+}
