@@ -42,15 +42,15 @@ fn layer_passes(c: &mut Criterion) {
         for (mode, training) in [("train_forward", Some(true)), ("inference_forward", None)] {
             group.bench_function(format!("{mode} {name}"), |b| {
                 b.iter(|| {
-                    layer.forward_into(&x, training, None, &y).unwrap();
+                    layer.forward_into(&x, training, None, &y).map(drop).unwrap();
                     wait(&ctx);
                 })
             });
         }
-        layer.forward_into(&x, Some(true), None, &y).unwrap();
+        let saved = layer.forward_into(&x, Some(true), None, &y).unwrap();
         group.bench_function(format!("backward {name}"), |b| {
             b.iter(|| {
-                layer.backward_into(&x, false, &grads).unwrap();
+                layer.backward_into(&saved, &x, false, &grads).unwrap();
                 wait(&ctx);
             })
         });

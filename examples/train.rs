@@ -52,7 +52,8 @@ pub fn train(ctx: &GpuContext, steps: usize) -> Result<TrainingRun, wgpu_batchno
             }
         }
         let input = Tensor::from_f32(ctx, &[BATCH, CHANNELS], &x)?;
-        let z = layer.forward(&input, Some(true), None)?.read_f32(ctx)?;
+        let (z, saved) = layer.forward_saved(&input, Some(true), None)?;
+        let z = z.read_f32(ctx)?;
 
         // prediction, mean squared error, and its gradient
         let mut loss = 0.0;
@@ -73,7 +74,7 @@ pub fn train(ctx: &GpuContext, steps: usize) -> Result<TrainingRun, wgpu_batchno
         losses.push(loss);
 
         let dy = Tensor::from_f32(ctx, &[BATCH, CHANNELS], &dy)?;
-        let grads = layer.backward(&dy, false)?;
+        let grads = layer.backward(&saved, &dy, false)?;
         sgd.step(&layer, &grads)?;
         for c in 0..CHANNELS {
             w[c] -= 0.02 * dw[c];

@@ -249,9 +249,9 @@ fn measure_shape(
     let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
     let mut reference = ReferenceLayer::new(config, channels)?;
     let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
-    layer.forward_into(&x, Some(true), None, &y)?;
+    let saved = layer.forward_into(&x, Some(true), None, &y)?;
     let train_error = error_measure(&read(&y)?, &reference.forward(&x64, &bench.shape, Some(true), None)?);
-    layer.backward_into(&dy, false, &grads)?;
+    layer.backward_into(&saved, &dy, false, &grads)?;
     let want = reference.backward(&dy64, false)?;
     let mut backward_error = error_measure(&read(&grads.dx)?, &want.dx);
     if let (Some(g), Some(w)) = (&grads.dgamma, &want.dgamma) {
@@ -278,12 +278,18 @@ fn measure_shape(
         let no_setup = || Ok(());
         let times = match op {
             // after an untimed training forward each time (backward uses its statistics)
-            Op::Backward => clock.time(
-                ctx,
-                options,
-                || layer.forward_into(&x, Some(true), None, &y),
-                |encoder| layer.record_backward(encoder, &dy, false, &grads),
-            )?,
+            Op::Backward => {
+                let saved = std::cell::RefCell::new(saved.clone());
+                clock.time(
+                    ctx,
+                    options,
+                    || {
+                        *saved.borrow_mut() = layer.forward_into(&x, Some(true), None, &y)?;
+                        Ok(())
+                    },
+                    |encoder| layer.record_backward(encoder, &saved.borrow(), &dy, false, &grads),
+                )?
+            }
             _ => clock.time(ctx, options, no_setup, |encoder| match op {
                 Op::Copy => {
                     let size = crate::tensor::padded_bytes(len, dtype);
@@ -294,8 +300,8 @@ fn measure_shape(
                     stream.record(encoder);
                     Ok(())
                 }
-                Op::InferenceForward => layer.record_forward(encoder, &x, None, None, &y),
-                _ => layer.record_forward(encoder, &x, Some(true), None, &y),
+                Op::InferenceForward => layer.record_forward(encoder, &x, None, None, &y).map(drop),
+                _ => layer.record_forward(encoder, &x, Some(true), None, &y).map(drop),
             })?,
         };
         let (median, min, max) = summarize(&times);

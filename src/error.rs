@@ -43,12 +43,15 @@ pub enum Error {
     /// Waiting on the GPU failed (device lost or timeout).
     #[error("GPU poll failed: {0}")]
     Poll(#[from] wgpu::PollError),
-    /// `backward` before any forward call.
+    /// The reference layer's `backward` before any forward call.
     #[error("backward needs a forward call first: it differentiates the layer's last forward call")]
     NoForward,
     /// `backward` after the weights were replaced since the forward call.
-    #[error("the layer's weights were replaced since the last forward call; run forward again before backward")]
+    #[error("the layer's weights were replaced since the forward call; run forward again before backward")]
     WeightsChanged,
+    /// `backward` given the [`crate::SavedForward`] of another layer.
+    #[error("this SavedForward comes from another layer's forward call")]
+    ForeignSaved,
     /// Weights given to `set_weights` that do not fit the layer.
     #[error("weights: {0}")]
     Weights(String),

@@ -79,8 +79,10 @@ impl StateSlot {
 ///
 /// The layer owns its weights (gamma, beta, the moving statistics and the
 /// renorm state) in one GPU buffer; training calls update them on the GPU
-/// without any readback. Calls on one layer are serialised internally, so
-/// `&self` suffices and the layer can be shared between threads.
+/// without any readback. Each call records a self-contained sequence of
+/// dispatches, so `&self` suffices and the layer can be shared between
+/// threads; a backward is paired with its forward call by the
+/// [`SavedForward`] that call returned.
 pub struct BatchNorm {
     ctx: GpuContext,
     config: BatchNormConfig,
@@ -89,8 +91,11 @@ pub struct BatchNorm {
     state: wgpu::Buffer,
     /// [shift | scale | offset] per channel for the normalise pass.
     affine: wgpu::Buffer,
-    /// Per channel, two vec4 of the statistics backward needs.
-    saved: wgpu::Buffer,
+    /// Where a forward call that keeps no [`SavedForward`] writes its
+    /// per-channel statistics (nothing reads them).
+    discarded_statistics: wgpu::Buffer,
+    /// Tells this layer's [`SavedForward`]s from other layers'.
+    id: u64,
     /// Backward: [dgamma | dbeta], and per channel the dx coefficients.
     grads: wgpu::Buffer,
     coeffs: wgpu::Buffer,
@@ -99,20 +104,59 @@ pub struct BatchNorm {
     scratch: Mutex<Scratch>,
 }
 
-/// Buffers that grow with the input and are reused across calls, and what
-/// the last forward call leaves for backward.
+/// Buffers that grow with the input and are reused across calls: calls
+/// run on the queue one after another, each using them only between its
+/// own dispatches.
 struct Scratch {
     partials: wgpu::Buffer,
-    last_forward: Option<ForwardRecord>,
 }
 
+/// What one forward call leaves for its backward: the input it saw (a
+/// handle, not a copy), its mask, and its own per-channel statistics on the
+/// GPU (32 bytes a channel, written when the GPU runs the call).
+///
+/// Returned by [`BatchNorm::forward_saved`], [`BatchNorm::forward_into`]
+/// and [`BatchNorm::record_forward`]; [`BatchNorm::backward`] takes it. A
+/// backward is thus paired with exactly one forward call: several calls in
+/// flight (threads sharing a layer, a siamese network, micro-batches) each
+/// keep their own. Cloning shares the statistics, which no later call
+/// changes.
 #[derive(Clone)]
-struct ForwardRecord {
+pub struct SavedForward {
+    layer: u64,
     x: Tensor,
     mask: Option<Mask>,
     batch_statistics: bool,
     weights_version: u64,
+    /// Per channel, two vec4: (shift, mean - shift, 1 / sqrt(var + eps), r),
+    /// (d, denominator, mask eps, count); see `shaders/finalize.wgsl`.
+    statistics: wgpu::Buffer,
 }
+
+impl SavedForward {
+    /// The input of the forward call.
+    pub fn input(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// Whether the call normalised with batch statistics (training).
+    pub fn batch_statistics(&self) -> bool {
+        self.batch_statistics
+    }
+}
+
+impl std::fmt::Debug for SavedForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedForward")
+            .field("shape", &self.x.shape())
+            .field("masked", &self.mask.is_some())
+            .field("batch_statistics", &self.batch_statistics)
+            .finish()
+    }
+}
+
+/// Numbers the layers, so that a [`SavedForward`] names its own.
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Whether a mask (the input shape without its last axis) holds one value
 /// per row of channels: the channels are the last axis.
@@ -182,7 +226,8 @@ impl BatchNorm {
                 params_buffer_size(ctx, c * 12),
                 copy | wgpu::BufferUsages::UNIFORM,
             ),
-            saved: storage_buffer(ctx, "saved statistics", c * 32, copy),
+            discarded_statistics: storage_buffer(ctx, "discarded statistics", c * 32, wgpu::BufferUsages::empty()),
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             grads: storage_buffer(ctx, "grads", c * 8, copy),
             coeffs: storage_buffer(
                 ctx,
@@ -193,7 +238,6 @@ impl BatchNorm {
             weights_version: AtomicU64::new(0),
             scratch: Mutex::new(Scratch {
                 partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
-                last_forward: None,
             }),
             config,
         };
@@ -354,31 +398,59 @@ impl BatchNorm {
     /// that enter the batch statistics; every position is normalised.
     /// Everything is recorded into one command buffer and submitted once.
     ///
-    /// The layer keeps a handle on `x` (not a copy) and the per-channel
-    /// statistics, for [`BatchNorm::backward`].
+    /// Keeps nothing for a backward pass: use [`BatchNorm::forward_saved`]
+    /// for that.
     pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
         let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
-        self.forward_into(x, training, mask, &y)?;
+        let mut encoder = self.encoder("batchnorm forward");
+        self.record(&mut encoder, x, training, mask, &y, false)?;
+        self.ctx.queue().submit([encoder.finish()]);
         Ok(y)
     }
 
-    /// [`BatchNorm::forward`] into an existing tensor of x's shape and
-    /// dtype: no allocation proportional to the input.
-    pub fn forward_into(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>, y: &Tensor) -> Result<()> {
-        let mut encoder = self
-            .ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm forward"),
-            });
-        self.record_forward(&mut encoder, x, training, mask, y)?;
+    /// [`BatchNorm::forward`], also returning what
+    /// [`BatchNorm::backward`] needs to differentiate this call:
+    ///
+    /// ```no_run
+    /// # use wgpu_batchnorm::*;
+    /// # fn f(layer: &BatchNorm, x: &Tensor, dy: &Tensor) -> Result<()> {
+    /// let (y, saved) = layer.forward_saved(x, Some(true), None)?;
+    /// let grads = layer.backward(&saved, dy, true)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+    ) -> Result<(Tensor, SavedForward)> {
+        let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
+        let saved = self.forward_into(x, training, mask, &y)?;
+        Ok((y, saved))
+    }
+
+    /// [`BatchNorm::forward_saved`] into an existing tensor of x's shape
+    /// and dtype: no allocation proportional to the input (the returned
+    /// [`SavedForward`] holds 32 bytes a channel).
+    pub fn forward_into(
+        &self,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+    ) -> Result<SavedForward> {
+        let mut encoder = self.encoder("batchnorm forward");
+        let saved = self.record_forward(&mut encoder, x, training, mask, y)?;
         self.ctx.queue().submit([encoder.finish()]);
-        Ok(())
+        Ok(saved)
     }
 
     /// Records the forward pass into the caller's encoder (nothing runs
     /// until the caller submits it). Calls recorded in one encoder run in
-    /// order; the state they update is the layer's.
+    /// order; the state they update is the layer's. The returned
+    /// [`SavedForward`] belongs to this call alone: its statistics are
+    /// written when the GPU runs it, and a backward recorded after it (in
+    /// the same encoder or a later submission) reads them.
     pub fn record_forward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -386,7 +458,27 @@ impl BatchNorm {
         training: Option<bool>,
         mask: Option<&Mask>,
         y: &Tensor,
-    ) -> Result<()> {
+    ) -> Result<SavedForward> {
+        let saved = self.record(encoder, x, training, mask, y, true)?;
+        Ok(saved.expect("a kept forward call saves its statistics"))
+    }
+
+    fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
+    /// Records one forward call; with `keep`, into statistics of its own.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+        keep: bool,
+    ) -> Result<Option<SavedForward>> {
         let view = self.view_of(x)?;
         check_output("y", x, y)?;
         if let Some(mask) = mask {
@@ -408,6 +500,16 @@ impl BatchNorm {
         let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
         let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
 
+        let statistics = if keep {
+            storage_buffer(
+                &self.ctx,
+                "saved statistics",
+                self.channels as u64 * 32,
+                wgpu::BufferUsages::empty(),
+            )
+        } else {
+            self.discarded_statistics.clone()
+        };
         let mut scratch = self.lock_scratch();
         let flags =
             self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
@@ -430,7 +532,7 @@ impl BatchNorm {
                     rec.partials(),
                     self.state.as_entire_binding(),
                     self.affine.as_entire_binding(),
-                    self.saved.as_entire_binding(),
+                    statistics.as_entire_binding(),
                 ],
             );
             rec.per_chunk(
@@ -449,28 +551,32 @@ impl BatchNorm {
                 },
             );
         }
-        scratch.last_forward = Some(ForwardRecord {
+        Ok(keep.then(|| SavedForward {
+            layer: self.id,
             x: x.clone(),
             mask: mask.filter(|_| masked).cloned(),
             batch_statistics,
             weights_version: self.weights_version.load(Ordering::Acquire),
-        });
-        Ok(())
+            statistics,
+        }))
     }
 
-    /// Gradients of the last forward call: given `dy` (same shape and dtype
-    /// as that call's input), returns dx, and dgamma / dbeta where the layer
-    /// has those weights and is trainable, all computed on the GPU in one
-    /// submission. With `regularization`, the regularizers' gradients are
-    /// added to dgamma and dbeta.
+    /// Gradients of the forward call that returned `saved`: given `dy`
+    /// (same shape and dtype as that call's input), returns dx, and dgamma /
+    /// dbeta where the layer has those weights and is trainable, all
+    /// computed on the GPU in one submission. With `regularization`, the
+    /// regularizers' gradients are added to dgamma and dbeta.
     ///
     /// Keras's gradients: in training the batch mean and variance depend on
     /// x (over the masked-in positions only, every position receiving the
     /// direct term); in inference they are constants; renorm's r and d are
-    /// constants.
-    pub fn backward(&self, dy: &Tensor, regularization: bool) -> Result<Gradients> {
+    /// constants. gamma and beta are read when the backward runs:
+    /// replacing the weights in between (`set_weights`, an [`crate::Sgd`]
+    /// step, [`BatchNorm::mark_weights_changed`]) makes this an
+    /// [`Error::WeightsChanged`].
+    pub fn backward(&self, saved: &SavedForward, dy: &Tensor, regularization: bool) -> Result<Gradients> {
         let grads = self.gradient_tensors(dy)?;
-        self.backward_into(dy, regularization, &grads)?;
+        self.backward_into(saved, dy, regularization, &grads)?;
         Ok(grads)
     }
 
@@ -490,31 +596,34 @@ impl BatchNorm {
     }
 
     /// [`BatchNorm::backward`] into existing tensors.
-    pub fn backward_into(&self, dy: &Tensor, regularization: bool, grads: &Gradients) -> Result<()> {
-        let mut encoder = self
-            .ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm backward"),
-            });
-        self.record_backward(&mut encoder, dy, regularization, grads)?;
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(())
-    }
-
-    /// Records the backward pass of the last recorded forward call into the
-    /// caller's encoder.
-    pub fn record_backward(
+    pub fn backward_into(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        saved: &SavedForward,
         dy: &Tensor,
         regularization: bool,
         grads: &Gradients,
     ) -> Result<()> {
-        let mut scratch = self.lock_scratch();
-        let Some(record) = scratch.last_forward.clone() else {
-            return Err(Error::NoForward);
-        };
+        let mut encoder = self.encoder("batchnorm backward");
+        self.record_backward(&mut encoder, saved, dy, regularization, grads)?;
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// Records the backward pass of the forward call that returned `saved`
+    /// into the caller's encoder, after that call (in the same encoder or an
+    /// earlier submission).
+    pub fn record_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        saved: &SavedForward,
+        dy: &Tensor,
+        regularization: bool,
+        grads: &Gradients,
+    ) -> Result<()> {
+        if saved.layer != self.id {
+            return Err(Error::ForeignSaved);
+        }
+        let record = saved;
         if self.config.fused_relu {
             return Err(ConfigError::Unsupported(
                 "backward through the fused ReLU epilogue is not supported: use fused_relu for inference".into(),
@@ -524,6 +633,7 @@ impl BatchNorm {
         if record.weights_version != self.weights_version.load(Ordering::Acquire) {
             return Err(Error::WeightsChanged);
         }
+        let mut scratch = self.lock_scratch();
         let x = &record.x;
         if dy.shape() != x.shape() {
             return Err(Error::Shape(format!(
@@ -602,7 +712,7 @@ impl BatchNorm {
                     vec![
                         chunk_binding(x, chunk),
                         chunk_binding(dy, chunk),
-                        self.saved.as_entire_binding(),
+                        record.statistics.as_entire_binding(),
                         mask_buffer.as_entire_binding(),
                         rec.partials(),
                     ]
@@ -614,7 +724,7 @@ impl BatchNorm {
                 vec![
                     rec.partials(),
                     self.state.as_entire_binding(),
-                    self.saved.as_entire_binding(),
+                    record.statistics.as_entire_binding(),
                     self.grads.as_entire_binding(),
                     self.coeffs.as_entire_binding(),
                 ],

@@ -20,8 +20,9 @@
 //!   Layers of one context share its compiled kernels.
 //! - **Layer.** [`BatchNorm::new`] takes a [`BatchNormConfig`] (every Keras
 //!   argument) and the channel count. [`BatchNorm::forward`] is Keras's
-//!   `layer(x, training=..., mask=...)`; [`BatchNorm::backward`] returns dx,
-//!   dgamma and dbeta of the last forward call; [`Sgd`] updates gamma and
+//!   `layer(x, training=..., mask=...)`; [`BatchNorm::forward_saved`] also
+//!   returns a [`SavedForward`], and [`BatchNorm::backward`] takes it and
+//!   returns dx, dgamma and dbeta of that call; [`Sgd`] updates gamma and
 //!   beta and applies the constraints, all on the GPU.
 //! - **Your own encoder and buffers.** [`BatchNorm::record_forward`] and
 //!   [`BatchNorm::record_backward`] record into a caller's
@@ -33,7 +34,8 @@
 //!   use Keras's weight names; [`keras::KerasCase`] runs Keras reference
 //!   cases (the `conform` command).
 //! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
-//!   `Send + Sync`; calls on one layer are serialised by the layer.
+//!   `Send + Sync`; each call's dispatches run together on the queue, and
+//!   each backward reads the [`SavedForward`] of its own forward call.
 //! - **Numerics.** Statistics are float32 (float16 tensors too), shifted by
 //!   a sample of each channel and merged with Chan's formula, so inputs far
 //!   from zero keep their precision. Every kernel has a float64 mirror in
@@ -63,7 +65,7 @@ pub use config::{
 };
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
-pub use layer::{BatchNorm, Gradients, StateSlot};
+pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
 pub use tensor::{DType, Mask, Tensor};
 

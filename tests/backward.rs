@@ -193,10 +193,10 @@ fn compare_gradients(
         .as_ref()
         .map(|f| Mask::from_u8(ctx, &shape[..shape.len() - 1], f).unwrap());
     let x = Tensor::from_f32_as(ctx, shape, &x32, dtype).unwrap();
-    layer.forward(&x, training, mask.as_ref()).unwrap();
+    let (_, saved) = layer.forward_saved(&x, training, mask.as_ref()).unwrap();
     reference.forward(&x64, shape, training, flags.as_deref()).unwrap();
     let dy = Tensor::from_f32_as(ctx, shape, &dy32, dtype).unwrap();
-    let got = layer.backward(&dy, true).unwrap();
+    let got = layer.backward(&saved, &dy, true).unwrap();
     let want = reference.backward(&dy64, true).unwrap();
     let read = |t: &Tensor| -> Vec<f64> { t.read_f32(ctx).unwrap().into_iter().map(f64::from).collect() };
     let mut worst = error_measure(&read(&got.dx), &want.dx);
@@ -331,7 +331,7 @@ fn masks_per_row_in_the_channels_last_kernels() {
             };
             let x = Tensor::from_f32_as(&ctx, shape, &x32, dtype).unwrap();
             let mask = Mask::from_u8(&ctx, &shape[..shape.len() - 1], &flags).unwrap();
-            let y = layer.forward(&x, Some(true), Some(&mask)).unwrap();
+            let (y, saved) = layer.forward_saved(&x, Some(true), Some(&mask)).unwrap();
             let want_y = reference
                 .forward(&round(&x32), shape, Some(true), Some(&flags))
                 .unwrap();
@@ -345,7 +345,7 @@ fn masks_per_row_in_the_channels_last_kernels() {
                 assert!(err <= tol, "{shape:?} {dtype}: {slot:?} {err:.2e}");
             }
             let dy = Tensor::from_f32_as(&ctx, shape, &dy32, dtype).unwrap();
-            let got = layer.backward(&dy, false).unwrap();
+            let got = layer.backward(&saved, &dy, false).unwrap();
             let want = reference.backward(&round(&dy32), false).unwrap();
             let grad_tol = wgpu_batchnorm::keras::tolerance(dtype, true);
             let mut err = error_measure(&read(&got.dx), &want.dx);
@@ -486,22 +486,31 @@ fn backward_errors_are_typed_and_change_nothing() {
     let ctx = gpu();
     let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
     let dy = Tensor::from_f32(&ctx, &[4, 3], &[0.5; 12]).unwrap();
-    assert!(matches!(layer.backward(&dy, false), Err(Error::NoForward)));
-
     let x = Tensor::from_f32(&ctx, &[4, 3], &random_input(&mut rng(9), 12, 1.0)).unwrap();
-    layer.forward(&x, Some(true), None).unwrap();
+    // the SavedForward of another layer, even one built alike
+    let twin = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
+    let (_, foreign) = twin.forward_saved(&x, Some(true), None).unwrap();
+    assert!(matches!(layer.backward(&foreign, &dy, false), Err(Error::ForeignSaved)));
+
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
     let before = layer.get_weights().unwrap();
     let wrong_shape = Tensor::from_f32(&ctx, &[3, 4], &[0.5; 12]).unwrap();
-    assert!(matches!(layer.backward(&wrong_shape, false), Err(Error::Shape(_))));
+    assert!(matches!(
+        layer.backward(&saved, &wrong_shape, false),
+        Err(Error::Shape(_))
+    ));
     let wrong_dtype = Tensor::from_f32_as(&ctx, &[4, 3], &[0.5; 12], DType::F16).unwrap();
-    assert!(matches!(layer.backward(&wrong_dtype, false), Err(Error::DType { .. })));
-    assert!(layer.backward(&dy, false).is_ok());
+    assert!(matches!(
+        layer.backward(&saved, &wrong_dtype, false),
+        Err(Error::DType { .. })
+    ));
+    assert!(layer.backward(&saved, &dy, false).is_ok());
     assert_eq!(layer.get_weights().unwrap(), before, "backward changes no weight");
 
     layer.set_weight(StateSlot::Gamma, &[2.0, 2.0, 2.0]).unwrap();
-    assert!(matches!(layer.backward(&dy, false), Err(Error::WeightsChanged)));
-    layer.forward(&x, Some(true), None).unwrap();
-    assert!(layer.backward(&dy, false).is_ok());
+    assert!(matches!(layer.backward(&saved, &dy, false), Err(Error::WeightsChanged)));
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+    assert!(layer.backward(&saved, &dy, false).is_ok());
 
     let mut reference = ReferenceLayer::new(BatchNormConfig::default(), 3).unwrap();
     assert!(matches!(reference.backward(&[0.0; 12], false), Err(Error::NoForward)));

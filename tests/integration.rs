@@ -244,15 +244,15 @@ fn forward_and_backward_never_compile_a_pipeline() {
             let mask_shape = &shape[..shape.len() - 1];
             let mask = wgpu_batchnorm::Mask::from_u8(&ctx, mask_shape, &vec![1; mask_shape.iter().product()]).unwrap();
             for (training, m) in [(Some(true), None), (Some(true), Some(&mask)), (None, None)] {
-                layer.forward(&x, training, m).unwrap();
-                layer.backward(&x, true).unwrap();
+                let (_, saved) = layer.forward_saved(&x, training, m).unwrap();
+                layer.backward(&saved, &x, true).unwrap();
             }
         }
     }
     let mut sgd = wgpu_batchnorm::Sgd::new(&layer, 0.1, 0.9, false).unwrap();
     let x = Tensor::from_f32(&ctx, &[6, 4], &random_input(&mut rng(2), 24, 1.0)).unwrap();
-    layer.forward(&x, Some(true), None).unwrap();
-    sgd.step(&layer, &layer.backward(&x, false).unwrap()).unwrap();
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+    sgd.step(&layer, &layer.backward(&saved, &x, false).unwrap()).unwrap();
     layer.apply_constraints().unwrap();
     assert_eq!(ctx.compiled_pipelines(), compiled);
 }
@@ -284,13 +284,13 @@ fn views_at_offsets_inside_application_buffers() {
     // small bindings: the views are bound in several chunks
     ctx.set_max_binding_size(1024);
     let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 12).unwrap();
-    layer.forward_into(&x, Some(true), None, &y).unwrap();
+    let saved = layer.forward_into(&x, Some(true), None, &y).unwrap();
     let grads = wgpu_batchnorm::Gradients {
         dx: dx.clone(),
         dgamma: Some(Tensor::from_f32(&ctx, &[12], &[0.0; 12]).unwrap()),
         dbeta: Some(Tensor::from_f32(&ctx, &[12], &[0.0; 12]).unwrap()),
     };
-    layer.backward_into(&dy, false, &grads).unwrap();
+    layer.backward_into(&saved, &dy, false, &grads).unwrap();
 
     let mut reference = ReferenceLayer::new(BatchNormConfig::default(), 12).unwrap();
     let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
@@ -365,6 +365,7 @@ fn the_fused_relu_epilogue_matches_the_reference_and_refuses_backward() {
                 &want[..8]
             );
         }
-        assert!(matches!(layer.backward(&x, false), Err(Error::Config(_))));
+        let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+        assert!(matches!(layer.backward(&saved, &x, false), Err(Error::Config(_))));
     }
 }

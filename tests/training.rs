@@ -22,8 +22,8 @@ fn sgd_matches_reference(momentum: f32, nesterov: bool, config: BatchNormConfig)
         let dy32 = random_input(&mut r, 36, 0.3);
         let x = Tensor::from_f32(&ctx, &shape, &x32).unwrap();
         let dy = Tensor::from_f32(&ctx, &shape, &dy32).unwrap();
-        layer.forward(&x, Some(true), None).unwrap();
-        let grads = layer.backward(&dy, true).unwrap();
+        let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+        let grads = layer.backward(&saved, &dy, true).unwrap();
         sgd.step(&layer, &grads).unwrap();
 
         let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
@@ -160,9 +160,9 @@ fn regularization_loss_and_gradient() {
     assert!((layer.regularization_loss().unwrap() as f64 - want).abs() < 1e-6);
     // with dy = 0 the gradients are the regularizers' alone
     let x = Tensor::from_f32(&ctx, &[2, 3], &[1.0, 2.0, 3.0, 2.0, 4.0, 1.0]).unwrap();
-    layer.forward(&x, Some(true), None).unwrap();
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
     let zeros = Tensor::from_f32(&ctx, &[2, 3], &[0.0; 6]).unwrap();
-    let g = layer.backward(&zeros, true).unwrap();
+    let g = layer.backward(&saved, &zeros, true).unwrap();
     let dgamma = g.dgamma.unwrap().read_f32(&ctx).unwrap();
     let dbeta = g.dbeta.unwrap().read_f32(&ctx).unwrap();
     for (got, want) in dgamma
@@ -172,7 +172,7 @@ fn regularization_loss_and_gradient() {
         assert!((got - want).abs() < 1e-6, "{dgamma:?}");
     }
     assert_eq!(dbeta, vec![0.01, 0.0, -0.01]);
-    let plain = layer.backward(&zeros, false).unwrap();
+    let plain = layer.backward(&saved, &zeros, false).unwrap();
     assert_eq!(plain.dgamma.unwrap().read_f32(&ctx).unwrap(), vec![0.0; 3]);
 }
 
@@ -223,8 +223,8 @@ fn optimiser_errors_are_typed() {
     assert!(Sgd::new(&layer, 0.1, 1.5, false).is_err());
     let other = BatchNorm::new(&ctx, BatchNormConfig::default(), 4).unwrap();
     let x = Tensor::from_f32(&ctx, &[2, 4], &[1.0, 2.0, 3.0, 4.0, 2.0, 1.0, 0.0, 1.0]).unwrap();
-    other.forward(&x, Some(true), None).unwrap();
-    let g = other.backward(&x, false).unwrap();
+    let (_, saved) = other.forward_saved(&x, Some(true), None).unwrap();
+    let g = other.backward(&saved, &x, false).unwrap();
     let mut sgd = Sgd::new(&layer, 0.1, 0.0, false).unwrap();
     assert!(matches!(sgd.step(&other, &g), Err(Error::Weights(_))));
     let frozen = BatchNorm::new(

@@ -434,7 +434,7 @@ impl KerasCase {
             }
             Ok(layer)
         };
-        let call_forward = |layer: &BatchNorm, k: usize| -> Result<Tensor> {
+        let call_forward = |layer: &BatchNorm, k: usize| -> Result<(Tensor, crate::SavedForward)> {
             let x = self.gpu_input(ctx, k, setup.dtype)?;
             let mask = match self.calls[k].mask {
                 true => Some(Mask::from_u8(
@@ -444,14 +444,14 @@ impl KerasCase {
                 )?),
                 false => None,
             };
-            layer.forward(&x, self.calls[k].training, mask.as_ref())
+            layer.forward_saved(&x, self.calls[k].training, mask.as_ref())
         };
         let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
 
         let layer = new_layer()?;
         let mut ys = Vec::new();
         for k in 0..self.calls.len() {
-            ys.push(read(&call_forward(&layer, k)?)?);
+            ys.push(read(&call_forward(&layer, k)?.0)?);
         }
         let finals = layer
             .named_weights()?
@@ -462,10 +462,10 @@ impl KerasCase {
         let mut grads = Vec::new();
         if let Some(dy) = self.tensors.get("grad.dy") {
             let layer = new_layer()?;
-            call_forward(&layer, 0)?;
+            let (_, saved) = call_forward(&layer, 0)?;
             let dy: Vec<f32> = dy.values.iter().map(|&v| v as f32).collect();
             let dy = Tensor::from_f32_as(ctx, &self.shape, &dy, setup.dtype)?;
-            let g = layer.backward(&dy, false)?;
+            let g = layer.backward(&saved, &dy, false)?;
             grads.push(("dx", read(&g.dx)?));
             if let Some(t) = &g.dgamma {
                 grads.push(("dgamma", read(t)?));
