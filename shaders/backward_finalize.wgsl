@@ -24,6 +24,9 @@ fn backward_finalize(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
+    if lavapipe_no_inlining() {
+        return;
+    }
     let lane = lid % LANES;
     let nc = p.channels;
     // barriers below: no invocation leaves before them

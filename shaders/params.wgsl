@@ -59,3 +59,13 @@ const FLAG_PYTORCH: u32 = 4096u;
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
+
+// Mesa 22.3's lavapipe inlines the uniform values that a kernel's branches
+// read, when there are at most four of them, into a shader variant it
+// compiles at dispatch time and never frees: 170 KiB of host memory a
+// dispatch of backward_finalize (tests/memory.rs). Branching on this at a
+// kernel's start (uniform control flow) makes its branches read more than
+// four. Never true: no chunk holds 2^32 - 1 elements.
+fn lavapipe_no_inlining() -> bool {
+    return (p.chunk_elems & p.inner & p.last_dim & p.tiles & p.tile_offset) == 0xffffffffu;
+}
