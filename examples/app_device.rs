@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mapped_at_creation: false,
     });
     queue.write_buffer(&buffer, 0, bytemuck::cast_slice(&data));
-    let x = Tensor::from_buffer(buffer, &[batch, features], DType::F32)?;
+    let x = Tensor::from_buffer(&ctx, buffer, &[batch, features], DType::F32)?;
 
     let first = BatchNorm::new(&ctx, BatchNormConfig::default(), features)?;
     let second = BatchNorm::new(&ctx, BatchNormConfig::default(), features)?;

@@ -53,7 +53,12 @@ pub(crate) struct ContextInner {
     /// Whether the elementwise kernels read per-channel parameters through
     /// a uniform binding (see [`GpuContext::set_uniform_parameters`]).
     uniform_params: AtomicBool,
+    /// Tells this context's tensors from other contexts': wgpu compares
+    /// devices by an id that two identically built instances share.
+    pub(crate) id: u64,
 }
+
+static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One adapter as the `adapters` command reports it.
 #[derive(Debug, Clone)]
@@ -180,6 +185,7 @@ impl GpuContext {
                 max_binding: AtomicU64::new(max_binding),
                 placeholder,
                 uniform_params: AtomicBool::new(uniform_params),
+                id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
             }),
         }
     }

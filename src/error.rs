@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything a caller can get wrong, and everything the GPU can refuse.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No adapter matched the request (or the machine has no GPU driver).
     #[error(
@@ -34,6 +35,35 @@ pub enum Error {
         /// The dtype it was given.
         got: String,
     },
+    /// A tensor, mask or gradient made on another device than the layer's
+    /// (or the context's, for a readback).
+    #[error("{what} was made on another device than the one it is used with")]
+    Device {
+        /// Which argument.
+        what: &'static str,
+    },
+    /// A buffer without a usage its role needs (see the roles table on
+    /// [`crate::Tensor`]).
+    #[error("{role} needs buffer usages {needs:?}, the buffer has {has:?}")]
+    Usage {
+        /// Which argument.
+        role: &'static str,
+        /// The usages the role needs.
+        needs: wgpu::BufferUsages,
+        /// The buffer's usages.
+        has: wgpu::BufferUsages,
+    },
+    /// A view offset that the device cannot bind.
+    #[error("offset {offset} is not a multiple of the device's storage offset alignment {alignment}")]
+    Alignment {
+        /// The offset given.
+        offset: u64,
+        /// `min_storage_buffer_offset_alignment` (or 4 for copies).
+        alignment: u64,
+    },
+    /// An output sharing a buffer with an input of the same dispatch.
+    #[error("{0}")]
+    Aliasing(String),
     /// A tensor that the adapter's limits cannot bind.
     #[error("tensor too large for this adapter: {0}")]
     TooLarge(String),
@@ -67,6 +97,7 @@ pub enum Error {
 
 /// Invalid `BatchNormalization` arguments, one variant per Keras check.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("axis {axis} is out of range for an input of rank {rank}")]
     /// The feature axis does not exist in the input.

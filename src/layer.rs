@@ -479,9 +479,13 @@ impl BatchNorm {
         y: &Tensor,
         keep: bool,
     ) -> Result<Option<SavedForward>> {
+        let device = &self.ctx;
+        x.check_role("the input x", device, wgpu::BufferUsages::STORAGE)?;
+        y.check_role("the output y", device, wgpu::BufferUsages::STORAGE)?;
         let view = self.view_of(x)?;
         check_output("y", x, y)?;
         if let Some(mask) = mask {
+            mask.check_device(device)?;
             let expected = &x.shape()[..x.shape().len() - 1];
             if mask.shape() != expected {
                 return Err(Error::Shape(format!(
@@ -648,9 +652,12 @@ impl BatchNorm {
                 got: dy.dtype().to_string(),
             });
         }
+        let device = &self.ctx;
+        dy.check_role("dy", device, wgpu::BufferUsages::STORAGE)?;
+        grads.dx.check_role("dx", device, wgpu::BufferUsages::STORAGE)?;
         check_output("dx", x, &grads.dx)?;
         if grads.dx.buffer() == dy.buffer() {
-            return Err(Error::Shape(
+            return Err(Error::Aliasing(
                 "dx must live in another buffer than dy: WebGPU forbids binding one buffer read-only and \
                  read-write in the same dispatch"
                     .into(),
@@ -671,7 +678,9 @@ impl BatchNorm {
                     )));
                 }
                 None if present => return Err(Error::Shape(format!("no {name} tensor to write"))),
-                _ => {}
+                // written by a buffer copy
+                Some(t) => t.check_role(name, device, wgpu::BufferUsages::COPY_DST)?,
+                None => {}
             }
         }
         let view = self.view_of(x)?;
@@ -826,7 +835,7 @@ fn check_output(name: &str, x: &Tensor, out: &Tensor) -> Result<()> {
         )));
     }
     if out.buffer() == x.buffer() {
-        return Err(Error::Shape(format!(
+        return Err(Error::Aliasing(format!(
             "{name} must live in another buffer than the input: WebGPU forbids binding one buffer \
              read-only and read-write in the same dispatch"
         )));

@@ -76,6 +76,12 @@ impl Sgd {
         };
         check(&grads.dgamma, cfg.scale, "dgamma")?;
         check(&grads.dbeta, cfg.center, "dbeta")?;
+        let device = layer.context();
+        for (g, name) in [(&grads.dgamma, "dgamma"), (&grads.dbeta, "dbeta")] {
+            if let Some(t) = g {
+                t.check_role(name, device, wgpu::BufferUsages::STORAGE)?;
+            }
+        }
         let mut flags =
             if cfg.scale { kernels::OPT_HAS_GAMMA } else { 0 } | if cfg.center { kernels::OPT_HAS_BETA } else { 0 };
         if self.momentum != 0.0 {

@@ -55,15 +55,27 @@ pub(crate) fn padded_bytes(len: usize, dtype: DType) -> u64 {
     ((len * dtype.size()) as u64).div_ceil(4) * 4
 }
 
-fn check_shape(shape: &[usize], len: usize) -> Result<()> {
+/// The elements of a tensor of `shape` (rank 1 to 8, no empty dimension),
+/// with every product checked: a shape whose size or bytes overflow is an
+/// error, never a wrapped number.
+pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     if shape.is_empty() || shape.len() > 8 {
         return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
     }
     if shape.contains(&0) {
         return Err(Error::Shape(format!("shape {shape:?} has an empty dimension")));
     }
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n != Some(len) {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        // 4 bytes an element must fit in u64 and usize too
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(|| Error::TooLarge(format!("shape {shape:?} holds more elements than can be addressed")))
+}
+
+fn check_shape(shape: &[usize], len: usize) -> Result<()> {
+    let n = element_count(shape)?;
+    if n != len {
         return Err(Error::Shape(format!("shape {shape:?} does not hold {len} values")));
     }
     Ok(())
@@ -79,10 +91,32 @@ fn check_size(ctx: &GpuContext, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// A tensor on the GPU.
+/// A tensor on the GPU: a buffer of one device, an offset, a shape and a
+/// dtype. Tensors made by the crate have every usage they need; a view of
+/// an application's buffer ([`Tensor::view_of`], [`Tensor::from_buffer`])
+/// needs, by the role it plays in a call:
+///
+/// | role | buffer usages | also |
+/// | --- | --- | --- |
+/// | any view | `STORAGE` | offset a multiple of [`GpuContext::storage_offset_alignment`]; the buffer holds the whole shape from there |
+/// | input `x`, `dy` | `STORAGE` | |
+/// | output `y`, `dx` | `STORAGE` | not in the buffer of an input of the same call (`x`; `dy` for `dx`): WebGPU binds a buffer read-only or read-write in one dispatch |
+/// | `dgamma`, `dbeta` | `COPY_DST` (written by a copy), `STORAGE` for [`crate::Sgd::step`] | float32 of shape `[channels]` |
+/// | read back ([`Tensor::read_f32`]) | `COPY_SRC` | |
+///
+/// A tensor belongs to the [`GpuContext`] that made it and its clones (use
+/// one context per device). Every call checks each tensor, mask and
+/// gradient against its layer's context and these usages, and returns [`Error::Device`],
+/// [`Error::Usage`], [`Error::Alignment`] or [`Error::Aliasing`] rather
+/// than letting wgpu panic. A buffer destroyed while a tensor views it is
+/// not detected (wgpu has no query for it): do not destroy a buffer a
+/// tensor still views.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
+    /// The context (device) the tensor was made for: wgpu buffers do not
+    /// say, and wgpu's device comparison cannot tell two alike devices apart.
+    context: u64,
     offset: u64,
     shape: Vec<usize>,
     dtype: DType,
@@ -120,6 +154,7 @@ impl Tensor {
         });
         Ok(Tensor {
             buffer,
+            context: ctx.inner.id,
             offset: 0,
             shape: shape.to_vec(),
             dtype,
@@ -132,8 +167,7 @@ impl Tensor {
 
     /// An uninitialised tensor (the output of a kernel).
     pub(crate) fn uninit(ctx: &GpuContext, shape: &[usize], dtype: DType) -> Result<Self> {
-        let len = shape.iter().product();
-        check_shape(shape, len)?;
+        let len = element_count(shape)?;
         let size = padded_bytes(len, dtype);
         check_size(ctx, size)?;
         let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -144,16 +178,17 @@ impl Tensor {
         });
         Ok(Tensor {
             buffer,
+            context: ctx.inner.id,
             offset: 0,
             shape: shape.to_vec(),
             dtype,
         })
     }
 
-    /// Wraps an application's buffer holding a tensor from offset 0. The
-    /// buffer needs `STORAGE` usage (and `COPY_SRC` to be read back).
-    pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
-        Self::view(buffer, 0, shape, dtype, 256)
+    /// Wraps an application's buffer, made on `ctx`'s device, holding a
+    /// tensor from offset 0 (see the roles table on [`Tensor`]).
+    pub fn from_buffer(ctx: &GpuContext, buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::view_of(ctx, buffer, 0, shape, dtype)
     }
 
     /// A view of `shape` and `dtype` starting `offset` bytes into an
@@ -161,20 +196,23 @@ impl Tensor {
     /// buffers in place. `offset` must be a multiple of the device's
     /// `min_storage_buffer_offset_alignment` (256 on most adapters; see
     /// [`GpuContext::storage_offset_alignment`]).
+    ///
+    /// The buffer must be one of `ctx`'s device: wgpu cannot tell, so a
+    /// buffer of another device given here is the caller's error. The
+    /// tensor then belongs to `ctx` (and its clones), and every call checks
+    /// it against its layer's context.
     pub fn view_of(ctx: &GpuContext, buffer: wgpu::Buffer, offset: u64, shape: &[usize], dtype: DType) -> Result<Self> {
-        Self::view(buffer, offset, shape, dtype, ctx.storage_alignment())
-    }
-
-    fn view(buffer: wgpu::Buffer, offset: u64, shape: &[usize], dtype: DType, alignment: u64) -> Result<Self> {
-        let len = shape.iter().product();
-        check_shape(shape, len)?;
+        let len = element_count(shape)?;
         if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::Shape("the buffer lacks STORAGE usage".into()));
+            return Err(Error::Usage {
+                role: "a tensor's buffer",
+                needs: wgpu::BufferUsages::STORAGE,
+                has: buffer.usage(),
+            });
         }
+        let alignment = ctx.storage_alignment();
         if !offset.is_multiple_of(alignment) {
-            return Err(Error::Shape(format!(
-                "offset {offset} is not a multiple of the storage offset alignment {alignment}"
-            )));
+            return Err(Error::Alignment { offset, alignment });
         }
         let need = padded_bytes(len, dtype);
         if buffer.size() < offset.saturating_add(need) {
@@ -185,6 +223,7 @@ impl Tensor {
         }
         Ok(Tensor {
             buffer,
+            context: ctx.inner.id,
             offset,
             shape: shape.to_vec(),
             dtype,
@@ -233,8 +272,25 @@ impl Tensor {
         self.len() == 0
     }
 
+    /// Checks that the tensor may play `role` in a call on `device`: made
+    /// on that device, its buffer with every usage in `needs`.
+    pub(crate) fn check_role(&self, role: &'static str, ctx: &GpuContext, needs: wgpu::BufferUsages) -> Result<()> {
+        if self.context != ctx.inner.id {
+            return Err(Error::Device { what: role });
+        }
+        if !self.buffer.usage().contains(needs) {
+            return Err(Error::Usage {
+                role,
+                needs,
+                has: self.buffer.usage(),
+            });
+        }
+        Ok(())
+    }
+
     /// Reads the values back as float32 (float16 widened exactly).
     pub async fn read_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
         let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len()).await?;
         Ok(match self.dtype {
             DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
@@ -258,6 +314,7 @@ impl Tensor {
                 got: self.dtype.to_string(),
             });
         }
+        self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
         let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, self.offset, self.byte_len()))?;
         Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
     }
@@ -269,14 +326,15 @@ impl Tensor {
 #[derive(Debug, Clone)]
 pub struct Mask {
     pub(crate) buffer: wgpu::Buffer,
+    context: u64,
     shape: Vec<usize>,
 }
 
 impl Mask {
     /// Uploads a mask of bytes (non-zero: the position takes part in the statistics).
     pub fn from_u8(ctx: &GpuContext, shape: &[usize], flags: &[u8]) -> Result<Self> {
-        let len: usize = shape.iter().product();
-        if len != flags.len() || shape.contains(&0) {
+        let len = element_count(shape)?;
+        if len != flags.len() {
             return Err(Error::Shape(format!(
                 "mask shape {shape:?} does not hold {} flags",
                 flags.len()
@@ -290,6 +348,7 @@ impl Mask {
         });
         Ok(Mask {
             buffer,
+            context: ctx.inner.id,
             shape: shape.to_vec(),
         })
     }
@@ -303,6 +362,13 @@ impl Mask {
     /// The mask's shape (the input's without its last axis).
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    pub(crate) fn check_device(&self, ctx: &GpuContext) -> Result<()> {
+        if self.context != ctx.inner.id {
+            return Err(Error::Device { what: "the mask" });
+        }
+        Ok(())
     }
 }
 

@@ -187,7 +187,7 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
         mapped_at_creation: false,
     });
     assert!(matches!(
-        Tensor::from_buffer(small, &[5], wgpu_batchnorm::DType::F32),
+        Tensor::from_buffer(&ctx, small, &[5], wgpu_batchnorm::DType::F32),
         Err(Error::Shape(_))
     ));
 }
@@ -241,4 +241,118 @@ fn no_matching_adapter_is_a_clear_error() {
     let err = wgpu_batchnorm::GpuContext::new(&selection).unwrap_err();
     assert!(matches!(err, Error::NoAdapter(_)));
     assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
+}
+
+/// Tensors, masks and gradients of another device (even one built alike)
+/// are typed errors at the crate's boundary, never a wgpu panic or a
+/// buffer read as this device's.
+#[test]
+fn objects_of_another_device_are_refused() {
+    let ctx = gpu();
+    let twin = wgpu_batchnorm::GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
+    let data = [1.0, 2.0, 3.0, 4.0, 6.0, 5.0];
+    let x = Tensor::from_f32(&ctx, &[2, 3], &data).unwrap();
+    let foreign = Tensor::from_f32(&twin, &[2, 3], &data).unwrap();
+    let is_device = |r: Result<_, Error>| matches!(r, Err(Error::Device { .. }));
+    assert!(is_device(layer.forward(&foreign, Some(true), None).map(drop)));
+    let y_foreign = Tensor::from_f32(&twin, &[2, 3], &[0.0; 6]).unwrap();
+    assert!(is_device(layer.forward_into(&x, None, None, &y_foreign).map(drop)));
+    let mask = Mask::from_u8(&twin, &[2], &[1, 0]).unwrap();
+    assert!(is_device(layer.forward(&x, Some(true), Some(&mask)).map(drop)));
+
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+    assert!(is_device(layer.backward(&saved, &foreign, false).map(drop)));
+    let mut grads = layer.gradient_tensors(&x).unwrap();
+    grads.dx = y_foreign.clone();
+    assert!(is_device(layer.backward_into(&saved, &x, false, &grads)));
+    let mut grads = layer.gradient_tensors(&x).unwrap();
+    grads.dgamma = Some(Tensor::from_f32(&twin, &[3], &[0.0; 3]).unwrap());
+    assert!(is_device(layer.backward_into(&saved, &x, false, &grads)));
+    let mut sgd = wgpu_batchnorm::Sgd::new(&layer, 0.1, 0.0, false).unwrap();
+    assert!(is_device(sgd.step(&layer, &grads)));
+    // a readback through another context
+    assert!(is_device(x.read_f32(&twin).map(drop)));
+    // nothing was left half-done: the layer still works
+    let g = layer.backward(&saved, &x, false).unwrap();
+    assert_eq!(g.dx.read_f32(&ctx).unwrap().len(), 6);
+}
+
+/// Application buffers without the usage their role needs: Error::Usage
+/// naming the role, before wgpu sees them.
+#[test]
+fn buffer_roles_are_validated() {
+    let ctx = gpu();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 4).unwrap();
+    let buffer = |usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("application buffer"),
+            size: 64,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    use wgpu::BufferUsages as U;
+    assert!(matches!(
+        Tensor::view_of(&ctx, buffer(U::COPY_DST), 0, &[4], wgpu_batchnorm::DType::F32),
+        Err(Error::Usage { .. })
+    ));
+    let x = Tensor::from_f32(&ctx, &[2, 4], &[1.0, 2.0, 3.0, 4.0, 0.5, 0.0, 2.0, 1.0]).unwrap();
+    let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
+    let mut grads = layer.gradient_tensors(&x).unwrap();
+    // dgamma without COPY_DST
+    grads.dgamma = Some(
+        Tensor::view_of(
+            &ctx,
+            buffer(U::STORAGE | U::COPY_SRC),
+            0,
+            &[4],
+            wgpu_batchnorm::DType::F32,
+        )
+        .unwrap(),
+    );
+    assert!(matches!(
+        layer.backward_into(&saved, &x, false, &grads),
+        Err(Error::Usage { role: "dgamma", .. })
+    ));
+    // read back without COPY_SRC
+    let no_src = Tensor::view_of(
+        &ctx,
+        buffer(U::STORAGE | U::COPY_DST),
+        0,
+        &[2, 4],
+        wgpu_batchnorm::DType::F32,
+    )
+    .unwrap();
+    assert!(matches!(no_src.read_f32(&ctx), Err(Error::Usage { .. })));
+    // the output can be written and then not read: the forward itself works
+    layer.forward_into(&x, None, None, &no_src).unwrap();
+    // dx in dy's buffer
+    let mut grads = layer.gradient_tensors(&x).unwrap();
+    grads.dx = x.clone();
+    assert!(matches!(
+        layer.backward_into(&saved, &x, false, &grads),
+        Err(Error::Aliasing(_))
+    ));
+}
+
+/// Shapes whose size overflows are refused in every build, never a
+/// wrapped product or a debug-build panic.
+#[test]
+fn shapes_whose_size_overflows_are_refused() {
+    let ctx = gpu();
+    let huge = [usize::MAX, 2];
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    for shape in [&huge[..], &[1 << 32, 1 << 32][..], &[1 << 62, 2][..]] {
+        assert!(matches!(
+            Tensor::view_of(&ctx, buffer.clone(), 0, shape, wgpu_batchnorm::DType::F32),
+            Err(Error::TooLarge(_))
+        ));
+        assert!(matches!(Mask::from_u8(&ctx, shape, &[1]), Err(Error::TooLarge(_))));
+    }
 }
