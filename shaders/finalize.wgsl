@@ -41,8 +41,13 @@ fn merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
         return b;
     }
     let n = a.x + b.x;
-    let d = ((b.y - a.y) + b.z) - a.z;
     let wb = b.x / n;
+    if !is_finite_f32(a.z) || !is_finite_f32(b.z) {
+        // an infinite mean (an Inf value) stays infinite, +Inf and -Inf
+        // make NaN, as in the reference; a NaN propagates
+        return vec4<f32>(n, a.y, a.z + b.z, a.w + b.w);
+    }
+    let d = ((b.y - a.y) + b.z) - a.z;
     return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w + d * d * a.x * wb);
 }
 

@@ -69,3 +69,13 @@ fn has_flag(flag: u32) -> bool {
 fn lavapipe_no_inlining() -> bool {
     return (p.chunk_elems & p.inner & p.last_dim & p.tiles & p.tile_offset) == 0xffffffffu;
 }
+
+// NaN and Inf tests on the bits: GL drivers may fold float comparisons
+// as if no NaN existed (GLSL does not require NaNs), integer ones they keep.
+fn is_finite_f32(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) < 0x7f800000u;
+}
+
+fn is_nan_f32(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}

@@ -37,12 +37,28 @@ fn load_x4(i: u32) -> vec4<f32> {
 // (count, tile shift, mean - shift, M2) per channel and tile
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
 
+// A shift must be finite: an Inf or NaN shift would turn every value of
+// the tile into NaN, where the float64 reference keeps an infinite mean.
+fn finite_shift(v: f32) -> f32 {
+    return select(0.0, v, is_finite_f32(v));
+}
+
+fn finite_shift4(v: vec4<f32>) -> vec4<f32> {
+    let bits = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
+    return select(vec4<f32>(0.0), v, bits < vec4<u32>(0x7f800000u));
+}
+
 fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
     var mean = 0.0;
     var m2 = 0.0;
     if count > 0.0 {
         mean = s1 / count;
-        m2 = max(s2 - s1 * mean, 0.0);
+        // rounding can make it slightly negative; a NaN (from a NaN or Inf
+        // value) must stay NaN, as in the reference: no max(.., 0)
+        m2 = s2 - s1 * mean;
+        if m2 < 0.0 && !is_nan_f32(m2) {
+            m2 = 0.0;
+        }
     }
     partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(count, shift, mean, m2);
 }
@@ -63,7 +79,7 @@ fn partial_stats(
     let j1 = span_j.y;
     var shift = 0.0;
     if j0 < j1 {
-        shift = load_x(p.x_base + element_of(j0, c) - p.chunk_start);
+        shift = finite_shift(load_x(p.x_base + element_of(j0, c) - p.chunk_start));
     }
     var o = j0 / p.inner;
     var i = j0 % p.inner;
@@ -77,7 +93,7 @@ fn partial_stats(
             // the shift must be one of the values summed: a masked-out
             // value far from the others would cost the variance its precision
             if MASKED && count == 0.0 {
-                shift = value;
+                shift = finite_shift(value);
             }
             let v = value - shift;
             s1 += v;
@@ -112,7 +128,7 @@ fn partial_stats_inner4(
     let base = p.x_base - p.chunk_start;
     var shift = 0.0;
     if j0 < j1 {
-        shift = load_x4((base + element_of(j0, c)) / 4u).x;
+        shift = finite_shift(load_x4((base + element_of(j0, c)) / 4u).x);
     }
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
@@ -154,7 +170,7 @@ fn partial_stats_channels4(
     let base = p.x_base / 4u;
     var shift = vec4<f32>(0.0);
     if r0 < r1 {
-        shift = load_x4(base + r0 * quads + q);
+        shift = finite_shift4(load_x4(base + r0 * quads + q));
     }
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
@@ -167,7 +183,7 @@ fn partial_stats_channels4(
             // a mask per row; the shift is the first masked-in row
             keep = row_masked_in(r);
             if keep && kept == 0.0 {
-                shift = value;
+                shift = finite_shift4(value);
             }
             kept += select(0.0, 1.0, keep);
         }
@@ -204,8 +220,8 @@ fn partial_stats_channels8(
     var shift_a = vec4<f32>(0.0);
     var shift_b = vec4<f32>(0.0);
     if r0 < r1 {
-        shift_a = load_x4(base + r0 * quads + q);
-        shift_b = load_x4(base + r0 * quads + q + 1u);
+        shift_a = finite_shift4(load_x4(base + r0 * quads + q));
+        shift_b = finite_shift4(load_x4(base + r0 * quads + q + 1u));
     }
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -221,8 +237,8 @@ fn partial_stats_channels8(
             // a mask per row; the shift is the first masked-in row
             keep = row_masked_in(r);
             if keep && kept == 0.0 {
-                shift_a = xa;
-                shift_b = xb;
+                shift_a = finite_shift4(xa);
+                shift_b = finite_shift4(xb);
             }
             kept += select(0.0, 1.0, keep);
         }
@@ -264,7 +280,7 @@ fn partial_stats_runs16(
     var shift = 0.0;
     if j0 < j1 {
         let first = base + element_of(j0, c);
-        shift = load_x4(first / 4u)[first % 4u];
+        shift = finite_shift(load_x4(first / 4u)[first % 4u]);
     }
     let lane = vec4<u32>(0u, 1u, 2u, 3u);
     var s1 = vec4<f32>(0.0);

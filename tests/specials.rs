@@ -1,0 +1,103 @@
+//! NaN and Inf behave as in the float64 reference: a NaN in a training
+//! batch makes that channel's moving mean and variance NaN, an Inf gives
+//! the reference's infinite mean and NaN variance, other channels stay
+//! exact, and masked-out positions stay out of the statistics even when
+//! they hold NaN. Every layout family, on Vulkan and GL.
+
+mod common;
+
+use common::{gl, gpu, random_input, rng};
+use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Mask, StateSlot, Tensor};
+
+/// Same class element by element (NaN, +Inf, -Inf) and within `tol` of
+/// the largest finite truth where both are finite.
+fn assert_same(got: &[f32], truth: &[f64], what: &str) {
+    let scale = truth
+        .iter()
+        .filter(|t| t.is_finite())
+        .fold(1.0f64, |m, t| m.max(t.abs()));
+    for (i, (&g, &t)) in got.iter().zip(truth).enumerate() {
+        let g = g as f64;
+        let ok = if t.is_nan() {
+            g.is_nan()
+        } else if t.is_infinite() {
+            g == t
+        } else {
+            g.is_finite() && (g - t).abs() <= 2e-5 * scale
+        };
+        assert!(ok, "{what}[{i}]: got {g}, reference {t}");
+    }
+}
+
+/// (shape, axis): generic, channels last (vec4 and two quads), inner % 4,
+/// runs of 17.
+const LAYOUTS: &[(&[usize], i64)] = &[(&[9, 5], -1), (&[6, 8], -1), (&[3, 4, 8], 1), (&[2, 3, 17], 1)];
+
+fn check(ctx: &GpuContext, special: f32, masked: bool) {
+    for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+        let config = BatchNormConfig {
+            axis,
+            momentum: 0.5,
+            ..Default::default()
+        };
+        let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
+        let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+        let mut reference = ReferenceLayer::new(config, channels).unwrap();
+        let len: usize = shape.iter().product();
+        let mut x = random_input(&mut rng(40 + i as u64), len, 2.0);
+        let last = shape[shape.len() - 1];
+        // the special value at the first and a middle position
+        let (first, middle) = (0, len / 2 + 1);
+        x[first] = special;
+        x[middle] = special;
+        let flags: Option<Vec<u8>> = masked.then(|| {
+            // mask out exactly the rows holding the special values
+            (0..len / last)
+                .map(|r| (r != first / last && r != middle / last) as u8)
+                .collect()
+        });
+        let mask = flags
+            .as_ref()
+            .map(|f| Mask::from_u8(ctx, &shape[..shape.len() - 1], f).unwrap());
+        let t = Tensor::from_f32(ctx, shape, &x).unwrap();
+        let y = layer
+            .forward(&t, Some(true), mask.as_ref())
+            .unwrap()
+            .read_f32(ctx)
+            .unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let want = reference.forward(&x64, shape, Some(true), flags.as_deref()).unwrap();
+        let what = format!("{shape:?} axis {axis} with {special} masked {masked}");
+        assert_same(&y, &want, &format!("{what}: y"));
+        for (slot, values) in layer.named_weights().unwrap() {
+            assert_same(&values, reference.state.slot(slot), &format!("{what}: {slot:?}"));
+        }
+        if !masked {
+            let weights = layer.named_weights().unwrap();
+            let variance = &weights.iter().find(|(s, _)| *s == StateSlot::MovingVariance).unwrap().1;
+            assert!(
+                variance.iter().any(|v| v.is_nan()),
+                "{what}: the moving variance must turn NaN"
+            );
+        }
+    }
+}
+
+fn specials_follow_the_reference(ctx: &GpuContext) {
+    for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        check(ctx, special, false);
+        // masked-out NaN and Inf stay out of the statistics
+        check(ctx, special, true);
+    }
+}
+
+#[test]
+fn nan_and_inf_follow_the_reference() {
+    specials_follow_the_reference(&gpu());
+}
+
+#[test]
+fn nan_and_inf_follow_the_reference_on_gl() {
+    specials_follow_the_reference(&gl());
+}
