@@ -62,6 +62,7 @@ static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One adapter as the `adapters` command reports it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AdapterReport {
     /// What the adapter says of itself.
     pub info: wgpu::AdapterInfo,
