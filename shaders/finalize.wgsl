@@ -47,8 +47,12 @@ fn merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
         // make NaN, as in the reference; a NaN propagates
         return vec4<f32>(n, a.y, a.z + b.z, a.w + b.w);
     }
+    // M2 is scaled by shift_scale of its shift: b's into a's scale
+    let ka = shift_scale(a.y);
+    let r = ka / shift_scale(b.y);
     let d = ((b.y - a.y) + b.z) - a.z;
-    return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w + d * d * a.x * wb);
+    let dk = d * ka;
+    return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w * r * r + dk * dk * a.x * wb);
 }
 
 @compute @workgroup_size(64)
@@ -99,6 +103,10 @@ fn finalize(
     var delta = total.z;
     var m2 = total.w;
 
+    // m2 is scaled by k (see shift_scale): the variance is kept scaled
+    // until the end, so that one whose sum of squares overflows float32
+    // still comes out right
+    let k = shift_scale(shift);
     var denom = count;
     var mask_eps = 0.0;
     if has_flag(FLAG_MASKED) {
@@ -107,11 +115,19 @@ fn finalize(
         denom = count + MASK_COUNT_EPS;
         let correction = (shift + delta) * (MASK_COUNT_EPS / denom);
         delta -= correction;
-        m2 += count * correction * correction;
+        let ck = correction * k;
+        m2 += count * ck * ck;
     }
-    let variance = m2 / denom;
+    let scaled_variance = m2 / denom;
+    let variance = scaled_variance / (k * k);
     let mean = shift + delta;
-    let inv = inverseSqrt(variance + eps);
+    var inv = inverseSqrt(variance + eps);
+    // a variance past float32 whose normalisation is not (epsilon is
+    // negligible there)
+    let beyond = !is_finite_f32(variance) && is_finite_f32(scaled_variance);
+    if beyond {
+        inv = k * inverseSqrt(scaled_variance);
+    }
     let m = p.momentum;
 
     var scale = inv * gamma;
@@ -119,7 +135,7 @@ fn finalize(
     var r = 1.0;
     var d = 0.0;
     if has_flag(FLAG_RENORM) {
-        let stddev = sqrt(variance + eps);
+        let stddev = select(sqrt(variance + eps), sqrt(scaled_variance) / k, beyond);
         let renorm_mean = state[5u * nc + c];
         let renorm_stddev = state[6u * nc + c];
         let reference_stddev = max(renorm_stddev, sqrt(eps));
@@ -147,7 +163,7 @@ fn finalize(
     } else if has_flag(FLAG_PYTORCH) {
         // PyTorch: momentum weighs the new value; the running variance
         // takes the unbiased batch variance (the biased one with one value)
-        let unbiased = select(variance, m2 / (count - 1.0), count > 1.0);
+        let unbiased = select(variance, m2 / (count - 1.0) / (k * k), count > 1.0);
         state[2u * nc + c] = moving_mean * (1.0 - m) + mean * m;
         state[3u * nc + c] = moving_variance * (1.0 - m) + unbiased * m;
     } else {

@@ -79,3 +79,21 @@ fn is_finite_f32(v: f32) -> bool {
 fn is_nan_f32(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
+
+// Statistics partials are scaled by the power of two that brings their
+// shift (a sample of the channel) near 1: deviations from a shift of 1e18
+// squared overflow float32, scaled they stay near 1. 2^-e for a shift of
+// 2^e or more with e >= 20; 1 below that, where sums are exact as they
+// were. A power of two: scaling loses nothing.
+fn shift_scale(shift: f32) -> f32 {
+    let e = (bitcast<u32>(shift) >> 23u) & 0xffu;
+    if e < 147u {
+        return 1.0;
+    }
+    // biased exponent 254 - e, at least 1 (a normal number)
+    return bitcast<f32>((254u - min(e, 253u)) << 23u);
+}
+
+fn shift_scale4(shift: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(shift_scale(shift.x), shift_scale(shift.y), shift_scale(shift.z), shift_scale(shift.w));
+}

@@ -52,6 +52,8 @@ fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
     var mean = 0.0;
     var m2 = 0.0;
     if count > 0.0 {
+        // s1 and s2 are scaled by shift_scale(shift): so is M2, the
+        // mean's correction is stored as it is
         mean = s1 / count;
         // rounding can make it slightly negative; a NaN (from a NaN or Inf
         // value) must stay NaN, as in the reference: no max(.., 0)
@@ -60,7 +62,7 @@ fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
             m2 = 0.0;
         }
     }
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(count, shift, mean, m2);
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(count, shift, mean / shift_scale(shift), m2);
 }
 
 @compute @workgroup_size(256)
@@ -81,6 +83,7 @@ fn partial_stats(
     if j0 < j1 {
         shift = finite_shift(load_x(p.x_base + element_of(j0, c) - p.chunk_start));
     }
+    var k = shift_scale(shift);
     var o = j0 / p.inner;
     var i = j0 % p.inner;
     var s1 = 0.0;
@@ -94,8 +97,9 @@ fn partial_stats(
             // value far from the others would cost the variance its precision
             if MASKED && count == 0.0 {
                 shift = finite_shift(value);
+                k = shift_scale(shift);
             }
-            let v = value - shift;
+            let v = (value - shift) * k;
             s1 += v;
             s2 += v * v;
             count += 1.0;
@@ -130,6 +134,7 @@ fn partial_stats_inner4(
     if j0 < j1 {
         shift = finite_shift(load_x4((base + element_of(j0, c)) / 4u).x);
     }
+    let k = shift_scale(shift);
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
     // run by run: the inner loop walks contiguous vec4s with no tracking;
@@ -140,7 +145,7 @@ fn partial_stats_inner4(
         let first = (base + element_of(j, c)) / 4u;
         let last = first + (run_end - j) / 4u;
         for (var a = first; a < last; a++) {
-            let v = load_x4(a) - shift;
+            let v = (load_x4(a) - shift) * k;
             s1 += v;
             s2 = fma(v, v, s2);
         }
@@ -172,6 +177,7 @@ fn partial_stats_channels4(
     if r0 < r1 {
         shift = finite_shift4(load_x4(base + r0 * quads + q));
     }
+    var scale = shift_scale4(shift);
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
     var kept = 0.0;
@@ -184,10 +190,11 @@ fn partial_stats_channels4(
             keep = row_masked_in(r);
             if keep && kept == 0.0 {
                 shift = finite_shift4(value);
+                scale = shift_scale4(shift);
             }
             kept += select(0.0, 1.0, keep);
         }
-        let v = select(vec4<f32>(0.0), value - shift, keep);
+        let v = select(vec4<f32>(0.0), (value - shift) * scale, keep);
         s1 += v;
         s2 = fma(v, v, s2);
         addr += quads;
@@ -223,6 +230,8 @@ fn partial_stats_channels8(
         shift_a = finite_shift4(load_x4(base + r0 * quads + q));
         shift_b = finite_shift4(load_x4(base + r0 * quads + q + 1u));
     }
+    var scale_a = shift_scale4(shift_a);
+    var scale_b = shift_scale4(shift_b);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var b1 = vec4<f32>(0.0);
@@ -239,11 +248,13 @@ fn partial_stats_channels8(
             if keep && kept == 0.0 {
                 shift_a = finite_shift4(xa);
                 shift_b = finite_shift4(xb);
+                scale_a = shift_scale4(shift_a);
+                scale_b = shift_scale4(shift_b);
             }
             kept += select(0.0, 1.0, keep);
         }
-        let va = select(vec4<f32>(0.0), xa - shift_a, keep);
-        let vb = select(vec4<f32>(0.0), xb - shift_b, keep);
+        let va = select(vec4<f32>(0.0), (xa - shift_a) * scale_a, keep);
+        let vb = select(vec4<f32>(0.0), (xb - shift_b) * scale_b, keep);
         a1 += va;
         a2 = fma(va, va, a2);
         b1 += vb;
@@ -282,6 +293,7 @@ fn partial_stats_runs16(
         let first = base + element_of(j0, c);
         shift = finite_shift(load_x4(first / 4u)[first % 4u]);
     }
+    let k = shift_scale(shift);
     let lane = vec4<u32>(0u, 1u, 2u, 3u);
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
@@ -293,7 +305,7 @@ fn partial_stats_runs16(
         for (var q = a0 / 4u; q * 4u < a1; q++) {
             let at = vec4<u32>(4u * q) + lane;
             let inside = at >= vec4<u32>(a0) & at < vec4<u32>(a1);
-            let v = select(vec4<f32>(0.0), load_x4(q) - shift, inside);
+            let v = select(vec4<f32>(0.0), (load_x4(q) - shift) * k, inside);
             s1 += v;
             s2 = fma(v, v, s2);
         }

@@ -30,6 +30,13 @@ fn assert_same(got: &[f32], truth: &[f64], what: &str) {
     }
 }
 
+/// Within the gradient tolerance of the largest truth.
+fn assert_close(got: &[f32], truth: &[f64], what: &str) {
+    let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+    let err = wgpu_batchnorm::keras::error_measure(&g, truth);
+    assert!(err <= 1e-4, "{what}: error {err:.2e}");
+}
+
 /// (shape, axis): generic, channels last (vec4 and two quads), inner % 4,
 /// runs of 17.
 const LAYOUTS: &[(&[usize], i64)] = &[(&[9, 5], -1), (&[6, 8], -1), (&[3, 4, 8], 1), (&[2, 3, 17], 1)];
@@ -100,4 +107,82 @@ fn nan_and_inf_follow_the_reference() {
 #[test]
 fn nan_and_inf_follow_the_reference_on_gl() {
     specials_follow_the_reference(&gl());
+}
+
+/// Inputs far from zero with a spread to match (values around 1e18 and
+/// 1e19, variance up to 1e38): their sums of squares overflow float32,
+/// their variance does not, and the output is right. Every layout family.
+fn large_magnitudes_normalise(ctx: &GpuContext) {
+    // 1e30: the variance (1e60) is past float32, the training output is
+    // not (the float32 moving variance, and so inference, cannot hold it)
+    for magnitude in [1e18f32, 1e19, 3e15, 1e30] {
+        let beyond = magnitude > 1e20;
+        for (i, &(shape, axis)) in LAYOUTS
+            .iter()
+            .chain([(&[4096usize, 8][..], -1i64), (&[300, 3, 5][..], 1)].iter())
+            .enumerate()
+        {
+            let config = BatchNormConfig {
+                axis,
+                ..Default::default()
+            };
+            let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
+            let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+            let mut reference = ReferenceLayer::new(config, channels).unwrap();
+            let len: usize = shape.iter().product();
+            let x: Vec<f32> = random_input(&mut rng(60 + i as u64), len, 3.0)
+                .into_iter()
+                .map(|v| v * magnitude)
+                .collect();
+            let t = Tensor::from_f32(ctx, shape, &x).unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let dy32 = random_input(&mut rng(70 + i as u64), len, 0.5);
+            let dy = Tensor::from_f32(ctx, shape, &dy32).unwrap();
+            let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
+            for training in [Some(true), None] {
+                if beyond && training.is_none() {
+                    continue;
+                }
+                let what = format!("{shape:?} axis {axis} x {magnitude:e} training {training:?}");
+                let (y, saved) = layer.forward_saved(&t, training, None).unwrap();
+                let want = reference.forward(&x64, shape, training, None).unwrap();
+                assert_same(&y.read_f32(ctx).unwrap(), &want, &format!("{what}: y"));
+                if beyond {
+                    continue;
+                }
+                let got = layer.backward(&saved, &dy, false).unwrap();
+                let want = reference.backward(&dy64, false).unwrap();
+                assert_close(&got.dx.read_f32(ctx).unwrap(), &want.dx, &format!("{what}: dx"));
+                assert_close(
+                    &got.dgamma.unwrap().read_f32(ctx).unwrap(),
+                    want.dgamma.as_ref().unwrap(),
+                    &format!("{what}: dgamma"),
+                );
+                assert_close(
+                    &got.dbeta.unwrap().read_f32(ctx).unwrap(),
+                    want.dbeta.as_ref().unwrap(),
+                    &format!("{what}: dbeta"),
+                );
+            }
+            for (slot, values) in layer.named_weights().unwrap() {
+                if !beyond {
+                    assert_same(
+                        &values,
+                        reference.state.slot(slot),
+                        &format!("{shape:?} x {magnitude:e}: {slot:?}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn inputs_far_beyond_the_square_root_of_float32_normalise() {
+    large_magnitudes_normalise(&gpu());
+}
+
+#[test]
+fn inputs_far_beyond_the_square_root_of_float32_normalise_on_gl() {
+    large_magnitudes_normalise(&gl());
 }
