@@ -300,3 +300,23 @@ fn bench_writes_the_json_schema_and_an_svg() {
     let bad = run(&["bench", "--shape", "3,0"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn a_grad_dy_that_disagrees_with_the_input_shape_is_exit_2() {
+    // same element count, another shape: only a shape check can tell
+    let dir = scratch("dy_shape");
+    edited_case(
+        &dir,
+        "dense_default",
+        "dy_reshaped",
+        |_| {},
+        |k, shape, _| {
+            if k == "grad.dy" {
+                *shape = vec![16, 64];
+            }
+        },
+    );
+    let dir = dir.to_str().unwrap();
+    assert_usage_error(&["conform", dir, "--device", "cpu"], "dy_reshaped.safetensors");
+    assert_usage_error(&["conform", dir, "--device", "cpu"], "grad.dy");
+}
