@@ -320,3 +320,53 @@ fn a_grad_dy_that_disagrees_with_the_input_shape_is_exit_2() {
     assert_usage_error(&["conform", dir, "--device", "cpu"], "dy_reshaped.safetensors");
     assert_usage_error(&["conform", dir, "--device", "cpu"], "grad.dy");
 }
+
+/// `run`, killed after `seconds` so that a hang fails the test instead of blocking it.
+fn run_with_timeout(args: &[&str], seconds: u64) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} still running after {seconds} s: {}{}",
+                text(&o.stdout),
+                text(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_fifo_or_a_folder_named_like_a_case_is_refused_without_opening_it() {
+    let dir = scratch("fifo");
+    edited_case(&dir, "dense_default", "fine", |_| {}, |_, _, _| {});
+    let fifo = dir.join("stuck.safetensors");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+    assert!(made.success());
+    let o = run_with_timeout(&["conform", dir.to_str().unwrap(), "--device", "cpu"], 30);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}{}", text(&o.stdout));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("stuck.safetensors") && stderr.contains("FIFO"),
+        "{stderr}"
+    );
+
+    let dir = scratch("folder");
+    edited_case(&dir, "dense_default", "fine", |_| {}, |_, _, _| {});
+    std::fs::create_dir(dir.join("nested.safetensors")).unwrap();
+    assert_usage_error(
+        &["conform", dir.to_str().unwrap(), "--device", "cpu"],
+        "nested.safetensors",
+    );
+}

@@ -178,10 +178,24 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
 }
 
 impl KerasCase {
-    /// Reads and checks a case file. Structural problems (unreadable,
-    /// malformed, shapes that disagree with the metadata) are errors;
+    /// Reads and checks a case file. Structural problems (not a regular
+    /// file, unreadable, malformed, shapes that disagree with the metadata)
+    /// are errors;
     /// features this crate lacks are kept in `config`/`dtype` as reasons.
     pub fn load(path: &Path) -> Result<Self> {
+        // reading a FIFO blocks until a writer comes, so look before opening
+        let kind = std::fs::metadata(path)
+            .map_err(|e| file_error(path, e.to_string()))?
+            .file_type();
+        if !kind.is_file() {
+            return Err(file_error(
+                path,
+                format!(
+                    "not a regular file ({}); case files must be regular files",
+                    file_kind(&kind)
+                ),
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
         Self::parse(path, &bytes)
     }
@@ -546,6 +560,28 @@ impl KerasCase {
             tolerance,
         });
         Ok(())
+    }
+}
+
+/// What a non-regular file is, for messages.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_block_device() || kind.is_char_device() {
+            return "a device";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "another file type"
     }
 }
 
