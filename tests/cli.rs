@@ -370,3 +370,131 @@ fn a_fifo_or_a_folder_named_like_a_case_is_refused_without_opening_it() {
         "nested.safetensors",
     );
 }
+
+#[test]
+fn conform_out_names_outputs_after_the_input_files_and_stays_inside_out() {
+    let root = scratch("names");
+    let cases = root.join("cases");
+    let out = root.join("out");
+    std::fs::create_dir_all(&cases).unwrap();
+    let absolute = root.join("abs_escaped").to_str().unwrap().to_string();
+    edited_case(
+        &cases,
+        "dense_default",
+        "dotdot",
+        |c| c["name"] = "../escaped".into(),
+        |_, _, _| {},
+    );
+    edited_case(
+        &cases,
+        "dense_default",
+        "abs",
+        |c| c["name"] = absolute.into(),
+        |_, _, _| {},
+    );
+    // one metadata name for two files: each still gets its own output
+    edited_case(
+        &cases,
+        "inference_only",
+        "first",
+        |c| c["name"] = "same".into(),
+        |_, _, _| {},
+    );
+    edited_case(
+        &cases,
+        "inference_only",
+        "second",
+        |c| c["name"] = "same".into(),
+        |_, _, _| {},
+    );
+    let o = run(&[
+        "conform",
+        cases.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
+    let mut written: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "abs.safetensors",
+            "dotdot.safetensors",
+            "first.safetensors",
+            "second.safetensors"
+        ]
+    );
+    let mut beside: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["cases", "out"], "nothing written outside OUT");
+    let y = SafeTensors::deserialize(&std::fs::read(out.join("dotdot.safetensors")).unwrap())
+        .unwrap()
+        .tensor("y.0")
+        .unwrap()
+        .shape()
+        .to_vec();
+    assert_eq!(y, [64, 16]);
+}
+
+#[test]
+fn conform_out_refuses_to_overwrite_a_case_or_write_through_a_link() {
+    // OUT = DIR would replace every case with its outputs
+    let dir = scratch("same_dir");
+    edited_case(&dir, "dense_default", "case", |_| {}, |_, _, _| {});
+    let before = std::fs::read(dir.join("case.safetensors")).unwrap();
+    let d = dir.to_str().unwrap();
+    assert_usage_error(&["conform", d, "--out", d, "--device", "cpu"], "case.safetensors");
+    assert_eq!(std::fs::read(dir.join("case.safetensors")).unwrap(), before);
+
+    // a link in OUT named like an output would write wherever it points
+    let root = scratch("link_out");
+    let (cases, out) = (root.join("cases"), root.join("out"));
+    std::fs::create_dir_all(&cases).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    edited_case(&cases, "dense_default", "case", |_| {}, |_, _, _| {});
+    let target = root.join("elsewhere");
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, out.join("case.safetensors")).unwrap();
+    assert_usage_error(
+        &[
+            "conform",
+            cases.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        "case.safetensors",
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+}
+
+#[test]
+fn the_library_write_outputs_refuses_a_case_name_that_leaves_its_folder() {
+    let root = scratch("lib_names");
+    let dir = root.join("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = |name: &str| wgpu_batchnorm::keras::CaseReport {
+        name: name.into(),
+        keys: Vec::new(),
+        failure: None,
+        outputs: Vec::new(),
+    };
+    let absolute = root.join("abs_escaped");
+    for name in ["../escaped", absolute.to_str().unwrap(), "sub/x"] {
+        let e = wgpu_batchnorm::keras::write_outputs(&report(name), &dir).unwrap_err();
+        assert!(e.to_string().contains("not a plain file name"), "{name}: {e}");
+    }
+    assert!(!root.join("escaped.safetensors").exists() && !root.join("abs_escaped.safetensors").exists());
+    let written = wgpu_batchnorm::keras::write_outputs(&report("plain"), &dir).unwrap();
+    assert_eq!(written, dir.join("plain.safetensors"));
+}

@@ -606,9 +606,42 @@ pub fn load_dir(dir: &Path) -> Result<Vec<KerasCase>> {
     paths.iter().map(|p| KerasCase::load(p)).collect()
 }
 
-/// Writes a report's outputs as `<dir>/<name>.safetensors`.
+/// Writes a report's outputs as `<dir>/<name>.safetensors`. The name comes
+/// from the case's metadata, so one that is not a single plain file name
+/// (`../x`, `/abs/x`, `a/b`) is refused rather than written outside `dir`.
 pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
-    let path = dir.join(format!("{}.safetensors", report.name));
+    let file = format!("{}.safetensors", report.name);
+    let path = dir.join(&file);
+    let mut parts = Path::new(&file).components();
+    if !matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) {
+        return Err(file_error(
+            &path,
+            format!(
+                "case name {:?} is not a plain file name; not writing outside {}",
+                report.name,
+                dir.display()
+            ),
+        ));
+    }
+    write_outputs_as(report, &path)?;
+    Ok(path)
+}
+
+/// Writes a report's outputs to the file `path`. An existing `path` that is
+/// not a regular file is refused: a link would write wherever it points, a
+/// FIFO would block.
+pub fn write_outputs_as(report: &CaseReport, path: &Path) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.is_file()
+    {
+        return Err(file_error(
+            path,
+            "exists and is not a regular file; not writing through it".into(),
+        ));
+    }
     let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
     let blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = report
         .outputs
@@ -629,10 +662,9 @@ pub fn write_outputs(report: &CaseReport, dir: &Path) -> Result<PathBuf> {
         .collect();
     for (key, dtype, shape, bytes) in &blobs {
         let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-            .map_err(|e| file_error(&path, e.to_string()))?;
+            .map_err(|e| file_error(path, e.to_string()))?;
         tensors.push((key.clone(), view));
     }
-    let bytes = safetensors::serialize(tensors, None).map_err(|e| file_error(&path, e.to_string()))?;
-    std::fs::write(&path, bytes).map_err(|e| file_error(&path, e.to_string()))?;
-    Ok(path)
+    let bytes = safetensors::serialize(tensors, None).map_err(|e| file_error(path, e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|e| file_error(path, e.to_string()))
 }

@@ -8,7 +8,7 @@ pub mod weights;
 
 pub use cases::{
     Call, CaseReport, CaseTensor, Device, KerasCase, KeyError, Output, error_measure, load_dir, tolerance,
-    write_outputs,
+    write_outputs, write_outputs_as,
 };
 pub use config::{KerasLayerConfig, config_from_case_json};
 pub use weights::{load_weights, save_weights};
