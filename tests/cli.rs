@@ -498,3 +498,32 @@ fn the_library_write_outputs_refuses_a_case_name_that_leaves_its_folder() {
     let written = wgpu_batchnorm::keras::write_outputs(&report("plain"), &dir).unwrap();
     assert_eq!(written, dir.join("plain.safetensors"));
 }
+
+/// A usage error found before anything was measured (no table on stdout).
+fn assert_refused_before_benchmarking(args: &[&str], mentions: &str) {
+    let o = run(args);
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}{stdout}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(mentions), "{stderr} should mention {mentions}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stdout.contains("timing:"), "measured before refusing: {stdout}");
+}
+
+#[test]
+fn bench_checks_its_json_and_svg_paths_before_measuring() {
+    let dir = scratch("bench_paths");
+    let quick = ["bench", "--quick", "--shape", "8,4"];
+    let missing = dir.join("no/such/folder/bench.json");
+    let missing = missing.to_str().unwrap();
+    assert_refused_before_benchmarking(&[&quick[..], &["--json", missing]].concat(), missing);
+    let folder = dir.to_str().unwrap();
+    assert_refused_before_benchmarking(&[&quick[..], &["--svg", folder]].concat(), folder);
+
+    // a good --json is not left behind when --svg is refused
+    let json = dir.join("bench.json");
+    let svg = dir.join("missing/bench.svg");
+    let (json_s, svg_s) = (json.to_str().unwrap(), svg.to_str().unwrap());
+    assert_refused_before_benchmarking(&[&quick[..], &["--json", json_s, "--svg", svg_s]].concat(), svg_s);
+    assert!(!json.exists(), "{json_s} was created");
+}

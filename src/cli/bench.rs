@@ -1,6 +1,7 @@
 //! `wgpu-batchnorm bench`: the layer against a copy and a streaming kernel
 //! on the same adapter, in the same run.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use wgpu_batchnorm::AdapterSelection;
@@ -88,6 +89,9 @@ pub(crate) fn run(selection: &AdapterSelection, args: &BenchArgs) -> Result<u8, 
         warmup,
         runs,
     };
+    // a path that cannot be written is refused now, not after minutes of measuring
+    let mut json = args.json.as_deref().map(|p| OutputFile::open("json", p)).transpose()?;
+    let mut svg = args.svg.as_deref().map(|p| OutputFile::open("svg", p)).transpose()?;
     let ctx = super::open(selection)?;
     println!("adapter: {}", ctx.describe());
     let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
@@ -101,14 +105,70 @@ pub(crate) fn run(selection: &AdapterSelection, args: &BenchArgs) -> Result<u8, 
     bar.finish_and_clear();
     let report = report?;
     print_table(&report);
-    if let Some(path) = &args.json {
+    if let Some(file) = &mut json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.write(text.as_bytes())?;
     }
-    if let Some(path) = &args.svg {
-        write_svg(&report, path)?;
+    if let Some(file) = &mut svg {
+        file.write(svg_text(&report).as_bytes())?;
     }
     Ok(0)
+}
+
+/// A `--json` or `--svg` file, opened before the benchmark runs. A file
+/// this run created is removed again if the run ends before writing it.
+struct OutputFile {
+    path: PathBuf,
+    file: std::fs::File,
+    created: bool,
+    written: bool,
+}
+
+impl OutputFile {
+    fn open(flag: &str, path: &Path) -> Result<Self, String> {
+        let created = std::fs::symlink_metadata(path).is_err();
+        // not truncated yet: a refused or failed run leaves an existing file as it was
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| match path.parent() {
+                Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.as_os_str().is_empty() => {
+                    format!(
+                        "--{flag} {}: cannot write it: the folder {} does not exist",
+                        path.display(),
+                        dir.display()
+                    )
+                }
+                _ => format!("--{flag} {}: cannot write it: {e}", path.display()),
+            })?;
+        Ok(OutputFile {
+            path: path.to_path_buf(),
+            file,
+            created,
+            written: false,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let bad = |e: std::io::Error| format!("{}: {e}", self.path.display());
+        self.written = true;
+        // a regular file is replaced; /dev/stdout or a pipe cannot be truncated
+        if self.file.metadata().map_err(bad)?.is_file() {
+            self.file.set_len(0).map_err(bad)?;
+        }
+        self.file.write_all(bytes).map_err(bad)?;
+        self.file.flush().map_err(bad)
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn print_table(report: &BenchReport) {
@@ -138,7 +198,7 @@ fn print_table(report: &BenchReport) {
 }
 
 /// Grouped bars: one group per shape and dtype, one bar per operation.
-fn write_svg(report: &BenchReport, path: &Path) -> Result<(), String> {
+fn svg_text(report: &BenchReport) -> String {
     let colors = ["#999999", "#555555", "#1f77b4", "#2ca02c", "#d62728"];
     let mut groups: Vec<(String, Vec<(Op, f64)>)> = Vec::new();
     for r in &report.results {
@@ -205,7 +265,7 @@ fn write_svg(report: &BenchReport, path: &Path) -> Result<(), String> {
         );
     }
     svg += "</svg>\n";
-    std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))
+    svg
 }
 
 fn escape(s: &str) -> String {
