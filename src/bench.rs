@@ -188,9 +188,71 @@ pub fn describe_adapter(ctx: &GpuContext) -> AdapterDescription {
     }
 }
 
+/// Host bytes per element a measurement holds at its peak: float32 and
+/// float64 copies of x and dy, the reference's outputs and readbacks (about
+/// 88 measured on lavapipe, whose GPU buffers are host memory too).
+const HOST_BYTES_PER_ELEMENT: u64 = 96;
+
+/// Checks that `shape` can be measured as `dtype` on this device before
+/// anything is allocated for it: a valid axis, an element count and byte
+/// size that do not overflow, one tensor within the device's
+/// `max_buffer_size`, and the host memory the measurement needs within what
+/// the machine has available (where the OS says: Linux's `MemAvailable`).
+pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result<()> {
+    let config = BatchNormConfig {
+        axis: shape.axis,
+        ..Default::default()
+    };
+    config.resolve_axis(shape.shape.len())?;
+    let dims = &shape.shape;
+    let too_large = |why: String| Error::TooLarge(format!("shape {dims:?}: {why}"));
+    let overflows = || too_large("its size in bytes overflows".into());
+    let len = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(overflows)?;
+    let bytes = len
+        .checked_mul(dtype.size())
+        .and_then(|b| u64::try_from(b).ok())
+        .and_then(|b| b.checked_next_multiple_of(4))
+        .ok_or_else(overflows)?;
+    let max = ctx.device().limits().max_buffer_size;
+    if bytes > max {
+        return Err(too_large(format!(
+            "one {} tensor is {bytes} bytes, above the device's max_buffer_size of {max}",
+            dtype_name(dtype)
+        )));
+    }
+    let host = (len as u64).checked_mul(HOST_BYTES_PER_ELEMENT).ok_or_else(overflows)?;
+    if let Some(available) = available_host_memory()
+        && host > available
+    {
+        return Err(too_large(format!(
+            "measuring it needs about {:.1} GiB of host memory and {:.1} GiB is available",
+            host as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes; `None` where there is none.
+fn available_host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Runs every (shape, dtype, op) of `options`; `progress` is called after
-/// each configuration with a short label.
+/// each configuration with a short label. Every shape is checked with
+/// [`check_shape`] before anything is measured.
 pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    for shape in &options.shapes {
+        for &dtype in &options.dtypes {
+            check_shape(ctx, shape, dtype)?;
+        }
+    }
     let clock = Clock::new(ctx);
     let mut results = Vec::new();
     for shape in &options.shapes {

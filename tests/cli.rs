@@ -527,3 +527,52 @@ fn bench_checks_its_json_and_svg_paths_before_measuring() {
     assert_refused_before_benchmarking(&[&quick[..], &["--json", json_s, "--svg", svg_s]].concat(), svg_s);
     assert!(!json.exists(), "{json_s} was created");
 }
+
+#[test]
+fn bench_refuses_shapes_whose_size_overflows_or_exceeds_the_device() {
+    // the element count overflows usize: a clap usage error, not a panic
+    let o = run(&["bench", "--shape", "18446744073709551615,2"]);
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("too large") && !stderr.contains("panicked"), "{stderr}");
+    // 40 GB of float32: refused against max_buffer_size, not an aborted allocation
+    assert_refused_before_benchmarking(&["bench", "--shape", "100000,100000"], "too large");
+    assert_refused_before_benchmarking(&["bench", "--dtype", "f16", "--shape", "100000,100000"], "too large");
+}
+
+/// `args` with the address space limited to `kib` KiB (`ulimit -v`).
+#[cfg(target_os = "linux")]
+fn run_limited(args: &[&str], kib: u64) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+        .args(args)
+        .output()
+        .expect("sh runs")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_shape_past_the_device_limit_is_refused_before_its_inputs_are_allocated() {
+    let ctx = wgpu_batchnorm::GpuContext::from_env().unwrap();
+    let max = ctx.device().limits().max_buffer_size;
+    // the smallest address space (in 1.25x steps) a tiny benchmark runs in
+    let tiny = ["bench", "--quick", "--shape", "8,4"];
+    let mut kib: u64 = 512 << 10;
+    while run_limited(&tiny, kib).status.code() != Some(0) {
+        kib = kib * 5 / 4;
+        assert!(
+            kib < 64 << 20,
+            "a tiny benchmark does not run in 64 GiB of address space"
+        );
+    }
+    // one float32 buffer past max_buffer_size; 1 GiB more address space is
+    // far less than its host copies (x and dy, 4 bytes an element each)
+    let shape = format!("{},4", max / 16 + 1);
+    let o = run_limited(&["bench", "--dtype", "f32", "--shape", &shape], kib + (1 << 20));
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(2), "{shape}: {stderr}{stdout}");
+    assert!(stderr.contains("too large") && !stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+}

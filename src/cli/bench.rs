@@ -46,7 +46,14 @@ enum DTypes {
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
     let shape: Result<Vec<usize>, _> = s.split(',').map(|d| d.trim().parse::<usize>()).collect();
     match shape {
-        Ok(v) if !v.is_empty() && v.len() <= 8 && !v.contains(&0) => Ok(v),
+        Ok(v) if !v.is_empty() && v.len() <= 8 && !v.contains(&0) => {
+            // the adapter's limits are checked once it is open; this only keeps
+            // the element count (and its float64 copies) countable
+            match v.iter().try_fold(8usize, |n, &d| n.checked_mul(d)) {
+                Some(_) => Ok(v),
+                None => Err(format!("{s:?} is too large: its size in bytes overflows")),
+            }
+        }
         _ => Err(format!("{s:?} is not a shape like 32,56,56,64 (1 to 8 positive sizes)")),
     }
 }
