@@ -180,8 +180,8 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
 impl KerasCase {
     /// Reads and checks a case file. Structural problems (not a regular
     /// file, unreadable, malformed, shapes that disagree with the metadata)
-    /// are errors;
-    /// features this crate lacks are kept in `config`/`dtype` as reasons.
+    /// are errors; features this crate lacks are kept in `config`/`dtype`
+    /// as reasons.
     pub fn load(path: &Path) -> Result<Self> {
         // reading a FIFO blocks until a writer comes, so look before opening
         let kind = std::fs::metadata(path)
