@@ -403,7 +403,8 @@ impl BatchNorm {
     pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
         let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
         let mut encoder = self.encoder("batchnorm forward");
-        self.record(&mut encoder, x, training, mask, &y, false)?;
+        // nothing reads these statistics: the layer's discard buffer
+        self.record(&mut encoder, x, training, mask, &y, self.discarded_statistics.clone())?;
         self.ctx.queue().submit([encoder.finish()]);
         Ok(y)
     }
@@ -459,8 +460,13 @@ impl BatchNorm {
         mask: Option<&Mask>,
         y: &Tensor,
     ) -> Result<SavedForward> {
-        let saved = self.record(encoder, x, training, mask, y, true)?;
-        Ok(saved.expect("a kept forward call saves its statistics"))
+        let statistics = storage_buffer(
+            &self.ctx,
+            "saved statistics",
+            self.channels as u64 * 32,
+            wgpu::BufferUsages::empty(),
+        );
+        self.record(encoder, x, training, mask, y, statistics)
     }
 
     fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
@@ -469,7 +475,7 @@ impl BatchNorm {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 
-    /// Records one forward call; with `keep`, into statistics of its own.
+    /// Records one forward call, its per-channel statistics into `statistics`.
     fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -477,15 +483,15 @@ impl BatchNorm {
         training: Option<bool>,
         mask: Option<&Mask>,
         y: &Tensor,
-        keep: bool,
-    ) -> Result<Option<SavedForward>> {
-        let device = &self.ctx;
-        x.check_role("the input x", device, wgpu::BufferUsages::STORAGE)?;
-        y.check_role("the output y", device, wgpu::BufferUsages::STORAGE)?;
+        statistics: wgpu::Buffer,
+    ) -> Result<SavedForward> {
+        let ctx = &self.ctx;
+        x.check_role("the input x", ctx, wgpu::BufferUsages::STORAGE)?;
+        y.check_role("the output y", ctx, wgpu::BufferUsages::STORAGE)?;
         let view = self.view_of(x)?;
         check_output("y", x, y)?;
         if let Some(mask) = mask {
-            mask.check_device(device)?;
+            mask.check_device(ctx)?;
             let expected = &x.shape()[..x.shape().len() - 1];
             if mask.shape() != expected {
                 return Err(Error::Shape(format!(
@@ -504,16 +510,6 @@ impl BatchNorm {
         let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
         let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
 
-        let statistics = if keep {
-            storage_buffer(
-                &self.ctx,
-                "saved statistics",
-                self.channels as u64 * 32,
-                wgpu::BufferUsages::empty(),
-            )
-        } else {
-            self.discarded_statistics.clone()
-        };
         let mut scratch = self.lock_scratch();
         let flags =
             self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
@@ -555,14 +551,14 @@ impl BatchNorm {
                 },
             );
         }
-        Ok(keep.then(|| SavedForward {
+        Ok(SavedForward {
             layer: self.id,
             x: x.clone(),
             mask: mask.filter(|_| masked).cloned(),
             batch_statistics,
             weights_version: self.weights_version.load(Ordering::Acquire),
             statistics,
-        }))
+        })
     }
 
     /// Gradients of the forward call that returned `saved`: given `dy`
@@ -652,9 +648,9 @@ impl BatchNorm {
                 got: dy.dtype().to_string(),
             });
         }
-        let device = &self.ctx;
-        dy.check_role("dy", device, wgpu::BufferUsages::STORAGE)?;
-        grads.dx.check_role("dx", device, wgpu::BufferUsages::STORAGE)?;
+        let ctx = &self.ctx;
+        dy.check_role("dy", ctx, wgpu::BufferUsages::STORAGE)?;
+        grads.dx.check_role("dx", ctx, wgpu::BufferUsages::STORAGE)?;
         check_output("dx", x, &grads.dx)?;
         if grads.dx.buffer() == dy.buffer() {
             return Err(Error::Aliasing(
@@ -679,7 +675,7 @@ impl BatchNorm {
                 }
                 None if present => return Err(Error::Shape(format!("no {name} tensor to write"))),
                 // written by a buffer copy
-                Some(t) => t.check_role(name, device, wgpu::BufferUsages::COPY_DST)?,
+                Some(t) => t.check_role(name, ctx, wgpu::BufferUsages::COPY_DST)?,
                 None => {}
             }
         }

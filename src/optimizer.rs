@@ -76,10 +76,10 @@ impl Sgd {
         };
         check(&grads.dgamma, cfg.scale, "dgamma")?;
         check(&grads.dbeta, cfg.center, "dbeta")?;
-        let device = layer.context();
+        let ctx = layer.context();
         for (g, name) in [(&grads.dgamma, "dgamma"), (&grads.dbeta, "dbeta")] {
             if let Some(t) = g {
-                t.check_role(name, device, wgpu::BufferUsages::STORAGE)?;
+                t.check_role(name, ctx, wgpu::BufferUsages::STORAGE)?;
             }
         }
         let mut flags =
@@ -90,7 +90,6 @@ impl Sgd {
         if self.nesterov {
             flags |= kernels::OPT_NESTEROV;
         }
-        let ctx = layer.context();
         fn binding<'a>(t: &'a Option<Tensor>, placeholder: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
             match t {
                 Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
