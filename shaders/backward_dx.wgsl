@@ -5,7 +5,8 @@ override IS_F16: bool = false;
 override MASKED: bool = false;
 
 const WG: u32 = 256u;
-const PER_THREAD: u32 = 4u;
+// (the host sets it: PlanTuning::values_per_thread)
+override PER_THREAD: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;

@@ -53,3 +53,14 @@ fn row_band(thread: u32, lanes: u32) -> vec2<u32> {
     let r0 = (thread / lanes) * ROWS_PER_THREAD;
     return vec2<u32>(r0, min(r0 + ROWS_PER_THREAD, rows));
 }
+
+// Coalesced elementwise kernels: this lane's index in the grid, and the
+// grid's lanes (the stride between a lane's units).
+fn lane_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
+    return vec2<u32>((wid.x + wid.y * nwg.x) * WG + lid, nwg.x * nwg.y * WG);
+}
+
+// the channel of absolute element a
+fn channel_at(a: u32) -> u32 {
+    return (a / p.inner) % p.channels;
+}

@@ -23,7 +23,8 @@ fn epilogue4(v: vec4<f32>) -> vec4<f32> {
 const WG: u32 = 256u;
 // elements (f32), words (f16) or vec4s per invocation: lavapipe streams
 // fastest with four consecutive vec4s per invocation
-const PER_THREAD: u32 = 4u;
+// (the host sets it: PlanTuning::values_per_thread)
+override PER_THREAD: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;

@@ -12,7 +12,8 @@ struct Params {
     y_base: u32,
     // the mask broadcasts over the input's last axis, of this size
     last_dim: u32,
-    _pad2: u32,
+    // coalesced channels-last reductions: lanes across a row (a power of two)
+    lane_width: u32,
     // statistics: values of one channel each invocation reduces
     elems_per_thread: u32,
     // statistics tiles per channel in this chunk, where they start in the
@@ -38,8 +39,10 @@ struct Params {
     gamma_l2: f32,
     beta_l1: f32,
     beta_l2: f32,
-    _pad0: u32,
-    _pad1: u32,
+    // coalesced channels-last reductions: workgroups across a row's columns
+    column_blocks: u32,
+    // coalesced elementwise kernels: strides each invocation takes
+    elementwise_steps: u32,
 }
 
 const FLAG_MASKED: u32 = 1u;

@@ -1,11 +1,15 @@
 //! The GPU context: a device and queue (created here or handed in by the
 //! application), the adapter they came from, and the kernel cache.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use crate::config::ChannelView;
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
+use crate::tensor::DType;
+use crate::tuning::{AdapterKey, KernelChoice, Op, PlanTuning, Strategy, TuningCache, shape_class};
 
 /// Which adapter [`GpuContext::new`] should open.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +60,16 @@ pub(crate) struct ContextInner {
     /// Tells this context's tensors from other contexts': wgpu compares
     /// devices by an id that two identically built instances share.
     pub(crate) id: u64,
+    /// Which kernels calls run (see [`GpuContext::plan_tuning`]).
+    plans: Mutex<Plans>,
+}
+
+/// What decides a call's plan: the choice, a plan forced on every call,
+/// and the plans `bench --tune` measured on this adapter.
+struct Plans {
+    choice: KernelChoice,
+    forced: Option<PlanTuning>,
+    tuned: HashMap<(String, Op), PlanTuning>,
 }
 
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -144,8 +158,9 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("wgpu-batchnorm"),
-                // timestamps let the benchmark time on the device's own clock
-                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+                // timestamps let the benchmark time on the device's own
+                // clock; subgroups speed up the coalesced reductions
+                required_features: adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -154,17 +169,32 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 source,
             })?;
-        Ok(Self::build(device, queue, Some(info)))
+        Ok(Self::build(device, queue, Some(info), KernelChoice::from_env()?))
     }
 
     /// Wraps a device and queue the application already has. The layer then
     /// lives within that device's limits (request the adapter's limits to
     /// bind more than 128 MiB at once; larger tensors are bound in chunks).
+    ///
+    /// `WGPU_BATCHNORM_KERNELS` sets the kernel choice as for
+    /// [`GpuContext::new`]; a value that is none of `serial`, `coalesced`,
+    /// `auto` is reported on stderr and `auto` is used. Requesting
+    /// `Features::SUBGROUP` on the device lets the coalesced reductions
+    /// use subgroup operations.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
-        Self::build(device, queue, None)
+        let choice = KernelChoice::from_env().unwrap_or_else(|e| {
+            eprintln!("wgpu-batchnorm: {e}; using auto");
+            KernelChoice::Auto
+        });
+        Self::build(device, queue, None, choice)
     }
 
-    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter_info: Option<wgpu::AdapterInfo>) -> Self {
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: Option<wgpu::AdapterInfo>,
+        choice: KernelChoice,
+    ) -> Self {
         let kernels = Kernels::new(&device);
         let limits = device.limits();
         let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
@@ -177,6 +207,7 @@ impl GpuContext {
         // a CPU adapter (llvmpipe, WARP, SwiftShader) runs each storage
         // load as a loop over SIMD lanes but a uniform load as one gather
         let uniform_params = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let tuned = tuned_plans(&device.adapter_info());
         GpuContext {
             inner: Arc::new(ContextInner {
                 device,
@@ -187,6 +218,11 @@ impl GpuContext {
                 placeholder,
                 uniform_params: AtomicBool::new(uniform_params),
                 id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+                plans: Mutex::new(Plans {
+                    choice,
+                    forced: None,
+                    tuned,
+                }),
             }),
         }
     }
@@ -244,7 +280,95 @@ impl GpuContext {
     /// compile nothing.
     pub fn set_uniform_parameters(&self, on: bool) {
         self.inner.uniform_params.store(on, Ordering::Relaxed);
-        self.inner.kernels.precompile(&self.inner.device, on);
+        self.precompile();
+    }
+
+    /// The kernel choice (see [`KernelChoice`]): from
+    /// `WGPU_BATCHNORM_KERNELS` when the context was made, `Auto` otherwise.
+    pub fn kernel_choice(&self) -> KernelChoice {
+        self.lock_plans().choice
+    }
+
+    /// Sets the kernel choice for later calls, and compiles its kernels now.
+    /// Every choice gives the same results (to float32 rounding); only the
+    /// speed differs.
+    pub fn set_kernel_choice(&self, choice: KernelChoice) {
+        self.lock_plans().choice = choice;
+        self.precompile();
+    }
+
+    /// Forces one plan on every later call (`None`: back to the choice),
+    /// as `bench --tune` does to time candidates. Refuses knobs outside
+    /// their ranges.
+    pub fn set_plan_tuning(&self, tuning: Option<PlanTuning>) -> Result<()> {
+        if let Some(t) = &tuning {
+            t.validate()?;
+        }
+        self.lock_plans().forced = tuning;
+        self.precompile();
+        Ok(())
+    }
+
+    /// The family `Auto` runs where no plan was tuned: `Serial` on CPU
+    /// adapters, `Coalesced` on every other device type.
+    pub fn default_strategy(&self) -> Strategy {
+        Strategy::default_for(self.inner.device.adapter_info().device_type)
+    }
+
+    /// The plan a call of `op` on an input of `view` and `dtype` runs: the
+    /// forced plan, else the choice's family with its default knobs, else
+    /// (`Auto`) the plan `bench --tune` wrote for this adapter and the
+    /// input's shape class, else the default family's.
+    pub fn plan_tuning(&self, view: ChannelView, dtype: DType, op: Op) -> PlanTuning {
+        let plans = self.lock_plans();
+        if let Some(forced) = plans.forced {
+            return forced;
+        }
+        match plans.choice {
+            KernelChoice::Serial => PlanTuning::default_for(Strategy::Serial),
+            KernelChoice::Coalesced => PlanTuning::default_for(Strategy::Coalesced),
+            KernelChoice::Auto => plans
+                .tuned
+                .get(&(shape_class(view, dtype), op))
+                .copied()
+                .unwrap_or_else(|| PlanTuning::default_for(self.default_strategy())),
+        }
+    }
+
+    /// Reads the tuning cache again (after `bench --tune` rewrote it);
+    /// returns how many plans it holds for this adapter. A corrupt cache is
+    /// an error here and leaves the plans as they were.
+    pub fn reload_tuning_cache(&self) -> Result<usize> {
+        let tuned = TuningCache::load()?.for_adapter(&AdapterKey::of(&self.inner.device.adapter_info()));
+        let n = tuned.len();
+        self.lock_plans().tuned = tuned;
+        self.precompile();
+        Ok(n)
+    }
+
+    /// Compiles the layer kernels of every plan this context may run
+    /// without a call compiling one: the forced plan, or the choice's
+    /// defaults and (for `Auto`) the tuned plans.
+    pub(crate) fn precompile(&self) {
+        let tunings: Vec<PlanTuning> = {
+            let plans = self.lock_plans();
+            match (plans.forced, plans.choice) {
+                (Some(forced), _) => vec![forced],
+                (None, KernelChoice::Serial) => vec![PlanTuning::default_for(Strategy::Serial)],
+                (None, KernelChoice::Coalesced) => vec![PlanTuning::default_for(Strategy::Coalesced)],
+                (None, KernelChoice::Auto) => std::iter::once(PlanTuning::default_for(self.default_strategy()))
+                    .chain(plans.tuned.values().copied())
+                    .collect(),
+            }
+        };
+        for tuning in tunings {
+            let uniform = tuning.uniform_parameters.unwrap_or(self.uniform_parameters());
+            self.inner.kernels.precompile(&self.inner.device, &tuning, uniform);
+        }
+    }
+
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, Plans> {
+        self.inner.plans.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many compute pipelines this context has compiled (they are
@@ -282,6 +406,18 @@ impl GpuContext {
 
     pub(crate) fn storage_alignment(&self) -> u64 {
         self.inner.device.limits().min_storage_buffer_offset_alignment as u64
+    }
+}
+
+/// The plans the tuning cache holds for this adapter; a corrupt cache is
+/// reported on stderr and ignored (the defaults run).
+fn tuned_plans(info: &wgpu::AdapterInfo) -> HashMap<(String, Op), PlanTuning> {
+    match TuningCache::load() {
+        Ok(cache) => cache.for_adapter(&AdapterKey::of(info)),
+        Err(e) => {
+            eprintln!("wgpu-batchnorm: ignoring the tuning cache ({e}); the default plans run");
+            HashMap::new()
+        }
     }
 }
 

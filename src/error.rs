@@ -82,6 +82,10 @@ pub enum Error {
     /// `backward` given the [`crate::SavedForward`] of another layer.
     #[error("this SavedForward comes from another layer's forward call")]
     ForeignSaved,
+    /// A kernel choice or plan knobs that do not exist (see
+    /// [`crate::tuning::PlanTuning`]).
+    #[error("kernels: {0}")]
+    Kernels(String),
     /// Weights given to `set_weights` that do not fit the layer.
     #[error("weights: {0}")]
     Weights(String),

@@ -7,16 +7,12 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::plan::Layout;
 use crate::tensor::DType;
+use crate::tuning::{PlanTuning, Strategy};
 
 /// Workgroup size of the statistics and normalise kernels (`WG` in WGSL).
 pub(crate) const WORKGROUP: u32 = 256;
 /// Workgroup size of the finalize kernel.
 pub(crate) const FINALIZE_WORKGROUP: u32 = 64;
-/// Elements (f32) or packed words (f16) one normalise invocation handles.
-pub(crate) const NORMALIZE_PER_THREAD: u32 = 4;
-/// Rows one channels-last normalise or dx invocation handles (the
-/// `ROWS_PER_THREAD` override of normalize.wgsl and backward_dx.wgsl).
-pub(crate) const NORMALIZE_ROWS_PER_THREAD: u32 = 8;
 /// Bytes between two uniform slots (wgpu's maximum uniform offset alignment).
 pub(crate) const PARAMS_SLOT: u64 = 256;
 /// Bytes of the uniform view of the per-channel parameters: 64 KiB
@@ -51,7 +47,7 @@ pub(crate) struct Params {
     pub x_base: u32,
     pub y_base: u32,
     pub last_dim: u32,
-    pub _pad2: u32,
+    pub lane_width: u32,
     pub elems_per_thread: u32,
     pub tiles: u32,
     pub tile_offset: u32,
@@ -71,8 +67,8 @@ pub(crate) struct Params {
     pub gamma_l2: f32,
     pub beta_l1: f32,
     pub beta_l2: f32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    pub column_blocks: u32,
+    pub elementwise_steps: u32,
 }
 
 /// The uniform block of `shaders/optimizer.wgsl`.
@@ -107,6 +103,13 @@ const STREAM_WGSL: &str = include_str!("../shaders/stream.wgsl");
 const CHANNEL_WALK_WGSL: &str = include_str!("../shaders/channel_walk.wgsl");
 const QUAD_F32_WGSL: &str = include_str!("../shaders/quad_f32.wgsl");
 const QUAD_F16_WGSL: &str = include_str!("../shaders/quad_f16.wgsl");
+const COALESCED_LANES_WGSL: &str = include_str!("../shaders/coalesced_lanes.wgsl");
+const REDUCE_SUBGROUP_WGSL: &str = include_str!("../shaders/reduce_subgroup.wgsl");
+const REDUCE_WORKGROUP_WGSL: &str = include_str!("../shaders/reduce_workgroup.wgsl");
+const STATISTICS_COALESCED_WGSL: &str = include_str!("../shaders/statistics_coalesced.wgsl");
+const BACKWARD_REDUCE_COALESCED_WGSL: &str = include_str!("../shaders/backward_reduce_coalesced.wgsl");
+const NORMALIZE_COALESCED_WGSL: &str = include_str!("../shaders/normalize_coalesced.wgsl");
+const BACKWARD_DX_COALESCED_WGSL: &str = include_str!("../shaders/backward_dx_coalesced.wgsl");
 
 /// A kernel family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,32 +139,64 @@ impl Kernel {
         Kernel::Stream,
     ];
 
-    /// The WGSL source for tensors of `dtype` on a device whose uniform
-    /// view holds `uniform_vec4s` vec4s: the shared uniform block, the
-    /// shared pieces the kernel uses (among them how `dtype` stores four
-    /// values, for the vec4 layouts), then the kernel's own file.
-    pub(crate) fn source(self, dtype: DType, uniform_vec4s: u64) -> String {
+    /// The WGSL source of one module: the shared uniform block, the shared
+    /// pieces the kernel uses (among them how `dtype` stores four values,
+    /// for the vec4 layouts), the kernel's own file, and for the coalesced
+    /// family its file after the serial one (sharing bindings and helpers)
+    /// with the workgroup sum of the device (subgroups or workgroup memory).
+    /// `uniform_vec4s`: the vec4s of the device's uniform view.
+    pub(crate) fn source(self, dtype: DType, strategy: Strategy, subgroups: bool, uniform_vec4s: u64) -> String {
         let quad = match dtype {
             DType::F32 => QUAD_F32_WGSL,
             DType::F16 => QUAD_F16_WGSL,
         };
-        let pieces: &[&str] = match self {
-            Kernel::PartialStats => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
-            Kernel::Finalize => &[FINALIZE_WGSL],
-            Kernel::Normalize => &[CHANNEL_WALK_WGSL, quad, NORMALIZE_WGSL],
-            Kernel::BackwardReduce => &[CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
-            Kernel::BackwardFinalize => &[BACKWARD_FINALIZE_WGSL],
-            Kernel::BackwardDx => &[MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
-            Kernel::Stream => &[STREAM_WGSL],
+        let reduce = if subgroups {
+            REDUCE_SUBGROUP_WGSL
+        } else {
+            REDUCE_WORKGROUP_WGSL
+        };
+        let coalesced = strategy == Strategy::Coalesced && self.has_families();
+        let mut pieces: Vec<&str> = match self {
+            Kernel::PartialStats => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
+            Kernel::Finalize => vec![FINALIZE_WGSL],
+            Kernel::Normalize => vec![CHANNEL_WALK_WGSL, quad, NORMALIZE_WGSL],
+            Kernel::BackwardReduce => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
+            Kernel::BackwardFinalize => vec![BACKWARD_FINALIZE_WGSL],
+            Kernel::BackwardDx => vec![MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
+            Kernel::Stream => vec![STREAM_WGSL],
             // its own uniform block
             Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
         };
+        if coalesced {
+            pieces.extend(match self {
+                Kernel::PartialStats => vec![COALESCED_LANES_WGSL, reduce, STATISTICS_COALESCED_WGSL],
+                Kernel::BackwardReduce => vec![COALESCED_LANES_WGSL, reduce, BACKWARD_REDUCE_COALESCED_WGSL],
+                Kernel::Normalize => vec![NORMALIZE_COALESCED_WGSL],
+                Kernel::BackwardDx => vec![BACKWARD_DX_COALESCED_WGSL],
+                _ => vec![],
+            });
+        }
         let view = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;");
         std::iter::once(view.as_str())
             .chain(std::iter::once(PARAMS_WGSL))
-            .chain(pieces.iter().copied())
+            .chain(pieces)
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Whether the kernel comes in both families (the finalize kernels,
+    /// the optimiser and the stream are one for both).
+    pub(crate) fn has_families(self) -> bool {
+        matches!(
+            self,
+            Kernel::PartialStats | Kernel::Normalize | Kernel::BackwardReduce | Kernel::BackwardDx
+        )
+    }
+
+    /// Whether the coalesced form sums over its workgroup (and so differs
+    /// with and without subgroup operations).
+    fn reduces(self) -> bool {
+        matches!(self, Kernel::PartialStats | Kernel::BackwardReduce)
     }
 
     pub(crate) fn entry_point(self) -> &'static str {
@@ -243,7 +278,19 @@ pub(crate) struct KernelKey {
     /// per-lane loop while a uniform load is one vector gather: the
     /// parameters then cost next to nothing.
     pub uniform_params: bool,
+    /// The kernel family (Serial for the kernels that have one form).
+    pub strategy: Strategy,
+    /// Coalesced reductions: subgroup operations for the workgroup sum.
+    pub subgroups: bool,
+    /// Serial normalise and dx: values and channels-last rows per invocation
+    /// (the `PER_THREAD` and `ROWS_PER_THREAD` overrides).
+    pub per_thread: u32,
+    pub rows_per_thread: u32,
 }
+
+/// The serial elementwise kernels' knobs where a key does not use them.
+const DEFAULT_PER_THREAD: u32 = 4;
+const DEFAULT_ROWS_PER_THREAD: u32 = 8;
 
 impl KernelKey {
     /// The key with only the fields the kernel's source depends on: equal
@@ -261,7 +308,40 @@ impl KernelKey {
             layout: Layout::Generic,
             relu: false,
             uniform_params: false,
+            strategy: Strategy::Serial,
+            subgroups: false,
+            per_thread: DEFAULT_PER_THREAD,
+            rows_per_thread: DEFAULT_ROWS_PER_THREAD,
         }
+    }
+
+    /// The kernel of a plan made with `tuning`, on a device with (or
+    /// without) subgroup operations. Only the fields its source and
+    /// constants depend on are set, so equal variants share a pipeline.
+    pub(crate) fn with_tuning(self, tuning: &PlanTuning, subgroups: bool) -> Self {
+        if !self.kernel.has_families() {
+            return self;
+        }
+        let strategy = tuning.strategy;
+        let elementwise = matches!(self.kernel, Kernel::Normalize | Kernel::BackwardDx);
+        let serial_elementwise = elementwise && strategy == Strategy::Serial;
+        let key = KernelKey {
+            strategy,
+            subgroups: subgroups && strategy == Strategy::Coalesced && self.kernel.reduces(),
+            per_thread: if serial_elementwise {
+                tuning.values_per_thread
+            } else {
+                DEFAULT_PER_THREAD
+            },
+            rows_per_thread: if serial_elementwise {
+                tuning.rows_per_thread
+            } else {
+                DEFAULT_ROWS_PER_THREAD
+            },
+            ..self
+        };
+        // a layout the family reads like another shares its pipeline
+        key.with_layout(self.layout)
     }
 
     /// The kernel reading its per-channel parameters through the uniform
@@ -282,16 +362,21 @@ impl KernelKey {
     }
 
     /// Every variant a layer's forward, backward or optimiser step can ask
-    /// for (the vec4 layouts exist for unmasked inputs only).
-    pub(crate) fn layer_variants(uniform_params: bool) -> Vec<KernelKey> {
+    /// for with plans of `tuning` (the vec4 layouts exist for unmasked
+    /// inputs only, but for a mask per row in channels-last kernels).
+    pub(crate) fn layer_variants(tuning: &PlanTuning, subgroups: bool, uniform_params: bool) -> Vec<KernelKey> {
+        let coalesced = tuning.strategy == Strategy::Coalesced;
         let mut keys = Vec::new();
         for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
             for dtype in [DType::F32, DType::F16] {
                 for masked in [false, true] {
                     let key = KernelKey::new(kernel, dtype, masked);
                     for layout in Layout::ALL {
+                        let reducing = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
                         let exists = match (kernel, layout) {
                             (_, Layout::Generic) => true,
+                            // coalesced statistics only, masked or not
+                            (_, Layout::Rows1) => reducing && coalesced,
                             // the statistics kernels treat Inner16 as Inner4
                             (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
                             // a mask per row suits the channels-last kernels
@@ -312,7 +397,8 @@ impl KernelKey {
                             let key = key
                                 .with_layout(layout)
                                 .with_relu(relu)
-                                .with_uniform_params(uniform_params);
+                                .with_uniform_params(uniform_params)
+                                .with_tuning(tuning, subgroups);
                             if !keys.contains(&key) {
                                 keys.push(key);
                             }
@@ -324,11 +410,23 @@ impl KernelKey {
         keys
     }
 
+    /// The kernel for `layout`; the coalesced family reads some layouts
+    /// with one entry point (see `entry_point`), whose keys are made equal.
     pub(crate) fn with_layout(self, layout: Layout) -> Self {
+        let layout = match (self.strategy, self.kernel, layout) {
+            (Strategy::Coalesced, Kernel::PartialStats | Kernel::BackwardReduce, Layout::Runs16) => Layout::Generic,
+            (Strategy::Coalesced, Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => Layout::Inner4,
+            (Strategy::Coalesced, _, Layout::Channels8) => Layout::Channels4,
+            (Strategy::Coalesced, Kernel::Normalize | Kernel::BackwardDx, Layout::Inner16) => Layout::Inner4,
+            _ => layout,
+        };
         KernelKey { layout, ..self }
     }
 
     pub(crate) fn entry_point(&self) -> &'static str {
+        if self.strategy == Strategy::Coalesced {
+            return self.coalesced_entry_point();
+        }
         match (self.kernel, self.layout) {
             (Kernel::PartialStats, Layout::Inner4) => "partial_stats_inner4",
             (Kernel::PartialStats, Layout::Channels4) => "partial_stats_channels4",
@@ -353,10 +451,35 @@ impl KernelKey {
         }
     }
 
+    /// Entry points of the coalesced family: the reductions by rows
+    /// (channels last) or runs, four values a lane or one.
+    fn coalesced_entry_point(&self) -> &'static str {
+        match (self.kernel, self.layout) {
+            (Kernel::PartialStats, Layout::Rows1) => "partial_stats_coalesced_rows1",
+            (Kernel::PartialStats, Layout::Channels4 | Layout::Channels8) => "partial_stats_coalesced_rows4",
+            (Kernel::PartialStats, Layout::Inner4 | Layout::Inner16) => "partial_stats_coalesced_runs4",
+            (Kernel::PartialStats, Layout::Generic | Layout::Runs16) => "partial_stats_coalesced_runs1",
+            (Kernel::BackwardReduce, Layout::Rows1) => "backward_reduce_coalesced_rows1",
+            (Kernel::BackwardReduce, Layout::Channels4 | Layout::Channels8) => "backward_reduce_coalesced_rows4",
+            (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_coalesced_runs4",
+            (Kernel::BackwardReduce, Layout::Generic | Layout::Runs16) => "backward_reduce_coalesced_runs1",
+            (Kernel::Normalize, Layout::Inner4 | Layout::Inner16) => "normalize_coalesced_inner4",
+            (Kernel::Normalize, Layout::Channels4 | Layout::Channels8) => "normalize_coalesced_channels4",
+            (Kernel::Normalize, Layout::Runs16) => "normalize_coalesced_runs16",
+            (Kernel::Normalize, Layout::Generic | Layout::Rows1) => "normalize_coalesced",
+            (Kernel::BackwardDx, Layout::Inner4 | Layout::Inner16) => "backward_dx_coalesced_inner4",
+            (Kernel::BackwardDx, Layout::Channels4 | Layout::Channels8) => "backward_dx_coalesced_channels4",
+            (Kernel::BackwardDx, Layout::Runs16) => "backward_dx_coalesced_runs16",
+            (Kernel::BackwardDx, Layout::Generic | Layout::Rows1) => "backward_dx_coalesced",
+            (kernel, _) => kernel.entry_point(),
+        }
+    }
+
     fn constants(&self) -> Vec<(&'static str, f64)> {
         let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
         let masked = self.masked as u8 as f64;
-        let rows = NORMALIZE_ROWS_PER_THREAD as f64;
+        let rows = self.rows_per_thread as f64;
+        let per = self.per_thread as f64;
         let uniform = self.uniform_params as u8 as f64;
         match self.kernel {
             Kernel::PartialStats | Kernel::BackwardReduce => vec![("IS_F16", f16), ("MASKED", masked)],
@@ -364,12 +487,14 @@ impl KernelKey {
                 ("IS_F16", f16),
                 ("MASKED", masked),
                 ("ROWS_PER_THREAD", rows),
+                ("PER_THREAD", per),
                 ("UNIFORM_PARAMS", uniform),
             ],
             Kernel::Normalize => vec![
                 ("IS_F16", f16),
                 ("RELU", self.relu as u8 as f64),
                 ("ROWS_PER_THREAD", rows),
+                ("PER_THREAD", per),
                 ("UNIFORM_PARAMS", uniform),
             ],
             Kernel::Stream => vec![],
@@ -382,10 +507,13 @@ impl KernelKey {
 pub(crate) struct Kernels {
     /// Bytes of the per-channel parameters' uniform view on this device.
     pub(crate) uniform_view: u64,
+    /// Whether the device runs subgroup operations (`Features::SUBGROUP`):
+    /// the coalesced reductions then use them.
+    pub(crate) subgroups: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
-    /// Shader modules by source (family and dtype), kept for compiling more
-    /// variants of it.
-    modules: Mutex<HashMap<(Kernel, DType), wgpu::ShaderModule>>,
+    /// Shader modules by source (kernel, dtype, family, subgroups), kept for
+    /// compiling more variants of it.
+    modules: Mutex<HashMap<(Kernel, DType, Strategy, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
@@ -443,6 +571,7 @@ impl Kernels {
             .collect();
         Kernels {
             uniform_view,
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
             layouts,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
@@ -453,10 +582,11 @@ impl Kernels {
         &self.layouts[&kernel].0
     }
 
-    /// Compiles every layer variant not compiled yet, so that no forward or
-    /// backward call compiles a pipeline.
-    pub(crate) fn precompile(&self, device: &wgpu::Device, uniform_params: bool) {
-        for key in KernelKey::layer_variants(uniform_params) {
+    /// Compiles every layer variant of plans made with `tuning` not
+    /// compiled yet, so that no forward or backward call with such plans
+    /// compiles a pipeline.
+    pub(crate) fn precompile(&self, device: &wgpu::Device, tuning: &PlanTuning, uniform_params: bool) {
+        for key in KernelKey::layer_variants(tuning, self.subgroups, uniform_params) {
             self.pipeline(device, key);
         }
     }
@@ -476,10 +606,14 @@ impl Kernels {
                 // one module per source: the variants of a family differ by
                 // entry point and override constants only
                 let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-                let module = modules.entry((key.kernel, key.dtype)).or_insert_with(|| {
+                let source_key = (key.kernel, key.dtype, key.strategy, key.subgroups);
+                let module = modules.entry(source_key).or_insert_with(|| {
+                    let source = key
+                        .kernel
+                        .source(key.dtype, key.strategy, key.subgroups, self.uniform_view / 16);
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(key.kernel.entry_point()),
-                        source: wgpu::ShaderSource::Wgsl(key.kernel.source(key.dtype, self.uniform_view / 16).into()),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
                     })
                 });
                 device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -527,72 +661,102 @@ pub(crate) fn grid(groups: u64, max: u32) -> Result<(u32, u32)> {
 mod tests {
     use super::*;
 
-    /// Every kernel parses and validates with naga, and its workgroup size is
-    /// the one the host plans dispatches with.
+    /// Every module of both families (the coalesced one with and without
+    /// subgroups) parses and validates with naga, and every entry point a
+    /// key names exists with the workgroup size the host plans with.
     #[test]
     fn shaders_validate_and_match_host_constants() {
-        for (kernel, dtype) in Kernel::ALL.into_iter().flat_map(|k| [(k, DType::F32), (k, DType::F16)]) {
-            let source = kernel.source(dtype, 4096);
-            let module = naga::front::wgsl::parse_str(&source)
-                .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {}", e.emit_to_string(&source)));
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{kernel:?} {dtype}: {e:?}"));
-            for layout in Layout::ALL {
-                let name = KernelKey::new(kernel, dtype, false).with_layout(layout).entry_point();
-                let entry = module
-                    .entry_points
-                    .iter()
-                    .find(|e| e.name == name)
-                    .expect("entry point");
-                assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{name}");
+        for kernel in Kernel::ALL {
+            for dtype in [DType::F32, DType::F16] {
+                for (strategy, subgroups) in [
+                    (Strategy::Serial, false),
+                    (Strategy::Coalesced, false),
+                    (Strategy::Coalesced, true),
+                ] {
+                    let what = format!("{kernel:?} {dtype} {strategy} subgroups {subgroups}");
+                    let source = kernel.source(dtype, strategy, subgroups, 4096);
+                    let module = naga::front::wgsl::parse_str(&source)
+                        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+                    let capabilities = if subgroups {
+                        naga::valid::Capabilities::all()
+                    } else {
+                        naga::valid::Capabilities::all()
+                            - naga::valid::Capabilities::SUBGROUP
+                            - naga::valid::Capabilities::SUBGROUP_BARRIER
+                    };
+                    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                    let tuning = PlanTuning::default_for(strategy);
+                    for layout in Layout::ALL {
+                        let name = KernelKey::new(kernel, dtype, false)
+                            .with_tuning(&tuning, subgroups)
+                            .with_layout(layout)
+                            .entry_point();
+                        let entry = module
+                            .entry_points
+                            .iter()
+                            .find(|e| e.name == name)
+                            .unwrap_or_else(|| panic!("{what}: no entry point {name}"));
+                        assert_eq!(entry.workgroup_size, [kernel.workgroup_size(), 1, 1], "{name}");
+                    }
+                }
             }
         }
     }
 
-    /// Every key the layer builds is among the precompiled variants.
+    /// Every key the layer builds is among the precompiled variants, for
+    /// both families.
     #[test]
     fn layer_keys_are_all_precompiled_variants() {
-        for uniform in [false, true] {
-            let variants = KernelKey::layer_variants(uniform);
-            for kernel in [Kernel::Normalize, Kernel::BackwardDx] {
-                let key = KernelKey::new(kernel, DType::F32, false).with_uniform_params(uniform);
-                assert_eq!(key.uniform_params, uniform);
-                assert!(variants.contains(&key), "{key:?}");
+        for strategy in [Strategy::Serial, Strategy::Coalesced] {
+            let tuning = PlanTuning::default_for(strategy);
+            for subgroups in [false, true] {
+                for uniform in [false, true] {
+                    let variants = KernelKey::layer_variants(&tuning, subgroups, uniform);
+                    for kernel in [Kernel::Normalize, Kernel::BackwardDx] {
+                        let key = KernelKey::new(kernel, DType::F32, false)
+                            .with_uniform_params(uniform)
+                            .with_tuning(&tuning, subgroups);
+                        assert_eq!(key.uniform_params, uniform);
+                        assert!(variants.contains(&key), "{key:?}");
+                    }
+                }
+                let variants = KernelKey::layer_variants(&tuning, subgroups, false);
+                let families = [
+                    Kernel::PartialStats,
+                    Kernel::BackwardReduce,
+                    Kernel::BackwardDx,
+                    Kernel::Normalize,
+                ];
+                for kernel in families {
+                    for dtype in [DType::F32, DType::F16] {
+                        for masked in [false, true] {
+                            let key = KernelKey::new(kernel, dtype, masked).with_tuning(&tuning, subgroups);
+                            assert!(variants.contains(&key), "{key:?}");
+                        }
+                    }
+                }
+                for layout in Layout::ALL.into_iter().skip(1) {
+                    for kernel in families {
+                        let reducing = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
+                        // the statistics kernels read Inner16 as Inner4; Rows1 is coalesced statistics only
+                        if reducing && layout == Layout::Inner16
+                            || layout == Layout::Rows1 && !(reducing && strategy == Strategy::Coalesced)
+                        {
+                            continue;
+                        }
+                        for dtype in [DType::F32, DType::F16] {
+                            let key = KernelKey::new(kernel, dtype, false)
+                                .with_layout(layout)
+                                .with_tuning(&tuning, subgroups);
+                            assert!(variants.contains(&key), "{key:?}");
+                        }
+                    }
+                }
+                assert!(variants.contains(&KernelKey::new(Kernel::Finalize, DType::F16, true)));
             }
         }
-        let variants = KernelKey::layer_variants(false);
-        for kernel in [
-            Kernel::PartialStats,
-            Kernel::BackwardReduce,
-            Kernel::BackwardDx,
-            Kernel::Normalize,
-        ] {
-            for dtype in [DType::F32, DType::F16] {
-                for masked in [false, true] {
-                    let key = KernelKey::new(kernel, dtype, masked);
-                    assert!(variants.contains(&key), "{key:?}");
-                }
-            }
-        }
-        for layout in Layout::ALL.into_iter().skip(1) {
-            for kernel in [
-                Kernel::PartialStats,
-                Kernel::BackwardReduce,
-                Kernel::BackwardDx,
-                Kernel::Normalize,
-            ] {
-                // the statistics kernels read Inner16 as Inner4
-                if layout == Layout::Inner16 && matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce) {
-                    continue;
-                }
-                for dtype in [DType::F32, DType::F16] {
-                    let key = KernelKey::new(kernel, dtype, false).with_layout(layout);
-                    assert!(variants.contains(&key), "{key:?}");
-                }
-            }
-        }
-        assert!(variants.contains(&KernelKey::new(Kernel::Finalize, DType::F16, true)));
     }
 
     #[test]

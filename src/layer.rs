@@ -9,6 +9,7 @@ use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
 use crate::plan::{Chunk, DispatchPlan, MaskUse};
 use crate::tensor::{DType, Mask, Tensor, read_buffer};
+use crate::tuning::{Op, PlanTuning};
 
 /// One per-channel state tensor, in Keras's build order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +212,7 @@ impl BatchNorm {
                     ctx.device_binding_size()
                 ))
             })?;
-        ctx.inner.kernels.precompile(ctx.device(), ctx.uniform_parameters());
+        ctx.precompile();
         let c = channels as u64;
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let layer = BatchNorm {
@@ -507,8 +508,11 @@ impl BatchNorm {
             elementwise: false,
             by_row: mask_by_row(view, x.shape()),
         };
-        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
-        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
+        let op = if batch_statistics { Op::Training } else { Op::Inference };
+        let tuning = self.ctx.plan_tuning(view, x.dtype(), op);
+        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
+        let subgroups = self.ctx.inner.kernels.subgroups;
+        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked).with_tuning(&tuning, subgroups);
 
         let mut scratch = self.lock_scratch();
         let flags =
@@ -540,7 +544,7 @@ impl BatchNorm {
                 key(Kernel::Normalize)
                     .with_layout(plan.elementwise)
                     .with_relu(self.config.fused_relu)
-                    .with_uniform_params(self.uniform_params(3)),
+                    .with_uniform_params(self.uniform_params(3, &tuning)),
                 |chunk| {
                     vec![
                         chunk_binding(x, chunk),
@@ -687,8 +691,10 @@ impl BatchNorm {
             elementwise: masked,
             by_row: mask_by_row(view, x.shape()),
         };
-        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits())?;
-        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked);
+        let tuning = self.ctx.plan_tuning(view, x.dtype(), Op::Backward);
+        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
+        let subgroups = self.ctx.inner.kernels.subgroups;
+        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked).with_tuning(&tuning, subgroups);
         let reg = |r: Option<Regularizer>, l1_flag, l2_flag| match r {
             Some(r) if regularization => flag(r.l1 != 0.0, l1_flag) | flag(r.l2 != 0.0, l2_flag),
             _ => 0,
@@ -738,7 +744,7 @@ impl BatchNorm {
                 &mut pass,
                 key(Kernel::BackwardDx)
                     .with_layout(plan.elementwise)
-                    .with_uniform_params(self.uniform_params(4)),
+                    .with_uniform_params(self.uniform_params(4, &tuning)),
                 |chunk| {
                     vec![
                         chunk_binding(x, chunk),
@@ -778,8 +784,9 @@ impl BatchNorm {
     /// Whether the elementwise kernels read this layer's parameters (`floats`
     /// per channel) through the uniform view: the context asks for it and
     /// they fit in it.
-    fn uniform_params(&self, floats: u64) -> bool {
-        self.ctx.uniform_parameters() && self.channels as u64 * floats * 4 <= self.ctx.inner.kernels.uniform_view
+    fn uniform_params(&self, floats: u64, tuning: &PlanTuning) -> bool {
+        tuning.uniform_parameters.unwrap_or(self.ctx.uniform_parameters())
+            && self.channels as u64 * floats * 4 <= self.ctx.inner.kernels.uniform_view
     }
 
     fn lock_scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
@@ -878,7 +885,7 @@ impl<'a> Recorder<'a> {
                 x_base: chunk.base,
                 y_base: chunk.base,
                 last_dim: *shape.last().unwrap_or(&1) as u32,
-                _pad2: 0,
+                lane_width: plan.lane_width,
                 elems_per_thread: plan.elems_per_thread as u32,
                 tiles: chunk.tiles as u32,
                 tile_offset: chunk.tile_offset as u32,
@@ -898,8 +905,8 @@ impl<'a> Recorder<'a> {
                 gamma_l2: regularizer(cfg.gamma_regularizer).l2,
                 beta_l1: regularizer(cfg.beta_regularizer).l1,
                 beta_l2: regularizer(cfg.beta_regularizer).l2,
-                _pad0: 0,
-                _pad1: 0,
+                column_blocks: plan.column_blocks,
+                elementwise_steps: chunk.elementwise_steps,
             })
             .collect();
         scratch.reserve(ctx, (layer.channels * plan.total_tiles * 16) as u64);

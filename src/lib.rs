@@ -59,6 +59,7 @@ pub mod optimizer;
 pub(crate) mod plan;
 pub mod reference;
 pub mod tensor;
+pub mod tuning;
 
 pub use config::{
     BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping, RunningStatistics,
@@ -68,6 +69,7 @@ pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
 pub use tensor::{DType, Mask, Tensor};
+pub use tuning::{KernelChoice, PlanTuning, Strategy};
 
 /// The README's example compiles as a doctest.
 #[doc = include_str!("../README.md")]

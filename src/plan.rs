@@ -3,13 +3,10 @@
 
 use crate::config::ChannelView;
 use crate::error::{Error, Result};
-use crate::kernels::{NORMALIZE_PER_THREAD, NORMALIZE_ROWS_PER_THREAD, WORKGROUP, finalize_groups, grid};
+use crate::kernels::{WORKGROUP, finalize_groups, grid};
 use crate::tensor::{DType, padded_bytes};
+use crate::tuning::{PlanTuning, Strategy};
 
-/// Statistics invocations to aim for: enough to fill a GPU's cores (or
-/// lavapipe's SIMD lanes many times over), few enough that each streams a
-/// long run and the partials stay small.
-const STATS_INVOCATIONS: usize = 16384;
 /// The shortest tile worth an invocation of its own.
 const STATS_MIN_PER_THREAD: usize = 16;
 /// Hard cap on any per-invocation loop (llvmpipe stops loops at 65535).
@@ -20,6 +17,9 @@ const MAX_LOOP_LONG: usize = 32768;
 /// Each of the finalize kernels' eight lanes per channel loops over an
 /// eighth of the channel's tiles (kept under 65535 steps).
 const MAX_TILES: usize = 8 * 65000;
+/// Coalesced reductions: the fewest steps a lane takes down its tile
+/// (shorter tiles spend more on the workgroup reduction than on loads).
+const COALESCED_MIN_STEPS: usize = 4;
 
 /// What a plan needs of the device: the bytes one chunk's storage binding
 /// may cover (the device's limit or a cap below it), the device's own
@@ -54,6 +54,9 @@ pub(crate) struct Chunk {
     /// elementwise kernels over this chunk.
     pub stats_grid: (u32, u32),
     pub normalize_grid: (u32, u32),
+    /// Coalesced elementwise kernels: how many times each invocation
+    /// strides over the chunk (the grid's invocations apart).
+    pub elementwise_steps: u32,
 }
 
 /// How the kernels walk an input: one scalar at a time anywhere, or four
@@ -81,6 +84,10 @@ pub(crate) enum Layout {
     /// that cover it and mask the lanes outside (tiles sized in values, as
     /// Generic).
     Runs16,
+    /// Coalesced statistics only: inner == 1 with any channel count,
+    /// scalar lanes across a row (Generic reads one channel's values
+    /// `channels` apart).
+    Rows1,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +105,13 @@ pub(crate) struct DispatchPlan {
     pub total_tiles: usize,
     /// Checked grid of the finalize kernels (eight lanes per channel).
     pub finalize_grid: (u32, u32),
+    /// The knobs the plan was made with (its kernel family among them).
+    pub tuning: PlanTuning,
+    /// Coalesced channels-last reductions: lanes across a row (a power of
+    /// two; `WORKGROUP / lane_width` rows at a time) and workgroups across
+    /// the row's columns (channels or channel quads).
+    pub lane_width: u32,
+    pub column_blocks: u32,
 }
 
 /// Mirror of `first_j_at` in `shaders/statistics.wgsl`: the first position
@@ -137,13 +151,14 @@ fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
 }
 
 impl Layout {
-    pub(crate) const ALL: [Layout; 6] = [
+    pub(crate) const ALL: [Layout; 7] = [
         Layout::Generic,
         Layout::Inner4,
         Layout::Inner16,
         Layout::Channels4,
         Layout::Channels8,
         Layout::Runs16,
+        Layout::Rows1,
     ];
 }
 
@@ -162,7 +177,14 @@ pub(crate) struct MaskUse {
 }
 
 impl DispatchPlan {
-    pub(crate) fn new(view: ChannelView, dtype: DType, mask: MaskUse, limits: PlanLimits) -> Result<Self> {
+    pub(crate) fn new(
+        view: ChannelView,
+        dtype: DType,
+        mask: MaskUse,
+        limits: PlanLimits,
+        tuning: &PlanTuning,
+    ) -> Result<Self> {
+        tuning.validate()?;
         let PlanLimits {
             max_binding, alignment, ..
         } = limits;
@@ -200,9 +222,15 @@ impl DispatchPlan {
         } else {
             vec4
         };
+        let coalesced = tuning.strategy == Strategy::Coalesced;
         let stats = match elementwise {
             _ if mask.statistics && !takes_mask => Layout::Generic,
             Layout::Inner16 => Layout::Inner4,
+            other => other,
+        };
+        // the coalesced family reads channels last across rows, any width
+        let stats = match stats {
+            Layout::Generic if coalesced && view.inner == 1 => Layout::Rows1,
             other => other,
         };
         // chunks start on whole 64-element blocks (float16 words and vec4s
@@ -241,48 +269,16 @@ impl DispatchPlan {
                 tile_offset: 0,
                 stats_grid: (0, 0),
                 normalize_grid: (0, 0),
+                elementwise_steps: 0,
             });
             start += elems;
         }
 
-        // Statistics tiles: each invocation reduces elems_per_thread units
-        // (values, vec4s or rows) of one channel (or quad). Each chunk needs
-        // enough tiles for its longest channel run.
-        let lanes = match stats {
-            Layout::Channels4 => view.channels / 4,
-            Layout::Channels8 => view.channels / 8,
-            _ => view.channels,
+        let (runs, elems_per_thread, lane_width, column_blocks) = if coalesced {
+            coalesced_tiles(view, stats, &chunks, tuning)
+        } else {
+            serial_tiles(view, stats, &chunks, tuning)
         };
-        let runs: Vec<usize> = match stats {
-            // tiles of values
-            Layout::Generic | Layout::Runs16 => chunks
-                .iter()
-                .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
-                .collect(),
-            Layout::Inner4 | Layout::Inner16 => chunks
-                .iter()
-                .map(|c| longest_channel_run(view, c.start, c.start + c.elems) / 4)
-                .collect(),
-            Layout::Channels4 | Layout::Channels8 => chunks.iter().map(|c| c.elems / view.channels).collect(),
-        };
-        // enough invocations to fill the device, long enough loops to stream
-        let units: usize = runs.iter().sum::<usize>() * lanes;
-        let longest = runs.iter().copied().max().unwrap_or(1).max(1);
-        // Runs16 tiles are in values but read in vec4s: as long as the others
-        let min_per_thread = match stats {
-            Layout::Runs16 => 4 * STATS_MIN_PER_THREAD,
-            _ => STATS_MIN_PER_THREAD,
-        };
-        let mut elems_per_thread = units
-            .div_ceil(STATS_INVOCATIONS)
-            .clamp(min_per_thread, MAX_LOOP)
-            .min(longest);
-        // very long channels take longer tiles rather than more of them
-        while runs.iter().map(|r| r.div_ceil(elems_per_thread).max(1)).sum::<usize>() > MAX_TILES
-            && elems_per_thread < MAX_LOOP_LONG
-        {
-            elems_per_thread *= 2;
-        }
         let mut tile_offset = 0;
         for (c, run) in chunks.iter_mut().zip(&runs) {
             c.tiles = run.div_ceil(elems_per_thread).max(1);
@@ -313,46 +309,230 @@ impl DispatchPlan {
             elems_per_thread,
             total_tiles: tile_offset,
             finalize_grid: grid(finalize_groups(view.channels), limits.max_groups)?,
+            tuning: *tuning,
+            lane_width,
+            column_blocks,
         };
         for i in 0..plan.chunks.len() {
             let chunk = &plan.chunks[i];
             let stats_grid = grid(plan.stats_groups(chunk), limits.max_groups)?;
             let normalize_grid = grid(plan.normalize_groups(chunk), limits.max_groups)?;
+            // a coalesced invocation strides by the whole grid it runs in
+            let grid_invocations = u64::from(normalize_grid.0) * u64::from(normalize_grid.1) * u64::from(WORKGROUP);
+            let steps = (plan.elementwise_units(chunk) as u64).div_ceil(grid_invocations);
+            if coalesced && steps > MAX_LOOP as u64 {
+                return Err(Error::TooLarge(format!(
+                    "{steps} elementwise steps per invocation exceed the loop bound {MAX_LOOP}"
+                )));
+            }
             plan.chunks[i].stats_grid = stats_grid;
             plan.chunks[i].normalize_grid = normalize_grid;
+            plan.chunks[i].elementwise_steps = steps as u32;
         }
         Ok(plan)
     }
 
-    /// Workgroups of the statistics and backward-reduce kernels: one
-    /// invocation per tile and channel (or channel quad).
+    pub(crate) fn strategy(&self) -> Strategy {
+        self.tuning.strategy
+    }
+
+    /// Mirror of the coalesced reductions' lane layout
+    /// (`shaders/coalesced_lanes.wgsl`): the absolute index of the first
+    /// element lane `lane` of workgroup `group` reads at its step `step` of
+    /// `chunk`, or `None` where that lane reads nothing.
+    #[cfg(test)]
+    pub(crate) fn coalesced_element(&self, chunk: &Chunk, group: usize, lane: usize, step: usize) -> Option<usize> {
+        let wg = WORKGROUP as usize;
+        let view = self.view;
+        match self.stats {
+            Layout::Rows1 | Layout::Channels4 | Layout::Channels8 => {
+                let width = self.lane_width as usize;
+                let (block, tile) = (group % self.column_blocks as usize, group / self.column_blocks as usize);
+                let rows = chunk_rows(view, chunk);
+                let r0 = (tile * self.elems_per_thread).min(rows);
+                let r1 = (r0 + self.elems_per_thread).min(rows);
+                let col = block * width + lane % width;
+                let r = r0 + lane / width + step * (wg / width);
+                let row = chunk.start / view.channels + r;
+                let (a, columns) = if self.stats == Layout::Rows1 {
+                    (row * view.channels + col, view.channels)
+                } else {
+                    (4 * (row * view.channels / 4 + col), view.channels / 4)
+                };
+                (r < r1 && col < columns && (chunk.start..chunk.start + chunk.elems).contains(&a)).then_some(a)
+            }
+            _ => {
+                let (c, tile) = (group % view.channels, group / view.channels);
+                let j_end = first_j_at(view, chunk.start + chunk.elems, c);
+                let j0 = (first_j_at(view, chunk.start, c) + tile * self.elems_per_thread).min(j_end);
+                let j1 = (j0 + self.elems_per_thread).min(j_end);
+                let per_lane = if self.stats == Layout::Inner4 { 4 } else { 1 };
+                let j = j0 + per_lane * (lane + step * wg);
+                let element = ((j / view.inner) * view.channels + c) * view.inner + j % view.inner;
+                (j < j1).then_some(element)
+            }
+        }
+    }
+
+    /// Workgroups of the statistics and backward-reduce kernels. Serial:
+    /// one invocation per tile and channel (or channel quad). Coalesced: one
+    /// workgroup per tile and channel (runs) or per tile and block of
+    /// `lane_width` columns (rows).
     fn stats_groups(&self, chunk: &Chunk) -> u64 {
+        let tiles = chunk.tiles as u64;
+        if self.strategy() == Strategy::Coalesced {
+            return match self.stats {
+                Layout::Rows1 | Layout::Channels4 | Layout::Channels8 => tiles * u64::from(self.column_blocks),
+                _ => tiles * self.view.channels as u64,
+            };
+        }
         let lanes = match self.stats {
             Layout::Channels4 => self.view.channels / 4,
             Layout::Channels8 => self.view.channels / 8,
             _ => self.view.channels,
         };
-        (chunk.tiles as u64 * lanes as u64).div_ceil(u64::from(WORKGROUP))
+        (tiles * lanes as u64).div_ceil(u64::from(WORKGROUP))
     }
 
-    /// Workgroups of the normalise kernel for one chunk.
+    /// What one coalesced elementwise step handles: vec4s, or scalars
+    /// (float32) or words of two halves (float16).
+    fn elementwise_units(&self, chunk: &Chunk) -> usize {
+        match (self.elementwise, self.dtype) {
+            (Layout::Generic | Layout::Rows1, DType::F32) => chunk.elems,
+            (Layout::Generic | Layout::Rows1, DType::F16) => chunk.elems.div_ceil(2),
+            _ => chunk.elems / 4,
+        }
+    }
+
+    /// Workgroups of the normalise and dx kernels for one chunk.
     fn normalize_groups(&self, chunk: &Chunk) -> u64 {
-        let per = NORMALIZE_PER_THREAD as usize;
-        let invocations = match (self.elementwise, self.dtype) {
-            // one quad of NORMALIZE_ROWS_PER_THREAD rows each (see normalize.wgsl)
-            (Layout::Channels4, _) => {
+        let units = self.elementwise_units(chunk);
+        let per = self.tuning.values_per_thread as usize;
+        let rows_per = self.tuning.rows_per_thread as usize;
+        let invocations = match (self.strategy(), self.elementwise) {
+            // enough to fill the device, few enough strides to stay bounded
+            (Strategy::Coalesced, _) => units
+                .min(self.tuning.elementwise_invocations as usize)
+                .max(units.div_ceil(MAX_LOOP)),
+            // one quad of rows_per_thread rows each (see normalize.wgsl)
+            (Strategy::Serial, Layout::Channels4) => {
                 let rows = chunk.elems / self.view.channels;
-                (self.view.channels / 4) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
+                (self.view.channels / 4) * rows.div_ceil(rows_per)
             }
-            (Layout::Channels8, _) => {
+            (Strategy::Serial, Layout::Channels8) => {
                 let rows = chunk.elems / self.view.channels;
-                (self.view.channels / 8) * rows.div_ceil(NORMALIZE_ROWS_PER_THREAD as usize)
+                (self.view.channels / 8) * rows.div_ceil(rows_per)
             }
-            (Layout::Inner4 | Layout::Inner16 | Layout::Runs16, _) => (chunk.elems / 4).div_ceil(per),
-            (Layout::Generic, DType::F32) => chunk.elems.div_ceil(per),
-            (Layout::Generic, DType::F16) => chunk.elems.div_ceil(2).div_ceil(per),
+            (Strategy::Serial, _) => units.div_ceil(per),
         };
         (invocations as u64).div_ceil(u64::from(WORKGROUP))
+    }
+}
+
+type Tiles = (Vec<usize>, usize, u32, u32);
+
+/// Serial statistics tiles: each invocation reduces elems_per_thread units
+/// (values, vec4s or rows) of one channel (or quad). Each chunk needs
+/// enough tiles for its longest channel run. Returns the runs per chunk in
+/// units, the units per tile, and no lane layout.
+fn serial_tiles(view: ChannelView, stats: Layout, chunks: &[Chunk], tuning: &PlanTuning) -> Tiles {
+    let lanes = match stats {
+        Layout::Channels4 => view.channels / 4,
+        Layout::Channels8 => view.channels / 8,
+        _ => view.channels,
+    };
+    let runs: Vec<usize> = match stats {
+        // tiles of values
+        Layout::Generic | Layout::Runs16 | Layout::Rows1 => chunks
+            .iter()
+            .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
+            .collect(),
+        Layout::Inner4 | Layout::Inner16 => chunks
+            .iter()
+            .map(|c| longest_channel_run(view, c.start, c.start + c.elems) / 4)
+            .collect(),
+        Layout::Channels4 | Layout::Channels8 => chunks.iter().map(|c| c.elems / view.channels).collect(),
+    };
+    // enough invocations to fill the device, long enough loops to stream
+    let units: usize = runs.iter().sum::<usize>() * lanes;
+    let longest = runs.iter().copied().max().unwrap_or(1).max(1);
+    // Runs16 tiles are in values but read in vec4s: as long as the others
+    let min_per_thread = match stats {
+        Layout::Runs16 => 4 * STATS_MIN_PER_THREAD,
+        _ => STATS_MIN_PER_THREAD,
+    };
+    let mut elems_per_thread = units
+        .div_ceil(tuning.reduce_invocations as usize)
+        .clamp(min_per_thread, MAX_LOOP)
+        .min(longest);
+    // very long channels take longer tiles rather than more of them
+    while runs.iter().map(|r| r.div_ceil(elems_per_thread).max(1)).sum::<usize>() > MAX_TILES
+        && elems_per_thread < MAX_LOOP_LONG
+    {
+        elems_per_thread *= 2;
+    }
+    (runs, elems_per_thread, 0, 0)
+}
+
+/// Rows of the chunk a channels-last kernel walks: from the row of its
+/// first element to that of its last (a chunk may start or end inside a
+/// row; the kernels skip the elements outside it).
+fn chunk_rows(view: ChannelView, chunk: &Chunk) -> usize {
+    if chunk.elems == 0 {
+        return 0;
+    }
+    (chunk.start + chunk.elems - 1) / view.channels - chunk.start / view.channels + 1
+}
+
+/// Coalesced statistics tiles: a workgroup reduces one tile. Channels last
+/// (Rows1, Channels4/8): `lane_width` lanes across a block of a row's
+/// columns (channels or quads), the other lanes down the tile's rows; runs
+/// (the rest): all 256 lanes along one channel's run. Tiles are sized so
+/// that the grid holds about `reduce_invocations` lanes and every lane
+/// takes at least a few steps (at most MAX_LOOP). Returns tiles in rows or
+/// in positions of a channel (values; vec4s x 4 for Inner4).
+fn coalesced_tiles(view: ChannelView, stats: Layout, chunks: &[Chunk], tuning: &PlanTuning) -> Tiles {
+    let wg = WORKGROUP as usize;
+    let groups_wanted = (tuning.reduce_invocations as usize).div_ceil(wg).max(1);
+    match stats {
+        Layout::Rows1 | Layout::Channels4 | Layout::Channels8 => {
+            let columns = if stats == Layout::Rows1 {
+                view.channels
+            } else {
+                view.channels / 4
+            };
+            let lane_width = columns.next_power_of_two().min(tuning.lane_width as usize).min(wg);
+            let row_lanes = wg / lane_width;
+            let blocks = columns.div_ceil(lane_width);
+            let runs: Vec<usize> = chunks.iter().map(|c| chunk_rows(view, c)).collect();
+            let longest = runs.iter().copied().max().unwrap_or(1).max(1);
+            let tiles_wanted = (groups_wanted / blocks).max(1);
+            let steps = longest
+                .div_ceil(tiles_wanted)
+                .div_ceil(row_lanes)
+                .max(COALESCED_MIN_STEPS)
+                .min(longest.div_ceil(row_lanes))
+                .clamp(1, MAX_LOOP);
+            (runs, steps * row_lanes, lane_width as u32, blocks as u32)
+        }
+        _ => {
+            // tiles in positions; Inner4 lanes take four at a time
+            let per_lane = if stats == Layout::Inner4 { 4 } else { 1 };
+            let runs: Vec<usize> = chunks
+                .iter()
+                .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
+                .collect();
+            let longest = runs.iter().copied().max().unwrap_or(1).max(1);
+            let tiles_wanted = (groups_wanted / view.channels).max(1);
+            let stride = wg * per_lane;
+            let steps = longest
+                .div_ceil(tiles_wanted)
+                .div_ceil(stride)
+                .max(COALESCED_MIN_STEPS)
+                .min(longest.div_ceil(stride))
+                .clamp(1, MAX_LOOP);
+            (runs, steps * stride, 0, 0)
+        }
     }
 }
 
@@ -366,6 +546,14 @@ fn lcm(a: usize, b: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serial() -> PlanTuning {
+        PlanTuning::default_for(Strategy::Serial)
+    }
+
+    fn coalesced() -> PlanTuning {
+        PlanTuning::default_for(Strategy::Coalesced)
+    }
 
     fn limits(max_binding: u64) -> PlanLimits {
         PlanLimits {
@@ -387,7 +575,7 @@ mod tests {
             statistics: true,
             ..Default::default()
         };
-        let plan = DispatchPlan::new(view, DType::F32, mask, limits(1 << 27)).unwrap();
+        let plan = DispatchPlan::new(view, DType::F32, mask, limits(1 << 27), &serial()).unwrap();
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!(plan.chunks[0].bind_size, view.len() as u64 * 4);
         assert_eq!(plan.total_tiles, (32usize * 3136).div_ceil(plan.elems_per_thread));
@@ -405,7 +593,7 @@ mod tests {
             inner: 1,
         };
         for dtype in [DType::F32, DType::F16] {
-            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(128 << 20)).unwrap();
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(128 << 20), &serial()).unwrap();
             assert_eq!(plan.chunks.len(), 1);
         }
     }
@@ -438,7 +626,7 @@ mod tests {
                     elementwise: false,
                     by_row,
                 };
-                let plan = DispatchPlan::new(v, dtype, mask, limits(1 << 27)).unwrap();
+                let plan = DispatchPlan::new(v, dtype, mask, limits(1 << 27), &serial()).unwrap();
                 assert_eq!(
                     (plan.elementwise, plan.stats),
                     (elementwise, stats),
@@ -459,7 +647,7 @@ mod tests {
                 elementwise: true,
                 by_row,
             };
-            let plan = DispatchPlan::new(v, DType::F32, mask, limits(1 << 27)).unwrap();
+            let plan = DispatchPlan::new(v, DType::F32, mask, limits(1 << 27), &serial()).unwrap();
             assert_eq!((plan.elementwise, plan.stats), (layout, layout), "{v:?} backward");
         }
     }
@@ -501,7 +689,7 @@ mod tests {
             ),
         ] {
             let max = 4096;
-            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(max)).unwrap();
+            let plan = DispatchPlan::new(view, dtype, MaskUse::default(), limits(max), &serial()).unwrap();
             assert!(plan.chunks.len() > 1);
             let mut next = 0;
             for c in &plan.chunks {
@@ -545,7 +733,7 @@ mod tests {
             inner: 1,
         };
         assert!(matches!(
-            DispatchPlan::new(view, DType::F32, MaskUse::default(), limits(256)),
+            DispatchPlan::new(view, DType::F32, MaskUse::default(), limits(256), &serial()),
             Err(Error::TooLarge(_))
         ));
     }
@@ -565,18 +753,148 @@ mod tests {
             (view(3, 1 << 20, 1), DType::F16),
             (view(2, 524_281, 1), DType::F32),
         ] {
-            let plan = DispatchPlan::new(v, dtype, MaskUse::default(), limits(128 << 20))
-                .unwrap_or_else(|e| panic!("{v:?} {dtype}: {e}"));
-            assert!(plan.total_tiles <= MAX_TILES, "{v:?}");
-            assert!(plan.elems_per_thread <= MAX_LOOP_LONG, "{v:?}");
-            assert!(plan.total_tiles.div_ceil(8) < 65535, "{v:?}");
-            let groups = |g: (u32, u32)| u64::from(g.0) * u64::from(g.1);
-            assert!(groups(plan.finalize_grid) >= (v.channels as u64).div_ceil(8));
-            for c in &plan.chunks {
-                for g in [c.stats_grid, c.normalize_grid, plan.finalize_grid] {
-                    assert!(g.0 >= 1 && g.0 <= 65535 && g.1 >= 1 && g.1 <= 65535, "{v:?}: {g:?}");
+            for tuning in [serial(), coalesced()] {
+                let plan = DispatchPlan::new(v, dtype, MaskUse::default(), limits(128 << 20), &tuning)
+                    .unwrap_or_else(|e| panic!("{v:?} {dtype}: {e}"));
+                assert!(plan.total_tiles <= MAX_TILES, "{v:?}");
+                // serial: one invocation's loop; coalesced: a tile of 256 lanes' loops
+                let longest_loop = match tuning.strategy {
+                    Strategy::Serial => MAX_LOOP_LONG,
+                    Strategy::Coalesced => MAX_LOOP * 4 * WORKGROUP as usize,
+                };
+                assert!(plan.elems_per_thread <= longest_loop, "{v:?}");
+                assert!(plan.total_tiles.div_ceil(8) < 65535, "{v:?}");
+                let groups = |g: (u32, u32)| u64::from(g.0) * u64::from(g.1);
+                assert!(groups(plan.finalize_grid) >= (v.channels as u64).div_ceil(8));
+                for c in &plan.chunks {
+                    for g in [c.stats_grid, c.normalize_grid, plan.finalize_grid] {
+                        assert!(g.0 >= 1 && g.0 <= 65535 && g.1 >= 1 && g.1 <= 65535, "{v:?}: {g:?}");
+                    }
+                    assert!(c.elementwise_steps as usize <= MAX_LOOP, "{v:?}");
                 }
             }
+        }
+    }
+
+    /// Limits of a typical discrete Vulkan GPU.
+    fn discrete_gpu() -> PlanLimits {
+        PlanLimits {
+            max_binding: (1 << 31) - 1,
+            device_binding: (1 << 31) - 1,
+            alignment: 64,
+            max_groups: 65535,
+        }
+    }
+
+    /// On a discrete GPU the coalesced statistics of the benchmark's
+    /// ResNet shapes fill the device (at least 128K invocations) and
+    /// neighbouring lanes of a workgroup read neighbouring 16-byte words.
+    #[test]
+    fn coalesced_statistics_fill_a_gpu_and_read_neighbouring_words() {
+        let view = |outer, channels, inner| ChannelView { outer, channels, inner };
+        for (v, layout) in [
+            (view(32 * 56 * 56, 64, 1), Layout::Channels8),
+            (view(32, 64, 56 * 56), Layout::Inner4),
+        ] {
+            let plan = DispatchPlan::new(v, DType::F32, MaskUse::default(), discrete_gpu(), &coalesced()).unwrap();
+            assert_eq!(plan.stats, layout, "{v:?}");
+            assert_eq!(plan.chunks.len(), 1);
+            let chunk = &plan.chunks[0];
+            let groups = u64::from(chunk.stats_grid.0) * u64::from(chunk.stats_grid.1);
+            assert!(
+                groups * u64::from(WORKGROUP) >= 128 * 1024,
+                "{v:?}: {groups} workgroups"
+            );
+            // lanes of one subgroup (32 here) at each step, in a few workgroups
+            for group in [0, 1, plan.stats_groups(chunk) as usize / 2] {
+                for step in 0..2 {
+                    for lane in 0..31 {
+                        let a = plan.coalesced_element(chunk, group, lane, step).unwrap();
+                        let b = plan.coalesced_element(chunk, group, lane + 1, step).unwrap();
+                        assert_eq!(b, a + 4, "{v:?}: group {group} lane {lane} step {step}");
+                    }
+                }
+            }
+            // every element is read exactly once over the grid
+            let mut seen = vec![0u8; v.len() / 4];
+            for group in 0..plan.stats_groups(chunk) as usize {
+                for lane in 0..WORKGROUP as usize {
+                    for step in 0..MAX_LOOP {
+                        match plan.coalesced_element(chunk, group, lane, step) {
+                            Some(a) => seen[a / 4] += 1,
+                            None if step > plan.elems_per_thread => break,
+                            None => {}
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{v:?}");
+        }
+        // the elementwise kernels fill it too
+        let plan = DispatchPlan::new(
+            view(32, 64, 3136),
+            DType::F32,
+            MaskUse::default(),
+            discrete_gpu(),
+            &coalesced(),
+        )
+        .unwrap();
+        let g = plan.chunks[0].normalize_grid;
+        assert!(u64::from(g.0) * u64::from(g.1) * u64::from(WORKGROUP) >= 128 * 1024);
+    }
+
+    /// The coalesced tiles cover every element of every chunk exactly once,
+    /// for the awkward shapes: partial rows at chunk edges, rows narrower
+    /// than the lanes, channels not a multiple of 4, masks.
+    #[test]
+    fn coalesced_tiles_cover_every_element_once() {
+        let view = |outer, channels, inner| ChannelView { outer, channels, inner };
+        for (v, mask, max) in [
+            (view(1001, 3, 1), MaskUse::default(), 1 << 27),
+            (view(1001, 3, 1), MaskUse::default(), 4096),
+            (view(517, 12, 1), MaskUse::default(), 4096),
+            (view(300, 64, 1), MaskUse::default(), 1 << 27),
+            (view(7, 5, 9), MaskUse::default(), 1 << 27),
+            (view(3, 4, 12), MaskUse::default(), 1 << 27),
+            (view(2, 3, 1001), MaskUse::default(), 4096),
+            (
+                view(300, 64, 1),
+                MaskUse {
+                    statistics: true,
+                    elementwise: false,
+                    by_row: false,
+                },
+                1 << 27,
+            ),
+        ] {
+            let mut tuning = coalesced();
+            tuning.reduce_invocations = 1024;
+            let plan = DispatchPlan::new(v, DType::F32, mask, limits(max), &tuning).unwrap();
+            let mut seen = vec![0u8; v.len()];
+            for chunk in &plan.chunks {
+                let tiles = chunk.tiles as u64;
+                let groups = match plan.stats {
+                    Layout::Rows1 | Layout::Channels4 | Layout::Channels8 => tiles * u64::from(plan.column_blocks),
+                    _ => tiles * v.channels as u64,
+                };
+                for group in 0..groups as usize {
+                    for lane in 0..WORKGROUP as usize {
+                        for step in 0..=plan.elems_per_thread {
+                            if let Some(a) = plan.coalesced_element(chunk, group, lane, step) {
+                                let n = if matches!(plan.stats, Layout::Rows1 | Layout::Generic) {
+                                    1
+                                } else {
+                                    4
+                                };
+                                for s in &mut seen[a..a + n] {
+                                    *s += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{v:?} {:?} max {max}", plan.stats);
         }
     }
 
@@ -593,14 +911,14 @@ mod tests {
             max_groups: 1024,
             ..limits(128 << 20)
         };
-        let plan = DispatchPlan::new(v, DType::F32, MaskUse::default(), small).unwrap();
+        let plan = DispatchPlan::new(v, DType::F32, MaskUse::default(), small, &serial()).unwrap();
         assert!(plan.finalize_grid.0 <= 1024 && plan.finalize_grid.1 <= 1024);
         let tiny = PlanLimits {
             max_groups: 8,
             ..limits(128 << 20)
         };
         assert!(matches!(
-            DispatchPlan::new(v, DType::F32, MaskUse::default(), tiny),
+            DispatchPlan::new(v, DType::F32, MaskUse::default(), tiny, &serial()),
             Err(Error::TooLarge(_))
         ));
     }

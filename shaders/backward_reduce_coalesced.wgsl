@@ -1,0 +1,151 @@
+// Backward pass 1, coalesced family (follows backward_reduce.wgsl in one
+// module and shares its bindings; lanes as in coalesced_lanes.wgsl): per
+// channel tile, sum(dy), sum(dy * (x - mean)) and the masked-in sum of
+// (x - mean), each lane with two accumulators, then a workgroup sum. The
+// partials are the serial kernels' (backward_finalize.wgsl adds them).
+
+fn write_sums(c: u32, tile: u32, s: vec4<f32>) {
+    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s.xyz, 0.0);
+}
+
+@compute @workgroup_size(256)
+fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let group = wid.x + wid.y * p.stats_groups_x;
+    if group >= p.tiles * p.column_blocks {
+        return;
+    }
+    let lid = lanes.lid;
+    let lane = row_lane(group, lid);
+    let steps = lane_steps(lane.r1 - lane.r0, lane.stride);
+    let shift = quad_shift(lane.col);
+    let delta = quad_delta(lane.col);
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    var s_xc = vec4<f32>(0.0);
+    var t_dy = vec4<f32>(0.0);
+    var t_dyx = vec4<f32>(0.0);
+    var t_xc = vec4<f32>(0.0);
+    for (var k = 0u; k < steps; k += 2u) {
+        let ra = lane.r0 + lane.first + k * lane.stride;
+        let rb = ra + lane.stride;
+        let ia = row_quad_index(lane, ra);
+        let ib = row_quad_index(lane, rb);
+        let in_a = row_quad_valid(lane, ra);
+        let in_b = row_quad_valid(lane, rb);
+        let ga = select(vec4<f32>(0.0), load_dy4(ia), in_a);
+        let gb = select(vec4<f32>(0.0), load_dy4(ib), in_b);
+        let ca = select(vec4<f32>(0.0), (load_x4(ia) - shift) - delta, in_a);
+        let cb = select(vec4<f32>(0.0), (load_x4(ib) - shift) - delta, in_b);
+        s_dy += ga;
+        s_dyx = fma(ga, ca, s_dyx);
+        // a mask per row: only masked-in rows measure the mean's error
+        s_xc += select(vec4<f32>(0.0), ca, !MASKED || row_masked_in(ra));
+        t_dy += gb;
+        t_dyx = fma(gb, cb, t_dyx);
+        t_xc += select(vec4<f32>(0.0), cb, !MASKED || row_masked_in(rb));
+    }
+    let dy_sum = reduce_strided(s_dy + t_dy, lid, p.lane_width);
+    let dyx_sum = reduce_strided(s_dyx + t_dyx, lid, p.lane_width);
+    let xc_sum = reduce_strided(s_xc + t_xc, lid, p.lane_width);
+    if lid < p.lane_width && lane.col < p.channels / 4u {
+        for (var k = 0u; k < 4u; k++) {
+            write_sums(4u * lane.col + k, lane.tile, vec4<f32>(dy_sum[k], dyx_sum[k], xc_sum[k], 0.0));
+        }
+    }
+}
+
+// (dy, dy * (x - mean), masked-in x - mean) of one value, or zeros outside
+fn backward_terms(e: u32, a: u32, c: u32, inside: bool) -> vec3<f32> {
+    let stats = saved[2u * c];
+    let g = load_dy(e);
+    let centered = (load_x(e) - stats.x) - stats.y;
+    let kept = !MASKED || masked_in(a);
+    return select(vec3<f32>(0.0), vec3<f32>(g, g * centered, select(0.0, centered, kept)), inside);
+}
+
+@compute @workgroup_size(256)
+fn backward_reduce_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let group = wid.x + wid.y * p.stats_groups_x;
+    if group >= p.tiles * p.column_blocks {
+        return;
+    }
+    let lid = lanes.lid;
+    let lane = row_lane(group, lid);
+    let steps = lane_steps(lane.r1 - lane.r0, lane.stride);
+    var a = vec3<f32>(0.0);
+    var b = vec3<f32>(0.0);
+    for (var k = 0u; k < steps; k += 2u) {
+        let ra = lane.r0 + lane.first + k * lane.stride;
+        let rb = ra + lane.stride;
+        a += backward_terms(row_element_index(lane, ra), row_element(lane, ra), lane.col, row_element_valid(lane, ra));
+        b += backward_terms(row_element_index(lane, rb), row_element(lane, rb), lane.col, row_element_valid(lane, rb));
+    }
+    let s = reduce_strided(vec4<f32>(a + b, 0.0), lid, p.lane_width);
+    if lid < p.lane_width && lane.col < p.channels {
+        write_sums(lane.col, lane.tile, s);
+    }
+}
+
+@compute @workgroup_size(256)
+fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let group = wid.x + wid.y * p.stats_groups_x;
+    if group >= p.tiles * p.channels {
+        return;
+    }
+    let t = run_tile(group);
+    let base = p.x_base - p.chunk_start;
+    let steps = lane_steps(t.j1 - t.j0, WG);
+    var a = vec3<f32>(0.0);
+    var b = vec3<f32>(0.0);
+    for (var k = 0u; k < steps; k += 2u) {
+        let ja = t.j0 + lanes.lid + k * WG;
+        let jb = ja + WG;
+        let ea = element_of(ja, t.c);
+        let eb = element_of(jb, t.c);
+        a += backward_terms(base + ea, ea, t.c, ja < t.j1);
+        b += backward_terms(base + eb, eb, t.c, jb < t.j1);
+    }
+    let s = reduce_all(vec4<f32>(a + b, 0.0), lanes);
+    if lanes.lid == 0u {
+        write_sums(t.c, t.tile, s);
+    }
+}
+
+@compute @workgroup_size(256)
+fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let group = wid.x + wid.y * p.stats_groups_x;
+    if group >= p.tiles * p.channels {
+        return;
+    }
+    let t = run_tile(group);
+    let stats = saved[2u * t.c];
+    let base = p.x_base - p.chunk_start;
+    let steps = lane_steps(t.j1 - t.j0, 4u * WG);
+    var s_dy = vec4<f32>(0.0);
+    var s_dyx = vec4<f32>(0.0);
+    var s_xc = vec4<f32>(0.0);
+    var t_dy = vec4<f32>(0.0);
+    var t_dyx = vec4<f32>(0.0);
+    var t_xc = vec4<f32>(0.0);
+    for (var k = 0u; k < steps; k += 2u) {
+        let ja = t.j0 + 4u * (lanes.lid + k * WG);
+        let jb = ja + 4u * WG;
+        let ia = (base + element_of(ja, t.c)) / 4u;
+        let ib = (base + element_of(jb, t.c)) / 4u;
+        let ga = select(vec4<f32>(0.0), load_dy4(ia), ja < t.j1);
+        let gb = select(vec4<f32>(0.0), load_dy4(ib), jb < t.j1);
+        let ca = select(vec4<f32>(0.0), (load_x4(ia) - stats.x) - stats.y, ja < t.j1);
+        let cb = select(vec4<f32>(0.0), (load_x4(ib) - stats.x) - stats.y, jb < t.j1);
+        s_dy += ga;
+        s_dyx = fma(ga, ca, s_dyx);
+        s_xc += ca;
+        t_dy += gb;
+        t_dyx = fma(gb, cb, t_dyx);
+        t_xc += cb;
+    }
+    let ones = vec4<f32>(1.0);
+    let s = reduce_all(vec4<f32>(dot(s_dy + t_dy, ones), dot(s_dyx + t_dyx, ones), dot(s_xc + t_xc, ones), 0.0), lanes);
+    if lanes.lid == 0u {
+        write_sums(t.c, t.tile, s);
+    }
+}

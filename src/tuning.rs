@@ -1,0 +1,419 @@
+//! Kernel strategies and the knobs of their plans: which kernel family a
+//! call runs (`Serial` for CPU adapters, `Coalesced` for GPUs), how it cuts
+//! its work, and the per-machine cache that `bench --tune` writes and
+//! contexts read.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ChannelView;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// A kernel family: how invocations map onto the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Each invocation walks its own contiguous run: about 16K statistics
+    /// invocations, no workgroup reductions. Right for CPU adapters
+    /// (lavapipe, WARP, SwiftShader), where a SIMD group runs its whole loop
+    /// and a barrier costs thousands of loads.
+    Serial,
+    /// Neighbouring lanes read neighbouring words, grids that fill a GPU,
+    /// workgroup (or subgroup) reductions of each tile. Right for GPUs.
+    Coalesced,
+}
+
+impl Strategy {
+    /// `serial` or `coalesced`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Serial => "serial",
+            Strategy::Coalesced => "coalesced",
+        }
+    }
+
+    /// The family `auto` picks for a device type without a tuned plan.
+    pub fn default_for(device_type: wgpu::DeviceType) -> Strategy {
+        match device_type {
+            wgpu::DeviceType::Cpu => Strategy::Serial,
+            _ => Strategy::Coalesced,
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a context runs: a family, or `Auto` (a tuned plan from the cache
+/// where `bench --tune` wrote one, else `Serial` on CPU adapters and
+/// `Coalesced` on every other device type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// The cache's plan, or the device type's family.
+    #[default]
+    Auto,
+    /// Always the serial family, default knobs.
+    Serial,
+    /// Always the coalesced family, default knobs.
+    Coalesced,
+}
+
+/// The environment variable that sets a new context's [`KernelChoice`].
+pub const KERNELS_ENV: &str = "WGPU_BATCHNORM_KERNELS";
+/// The environment variable that overrides the tuning cache's folder.
+pub const CACHE_DIR_ENV: &str = "WGPU_BATCHNORM_CACHE_DIR";
+
+impl std::str::FromStr for KernelChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(KernelChoice::Auto),
+            "serial" => Ok(KernelChoice::Serial),
+            "coalesced" => Ok(KernelChoice::Coalesced),
+            other => Err(Error::Kernels(format!("{other:?}: expected serial, coalesced or auto"))),
+        }
+    }
+}
+
+impl KernelChoice {
+    /// `WGPU_BATCHNORM_KERNELS`, or `Auto` where it is unset or empty.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(KERNELS_ENV) {
+            Ok(v) if !v.trim().is_empty() => v.parse().map_err(|e| Error::Kernels(format!("{KERNELS_ENV}: {e}"))),
+            _ => Ok(KernelChoice::Auto),
+        }
+    }
+}
+
+/// One plan's knobs: the family and how it cuts the work. Every value
+/// gives the same results (the tests run both families); only speed
+/// differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PlanTuning {
+    /// The kernel family.
+    pub strategy: Strategy,
+    /// Invocations the statistics and backward-reduce dispatches aim for
+    /// (serial: one per tile and channel; coalesced: 256 per tile).
+    pub reduce_invocations: u32,
+    /// Serial elementwise kernels: values (vec4s, float16 words) per
+    /// invocation, 1 to 16.
+    pub values_per_thread: u32,
+    /// Serial channels-last elementwise kernels: rows per invocation, 1 to 64.
+    pub rows_per_thread: u32,
+    /// Coalesced elementwise kernels: invocations a dispatch aims for (each
+    /// strides over the chunk).
+    pub elementwise_invocations: u32,
+    /// Coalesced channels-last reductions: the most lanes of a workgroup
+    /// across a row (a power of two, 1 to 256); the others step down rows.
+    pub lane_width: u32,
+    /// Per-channel parameters through a uniform binding (see
+    /// [`crate::GpuContext::set_uniform_parameters`]); `None` keeps the
+    /// context's setting.
+    pub uniform_parameters: Option<bool>,
+}
+
+impl PlanTuning {
+    /// The family's default knobs.
+    pub fn default_for(strategy: Strategy) -> Self {
+        match strategy {
+            Strategy::Serial => PlanTuning {
+                strategy,
+                reduce_invocations: 16384,
+                values_per_thread: 4,
+                rows_per_thread: 8,
+                elementwise_invocations: 262_144,
+                lane_width: 64,
+                uniform_parameters: None,
+            },
+            Strategy::Coalesced => PlanTuning {
+                strategy,
+                reduce_invocations: 262_144,
+                values_per_thread: 4,
+                rows_per_thread: 8,
+                elementwise_invocations: 262_144,
+                lane_width: 64,
+                uniform_parameters: None,
+            },
+        }
+    }
+
+    /// Refuses knobs outside the ranges the kernels are written for.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Kernels(what));
+        if !(256..=1 << 24).contains(&self.reduce_invocations) {
+            return bad(format!(
+                "reduce_invocations {} outside 256..=2^24",
+                self.reduce_invocations
+            ));
+        }
+        if !(256..=1 << 24).contains(&self.elementwise_invocations) {
+            return bad(format!(
+                "elementwise_invocations {} outside 256..=2^24",
+                self.elementwise_invocations
+            ));
+        }
+        if !(1..=16).contains(&self.values_per_thread) {
+            return bad(format!("values_per_thread {} outside 1..=16", self.values_per_thread));
+        }
+        if !(1..=64).contains(&self.rows_per_thread) {
+            return bad(format!("rows_per_thread {} outside 1..=64", self.rows_per_thread));
+        }
+        if !self.lane_width.is_power_of_two() || self.lane_width > 256 {
+            return bad(format!(
+                "lane_width {} is not a power of two up to 256",
+                self.lane_width
+            ));
+        }
+        Ok(())
+    }
+
+    /// One line naming the family and its knobs (the bench JSON's `kernels`).
+    pub fn describe(&self) -> String {
+        let uniform = match self.uniform_parameters {
+            Some(true) => " uniform-params",
+            Some(false) => " storage-params",
+            None => "",
+        };
+        match self.strategy {
+            Strategy::Serial => format!(
+                "serial reduce={} values/thread={} rows/thread={}{uniform}",
+                self.reduce_invocations, self.values_per_thread, self.rows_per_thread
+            ),
+            Strategy::Coalesced => format!(
+                "coalesced reduce={} elementwise={} lane-width={}{uniform}",
+                self.reduce_invocations, self.elementwise_invocations, self.lane_width
+            ),
+        }
+    }
+}
+
+/// Which of a layer's calls a plan is for: they read and write different
+/// amounts and may prefer different plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// A forward call with batch statistics.
+    Training,
+    /// A forward call with the moving statistics.
+    Inference,
+    /// A backward call.
+    Backward,
+}
+
+impl Op {
+    /// Every op, in the bench's order.
+    pub const ALL: [Op; 3] = [Op::Training, Op::Inference, Op::Backward];
+
+    /// `training`, `inference` or `backward`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Training => "training",
+            Op::Inference => "inference",
+            Op::Backward => "backward",
+        }
+    }
+}
+
+/// The class of shapes one tuned plan stands for: dtype, how the channel
+/// axis lies (last, runs whose length is a multiple of 4, other runs) and
+/// the size to the next power of four.
+pub fn shape_class(view: ChannelView, dtype: DType) -> String {
+    let layout = match view.inner {
+        1 => "channels-last",
+        i if i % 4 == 0 => "inner4",
+        _ => "runs",
+    };
+    let len = view.len().max(1) as u64;
+    let mut bits = 64 - (len - 1).leading_zeros();
+    bits += bits % 2;
+    format!("{dtype}/{layout}/2^{bits}")
+}
+
+/// The adapter a cache entry was measured on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AdapterKey {
+    /// The adapter's name.
+    pub name: String,
+    /// Driver name and version.
+    pub driver: String,
+    /// The wgpu backend.
+    pub backend: String,
+}
+
+impl AdapterKey {
+    /// The key of an adapter.
+    pub fn of(info: &wgpu::AdapterInfo) -> Self {
+        AdapterKey {
+            name: info.name.clone(),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            backend: info.backend.to_string(),
+        }
+    }
+}
+
+/// One tuned plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunedEntry {
+    /// Where it was measured.
+    pub adapter: AdapterKey,
+    /// [`shape_class`] of the shapes it stands for.
+    pub class: String,
+    /// The call it is for.
+    pub op: Op,
+    /// The winning plan.
+    pub tuning: PlanTuning,
+    /// How much faster than the default plan it ran (default time / its time).
+    pub speedup: f64,
+}
+
+/// The tuning cache: the JSON file `bench --tune` writes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TuningCache {
+    /// The file's format version.
+    pub version: u32,
+    /// Every tuned plan, for any adapter.
+    pub entries: Vec<TunedEntry>,
+}
+
+const CACHE_VERSION: u32 = 1;
+const CACHE_FILE: &str = "tuning.json";
+
+/// The folder of the tuning cache: `WGPU_BATCHNORM_CACHE_DIR`, else the
+/// platform's cache folder (`$XDG_CACHE_HOME` or `~/.cache` on Linux,
+/// `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows) with
+/// `wgpu-batchnorm` below it. `None` where none is known.
+pub fn cache_dir() -> Option<PathBuf> {
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = env(CACHE_DIR_ENV) {
+        return Some(dir);
+    }
+    // three well-known variables: not worth a dependency
+    let base = if cfg!(windows) {
+        env("LOCALAPPDATA")
+    } else if cfg!(target_os = "macos") {
+        env("HOME").map(|h| h.join("Library/Caches"))
+    } else {
+        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
+    };
+    base.map(|b| b.join("wgpu-batchnorm"))
+}
+
+/// The tuning cache's file, in [`cache_dir`].
+pub fn cache_path() -> Option<PathBuf> {
+    cache_dir().map(|d| d.join(CACHE_FILE))
+}
+
+fn file_error(path: &std::path::Path, message: impl std::fmt::Display) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+impl TuningCache {
+    /// Reads the cache file. A missing file is an empty cache; an unreadable
+    /// or corrupt one is an error (contexts turn it into a warning).
+    pub fn load() -> Result<Self> {
+        let Some(path) = cache_path() else {
+            return Ok(TuningCache::default());
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TuningCache::default()),
+            Err(e) => return Err(file_error(&path, e)),
+        };
+        let cache: TuningCache =
+            serde_json::from_str(&text).map_err(|e| file_error(&path, format!("not a tuning cache: {e}")))?;
+        if cache.version != CACHE_VERSION {
+            return Err(file_error(
+                &path,
+                format!(
+                    "tuning cache version {} (this build reads {CACHE_VERSION})",
+                    cache.version
+                ),
+            ));
+        }
+        for entry in &cache.entries {
+            entry.tuning.validate().map_err(|e| file_error(&path, e))?;
+        }
+        Ok(cache)
+    }
+
+    /// Writes the cache file (creating its folder), replacing it whole.
+    pub fn save(&self) -> Result<PathBuf> {
+        let path =
+            cache_path().ok_or_else(|| Error::Kernels(format!("no cache folder: set {CACHE_DIR_ENV} or HOME")))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+        }
+        let mut cache = self.clone();
+        cache.version = CACHE_VERSION;
+        let text = serde_json::to_string_pretty(&cache).expect("a cache serialises");
+        // write then rename: a reader never sees half a file
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| file_error(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| file_error(&path, e))?;
+        Ok(path)
+    }
+
+    /// Adds or replaces the entry for (adapter, class, op).
+    pub fn insert(&mut self, entry: TunedEntry) {
+        self.entries
+            .retain(|e| !(e.adapter == entry.adapter && e.class == entry.class && e.op == entry.op));
+        self.entries.push(entry);
+    }
+
+    /// The plans tuned on `adapter`, by (class, op).
+    pub(crate) fn for_adapter(&self, adapter: &AdapterKey) -> HashMap<(String, Op), PlanTuning> {
+        self.entries
+            .iter()
+            .filter(|e| &e.adapter == adapter)
+            .map(|e| ((e.class.clone(), e.op), e.tuning))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_knobs_do_not() {
+        for s in [Strategy::Serial, Strategy::Coalesced] {
+            PlanTuning::default_for(s).validate().unwrap();
+        }
+        let bad = PlanTuning {
+            lane_width: 48,
+            ..PlanTuning::default_for(Strategy::Coalesced)
+        };
+        assert!(bad.validate().is_err());
+        let bad = PlanTuning {
+            values_per_thread: 0,
+            ..PlanTuning::default_for(Strategy::Serial)
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn choices_parse() {
+        assert_eq!("Coalesced".parse::<KernelChoice>().unwrap(), KernelChoice::Coalesced);
+        assert_eq!("auto".parse::<KernelChoice>().unwrap(), KernelChoice::Auto);
+        assert!("fast".parse::<KernelChoice>().is_err());
+    }
+
+    #[test]
+    fn shape_classes_group_by_layout_and_size() {
+        let v = |outer, channels, inner| ChannelView { outer, channels, inner };
+        assert_eq!(shape_class(v(100352, 64, 1), DType::F32), "float32/channels-last/2^24");
+        assert_eq!(shape_class(v(32, 64, 3136), DType::F16), "float16/inner4/2^24");
+        assert_eq!(shape_class(v(8, 512, 49), DType::F32), "float32/runs/2^18");
+        assert_eq!(shape_class(v(1, 1, 1), DType::F32), "float32/channels-last/2^0");
+    }
+}
