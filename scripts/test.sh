@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs Mesa's software Vulkan/GL drivers if (and only
-# if) wgpu finds no adapter, then runs every test.
+# if) wgpu finds no adapter, then runs every test once per kernel family
+# (WGPU_BATCHNORM_KERNELS=serial, then coalesced); with
+# WGPU_BATCHNORM_KERNELS set, once with that choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
@@ -8,4 +10,11 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 fi
 scripts/ensure-driver.sh
-cargo test "$@"
+if [ -n "${WGPU_BATCHNORM_KERNELS:-}" ]; then
+  cargo test "$@"
+else
+  for kernels in serial coalesced; do
+    echo "== every test with WGPU_BATCHNORM_KERNELS=$kernels"
+    WGPU_BATCHNORM_KERNELS=$kernels cargo test "$@"
+  done
+fi

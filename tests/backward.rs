@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, random_input, random_mask, rng};
+use common::{compare_gradients, gpu, random_input, random_mask, rng};
 use rand::Rng;
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
@@ -158,58 +158,6 @@ fn reference_gradients_match_finite_differences() {
 }
 
 /// GPU gradients against the reference for one forward call.
-fn compare_gradients(
-    ctx: &GpuContext,
-    config: &BatchNormConfig,
-    shape: &[usize],
-    dtype: DType,
-    training: Option<bool>,
-    masked: bool,
-    seed: u64,
-) -> f64 {
-    let mut r = rng(seed);
-    let axis = config.resolve_axis(shape.len()).unwrap();
-    let channels = shape[axis];
-    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
-    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
-    for slot in layer.weight_slots() {
-        let values: Vec<f32> = (0..channels).map(|_| 0.5 + r.random::<f32>()).collect();
-        layer.set_weight(slot, &values).unwrap();
-        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
-    }
-    let len: usize = shape.iter().product();
-    let round = |v: Vec<f32>| -> (Vec<f32>, Vec<f64>) {
-        let v: Vec<f32> = match dtype {
-            DType::F32 => v,
-            DType::F16 => v.into_iter().map(|a| half::f16::from_f32(a).to_f32()).collect(),
-        };
-        let w = v.iter().map(|&a| a as f64).collect();
-        (v, w)
-    };
-    let (x32, x64) = round(random_input(&mut r, len, 4.0));
-    let (dy32, dy64) = round(random_input(&mut r, len, 0.5));
-    let flags = masked.then(|| random_mask(&mut r, len / shape[shape.len() - 1]));
-    let mask = flags
-        .as_ref()
-        .map(|f| Mask::from_u8(ctx, &shape[..shape.len() - 1], f).unwrap());
-    let x = Tensor::from_f32_as(ctx, shape, &x32, dtype).unwrap();
-    let (_, saved) = layer.forward_saved(&x, training, mask.as_ref()).unwrap();
-    reference.forward(&x64, shape, training, flags.as_deref()).unwrap();
-    let dy = Tensor::from_f32_as(ctx, shape, &dy32, dtype).unwrap();
-    let got = layer.backward(&saved, &dy, true).unwrap();
-    let want = reference.backward(&dy64, true).unwrap();
-    let read = |t: &Tensor| -> Vec<f64> { t.read_f32(ctx).unwrap().into_iter().map(f64::from).collect() };
-    let mut worst = error_measure(&read(&got.dx), &want.dx);
-    for (g, w) in [(&got.dgamma, &want.dgamma), (&got.dbeta, &want.dbeta)] {
-        match (g, w) {
-            (Some(g), Some(w)) => worst = worst.max(error_measure(&read(g), w)),
-            (None, None) => {}
-            _ => panic!("GPU and reference disagree on which gradients exist ({config:?})"),
-        }
-    }
-    worst
-}
-
 #[test]
 fn gpu_gradients_match_the_reference_on_random_shapes() {
     gradient_sweep(&gpu());
