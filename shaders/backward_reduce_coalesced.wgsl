@@ -28,39 +28,47 @@ fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     for (var k = 0u; k < steps; k += 2u) {
         let ra = lane.r0 + lane.first + k * lane.stride;
         let rb = ra + lane.stride;
-        let ia = row_quad_index(lane, ra);
-        let ib = row_quad_index(lane, rb);
-        let in_a = row_quad_valid(lane, ra);
-        let in_b = row_quad_valid(lane, rb);
-        let ga = select(vec4<f32>(0.0), load_dy4(ia), in_a);
-        let gb = select(vec4<f32>(0.0), load_dy4(ib), in_b);
-        let ca = select(vec4<f32>(0.0), (load_x4(ia) - shift) - delta, in_a);
-        let cb = select(vec4<f32>(0.0), (load_x4(ib) - shift) - delta, in_b);
-        s_dy += ga;
-        s_dyx = fma(ga, ca, s_dyx);
-        // a mask per row: only masked-in rows measure the mean's error
-        s_xc += select(vec4<f32>(0.0), ca, !MASKED || row_masked_in(ra));
-        t_dy += gb;
-        t_dyx = fma(gb, cb, t_dyx);
-        t_xc += select(vec4<f32>(0.0), cb, !MASKED || row_masked_in(rb));
+        if row_quad_valid(lane, ra) {
+            let i = row_quad_index(lane, ra);
+            let g = load_dy4(i);
+            let centered = (load_x4(i) - shift) - delta;
+            s_dy += g;
+            s_dyx = fma(g, centered, s_dyx);
+            // a mask per row: only masked-in rows measure the mean's error
+            if !MASKED || row_masked_in(ra) {
+                s_xc += centered;
+            }
+        }
+        if row_quad_valid(lane, rb) {
+            let i = row_quad_index(lane, rb);
+            let g = load_dy4(i);
+            let centered = (load_x4(i) - shift) - delta;
+            t_dy += g;
+            t_dyx = fma(g, centered, t_dyx);
+            if !MASKED || row_masked_in(rb) {
+                t_xc += centered;
+            }
+        }
     }
-    let dy_sum = reduce_strided(s_dy + t_dy, lid, p.lane_width);
-    let dyx_sum = reduce_strided(s_dyx + t_dyx, lid, p.lane_width);
-    let xc_sum = reduce_strided(s_xc + t_xc, lid, p.lane_width);
+    let sums = reduce_strided3(Sums3(s_dy + t_dy, s_dyx + t_dyx, s_xc + t_xc), lid, p.lane_width);
     if lid < p.lane_width && lane.col < p.channels / 4u {
         for (var k = 0u; k < 4u; k++) {
-            write_sums(4u * lane.col + k, lane.tile, vec4<f32>(dy_sum[k], dyx_sum[k], xc_sum[k], 0.0));
+            write_sums(4u * lane.col + k, lane.tile, vec4<f32>(sums.a[k], sums.b[k], sums.c[k], 0.0));
         }
     }
 }
 
-// (dy, dy * (x - mean), masked-in x - mean) of one value, or zeros outside
+// (dy, dy * (x - mean), masked-in x - mean) of one value, or zeros
+// outside (read only inside)
 fn backward_terms(e: u32, a: u32, c: u32, inside: bool) -> vec3<f32> {
+    if !inside {
+        return vec3<f32>(0.0);
+    }
     let stats = saved[2u * c];
     let g = load_dy(e);
     let centered = (load_x(e) - stats.x) - stats.y;
     let kept = !MASKED || masked_in(a);
-    return select(vec3<f32>(0.0), vec3<f32>(g, g * centered, select(0.0, centered, kept)), inside);
+    return vec3<f32>(g, g * centered, select(0.0, centered, kept));
 }
 
 @compute @workgroup_size(256)
@@ -97,13 +105,14 @@ fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     let steps = lane_steps(t.j1 - t.j0, WG);
     var a = vec3<f32>(0.0);
     var b = vec3<f32>(0.0);
+    // offsets from j0 (positions near 2^32 would wrap)
+    let span = t.j1 - t.j0;
     for (var k = 0u; k < steps; k += 2u) {
-        let ja = t.j0 + lanes.lid + k * WG;
-        let jb = ja + WG;
-        let ea = element_of(ja, t.c);
-        let eb = element_of(jb, t.c);
-        a += backward_terms(base + ea, ea, t.c, ja < t.j1);
-        b += backward_terms(base + eb, eb, t.c, jb < t.j1);
+        let at = lanes.lid + k * WG;
+        let ea = element_of(t.j0 + at, t.c);
+        let eb = element_of(t.j0 + at + WG, t.c);
+        a += backward_terms(base + ea, ea, t.c, at < span);
+        b += backward_terms(base + eb, eb, t.c, at + WG < span);
     }
     let s = reduce_all(vec4<f32>(a + b, 0.0), lanes);
     if lanes.lid == 0u {
@@ -127,21 +136,25 @@ fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     var t_dy = vec4<f32>(0.0);
     var t_dyx = vec4<f32>(0.0);
     var t_xc = vec4<f32>(0.0);
+    let span = t.j1 - t.j0;
     for (var k = 0u; k < steps; k += 2u) {
-        let ja = t.j0 + 4u * (lanes.lid + k * WG);
-        let jb = ja + 4u * WG;
-        let ia = (base + element_of(ja, t.c)) / 4u;
-        let ib = (base + element_of(jb, t.c)) / 4u;
-        let ga = select(vec4<f32>(0.0), load_dy4(ia), ja < t.j1);
-        let gb = select(vec4<f32>(0.0), load_dy4(ib), jb < t.j1);
-        let ca = select(vec4<f32>(0.0), (load_x4(ia) - stats.x) - stats.y, ja < t.j1);
-        let cb = select(vec4<f32>(0.0), (load_x4(ib) - stats.x) - stats.y, jb < t.j1);
-        s_dy += ga;
-        s_dyx = fma(ga, ca, s_dyx);
-        s_xc += ca;
-        t_dy += gb;
-        t_dyx = fma(gb, cb, t_dyx);
-        t_xc += cb;
+        let at = 4u * (lanes.lid + k * WG);
+        if at < span {
+            let i = (base + element_of(t.j0 + at, t.c)) / 4u;
+            let g = load_dy4(i);
+            let centered = (load_x4(i) - stats.x) - stats.y;
+            s_dy += g;
+            s_dyx = fma(g, centered, s_dyx);
+            s_xc += centered;
+        }
+        if at + 4u * WG < span {
+            let i = (base + element_of(t.j0 + at + 4u * WG, t.c)) / 4u;
+            let g = load_dy4(i);
+            let centered = (load_x4(i) - stats.x) - stats.y;
+            t_dy += g;
+            t_dyx = fma(g, centered, t_dyx);
+            t_xc += centered;
+        }
     }
     let ones = vec4<f32>(1.0);
     let s = reduce_all(vec4<f32>(dot(s_dy + t_dy, ones), dot(s_dyx + t_dyx, ones), dot(s_xc + t_xc, ones), 0.0), lanes);

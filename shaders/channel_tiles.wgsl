@@ -35,7 +35,8 @@ fn first_j_at(a: u32, c: u32) -> u32 {
 fn tile_span(c: u32, tile: u32, per_tile: u32) -> vec2<u32> {
     let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
     let j0 = min(first_j_at(p.chunk_start, c) + tile * per_tile, j_end);
-    return vec2<u32>(j0, min(j0 + per_tile, j_end));
+    // j0 + per_tile may pass 2^32 near the end of a long channel
+    return vec2<u32>(j0, j0 + min(per_tile, j_end - j0));
 }
 
 // Channels last: tile `tile` of the chunk's rows, elems_per_thread rows

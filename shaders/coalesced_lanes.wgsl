@@ -14,6 +14,8 @@
 // every WG (four at a time for inner % 4 == 0).
 
 var<workgroup> reduce_scratch: array<vec4<f32>, 256>;
+var<workgroup> reduce_scratch_b: array<vec4<f32>, 256>;
+var<workgroup> reduce_scratch_c: array<vec4<f32>, 256>;
 
 // The sum of v over lanes lid, lid + width, lid + 2 width, ..., in lanes
 // [0, width). `width` is a power of two, the same in every lane: call in
@@ -28,6 +30,31 @@ fn reduce_strided(v: vec4<f32>, lid: u32, width: u32) -> vec4<f32> {
         workgroupBarrier();
     }
     let out = reduce_scratch[lid];
+    workgroupBarrier();
+    return out;
+}
+
+struct Sums3 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+}
+
+// reduce_strided of three values at once: one set of barriers.
+fn reduce_strided3(v: Sums3, lid: u32, width: u32) -> Sums3 {
+    reduce_scratch[lid] = v.a;
+    reduce_scratch_b[lid] = v.b;
+    reduce_scratch_c[lid] = v.c;
+    workgroupBarrier();
+    for (var s = 128u; s >= width; s = s / 2u) {
+        if lid < s {
+            reduce_scratch[lid] += reduce_scratch[lid + s];
+            reduce_scratch_b[lid] += reduce_scratch_b[lid + s];
+            reduce_scratch_c[lid] += reduce_scratch_c[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let out = Sums3(reduce_scratch[lid], reduce_scratch_b[lid], reduce_scratch_c[lid]);
     workgroupBarrier();
     return out;
 }

@@ -1,7 +1,9 @@
 // The coalesced kernels' whole-workgroup sum with subgroup operations
 // (Features::SUBGROUP): a subgroupAdd per subgroup, then the subgroups'
 // sums in order through workgroup memory. The subgroup size (8 to 128)
-// is whatever the device runs: nothing here assumes one.
+// is whatever the device runs: nothing here assumes one. Not used on
+// DX12, whose subgroup id naga derives from the lane count (waves need not
+// be formed from consecutive lanes there).
 // reduce_workgroup.wgsl is the form for devices without them.
 
 struct Lanes {
@@ -11,7 +13,7 @@ struct Lanes {
     @builtin(num_subgroups) sg_count: u32,
 }
 
-// The sum of v over the workgroup, in every lane.
+// The sum of v over the workgroup, in lane 0 (and every other lane).
 fn reduce_all(v: vec4<f32>, lanes: Lanes) -> vec4<f32> {
     let s = subgroupAdd(v);
     if lanes.sg_lane == 0u {

@@ -76,22 +76,24 @@ fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     for (var k = 0u; k < steps; k += 2u) {
         let ra = lane.r0 + lane.first + k * lane.stride;
         let rb = ra + lane.stride;
-        let ka = row_quad_valid(lane, ra) && (!MASKED || row_masked_in(ra));
-        let kb = row_quad_valid(lane, rb) && (!MASKED || row_masked_in(rb));
-        let va = select(vec4<f32>(0.0), (load_row_quad(lane, ra) - shift) * scale, ka);
-        let vb = select(vec4<f32>(0.0), (load_row_quad(lane, rb) - shift) * scale, kb);
-        s1a += va;
-        s2a = fma(va, va, s2a);
-        s1b += vb;
-        s2b = fma(vb, vb, s2b);
-        count += select(0.0, 1.0, ka) + select(0.0, 1.0, kb);
+        // loads only where kept: no bytes read for nothing
+        if row_quad_valid(lane, ra) && (!MASKED || row_masked_in(ra)) {
+            let va = (load_row_quad(lane, ra) - shift) * scale;
+            s1a += va;
+            s2a = fma(va, va, s2a);
+            count += 1.0;
+        }
+        if row_quad_valid(lane, rb) && (!MASKED || row_masked_in(rb)) {
+            let vb = (load_row_quad(lane, rb) - shift) * scale;
+            s1b += vb;
+            s2b = fma(vb, vb, s2b);
+            count += 1.0;
+        }
     }
-    let s1 = reduce_strided(s1a + s1b, lid, p.lane_width);
-    let s2 = reduce_strided(s2a + s2b, lid, p.lane_width);
-    let n = reduce_strided(vec4<f32>(count), lid, p.lane_width).x;
+    let sums = reduce_strided3(Sums3(s1a + s1b, s2a + s2b, vec4<f32>(count)), lid, p.lane_width);
     if lid < p.lane_width && lane.col < p.channels / 4u {
         for (var k = 0u; k < 4u; k++) {
-            write_partial(4u * lane.col + k, lane.tile, n, s1[k], s2[k], shift[k]);
+            write_partial(4u * lane.col + k, lane.tile, sums.c.x, sums.a[k], sums.b[k], shift[k]);
         }
     }
 }
@@ -132,12 +134,14 @@ fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     for (var k = 0u; k < steps; k += 2u) {
         let ra = lane.r0 + lane.first + k * lane.stride;
         let rb = ra + lane.stride;
-        let ka = row_element_valid(lane, ra) && (!MASKED || masked_in(row_element(lane, ra)));
-        let kb = row_element_valid(lane, rb) && (!MASKED || masked_in(row_element(lane, rb)));
-        let va = select(0.0, (load_row_element(lane, ra) - shift) * scale, ka);
-        let vb = select(0.0, (load_row_element(lane, rb) - shift) * scale, kb);
-        a += vec3<f32>(va, va * va, select(0.0, 1.0, ka));
-        b += vec3<f32>(vb, vb * vb, select(0.0, 1.0, kb));
+        if row_element_valid(lane, ra) && (!MASKED || masked_in(row_element(lane, ra))) {
+            let va = (load_row_element(lane, ra) - shift) * scale;
+            a += vec3<f32>(va, va * va, 1.0);
+        }
+        if row_element_valid(lane, rb) && (!MASKED || masked_in(row_element(lane, rb))) {
+            let vb = (load_row_element(lane, rb) - shift) * scale;
+            b += vec3<f32>(vb, vb * vb, 1.0);
+        }
     }
     let t = reduce_strided(vec4<f32>(a + b, 0.0), lid, p.lane_width);
     if lid < p.lane_width && lane.col < p.channels {
@@ -159,9 +163,9 @@ fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     if MASKED {
         clear_first_kept(lid);
         for (var k = 0u; k < steps; k++) {
-            let j = t.j0 + lid + k * WG;
-            if j < t.j1 && masked_in(element_of(j, t.c)) {
-                atomicMin(&first_kept[0], j);
+            let at = lid + k * WG;
+            if at < t.j1 - t.j0 && masked_in(element_of(t.j0 + at, t.c)) {
+                atomicMin(&first_kept[0], t.j0 + at);
                 break;
             }
         }
@@ -175,17 +179,24 @@ fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     let scale = shift_scale(shift);
     var a = vec3<f32>(0.0);
     var b = vec3<f32>(0.0);
+    // offsets from j0 (positions near 2^32 would wrap)
+    let span = t.j1 - t.j0;
     for (var k = 0u; k < steps; k += 2u) {
-        let ja = t.j0 + lid + k * WG;
-        let jb = ja + WG;
-        let ea = element_of(ja, t.c);
-        let eb = element_of(jb, t.c);
-        let ka = ja < t.j1 && (!MASKED || masked_in(ea));
-        let kb = jb < t.j1 && (!MASKED || masked_in(eb));
-        let va = select(0.0, (load_x(base + ea) - shift) * scale, ka);
-        let vb = select(0.0, (load_x(base + eb) - shift) * scale, kb);
-        a += vec3<f32>(va, va * va, select(0.0, 1.0, ka));
-        b += vec3<f32>(vb, vb * vb, select(0.0, 1.0, kb));
+        let at = lid + k * WG;
+        if at < span {
+            let e = element_of(t.j0 + at, t.c);
+            if !MASKED || masked_in(e) {
+                let v = (load_x(base + e) - shift) * scale;
+                a += vec3<f32>(v, v * v, 1.0);
+            }
+        }
+        if at + WG < span {
+            let e = element_of(t.j0 + at + WG, t.c);
+            if !MASKED || masked_in(e) {
+                let v = (load_x(base + e) - shift) * scale;
+                b += vec3<f32>(v, v * v, 1.0);
+            }
+        }
     }
     let s = reduce_all(vec4<f32>(a + b, 0.0), lanes);
     if lid == 0u {
@@ -212,15 +223,19 @@ fn partial_stats_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     var s2a = vec4<f32>(0.0);
     var s1b = vec4<f32>(0.0);
     var s2b = vec4<f32>(0.0);
+    let span = t.j1 - t.j0;
     for (var k = 0u; k < steps; k += 2u) {
-        let ja = t.j0 + 4u * (lid + k * WG);
-        let jb = ja + 4u * WG;
-        let va = select(vec4<f32>(0.0), (load_x4((base + element_of(ja, t.c)) / 4u) - shift) * scale, ja < t.j1);
-        let vb = select(vec4<f32>(0.0), (load_x4((base + element_of(jb, t.c)) / 4u) - shift) * scale, jb < t.j1);
-        s1a += va;
-        s2a = fma(va, va, s2a);
-        s1b += vb;
-        s2b = fma(vb, vb, s2b);
+        let at = 4u * (lid + k * WG);
+        if at < span {
+            let va = (load_x4((base + element_of(t.j0 + at, t.c)) / 4u) - shift) * scale;
+            s1a += va;
+            s2a = fma(va, va, s2a);
+        }
+        if at + 4u * WG < span {
+            let vb = (load_x4((base + element_of(t.j0 + at + 4u * WG, t.c)) / 4u) - shift) * scale;
+            s1b += vb;
+            s2b = fma(vb, vb, s2b);
+        }
     }
     let ones = vec4<f32>(1.0);
     let s = reduce_all(vec4<f32>(dot(s1a + s1b, ones), dot(s2a + s2b, ones), 0.0, 0.0), lanes);

@@ -507,8 +507,8 @@ impl KernelKey {
 pub(crate) struct Kernels {
     /// Bytes of the per-channel parameters' uniform view on this device.
     pub(crate) uniform_view: u64,
-    /// Whether the device runs subgroup operations (`Features::SUBGROUP`):
-    /// the coalesced reductions then use them.
+    /// Whether the coalesced reductions use subgroup operations: the device
+    /// has `Features::SUBGROUP` and is not DX12.
     pub(crate) subgroups: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     /// Shader modules by source (kernel, dtype, family, subgroups), kept for
@@ -571,7 +571,10 @@ impl Kernels {
             .collect();
         Kernels {
             uniform_view,
-            subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+            // naga's HLSL derives the subgroup id from the lane count, which
+            // D3D12 does not promise: DX12 takes the workgroup-memory sum
+            subgroups: device.features().contains(wgpu::Features::SUBGROUP)
+                && device.adapter_info().backend != wgpu::Backend::Dx12,
             layouts,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),

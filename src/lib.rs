@@ -41,12 +41,18 @@
 //!   from zero keep their precision. Every kernel has a float64 mirror in
 //!   [`mod@reference`], which the tests and the `conform` command compare
 //!   against.
-//! - **Performance.** Each call picks vec4 kernels by layout (channels
-//!   last, `inner % 4 == 0`, runs of 16 or more), float16 included, and
-//!   scalar kernels elsewhere; a mask per row keeps the channels-last ones.
-//!   On CPU adapters per-channel parameters are read through a uniform
-//!   binding ([`GpuContext::set_uniform_parameters`]). The `bench` command
-//!   and `benches/NOTES.md` give the figures.
+//! - **Performance.** Two kernel families ([`Strategy`]): `Serial`
+//!   (each invocation walks its own run; for CPU adapters such as lavapipe)
+//!   and `Coalesced` (neighbouring lanes on neighbouring words, grids that
+//!   fill a GPU, workgroup or subgroup sums; for GPUs). `Auto` picks by
+//!   device type, or the plan `bench --tune` measured for the input's
+//!   shape class ([`tuning`]); [`GpuContext::set_kernel_choice`] and
+//!   `WGPU_BATCHNORM_KERNELS` override it. Each call picks vec4 kernels
+//!   by layout (channels last, `inner % 4 == 0`, runs of 16 or more),
+//!   float16 included, and scalar kernels elsewhere; a mask per row keeps
+//!   the channels-last ones. On CPU adapters per-channel parameters are
+//!   read through a uniform binding ([`GpuContext::set_uniform_parameters`]).
+//!   The `bench` command and `benches/NOTES.md` give the figures.
 
 pub mod bench;
 pub mod config;

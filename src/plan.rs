@@ -776,6 +776,46 @@ mod tests {
         }
     }
 
+    /// `tile_span` of shaders/channel_tiles.wgsl in its own u32 arithmetic.
+    fn tile_span_u32(view: ChannelView, chunk: &Chunk, c: usize, tile: u32, per_tile: u32) -> (u32, u32) {
+        let first = |a: usize| first_j_at(view, a, c) as u32;
+        let j_end = first(chunk.start + chunk.elems);
+        let j0 = first(chunk.start).wrapping_add(tile.wrapping_mul(per_tile)).min(j_end);
+        (j0, j0.wrapping_add(per_tile.min(j_end.wrapping_sub(j0))))
+    }
+
+    /// A channel whose positions come within a tile of 2^32: the shaders'
+    /// tile spans (in u32) never wrap, and cover the channel's run.
+    #[test]
+    fn tile_spans_do_not_wrap_near_2_pow_32() {
+        let view = ChannelView {
+            outer: 1,
+            channels: 1,
+            inner: 4_294_967_000,
+        };
+        for tuning in [serial(), coalesced()] {
+            let plan = DispatchPlan::new(view, DType::F16, MaskUse::default(), limits(128 << 20), &tuning).unwrap();
+            let last = plan.chunks.last().unwrap();
+            let per_tile = (plan.elems_per_thread
+                * if plan.stats == Layout::Inner4 && tuning.strategy == Strategy::Serial {
+                    4
+                } else {
+                    1
+                }) as u32;
+            let mut covered = 0u64;
+            for t in 0..last.tiles as u32 {
+                let (j0, j1) = tile_span_u32(view, last, 0, t, per_tile);
+                assert!(
+                    j0 <= j1 && j1 - j0 <= per_tile,
+                    "{:?} tile {t}: {j0}..{j1}",
+                    tuning.strategy
+                );
+                covered += u64::from(j1 - j0);
+            }
+            assert_eq!(covered, last.elems as u64, "{:?}", tuning.strategy);
+        }
+    }
+
     /// Limits of a typical discrete Vulkan GPU.
     fn discrete_gpu() -> PlanLimits {
         PlanLimits {
