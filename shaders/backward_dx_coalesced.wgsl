@@ -1,6 +1,6 @@
 // Backward pass 3, coalesced family (follows backward_dx.wgsl in one
 // module and shares its bindings and helpers): dx as there, lanes over the
-// chunk's units as in normalize_coalesced.wgsl.
+// chunk's units and channels walked as in normalize_coalesced.wgsl.
 
 @compute @workgroup_size(256)
 fn backward_dx_coalesced(
@@ -11,6 +11,8 @@ fn backward_dx_coalesced(
     let lane = lane_of(wid, nwg, lid);
     if IS_F16 {
         let words = (p.chunk_elems + 1u) / 2u;
+        var walk = walk_at(2u * lane.x);
+        let step = stride_of(2u * lane.y);
         for (var k = 0u; k < p.elementwise_steps; k++) {
             let w = lane.x + k * lane.y;
             if w >= words {
@@ -19,13 +21,16 @@ fn backward_dx_coalesced(
             let e = 2u * w;
             let xs = unpack2x16float(x[p.x_base / 2u + w]);
             let gs = unpack2x16float(dy[p.x_base / 2u + w]);
-            var out = vec2<f32>(grad(e, channel_at(p.chunk_start + e), xs.x, gs.x), 0.0);
+            var out = vec2<f32>(grad(e, walk.c, xs.x, gs.x), 0.0);
             if e + 1u < p.chunk_elems {
-                out.y = grad(e + 1u, channel_at(p.chunk_start + e + 1u), xs.y, gs.y);
+                out.y = grad(e + 1u, walk_next(walk).c, xs.y, gs.y);
             }
             dx[p.y_base / 2u + w] = pack2x16float(out);
+            walk = walk_by(walk, step);
         }
     } else {
+        var walk = walk_at(lane.x);
+        let step = stride_of(lane.y);
         for (var k = 0u; k < p.elementwise_steps; k++) {
             let e = lane.x + k * lane.y;
             if e >= p.chunk_elems {
@@ -33,7 +38,8 @@ fn backward_dx_coalesced(
             }
             let xv = bitcast<f32>(x[p.x_base + e]);
             let g = bitcast<f32>(dy[p.x_base + e]);
-            dx[p.y_base + e] = bitcast<u32>(grad(e, channel_at(p.chunk_start + e), xv, g));
+            dx[p.y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
+            walk = walk_by(walk, step);
         }
     }
 }
@@ -47,13 +53,16 @@ fn backward_dx_coalesced_inner4(
 ) {
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
+    var walk = walk_at(4u * lane.x);
+    let step = stride_of(4u * lane.y);
     for (var k = 0u; k < p.elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
         }
-        let c = coeffs_of(channel_at(p.chunk_start + 4u * v));
+        let c = coeffs_of(walk.c);
         grad4(v, vec4<f32>(c.x), vec4<f32>(c.y), vec4<f32>(c.z), vec4<f32>(c.w));
+        walk = walk_by(walk, step);
     }
 }
 
@@ -67,14 +76,17 @@ fn backward_dx_coalesced_channels4(
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     let quads = p.channels / 4u;
+    // chunks of channels-last vec4 layouts start on a row
+    var q = lane.x % quads;
+    let step = lane.y % quads;
     for (var k = 0u; k < p.elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
         }
-        // chunks of channels-last vec4 layouts start on a row
-        let c = quad_coeffs((p.chunk_start / 4u + v) % quads);
+        let c = quad_coeffs(q);
         grad4_kept(v, c[0], c[1], c[2], c[3], !MASKED || row_masked_in(v / quads));
+        q = select(q + step, q + step - quads, q + step >= quads);
     }
 }
 
@@ -87,12 +99,14 @@ fn backward_dx_coalesced_runs16(
 ) {
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
+    var walk = walk_at(4u * lane.x);
+    let step = stride_of(4u * lane.y);
     for (var k = 0u; k < p.elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
         }
-        let two = two_channels(4u * v);
+        let two = two_channels_at(walk);
         let next = in_next_channel(two, 0u);
         let k0 = coeffs_of(two.c0);
         let k1 = coeffs_of(two.c1);
@@ -103,5 +117,6 @@ fn backward_dx_coalesced_runs16(
             select(vec4<f32>(k0.z), vec4<f32>(k1.z), next),
             select(vec4<f32>(k0.w), vec4<f32>(k1.w), next),
         );
+        walk = walk_by(walk, step);
     }
 }

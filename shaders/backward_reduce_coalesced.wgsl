@@ -107,12 +107,16 @@ fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     var b = vec3<f32>(0.0);
     // offsets from j0 (positions near 2^32 would wrap)
     let span = t.j1 - t.j0;
+    var wa = run_walk(t.j0 + lanes.lid, 2u * WG);
+    var wb = run_walk(t.j0 + lanes.lid + WG, 2u * WG);
     for (var k = 0u; k < steps; k += 2u) {
         let at = lanes.lid + k * WG;
-        let ea = element_of(t.j0 + at, t.c);
-        let eb = element_of(t.j0 + at + WG, t.c);
+        let ea = walk_element(wa, t.c);
+        let eb = walk_element(wb, t.c);
         a += backward_terms(base + ea, ea, t.c, at < span);
         b += backward_terms(base + eb, eb, t.c, at + WG < span);
+        wa = walk_advance(wa);
+        wb = walk_advance(wb);
     }
     let s = reduce_all(vec4<f32>(a + b, 0.0), lanes);
     if lanes.lid == 0u {
@@ -137,10 +141,12 @@ fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     var t_dyx = vec4<f32>(0.0);
     var t_xc = vec4<f32>(0.0);
     let span = t.j1 - t.j0;
+    var wa = run_walk(t.j0 + 4u * lanes.lid, 8u * WG);
+    var wb = run_walk(t.j0 + 4u * (lanes.lid + WG), 8u * WG);
     for (var k = 0u; k < steps; k += 2u) {
         let at = 4u * (lanes.lid + k * WG);
         if at < span {
-            let i = (base + element_of(t.j0 + at, t.c)) / 4u;
+            let i = (base + walk_element(wa, t.c)) / 4u;
             let g = load_dy4(i);
             let centered = (load_x4(i) - stats.x) - stats.y;
             s_dy += g;
@@ -148,13 +154,15 @@ fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
             s_xc += centered;
         }
         if at + 4u * WG < span {
-            let i = (base + element_of(t.j0 + at + 4u * WG, t.c)) / 4u;
+            let i = (base + walk_element(wb, t.c)) / 4u;
             let g = load_dy4(i);
             let centered = (load_x4(i) - stats.x) - stats.y;
             t_dy += g;
             t_dyx = fma(g, centered, t_dyx);
             t_xc += centered;
         }
+        wa = walk_advance(wa);
+        wb = walk_advance(wb);
     }
     let ones = vec4<f32>(1.0);
     let s = reduce_all(vec4<f32>(dot(s_dy + t_dy, ones), dot(s_dyx + t_dyx, ones), dot(s_xc + t_xc, ones), 0.0), lanes);

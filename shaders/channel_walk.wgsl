@@ -60,7 +60,27 @@ fn lane_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
     return vec2<u32>((wid.x + wid.y * nwg.x) * WG + lid, nwg.x * nwg.y * WG);
 }
 
-// the channel of absolute element a
-fn channel_at(a: u32) -> u32 {
-    return (a / p.inner) % p.channels;
+// A walk's stride of `s` elements: whole runs (mod channels) and the rest.
+fn stride_of(s: u32) -> ChannelWalk {
+    return ChannelWalk((s / p.inner) % p.channels, s % p.inner);
+}
+
+// The walk `step` elements on (step from stride_of), with no division.
+fn walk_by(w: ChannelWalk, step: ChannelWalk) -> ChannelWalk {
+    var i = w.i + step.i;
+    var c = w.c + step.c;
+    // each part below its bound: one carry, one wrap at most
+    if i >= p.inner {
+        i -= p.inner;
+        c += 1u;
+    }
+    if c >= p.channels {
+        c -= p.channels;
+    }
+    return ChannelWalk(c, i);
+}
+
+// The two channels of the vec4 at the walk (inner >= 16: at most two).
+fn two_channels_at(w: ChannelWalk) -> TwoChannels {
+    return TwoChannels(w.c, select(w.c + 1u, 0u, w.c + 1u == p.channels), p.inner - w.i);
 }

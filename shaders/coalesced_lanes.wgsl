@@ -142,3 +142,32 @@ fn run_tile(group: u32) -> RunTile {
     let span = tile_span(c, tile, p.elems_per_thread);
     return RunTile(c, tile, span.x, span.y);
 }
+
+// A lane's walk along one channel's positions j = o * inner + i by a fixed
+// step, with no division per step (two per lane, at the start).
+struct RunWalk {
+    o: u32,
+    i: u32,
+    step_o: u32,
+    step_i: u32,
+}
+
+fn run_walk(j: u32, step: u32) -> RunWalk {
+    return RunWalk(j / p.inner, j % p.inner, step / p.inner, step % p.inner);
+}
+
+// the absolute element at the walk's position, of channel c
+fn walk_element(w: RunWalk, c: u32) -> u32 {
+    return (w.o * p.channels + c) * p.inner + w.i;
+}
+
+fn walk_advance(w: RunWalk) -> RunWalk {
+    // step_i < inner: one carry at most
+    var i = w.i + w.step_i;
+    var o = w.o + w.step_o;
+    if i >= p.inner {
+        i -= p.inner;
+        o += 1u;
+    }
+    return RunWalk(o, i, w.step_o, w.step_i);
+}

@@ -181,22 +181,26 @@ fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     var b = vec3<f32>(0.0);
     // offsets from j0 (positions near 2^32 would wrap)
     let span = t.j1 - t.j0;
+    var wa = run_walk(t.j0 + lid, 2u * WG);
+    var wb = run_walk(t.j0 + lid + WG, 2u * WG);
     for (var k = 0u; k < steps; k += 2u) {
         let at = lid + k * WG;
         if at < span {
-            let e = element_of(t.j0 + at, t.c);
+            let e = walk_element(wa, t.c);
             if !MASKED || masked_in(e) {
                 let v = (load_x(base + e) - shift) * scale;
                 a += vec3<f32>(v, v * v, 1.0);
             }
         }
         if at + WG < span {
-            let e = element_of(t.j0 + at + WG, t.c);
+            let e = walk_element(wb, t.c);
             if !MASKED || masked_in(e) {
                 let v = (load_x(base + e) - shift) * scale;
                 b += vec3<f32>(v, v * v, 1.0);
             }
         }
+        wa = walk_advance(wa);
+        wb = walk_advance(wb);
     }
     let s = reduce_all(vec4<f32>(a + b, 0.0), lanes);
     if lid == 0u {
@@ -224,18 +228,22 @@ fn partial_stats_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
     var s1b = vec4<f32>(0.0);
     var s2b = vec4<f32>(0.0);
     let span = t.j1 - t.j0;
+    var wa = run_walk(t.j0 + 4u * lid, 8u * WG);
+    var wb = run_walk(t.j0 + 4u * (lid + WG), 8u * WG);
     for (var k = 0u; k < steps; k += 2u) {
         let at = 4u * (lid + k * WG);
         if at < span {
-            let va = (load_x4((base + element_of(t.j0 + at, t.c)) / 4u) - shift) * scale;
+            let va = (load_x4((base + walk_element(wa, t.c)) / 4u) - shift) * scale;
             s1a += va;
             s2a = fma(va, va, s2a);
         }
         if at + 4u * WG < span {
-            let vb = (load_x4((base + element_of(t.j0 + at + 4u * WG, t.c)) / 4u) - shift) * scale;
+            let vb = (load_x4((base + walk_element(wb, t.c)) / 4u) - shift) * scale;
             s1b += vb;
             s2b = fma(vb, vb, s2b);
         }
+        wa = walk_advance(wa);
+        wb = walk_advance(wb);
     }
     let ones = vec4<f32>(1.0);
     let s = reduce_all(vec4<f32>(dot(s1a + s1b, ones), dot(s2a + s2b, ones), 0.0, 0.0), lanes);

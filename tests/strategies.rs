@@ -8,7 +8,9 @@ mod common;
 
 use common::{compare_gradients, compare_with_reference, tolerance};
 use wgpu_batchnorm::tuning::Op;
-use wgpu_batchnorm::{AdapterSelection, BatchNormConfig, ChannelView, DType, GpuContext, KernelChoice, Strategy};
+use wgpu_batchnorm::{
+    AdapterSelection, BatchNormConfig, ChannelView, DType, GpuContext, KernelChoice, PlanTuning, Strategy,
+};
 
 fn context(backends: wgpu::Backends, choice: KernelChoice) -> GpuContext {
     let ctx = GpuContext::new(&AdapterSelection {
@@ -100,6 +102,30 @@ fn coalesced_kernels_on_gl() {
         &context(wgpu::Backends::GL, KernelChoice::Coalesced),
         Strategy::Coalesced,
     );
+}
+
+/// The coalesced family with the smallest grids: every lane strides many
+/// times (channel walks wrap), rows split into many column blocks.
+fn small_grids(backends: wgpu::Backends) -> GpuContext {
+    let ctx = context(backends, KernelChoice::Coalesced);
+    let tuning = PlanTuning {
+        reduce_invocations: 256,
+        elementwise_invocations: 256,
+        lane_width: 4,
+        ..PlanTuning::default_for(Strategy::Coalesced)
+    };
+    ctx.set_plan_tuning(Some(tuning)).unwrap();
+    ctx
+}
+
+#[test]
+fn coalesced_kernels_with_small_grids_on_vulkan() {
+    sweep(&small_grids(wgpu::Backends::VULKAN), Strategy::Coalesced);
+}
+
+#[test]
+fn coalesced_kernels_with_small_grids_on_gl() {
+    sweep(&small_grids(wgpu::Backends::GL), Strategy::Coalesced);
 }
 
 /// Inputs cut into several bindings (chunks that start and end inside a
