@@ -335,6 +335,17 @@ impl GpuContext {
         }
     }
 
+    /// The cached plan that [`GpuContext::plan_tuning`] returns for these
+    /// calls, if it comes from the tuning cache (choice `Auto`, no forced
+    /// plan, an entry for this adapter and shape class); `None` otherwise.
+    pub fn tuned_plan(&self, view: ChannelView, dtype: DType, op: Op) -> Option<PlanTuning> {
+        let plans = self.lock_plans();
+        if plans.forced.is_some() || plans.choice != KernelChoice::Auto {
+            return None;
+        }
+        plans.tuned.get(&(shape_class(view, dtype), op)).copied()
+    }
+
     /// Reads the tuning cache again (after `bench --tune` rewrote it);
     /// returns how many plans it holds for this adapter. A corrupt cache is
     /// an error here and leaves the plans as they were.
