@@ -4,9 +4,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use wgpu_batchnorm::AdapterSelection;
 use wgpu_batchnorm::DType;
 use wgpu_batchnorm::bench::{self, BenchOptions, BenchReport, BenchShape, Op};
+
+use super::Target;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
@@ -58,7 +59,7 @@ fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
     }
 }
 
-pub(crate) fn run(selection: &AdapterSelection, args: &BenchArgs) -> Result<u8, String> {
+pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
     let shapes = if args.shapes.is_empty() {
         if !args.axes.is_empty() {
             return Err("--axis needs --shape".into());
@@ -99,7 +100,7 @@ pub(crate) fn run(selection: &AdapterSelection, args: &BenchArgs) -> Result<u8, 
     // a path that cannot be written is refused now, not after minutes of measuring
     let mut json = args.json.as_deref().map(|p| OutputFile::open("json", p)).transpose()?;
     let mut svg = args.svg.as_deref().map(|p| OutputFile::open("svg", p)).transpose()?;
-    let ctx = super::open(selection)?;
+    let ctx = super::open(target)?;
     println!("adapter: {}", ctx.describe());
     let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
     let bar = indicatif::ProgressBar::new(total);

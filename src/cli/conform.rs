@@ -2,17 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use wgpu_batchnorm::AdapterSelection;
 use wgpu_batchnorm::keras::{self, Device, KerasCase};
 
-use super::{DeviceArg, EXIT_FAIL};
+use super::{DeviceArg, EXIT_FAIL, Target};
 
-pub(crate) fn run(
-    selection: &AdapterSelection,
-    dir: &Path,
-    out: Option<&Path>,
-    device: DeviceArg,
-) -> Result<u8, String> {
+pub(crate) fn run(target: &Target, dir: &Path, out: Option<&Path>, device: DeviceArg) -> Result<u8, String> {
     // Read every case first: a bad file is a usage error, not a failed case.
     let cases = keras::load_dir(dir).map_err(|e| e.to_string())?;
     // every output path is settled before any case runs
@@ -25,7 +19,7 @@ pub(crate) fn run(
     };
     let device = match device {
         DeviceArg::Gpu => {
-            let ctx = super::open(selection)?;
+            let ctx = super::open(target)?;
             println!("adapter: {}", ctx.describe());
             Device::Gpu(ctx)
         }

@@ -7,15 +7,15 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
-use wgpu_batchnorm::{AdapterSelection, BatchNorm, BatchNormConfig, Tensor};
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Tensor};
 
-use super::EXIT_FAIL;
+use super::{EXIT_FAIL, Target};
 
 const SHAPE: [usize; 4] = [32, 56, 56, 64];
 const TRAINING_STEPS: usize = 3;
 
-pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
-    let ctx = super::open(selection)?;
+pub(crate) fn run(target: &Target) -> Result<u8, String> {
+    let ctx = super::open(target)?;
     match ctx.adapter_info() {
         Some(i) => println!(
             "adapter: {} ({}, {:?}, driver {} {})",

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use wgpu_batchnorm::{AdapterSelection, GpuContext};
+use wgpu_batchnorm::{AdapterSelection, GpuContext, KernelChoice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +24,9 @@ struct Cli {
     /// Use the first adapter whose name contains this (default: WGPU_ADAPTER_NAME).
     #[arg(long, global = true, value_name = "SUBSTRING")]
     adapter: Option<String>,
+    /// Kernel family (default: WGPU_BATCHNORM_KERNELS, else auto: tuned plans, serial on CPUs, coalesced on GPUs).
+    #[arg(long, global = true, value_enum)]
+    kernels: Option<KernelsArg>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -56,12 +59,37 @@ enum BackendArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelsArg {
+    Serial,
+    Coalesced,
+    Auto,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DeviceArg {
     Gpu,
     Cpu,
 }
 
+/// Which adapter to open and which kernels it runs.
+pub(crate) struct Target {
+    pub(crate) selection: AdapterSelection,
+    /// `--kernels`; `None` leaves the context's own choice (the environment's).
+    pub(crate) kernels: Option<KernelChoice>,
+}
+
 impl Cli {
+    fn target(&self) -> Target {
+        Target {
+            selection: self.selection(),
+            kernels: self.kernels.map(|k| match k {
+                KernelsArg::Serial => KernelChoice::Serial,
+                KernelsArg::Coalesced => KernelChoice::Coalesced,
+                KernelsArg::Auto => KernelChoice::Auto,
+            }),
+        }
+    }
+
     fn selection(&self) -> AdapterSelection {
         let env = AdapterSelection::from_env();
         AdapterSelection {
@@ -92,12 +120,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let selection = cli.selection();
+    let target = cli.target();
     let result = match &cli.command {
-        None => demo::run(&selection),
-        Some(Command::Adapters) => adapters::run(&selection),
-        Some(Command::Bench(args)) => bench::run(&selection, args),
-        Some(Command::Conform { dir, out, device }) => conform::run(&selection, dir, out.as_deref(), *device),
+        None => demo::run(&target),
+        Some(Command::Adapters) => adapters::run(&target.selection),
+        Some(Command::Bench(args)) => bench::run(&target, args),
+        Some(Command::Conform { dir, out, device }) => conform::run(&target, dir, out.as_deref(), *device),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -108,9 +136,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Opens the selected adapter, with the error text as the message.
-pub(crate) fn open(selection: &AdapterSelection) -> Result<GpuContext, String> {
-    GpuContext::new(selection).map_err(|e| e.to_string())
+/// Opens the selected adapter, with the error text as the message, and
+/// applies `--kernels` (which beats `WGPU_BATCHNORM_KERNELS`).
+pub(crate) fn open(target: &Target) -> Result<GpuContext, String> {
+    let ctx = GpuContext::new(&target.selection).map_err(|e| e.to_string())?;
+    if let Some(choice) = target.kernels {
+        ctx.set_kernel_choice(choice);
+    }
+    Ok(ctx)
 }
 
 /// Milliseconds, three significant digits.
