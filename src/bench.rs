@@ -8,14 +8,15 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::config::BatchNormConfig;
+use crate::config::{BatchNormConfig, ChannelView};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::keras::error_measure;
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
-use crate::layer::BatchNorm;
-use crate::reference::ReferenceLayer;
+use crate::layer::{BatchNorm, Gradients, SavedForward};
+use crate::reference::{ReferenceGradients, ReferenceLayer};
 use crate::tensor::{DType, Tensor};
+use crate::tuning::{self, Strategy};
 
 /// One benchmarked input: a shape and its feature axis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,6 +77,16 @@ impl Op {
         }
     }
 
+    /// The layer call a tuned plan is for; `None` for the baselines.
+    pub fn tuning_op(self) -> Option<tuning::Op> {
+        match self {
+            Op::TrainForward => Some(tuning::Op::Training),
+            Op::InferenceForward => Some(tuning::Op::Inference),
+            Op::Backward => Some(tuning::Op::Backward),
+            Op::Copy | Op::Stream => None,
+        }
+    }
+
     /// The name used in the JSON and the table.
     pub fn name(self) -> &'static str {
         match self {
@@ -115,6 +126,19 @@ pub struct BenchResult {
     pub ratio_to_stream: f64,
     /// Conformance error against the float64 reference (None for baselines).
     pub max_error: Option<f64>,
+    /// The layer's kernels that ran (None for baselines).
+    pub kernels: Option<KernelsUsed>,
+}
+
+/// Which kernels a layer figure measured (the JSON's `kernels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelsUsed {
+    /// The kernel family.
+    pub strategy: Strategy,
+    /// The plan's knobs ([`PlanTuning::describe`]).
+    pub plan: String,
+    /// Whether the plan came from the tuning cache (`bench --tune`).
+    pub tuned: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -277,6 +301,165 @@ pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&s
     })
 }
 
+/// One shape and dtype: its inputs on the GPU and the float64 reference's
+/// answers to the calls [`Setup::check`] makes.
+struct Setup {
+    config: BatchNormConfig,
+    channels: usize,
+    view: ChannelView,
+    dtype: DType,
+    len: usize,
+    label: String,
+    x: Tensor,
+    dy: Tensor,
+    y: Tensor,
+    /// A training forward, its backward, then an inference call.
+    train_y: Vec<f64>,
+    grads: ReferenceGradients,
+    inference_y: Vec<f64>,
+}
+
+/// The errors of one layer's check, by call.
+struct Errors {
+    train: f64,
+    inference: f64,
+    backward: f64,
+}
+
+impl Setup {
+    fn new(ctx: &GpuContext, bench: &BenchShape, dtype: DType) -> Result<Self> {
+        let config = BatchNormConfig {
+            axis: bench.axis,
+            ..Default::default()
+        };
+        let axis = config.resolve_axis(bench.shape.len())?;
+        let channels = bench.shape[axis];
+        let len: usize = bench.shape.iter().product();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
+        let round = |v: f32| match dtype {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+        };
+        let x32: Vec<f32> = (0..len).map(|_| round(3.0 + rng.random::<f32>() * 4.0)).collect();
+        let dy32: Vec<f32> = (0..len).map(|_| round(rng.random::<f32>() - 0.25)).collect();
+        let x = Tensor::from_f32_as(ctx, &bench.shape, &x32, dtype)?;
+        let dy = Tensor::from_f32_as(ctx, &bench.shape, &dy32, dtype)?;
+        let y = Tensor::uninit(ctx, &bench.shape, dtype)?;
+        let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
+        let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
+        drop((x32, dy32));
+        let mut reference = ReferenceLayer::new(config.clone(), channels)?;
+        let train_y = reference.forward(&x64, &bench.shape, Some(true), None)?;
+        let grads = reference.backward(&dy64, false)?;
+        let inference_y = reference.forward(&x64, &bench.shape, None, None)?;
+        Ok(Setup {
+            label: format!("{:?} axis {} {}", bench.shape, bench.axis, dtype_name(dtype)),
+            config,
+            channels,
+            view: ChannelView::new(&bench.shape, axis),
+            dtype,
+            len,
+            x,
+            dy,
+            y,
+            train_y,
+            grads,
+            inference_y,
+        })
+    }
+
+    /// A fresh layer run as the reference ran (training forward, its
+    /// backward, inference) with the context's current plans, and its
+    /// errors against the reference.
+    fn check(&self, ctx: &GpuContext) -> Result<Checked> {
+        let layer = BatchNorm::new(ctx, self.config.clone(), self.channels)?;
+        let grads = layer.gradient_tensors(&self.dy)?;
+        let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
+        let saved = layer.forward_into(&self.x, Some(true), None, &self.y)?;
+        let train = error_measure(&read(&self.y)?, &self.train_y);
+        layer.backward_into(&saved, &self.dy, false, &grads)?;
+        let want = &self.grads;
+        let mut backward = error_measure(&read(&grads.dx)?, &want.dx);
+        if let (Some(g), Some(w)) = (&grads.dgamma, &want.dgamma) {
+            backward = backward.max(error_measure(&read(g)?, w));
+        }
+        if let (Some(g), Some(w)) = (&grads.dbeta, &want.dbeta) {
+            backward = backward.max(error_measure(&read(g)?, w));
+        }
+        layer.forward_into(&self.x, None, None, &self.y)?;
+        let inference = error_measure(&read(&self.y)?, &self.inference_y);
+        Ok(Checked {
+            layer,
+            grads,
+            saved,
+            errors: Errors {
+                train,
+                inference,
+                backward,
+            },
+        })
+    }
+
+    /// Milliseconds per run of `op` on a checked layer.
+    fn time(
+        &self,
+        ctx: &GpuContext,
+        clock: &Clock,
+        options: &BenchOptions,
+        checked: &Checked,
+        stream: Option<&StreamBaseline>,
+        op: Op,
+    ) -> Result<Vec<f64>> {
+        let (x, y, dy) = (&self.x, &self.y, &self.dy);
+        let Checked {
+            layer, grads, saved, ..
+        } = checked;
+        match op {
+            // after an untimed training forward each time (backward uses its statistics)
+            Op::Backward => {
+                let saved = std::cell::RefCell::new(saved.clone());
+                clock.time(
+                    ctx,
+                    options,
+                    || {
+                        *saved.borrow_mut() = layer.forward_into(x, Some(true), None, y)?;
+                        Ok(())
+                    },
+                    |encoder| layer.record_backward(encoder, &saved.borrow(), dy, false, grads),
+                )
+            }
+            _ => clock.time(
+                ctx,
+                options,
+                || Ok(()),
+                |encoder| match op {
+                    Op::Copy => {
+                        let size = crate::tensor::padded_bytes(self.len, self.dtype);
+                        encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
+                        Ok(())
+                    }
+                    Op::Stream => {
+                        let stream = stream.ok_or_else(|| Error::Readback("no streaming baseline".into()))?;
+                        stream.record(encoder);
+                        Ok(())
+                    }
+                    Op::InferenceForward => layer.record_forward(encoder, x, None, None, y).map(drop),
+                    _ => layer.record_forward(encoder, x, Some(true), None, y).map(drop),
+                },
+            ),
+        }
+    }
+}
+
+/// A layer that ran [`Setup::check`]: what timing it needs, and its errors.
+struct Checked {
+    layer: BatchNorm,
+    grads: Gradients,
+    /// The checked training call's statistics (what backward reads).
+    saved: SavedForward,
+    errors: Errors,
+}
+
 fn measure_shape(
     ctx: &GpuContext,
     clock: &Clock,
@@ -285,89 +468,36 @@ fn measure_shape(
     options: &BenchOptions,
     progress: &mut impl FnMut(&str),
 ) -> Result<Vec<BenchResult>> {
-    let config = BatchNormConfig {
-        axis: bench.axis,
-        ..Default::default()
-    };
-    let axis = config.resolve_axis(bench.shape.len())?;
-    let channels = bench.shape[axis];
-    let len: usize = bench.shape.iter().product();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
-    let round = |v: f32| match dtype {
-        DType::F32 => v,
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-    };
-    let x32: Vec<f32> = (0..len).map(|_| round(3.0 + rng.random::<f32>() * 4.0)).collect();
-    let dy32: Vec<f32> = (0..len).map(|_| round(rng.random::<f32>() - 0.25)).collect();
-    let x = Tensor::from_f32_as(ctx, &bench.shape, &x32, dtype)?;
-    let dy = Tensor::from_f32_as(ctx, &bench.shape, &dy32, dtype)?;
-    let y = Tensor::uninit(ctx, &bench.shape, dtype)?;
-    let layer = BatchNorm::new(ctx, config.clone(), channels)?;
-    let grads = layer.gradient_tensors(&dy)?;
-    let label = format!("{:?} axis {} {}", bench.shape, bench.axis, dtype_name(dtype));
-
+    let setup = Setup::new(ctx, bench, dtype)?;
+    let label = &setup.label;
     // correctness first: one training call and its backward, one inference call
-    let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
-    let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
-    let mut reference = ReferenceLayer::new(config, channels)?;
-    let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
-    let saved = layer.forward_into(&x, Some(true), None, &y)?;
-    let train_error = error_measure(&read(&y)?, &reference.forward(&x64, &bench.shape, Some(true), None)?);
-    layer.backward_into(&saved, &dy, false, &grads)?;
-    let want = reference.backward(&dy64, false)?;
-    let mut backward_error = error_measure(&read(&grads.dx)?, &want.dx);
-    if let (Some(g), Some(w)) = (&grads.dgamma, &want.dgamma) {
-        backward_error = backward_error.max(error_measure(&read(g)?, w));
-    }
-    if let (Some(g), Some(w)) = (&grads.dbeta, &want.dbeta) {
-        backward_error = backward_error.max(error_measure(&read(g)?, w));
-    }
-    layer.forward_into(&x, None, None, &y)?;
-    let inference_error = error_measure(&read(&y)?, &reference.forward(&x64, &bench.shape, None, None)?);
+    let checked = setup.check(ctx)?;
+    let errors = &checked.errors;
     let tol = crate::keras::tolerance(dtype, false);
     let grad_tol = crate::keras::tolerance(dtype, true);
-    if !(train_error <= tol && inference_error <= tol && backward_error <= grad_tol) {
+    if !(errors.train <= tol && errors.inference <= tol && errors.backward <= grad_tol) {
         return Err(Error::Readback(format!(
-            "{label}: the GPU disagrees with the float64 reference (train {train_error:.2e}, \
-             inference {inference_error:.2e}, backward {backward_error:.2e}); not timing it"
+            "{label}: the GPU disagrees with the float64 reference (train {:.2e}, \
+             inference {:.2e}, backward {:.2e}); not timing it",
+            errors.train, errors.inference, errors.backward
         )));
     }
 
-    let stream = StreamBaseline::new(ctx, &x, &y)?;
-    let bytes = (len * dtype.size()) as u64;
+    let stream = StreamBaseline::new(ctx, &setup.x, &setup.y)?;
+    let bytes = (setup.len * dtype.size()) as u64;
     let mut figures = Vec::new();
     for op in Op::ALL {
-        let no_setup = || Ok(());
-        let times = match op {
-            // after an untimed training forward each time (backward uses its statistics)
-            Op::Backward => {
-                let saved = std::cell::RefCell::new(saved.clone());
-                clock.time(
-                    ctx,
-                    options,
-                    || {
-                        *saved.borrow_mut() = layer.forward_into(&x, Some(true), None, &y)?;
-                        Ok(())
-                    },
-                    |encoder| layer.record_backward(encoder, &saved.borrow(), &dy, false, &grads),
-                )?
-            }
-            _ => clock.time(ctx, options, no_setup, |encoder| match op {
-                Op::Copy => {
-                    let size = crate::tensor::padded_bytes(len, dtype);
-                    encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
-                    Ok(())
-                }
-                Op::Stream => {
-                    stream.record(encoder);
-                    Ok(())
-                }
-                Op::InferenceForward => layer.record_forward(encoder, &x, None, None, &y).map(drop),
-                _ => layer.record_forward(encoder, &x, Some(true), None, &y).map(drop),
-            })?,
-        };
+        let times = setup.time(ctx, clock, options, &checked, Some(&stream), op)?;
         let (median, min, max) = summarize(&times);
         let total = bytes * op.passes();
+        let kernels = op.tuning_op().map(|t| {
+            let plan = ctx.plan_tuning(setup.view, dtype, t);
+            KernelsUsed {
+                strategy: plan.strategy,
+                plan: plan.describe(),
+                tuned: ctx.tuned_plan(setup.view, dtype, t).is_some(),
+            }
+        });
         figures.push(BenchResult {
             shape: bench.shape.clone(),
             axis: bench.axis,
@@ -381,11 +511,12 @@ fn measure_shape(
             gbps: total as f64 / (median * 1e-3) / 1e9,
             ratio_to_stream: f64::NAN,
             max_error: match op {
-                Op::TrainForward => Some(train_error),
-                Op::InferenceForward => Some(inference_error),
-                Op::Backward => Some(backward_error),
+                Op::TrainForward => Some(errors.train),
+                Op::InferenceForward => Some(errors.inference),
+                Op::Backward => Some(errors.backward),
                 Op::Copy | Op::Stream => None,
             },
+            kernels,
         });
         progress(&format!("{label} {}", op.name()));
     }

@@ -185,14 +185,19 @@ fn print_table(report: &BenchReport) {
         report.timing
     );
     println!(
-        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>8} {:>9} {:>10}",
+        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>8} {:>9} {:>10}  kernels",
         "shape", "axis", "type", "op", "ms", "GB/s", "x stream", "max error"
     );
     for r in &report.results {
         let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
         let error = r.max_error.map(|e| format!("{e:.1e}")).unwrap_or_else(|| "-".into());
+        let kernels = match &r.kernels {
+            Some(k) if k.tuned => format!("{} (tuned)", k.strategy),
+            Some(k) => k.strategy.to_string(),
+            None => "-".into(),
+        };
         println!(
-            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>8.2} {:>9.2} {:>10}",
+            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>8.2} {:>9.2} {:>10}  {}",
             shape,
             r.axis,
             r.dtype,
@@ -200,7 +205,8 @@ fn print_table(report: &BenchReport) {
             r.median_ms,
             r.gbps,
             r.ratio_to_stream,
-            error
+            error,
+            kernels
         );
     }
 }
