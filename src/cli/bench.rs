@@ -4,10 +4,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use wgpu_batchnorm::DType;
 use wgpu_batchnorm::bench::{self, BenchOptions, BenchReport, BenchShape, Op};
+use wgpu_batchnorm::tuning::TuningCache;
+use wgpu_batchnorm::{DType, GpuContext};
 
-use super::Target;
+use super::{EXIT_FAIL, Target};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
@@ -29,6 +30,10 @@ pub(crate) struct BenchArgs {
     /// Few runs, float32 only: a correctness and smoke check in under a minute.
     #[arg(long)]
     quick: bool,
+    /// Time candidate plans for every shape and call, write the fastest to the tuning cache
+    /// (then measure with them if --json or --svg is given).
+    #[arg(long)]
+    tune: bool,
     /// Write every figure as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -102,6 +107,18 @@ pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
     let mut svg = args.svg.as_deref().map(|p| OutputFile::open("svg", p)).transpose()?;
     let ctx = super::open(target)?;
     println!("adapter: {}", ctx.describe());
+    let mut code = 0;
+    if args.tune {
+        if tune(&ctx, &options)? {
+            code = EXIT_FAIL;
+        }
+        if json.is_none() && svg.is_none() {
+            return Ok(code);
+        }
+        // the figures below run the plans just written
+        ctx.reload_tuning_cache().map_err(|e| e.to_string())?;
+        ctx.set_plan_tuning(None).map_err(|e| e.to_string())?;
+    }
     let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").map_err(|e| e.to_string())?);
@@ -120,7 +137,69 @@ pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
     if let Some(file) = &mut svg {
         file.write(svg_text(&report).as_bytes())?;
     }
-    Ok(0)
+    Ok(code)
+}
+
+/// `--tune`: times the candidates, prints one line per shape, dtype and
+/// call, and writes the winners into the tuning cache. Returns whether any
+/// candidate failed its check.
+fn tune(ctx: &GpuContext, options: &BenchOptions) -> Result<bool, String> {
+    let err = |e: wgpu_batchnorm::Error| e.to_string();
+    let total = bench::tune_steps(ctx, options).map_err(err)? as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").map_err(|e| e.to_string())?);
+    let report = bench::tune(ctx, options, |label| {
+        bar.set_message(label.to_string());
+        bar.inc(1);
+    })
+    .map_err(err);
+    bar.finish_and_clear();
+    let report = report?;
+    println!("tuning: fastest of the candidate plans, against the default plan");
+    for r in &report.results {
+        let shape = r
+            .shape
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        let what = format!("{shape} axis {} {} {}", r.shape.axis, r.dtype, r.op.name());
+        for c in &r.candidates {
+            if let Some(failure) = &c.failure {
+                println!("  FAIL {what}: {}: {failure}", c.tuning.describe());
+            }
+        }
+        let n = r.candidates.len();
+        match (r.chosen_plan(), r.speedup) {
+            (Some(c), Some(speedup)) => {
+                let ms = c.median_ms.unwrap_or(f64::NAN);
+                let verdict = if r.chosen == Some(0) {
+                    "the default".to_string()
+                } else {
+                    format!("{speedup:.2}x the default")
+                };
+                println!(
+                    "{what}: {} ({ms:.3} ms, {verdict}; {n} candidates)",
+                    c.tuning.describe()
+                );
+            }
+            (Some(_), None) => println!("{what}: the default plan did not run; nothing cached ({n} candidates)"),
+            (None, _) => println!("{what}: no candidate passed; nothing cached ({n} candidates)"),
+        }
+    }
+    let mut cache = TuningCache::load().unwrap_or_else(|e| {
+        eprintln!("wgpu-batchnorm: replacing the tuning cache ({e})");
+        TuningCache::default()
+    });
+    let entries = report.entries();
+    let written = entries.len();
+    for entry in entries {
+        cache.insert(entry);
+    }
+    let path = cache.save().map_err(err)?;
+    println!("tuning cache: {} ({written} plans written)", path.display());
+    Ok(report.any_failed())
 }
 
 /// A `--json` or `--svg` file, opened before the benchmark runs. A file
