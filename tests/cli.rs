@@ -583,3 +583,278 @@ fn a_shape_past_the_device_limit_is_refused_before_its_inputs_are_allocated() {
     assert!(stderr.contains("too large") && !stderr.contains("panicked"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
 }
+
+/// A folder removed again when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        TempDir(scratch(name))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `run` with the tuning cache in `cache` and no kernel choice from the
+/// environment.
+fn run_cached(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+        .args(args)
+        .env(wgpu_batchnorm::tuning::CACHE_DIR_ENV, cache)
+        .env_remove(wgpu_batchnorm::tuning::KERNELS_ENV)
+        .output()
+        .expect("the binary runs")
+}
+
+/// `bench --quick --shape SHAPE --json` in `dir`: the layer figures' `kernels`.
+fn bench_kernels(dir: &Path, extra: &[&str], shape: &str) -> (Output, Vec<serde_json::Value>) {
+    let json = dir.join("bench.json");
+    let _ = std::fs::remove_file(&json);
+    let args = [
+        extra,
+        &["bench", "--quick", "--shape", shape, "--json", json.to_str().unwrap()],
+    ]
+    .concat();
+    let o = run_cached(&args, &dir.join("cache"));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{args:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let mut kernels = Vec::new();
+    for r in report["results"].as_array().unwrap() {
+        match r["op"].as_str().unwrap() {
+            "copy" | "stream" => assert!(r["kernels"].is_null(), "{r}"),
+            _ => kernels.push(r["kernels"].clone()),
+        }
+    }
+    assert_eq!(kernels.len(), 3, "{report}");
+    (o, kernels)
+}
+
+#[test]
+fn bench_tune_writes_the_cache_and_later_runs_use_it() {
+    use wgpu_batchnorm::tuning::{AdapterKey, Op, TuningCache, shape_class};
+    let dir = TempDir::new("tune");
+    let cache = dir.0.join("cache");
+    let o = run_cached(&["bench", "--tune", "--quick", "--shape", "64,8"], &cache);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    let path = cache.join("tuning.json");
+    assert!(
+        stdout.contains(&format!("tuning cache: {}", path.display())),
+        "{stdout}"
+    );
+    for op in ["training", "inference", "backward"] {
+        let line = format!("64x8 axis -1 f32 {op}: ");
+        assert!(stdout.lines().any(|l| l.starts_with(&line)), "no {line:?} in {stdout}");
+    }
+    // no kernel figures without --json or --svg
+    assert!(!stdout.contains("timing:"), "{stdout}");
+
+    let written: TuningCache = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ctx = wgpu_batchnorm::GpuContext::from_env().unwrap();
+    let adapter = AdapterKey::of(ctx.adapter_info().unwrap());
+    let class = shape_class(
+        wgpu_batchnorm::ChannelView {
+            outer: 64,
+            channels: 8,
+            inner: 1,
+        },
+        wgpu_batchnorm::DType::F32,
+    );
+    let mut plans = Vec::new();
+    for op in Op::ALL {
+        let entry = written
+            .entries
+            .iter()
+            .find(|e| e.adapter == adapter && e.class == class && e.op == op)
+            .unwrap_or_else(|| panic!("no {op:?} entry for {adapter:?} {class} in {written:?}"));
+        assert!(entry.speedup > 0.0 && entry.speedup.is_finite(), "{entry:?}");
+        plans.push(entry.tuning.describe());
+    }
+
+    // a later run reports the cached plans as tuned
+    let (_, kernels) = bench_kernels(&dir.0, &[], "64,8");
+    for (k, plan) in kernels.iter().zip(&plans) {
+        assert_eq!(k["tuned"], true, "{k}");
+        assert_eq!(k["plan"].as_str(), Some(plan.as_str()), "{k}");
+        assert!(plan.starts_with(k["strategy"].as_str().unwrap()), "{k}");
+    }
+    // --kernels beats the cache: the family's defaults, not tuned
+    let (_, kernels) = bench_kernels(&dir.0, &["--kernels", "serial"], "64,8");
+    assert!(
+        kernels.iter().all(|k| k["tuned"] == false && k["strategy"] == "serial"),
+        "{kernels:?}"
+    );
+
+    // a corrupt cache is a warning, and the defaults run
+    std::fs::write(&path, b"{ not json").unwrap();
+    let (o, kernels) = bench_kernels(&dir.0, &[], "64,8");
+    let stderr = text(&o.stderr);
+    assert!(
+        stderr.contains("tuning cache") && stderr.contains("tuning.json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(kernels.iter().all(|k| k["tuned"] == false), "{kernels:?}");
+}
+
+#[test]
+fn bench_tune_with_json_measures_with_the_new_plans() {
+    let dir = TempDir::new("tune_json");
+    let json = dir.0.join("bench.json");
+    let o = run_cached(
+        &[
+            "bench",
+            "--tune",
+            "--quick",
+            "--shape",
+            "3,4,20",
+            "--axis",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &dir.0.join("cache"),
+    );
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    assert!(stdout.contains("timing:"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for r in results.iter().filter(|r| !r["kernels"].is_null()) {
+        assert_eq!(r["kernels"]["tuned"], true, "{r}");
+    }
+}
+
+#[test]
+fn kernels_flag_picks_the_family() {
+    let dir = TempDir::new("kernels_flag");
+    for family in ["coalesced", "serial"] {
+        let (o, kernels) = bench_kernels(&dir.0, &["--kernels", family], "3,4,16");
+        for k in &kernels {
+            assert_eq!(k["strategy"], family, "{k}");
+            assert_eq!(k["tuned"], false, "{k}");
+            assert!(k["plan"].as_str().unwrap().starts_with(family), "{k}");
+        }
+        let table = text(&o.stdout);
+        let row = table.lines().find(|l| l.contains("train_forward")).unwrap();
+        assert!(row.ends_with(family), "{row}");
+    }
+    // the flag beats the environment
+    let json = dir.0.join("env.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+        .args(["bench", "--quick", "--shape", "8,4", "--kernels", "serial", "--json"])
+        .arg(&json)
+        .env(wgpu_batchnorm::tuning::CACHE_DIR_ENV, dir.0.join("cache"))
+        .env(wgpu_batchnorm::tuning::KERNELS_ENV, "coalesced")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let train = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["op"] == "train_forward")
+        .unwrap();
+    assert_eq!(train["kernels"]["strategy"], "serial", "{train}");
+}
+
+#[test]
+fn conform_passes_with_the_coalesced_kernels() {
+    let dir = TempDir::new("conform_coalesced");
+    let o = run_cached(
+        &["conform", fixtures().to_str().unwrap(), "--kernels", "coalesced"],
+        &dir.0,
+    );
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    assert_eq!(stdout.lines().last(), Some("15/15 cases pass"), "{stdout}");
+}
+
+#[test]
+fn a_bogus_kernels_value_is_a_usage_error() {
+    for args in [
+        &["--kernels", "bogus", "bench", "--quick"][..],
+        &["bench", "--kernels", "fast"],
+        &["conform", "--kernels", "", "tests/fixtures/keras"],
+    ] {
+        let o = run(args);
+        let stderr = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--kernels"), "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && !text(&o.stdout).contains("timing:"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn tune_candidates_are_valid_distinct_and_one_knob_from_the_default() {
+    use wgpu_batchnorm::tuning::Op;
+    use wgpu_batchnorm::{ChannelView, PlanTuning, Strategy};
+    let ctx = wgpu_batchnorm::GpuContext::from_env().unwrap();
+    let default = PlanTuning::default_for(ctx.default_strategy());
+    let views = [
+        ChannelView {
+            outer: 100352,
+            channels: 64,
+            inner: 1,
+        },
+        ChannelView {
+            outer: 32,
+            channels: 64,
+            inner: 3136,
+        },
+        ChannelView {
+            outer: 8,
+            channels: 512,
+            inner: 49,
+        },
+    ];
+    for view in views {
+        for op in Op::ALL {
+            let plans = wgpu_batchnorm::bench::candidates(&ctx, view, op);
+            assert_eq!(plans[0], default);
+            let families: Vec<Strategy> = plans.iter().map(|p| p.strategy).collect();
+            assert!(families.contains(&Strategy::Serial) && families.contains(&Strategy::Coalesced));
+            for (i, p) in plans.iter().enumerate() {
+                p.validate().unwrap();
+                assert!(!plans[..i].contains(p), "{p:?} twice");
+                if i >= 2 {
+                    let knobs = |p: &PlanTuning| {
+                        [
+                            p.reduce_invocations != default.reduce_invocations,
+                            p.values_per_thread != default.values_per_thread,
+                            p.rows_per_thread != default.rows_per_thread,
+                            p.elementwise_invocations != default.elementwise_invocations,
+                            p.lane_width != default.lane_width,
+                            p.uniform_parameters != default.uniform_parameters,
+                        ]
+                    };
+                    assert_eq!(knobs(p).iter().filter(|&&b| b).count(), 1, "{p:?}");
+                    assert_eq!(p.strategy, default.strategy);
+                    // inference has no reductions to tune
+                    if op == Op::Inference {
+                        assert_eq!(p.reduce_invocations, default.reduce_invocations, "{p:?}");
+                        assert_eq!(p.lane_width, default.lane_width, "{p:?}");
+                    }
+                    if view.inner != 1 {
+                        assert!(p.values_per_thread <= 4, "{p:?}");
+                    }
+                }
+            }
+        }
+    }
+}
