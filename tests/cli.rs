@@ -21,11 +21,35 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A fresh folder for one test, removed again when dropped (also when the
+/// test fails).
+fn scratch(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("wgpu-batchnorm-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
 }
 
 /// Copies a fixture with its `case` metadata and tensors edited.
@@ -584,21 +608,6 @@ fn a_shape_past_the_device_limit_is_refused_before_its_inputs_are_allocated() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
 }
 
-/// A folder removed again when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        TempDir(scratch(name))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `run` with the tuning cache in `cache` and no kernel choice from the
 /// environment.
 fn run_cached(args: &[&str], cache: &Path) -> Output {
@@ -642,8 +651,8 @@ fn bench_kernels(dir: &Path, extra: &[&str], shape: &str) -> (Output, Vec<serde_
 #[test]
 fn bench_tune_writes_the_cache_and_later_runs_use_it() {
     use wgpu_batchnorm::tuning::{AdapterKey, Op, TuningCache, shape_class};
-    let dir = TempDir::new("tune");
-    let cache = dir.0.join("cache");
+    let dir = scratch("tune");
+    let cache = dir.join("cache");
     let o = run_cached(&["bench", "--tune", "--quick", "--shape", "64,8"], &cache);
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
@@ -682,14 +691,14 @@ fn bench_tune_writes_the_cache_and_later_runs_use_it() {
     }
 
     // a later run reports the cached plans as tuned
-    let (_, kernels) = bench_kernels(&dir.0, &[], "64,8");
+    let (_, kernels) = bench_kernels(&dir, &[], "64,8");
     for (k, plan) in kernels.iter().zip(&plans) {
         assert_eq!(k["tuned"], true, "{k}");
         assert_eq!(k["plan"].as_str(), Some(plan.as_str()), "{k}");
         assert!(plan.starts_with(k["strategy"].as_str().unwrap()), "{k}");
     }
     // --kernels beats the cache: the family's defaults, not tuned
-    let (_, kernels) = bench_kernels(&dir.0, &["--kernels", "serial"], "64,8");
+    let (_, kernels) = bench_kernels(&dir, &["--kernels", "serial"], "64,8");
     assert!(
         kernels.iter().all(|k| k["tuned"] == false && k["strategy"] == "serial"),
         "{kernels:?}"
@@ -697,7 +706,7 @@ fn bench_tune_writes_the_cache_and_later_runs_use_it() {
 
     // a corrupt cache is a warning, and the defaults run
     std::fs::write(&path, b"{ not json").unwrap();
-    let (o, kernels) = bench_kernels(&dir.0, &[], "64,8");
+    let (o, kernels) = bench_kernels(&dir, &[], "64,8");
     let stderr = text(&o.stderr);
     assert!(
         stderr.contains("tuning cache") && stderr.contains("tuning.json"),
@@ -709,8 +718,8 @@ fn bench_tune_writes_the_cache_and_later_runs_use_it() {
 
 #[test]
 fn bench_tune_with_json_measures_with_the_new_plans() {
-    let dir = TempDir::new("tune_json");
-    let json = dir.0.join("bench.json");
+    let dir = scratch("tune_json");
+    let json = dir.join("bench.json");
     let o = run_cached(
         &[
             "bench",
@@ -723,7 +732,7 @@ fn bench_tune_with_json_measures_with_the_new_plans() {
             "--json",
             json.to_str().unwrap(),
         ],
-        &dir.0.join("cache"),
+        &dir.join("cache"),
     );
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
@@ -738,9 +747,9 @@ fn bench_tune_with_json_measures_with_the_new_plans() {
 
 #[test]
 fn kernels_flag_picks_the_family() {
-    let dir = TempDir::new("kernels_flag");
+    let dir = scratch("kernels_flag");
     for family in ["coalesced", "serial"] {
-        let (o, kernels) = bench_kernels(&dir.0, &["--kernels", family], "3,4,16");
+        let (o, kernels) = bench_kernels(&dir, &["--kernels", family], "3,4,16");
         for k in &kernels {
             assert_eq!(k["strategy"], family, "{k}");
             assert_eq!(k["tuned"], false, "{k}");
@@ -751,11 +760,11 @@ fn kernels_flag_picks_the_family() {
         assert!(row.ends_with(family), "{row}");
     }
     // the flag beats the environment
-    let json = dir.0.join("env.json");
+    let json = dir.join("env.json");
     let o = Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
         .args(["bench", "--quick", "--shape", "8,4", "--kernels", "serial", "--json"])
         .arg(&json)
-        .env(wgpu_batchnorm::tuning::CACHE_DIR_ENV, dir.0.join("cache"))
+        .env(wgpu_batchnorm::tuning::CACHE_DIR_ENV, dir.join("cache"))
         .env(wgpu_batchnorm::tuning::KERNELS_ENV, "coalesced")
         .output()
         .unwrap();
@@ -772,10 +781,10 @@ fn kernels_flag_picks_the_family() {
 
 #[test]
 fn conform_passes_with_the_coalesced_kernels() {
-    let dir = TempDir::new("conform_coalesced");
+    let dir = scratch("conform_coalesced");
     let o = run_cached(
         &["conform", fixtures().to_str().unwrap(), "--kernels", "coalesced"],
-        &dir.0,
+        &dir,
     );
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
