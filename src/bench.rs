@@ -552,18 +552,12 @@ pub fn candidates(ctx: &GpuContext, view: ChannelView, op: tuning::Op) -> Vec<Pl
             // walk rows_per_thread rows and the others values_per_thread
             // values; only the knob the shape uses is varied
             let quads = channels_last && view.channels.is_multiple_of(4);
-            // normalize_inner16 / _runs16 (and their dx twins) assume one
-            // invocation's 4 * values_per_thread values meet at most two
-            // channels of runs of 16 or more, which more than 4 breaks (an
-            // inner of 16: wrong output); the plan picks those layouts for
-            // any values_per_thread, and a cached plan serves every shape of
-            // its class, so more than 4 is only tried channels last
             if quads {
                 vary(&[4, 8, 16], |p, v| p.rows_per_thread = v);
-            } else if channels_last {
-                vary(&[2, 4, 8], |p, v| p.values_per_thread = v);
             } else {
-                vary(&[2, 4], |p, v| p.values_per_thread = v);
+                // the plan keeps each invocation's values within the
+                // channels its layout assumes, for any values_per_thread
+                vary(&[2, 4, 8], |p, v| p.values_per_thread = v);
             }
             if reduces {
                 vary(&[8192, 16384, 32768], |p, v| p.reduce_invocations = v);

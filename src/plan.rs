@@ -68,7 +68,8 @@ pub(crate) struct Chunk {
 pub(crate) enum Layout {
     Generic,
     Inner4,
-    /// Inner4 with inner % 16 == 0 (the elementwise kernels need no
+    /// Inner4 with inner % 16 == 0, and a multiple of a serial
+    /// invocation's 4 x values_per_thread values (the elementwise kernels need no
     /// channel tracking); statistics treat it as Inner4.
     Inner16,
     Channels4,
@@ -202,8 +203,14 @@ impl DispatchPlan {
         // channels-last vec4 kernels need chunks of whole rows
         let row_block = lcm(64, view.channels);
         // float16 walks the same layouts, four halves per 8-byte load
+        // a serial elementwise invocation's run of values: Inner16 needs it
+        // inside one channel, Runs16 within two
+        let run = match tuning.strategy {
+            Strategy::Serial => (4 * tuning.values_per_thread as usize).max(16),
+            Strategy::Coalesced => 16,
+        };
         let vec4 = match () {
-            _ if view.inner.is_multiple_of(16) => Layout::Inner16,
+            _ if view.inner.is_multiple_of(run) => Layout::Inner16,
             _ if view.inner.is_multiple_of(4) => Layout::Inner4,
             _ if view.inner == 1 && view.channels.is_multiple_of(4) && (fits || row_block <= room) => {
                 if view.channels.is_multiple_of(8) {
@@ -212,7 +219,7 @@ impl DispatchPlan {
                     Layout::Channels4
                 }
             }
-            _ if view.inner >= 16 && len.is_multiple_of(4) => Layout::Runs16,
+            _ if view.inner >= run && len.is_multiple_of(4) => Layout::Runs16,
             _ => Layout::Generic,
         };
         // a kernel that reads the mask keeps its vec4 form only for a mask per row
@@ -813,6 +820,27 @@ mod tests {
                 covered += u64::from(j1 - j0);
             }
             assert_eq!(covered, last.elems as u64, "{:?}", tuning.strategy);
+        }
+    }
+
+    /// A serial plan with longer elementwise invocations takes Inner16 and
+    /// Runs16 only where an invocation's values stay within one channel
+    /// (two for Runs16).
+    #[test]
+    fn serial_invocation_length_limits_the_vec4_layouts() {
+        let view = |outer, channels, inner| ChannelView { outer, channels, inner };
+        let long = PlanTuning {
+            values_per_thread: 8,
+            ..serial()
+        };
+        for (v, layout) in [
+            (view(3, 4, 16), Layout::Inner4),
+            (view(3, 4, 32), Layout::Inner16),
+            (view(3, 4, 21), Layout::Generic),
+            (view(4, 4, 33), Layout::Runs16),
+        ] {
+            let plan = DispatchPlan::new(v, DType::F32, MaskUse::default(), limits(1 << 27), &long).unwrap();
+            assert_eq!(plan.elementwise, layout, "{v:?}");
         }
     }
 

@@ -128,6 +128,24 @@ fn coalesced_kernels_with_small_grids_on_gl() {
     sweep(&small_grids(wgpu::Backends::GL), Strategy::Coalesced);
 }
 
+/// The serial family with every knob away from its default: long and
+/// short elementwise invocations, few rows each, small reduce grids.
+#[test]
+fn serial_kernels_with_other_knobs() {
+    for values_per_thread in [1, 8, 16] {
+        let ctx = context(wgpu::Backends::VULKAN, KernelChoice::Serial);
+        let tuning = PlanTuning {
+            values_per_thread,
+            rows_per_thread: 3,
+            reduce_invocations: 256,
+            uniform_parameters: Some(values_per_thread != 8),
+            ..PlanTuning::default_for(Strategy::Serial)
+        };
+        ctx.set_plan_tuning(Some(tuning)).unwrap();
+        sweep(&ctx, Strategy::Serial);
+    }
+}
+
 /// Inputs cut into several bindings (chunks that start and end inside a
 /// row of channels) with both families.
 #[test]
