@@ -19,6 +19,7 @@ fn main() -> Result<(), wgpu_batchnorm::Error> {
     let selection = AdapterSelection {
         backends: None,
         name: std::env::args().nth(1),
+        ..Default::default()
     };
     let ctx = GpuContext::new(&selection)?;
     println!("opened: {}", ctx.describe());

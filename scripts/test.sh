@@ -10,6 +10,11 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 fi
 scripts/ensure-driver.sh
+# the tests never read the user's tuning cache (tests/cli.rs makes its own)
+if [ -z "${WGPU_BATCHNORM_CACHE_DIR:-}" ]; then
+  export WGPU_BATCHNORM_CACHE_DIR="$(mktemp -d)"
+  trap 'rm -rf "$WGPU_BATCHNORM_CACHE_DIR"' EXIT
+fi
 if [ -n "${WGPU_BATCHNORM_KERNELS:-}" ]; then
   cargo test "$@"
 else

@@ -17,8 +17,10 @@ fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
     let lid = lanes.lid;
     let lane = row_lane(group, lid);
     let steps = lane_steps(lane.r1 - lane.r0, lane.stride);
-    let shift = quad_shift(lane.col);
-    let delta = quad_delta(lane.col);
+    // lanes past the row's quads read the last quad's (and sum nothing)
+    let quad = min(lane.col, p.channels / 4u - 1u);
+    let shift = quad_shift(quad);
+    let delta = quad_delta(quad);
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
     var s_xc = vec4<f32>(0.0);

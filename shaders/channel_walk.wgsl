@@ -43,7 +43,7 @@ fn in_next_channel(two: TwoChannels, k: u32) -> vec4<bool> {
 }
 
 // Rows one channels-last invocation walks: set by the host
-// (kernels::NORMALIZE_ROWS_PER_THREAD), which sizes the grid.
+// (PlanTuning::rows_per_thread), which sizes the grid.
 override ROWS_PER_THREAD: u32;
 
 // Channels last, `lanes` invocations across a row: invocation `thread` walks

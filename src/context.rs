@@ -18,6 +18,9 @@ pub struct AdapterSelection {
     pub backends: Option<wgpu::Backends>,
     /// A case-insensitive substring of the adapter's name.
     pub name: Option<String>,
+    /// The kernel choice of the new context; `None` reads
+    /// `WGPU_BATCHNORM_KERNELS` (and `Auto` where it is unset).
+    pub kernels: Option<KernelChoice>,
 }
 
 impl AdapterSelection {
@@ -28,6 +31,7 @@ impl AdapterSelection {
         AdapterSelection {
             backends: wgpu::Backends::from_env(),
             name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            kernels: None,
         }
     }
 
@@ -135,7 +139,11 @@ impl GpuContext {
     }
 
     /// Opens an adapter and requests a device with the adapter's own limits
-    /// (so storage bindings may exceed wgpu's 128 MiB default).
+    /// (so storage bindings may exceed wgpu's 128 MiB default) and, where
+    /// it has them, subgroup operations. The kernel choice is
+    /// `selection.kernels`, else `WGPU_BATCHNORM_KERNELS`: a value of the
+    /// variable that is none of `serial`, `coalesced`, `auto` is an
+    /// [`Error::Kernels`].
     pub async fn new_async(selection: &AdapterSelection) -> Result<Self> {
         let instance = new_instance(selection.backends);
         let backends = selection.backends.unwrap_or(wgpu::Backends::all());
@@ -169,7 +177,11 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 source,
             })?;
-        Ok(Self::build(device, queue, Some(info), KernelChoice::from_env()?))
+        let choice = match selection.kernels {
+            Some(choice) => choice,
+            None => KernelChoice::from_env()?,
+        };
+        Ok(Self::build(device, queue, Some(info), choice))
     }
 
     /// Wraps a device and queue the application already has. The layer then
@@ -283,8 +295,10 @@ impl GpuContext {
         self.precompile();
     }
 
-    /// The kernel choice (see [`KernelChoice`]): from
-    /// `WGPU_BATCHNORM_KERNELS` when the context was made, `Auto` otherwise.
+    /// The kernel choice (see [`KernelChoice`]): the last
+    /// [`GpuContext::set_kernel_choice`], else the one the context was
+    /// made with ([`AdapterSelection::kernels`] or `WGPU_BATCHNORM_KERNELS`,
+    /// `Auto` where neither says).
     pub fn kernel_choice(&self) -> KernelChoice {
         self.lock_plans().choice
     }

@@ -69,7 +69,8 @@ pub(crate) enum Layout {
     Generic,
     Inner4,
     /// Inner4 with inner % 16 == 0, and a multiple of a serial
-    /// invocation's 4 x values_per_thread values (the elementwise kernels need no
+    /// invocation's 4 x values_per_thread values (a power of two, so an
+    /// invocation starts on such a multiple: the elementwise kernels need no
     /// channel tracking); statistics treat it as Inner4.
     Inner16,
     Channels4,
@@ -888,9 +889,10 @@ mod tests {
             for group in 0..plan.stats_groups(chunk) as usize {
                 for lane in 0..WORKGROUP as usize {
                     for step in 0..MAX_LOOP {
+                        // past step 0 (a chunk's partial first row), nothing more follows a miss
                         match plan.coalesced_element(chunk, group, lane, step) {
                             Some(a) => seen[a / 4] += 1,
-                            None if step > plan.elems_per_thread => break,
+                            None if step > 0 => break,
                             None => {}
                         }
                     }

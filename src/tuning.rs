@@ -92,9 +92,10 @@ impl KernelChoice {
     }
 }
 
-/// One plan's knobs: the family and how it cuts the work. Every value
-/// gives the same results (the tests run both families); only speed
-/// differs.
+/// One plan's knobs: the family and how it cuts the work. Every valid
+/// value gives the same results up to float32 rounding (sums run in
+/// another order; the tests hold every family and knob to the Keras
+/// tolerances); only speed differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PlanTuning {
     /// The kernel family.
@@ -103,7 +104,7 @@ pub struct PlanTuning {
     /// (serial: one per tile and channel; coalesced: 256 per tile).
     pub reduce_invocations: u32,
     /// Serial elementwise kernels: values (vec4s, float16 words) per
-    /// invocation, 1 to 16.
+    /// invocation, a power of two up to 16.
     pub values_per_thread: u32,
     /// Serial channels-last elementwise kernels: rows per invocation, 1 to 64.
     pub rows_per_thread: u32,
@@ -159,8 +160,13 @@ impl PlanTuning {
                 self.elementwise_invocations
             ));
         }
-        if !(1..=16).contains(&self.values_per_thread) {
-            return bad(format!("values_per_thread {} outside 1..=16", self.values_per_thread));
+        // a power of two: an invocation's values then never straddle a
+        // chunk's 64-element start (the vec4 layouts rely on it)
+        if !self.values_per_thread.is_power_of_two() || self.values_per_thread > 16 {
+            return bad(format!(
+                "values_per_thread {} is not a power of two up to 16",
+                self.values_per_thread
+            ));
         }
         if !(1..=64).contains(&self.rows_per_thread) {
             return bad(format!("rows_per_thread {} outside 1..=64", self.rows_per_thread));
@@ -394,11 +400,13 @@ mod tests {
             ..PlanTuning::default_for(Strategy::Coalesced)
         };
         assert!(bad.validate().is_err());
-        let bad = PlanTuning {
-            values_per_thread: 0,
-            ..PlanTuning::default_for(Strategy::Serial)
-        };
-        assert!(bad.validate().is_err());
+        for values_per_thread in [0, 3, 5, 32] {
+            let bad = PlanTuning {
+                values_per_thread,
+                ..PlanTuning::default_for(Strategy::Serial)
+            };
+            assert!(bad.validate().is_err(), "{values_per_thread}");
+        }
     }
 
     #[test]

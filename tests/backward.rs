@@ -157,7 +157,6 @@ fn reference_gradients_match_finite_differences() {
     }
 }
 
-/// GPU gradients against the reference for one forward call.
 #[test]
 fn gpu_gradients_match_the_reference_on_random_shapes() {
     gradient_sweep(&gpu());

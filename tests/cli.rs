@@ -809,6 +809,29 @@ fn a_bogus_kernels_value_is_a_usage_error() {
     }
 }
 
+/// A WGPU_BATCHNORM_KERNELS that names no family stops a run that does not
+/// name its kernels, with a message naming the variable; `--kernels` runs.
+#[test]
+fn a_bogus_kernels_variable_is_an_error_unless_the_flag_names_the_kernels() {
+    let dir = scratch("bogus_env");
+    let bench = |flag: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wgpu-batchnorm"))
+            .args(flag)
+            .args(["bench", "--quick", "--shape", "8,4"])
+            .env(wgpu_batchnorm::tuning::CACHE_DIR_ENV, dir.join("cache"))
+            .env(wgpu_batchnorm::tuning::KERNELS_ENV, "fastest")
+            .output()
+            .unwrap()
+    };
+    let o = bench(&[]);
+    let stderr = text(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(wgpu_batchnorm::tuning::KERNELS_ENV), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let o = bench(&["--kernels", "serial"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
 #[test]
 fn tune_candidates_are_valid_distinct_and_one_knob_from_the_default() {
     use wgpu_batchnorm::tuning::Op;

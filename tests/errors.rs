@@ -237,6 +237,7 @@ fn no_matching_adapter_is_a_clear_error() {
     let selection = wgpu_batchnorm::AdapterSelection {
         backends: None,
         name: Some("no adapter is called this".into()),
+        ..Default::default()
     };
     let err = wgpu_batchnorm::GpuContext::new(&selection).unwrap_err();
     assert!(matches!(err, Error::NoAdapter(_)));

@@ -16,6 +16,7 @@ fn context(backends: wgpu::Backends, choice: KernelChoice) -> GpuContext {
     let ctx = GpuContext::new(&AdapterSelection {
         backends: Some(backends),
         name: None,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{e}\nGPU tests never skip: install mesa-vulkan-drivers (scripts/test.sh does)"));
     ctx.set_kernel_choice(choice);

@@ -103,6 +103,9 @@ impl Cli {
                 })
                 .or(env.backends),
             name: self.adapter.clone().or(env.name),
+            // set by open() from --kernels, so that a bad variable never
+            // stops a run that names its kernels
+            kernels: None,
         }
     }
 }
@@ -139,11 +142,11 @@ pub fn main() -> ExitCode {
 /// Opens the selected adapter, with the error text as the message, and
 /// applies `--kernels` (which beats `WGPU_BATCHNORM_KERNELS`).
 pub(crate) fn open(target: &Target) -> Result<GpuContext, String> {
-    let ctx = GpuContext::new(&target.selection).map_err(|e| e.to_string())?;
-    if let Some(choice) = target.kernels {
-        ctx.set_kernel_choice(choice);
-    }
-    Ok(ctx)
+    let selection = AdapterSelection {
+        kernels: target.kernels,
+        ..target.selection.clone()
+    };
+    GpuContext::new(&selection).map_err(|e| e.to_string())
 }
 
 /// Milliseconds, three significant digits.

@@ -33,6 +33,7 @@ pub fn gl() -> GpuContext {
         open(AdapterSelection {
             backends: Some(wgpu::Backends::GL),
             name: None,
+            ..Default::default()
         })
     })
     .clone()
