@@ -151,8 +151,12 @@ fn serial_kernels_with_other_knobs() {
 /// row of channels) with both families.
 #[test]
 fn both_families_in_chunked_bindings() {
-    for choice in [KernelChoice::Serial, KernelChoice::Coalesced] {
-        let ctx = context(wgpu::Backends::VULKAN, choice);
+    let backends = [wgpu::Backends::VULKAN, wgpu::Backends::GL];
+    for (backends, choice) in backends
+        .into_iter()
+        .flat_map(|b| [(b, KernelChoice::Serial), (b, KernelChoice::Coalesced)])
+    {
+        let ctx = context(backends, choice);
         ctx.set_max_binding_size(4096);
         for (shape, axis, masked) in [
             (&[1001, 3][..], -1, true),
@@ -165,7 +169,7 @@ fn both_families_in_chunked_bindings() {
                 ..Default::default()
             };
             for dtype in [DType::F32, DType::F16] {
-                let what = format!("{choice:?} {shape:?} {dtype} masked {masked}");
+                let what = format!("{} {choice:?} {shape:?} {dtype} masked {masked}", ctx.describe());
                 let out =
                     compare_with_reference(&ctx, &config, shape, dtype, &[(Some(true), masked), (None, false)], 7);
                 assert!(out.y_error <= tolerance(dtype), "{what}: y {:.2e}", out.y_error);
@@ -182,6 +186,19 @@ fn both_families_in_chunked_bindings() {
             }
         }
     }
+}
+
+/// lavapipe has subgroups, and the context asks for them: the coalesced
+/// reductions' subgroup path runs on Vulkan here, the workgroup-memory
+/// one on GL (which has none).
+#[test]
+fn the_subgroup_path_runs_on_lavapipe_and_not_on_gl() {
+    let vulkan = context(wgpu::Backends::VULKAN, KernelChoice::Coalesced);
+    if vulkan.describe().contains("llvmpipe") {
+        assert!(vulkan.device().features().contains(wgpu::Features::SUBGROUP));
+    }
+    let gl = context(wgpu::Backends::GL, KernelChoice::Coalesced);
+    assert!(!gl.device().features().contains(wgpu::Features::SUBGROUP));
 }
 
 /// `Auto` runs the device type's family: serial on a CPU adapter.
