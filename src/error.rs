@@ -82,6 +82,10 @@ pub enum Error {
     /// `backward` given the [`crate::SavedForward`] of another layer.
     #[error("this SavedForward comes from another layer's forward call")]
     ForeignSaved,
+    /// A synchronized layer's exchange failed: a rank timed out or stopped,
+    /// or the ranks made different calls.
+    #[error("exchange: {0}")]
+    Exchange(String),
     /// A kernel choice or plan knobs that do not exist (see
     /// [`crate::tuning::PlanTuning`]).
     #[error("kernels: {0}")]

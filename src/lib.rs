@@ -36,6 +36,12 @@
 //! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
 //!   `Send + Sync`; each call's dispatches run together on the queue, and
 //!   each backward reads the [`SavedForward`] of its own forward call.
+//! - **Synchronized statistics** (Keras `synchronized=True`, in progress):
+//!   [`sync::Exchange`] is the all-gather a data-parallel layer's ranks
+//!   share, [`sync::LocalExchange`] one among threads; the float64
+//!   reference's `forward_synchronized` / `backward_synchronized` give the
+//!   global batch's statistics and gradients. The GPU layer does not take
+//!   an exchange yet.
 //! - **Numerics.** Statistics are float32 (float16 tensors too), shifted by
 //!   a sample of each channel and merged with Chan's formula, so inputs far
 //!   from zero keep their precision. Every kernel has a float64 mirror in
@@ -64,6 +70,7 @@ pub mod layer;
 pub mod optimizer;
 pub(crate) mod plan;
 pub mod reference;
+pub mod sync;
 pub mod tensor;
 pub mod tuning;
 

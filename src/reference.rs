@@ -5,6 +5,9 @@
 use crate::config::{BatchNormConfig, ChannelView, RunningStatistics};
 use crate::error::{ConfigError, Error, Result};
 use crate::layer::StateSlot;
+use crate::sync::{
+    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
+};
 
 /// Keras's `backend.epsilon()`, added to masked counts.
 pub const MASK_COUNT_EPS: f64 = 1e-7;
@@ -18,6 +21,34 @@ pub struct ChannelMoments {
     pub mean: f64,
     /// Sum of squared deviations from the mean.
     pub m2: f64,
+}
+
+impl ChannelMoments {
+    /// Chan's merge of the moments of two disjoint sets of values.
+    pub fn merge(self, other: ChannelMoments) -> ChannelMoments {
+        if other.count == 0.0 {
+            return self;
+        }
+        if self.count == 0.0 {
+            return other;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        ChannelMoments {
+            count,
+            mean: self.mean + delta * (other.count / count),
+            m2: self.m2 + other.m2 + delta * delta * (self.count * other.count / count),
+        }
+    }
+}
+
+/// Every rank's per-channel moments merged channel by channel in rank
+/// order: every rank that merges the same lists gets the same bits.
+pub fn merge_in_rank_order(ranks: &[Vec<ChannelMoments>]) -> Vec<ChannelMoments> {
+    let channels = ranks.first().map_or(0, Vec::len);
+    (0..channels)
+        .map(|c| ranks.iter().fold(ChannelMoments::default(), |acc, r| acc.merge(r[c])))
+        .collect()
 }
 
 /// Mirror of the statistics kernel: per-channel moments over the values the
@@ -256,6 +287,8 @@ pub struct ReferenceLayer {
     pub state: ReferenceState,
     /// What the last forward call leaves for backward.
     pub saved: Option<ReferenceSaved>,
+    /// Synchronized calls so far: every rank's count must agree.
+    pub synchronized_calls: u64,
 }
 
 /// The last forward call's input and per-channel transform.
@@ -442,6 +475,7 @@ impl ReferenceLayer {
             config,
             state,
             saved: None,
+            synchronized_calls: 0,
         })
     }
 
@@ -458,9 +492,54 @@ impl ReferenceLayer {
         training: Option<bool>,
         mask: Option<&[u8]>,
     ) -> Result<Vec<f64>> {
+        self.forward_with(x, shape, training, mask, None)
+    }
+
+    /// [`ReferenceLayer::forward`] on this rank's slice of a global batch:
+    /// in training the per-channel moments of every rank's slice are
+    /// all-gathered through `exchange` and merged in rank order, so the
+    /// output, the moving statistics and renorm's corrections are those of
+    /// the global batch (Keras's `synchronized=True`), bitwise the same on
+    /// every rank. A rank's slice may be empty or fully masked out; under a
+    /// mask every rank must pass one (the 1e-7 of Keras's masked count is
+    /// added to the global count). Inference and `trainable=False` exchange
+    /// nothing. Every rank must make the same calls in the same order: a
+    /// mismatch is an [`Error::Exchange`] on every rank.
+    pub fn forward_synchronized(
+        &mut self,
+        x: &[f64],
+        shape: &[usize],
+        training: Option<bool>,
+        mask: Option<&[u8]>,
+        exchange: &dyn Exchange,
+    ) -> Result<Vec<f64>> {
+        self.forward_with(x, shape, training, mask, Some(exchange))
+    }
+
+    /// The header of this layer's next synchronized call of `kind`.
+    fn next_call(&mut self, kind: u32) -> CallHeader {
+        let header = CallHeader {
+            kind,
+            sequence: self.synchronized_calls,
+            channels: self.channels() as u32,
+            fingerprint: fingerprint(&format!("reference float64 {:?}", self.config)),
+        };
+        self.synchronized_calls += 1;
+        header
+    }
+
+    /// The input's view and last axis, or why the call cannot run. A
+    /// synchronized rank's slice may be empty (`empty_ok`).
+    fn checked_view(
+        &self,
+        x: &[f64],
+        shape: &[usize],
+        mask: Option<&[u8]>,
+        empty_ok: bool,
+    ) -> Result<(ChannelView, usize)> {
         let axis = self.config.resolve_axis(shape.len())?;
         let view = ChannelView::new(shape, axis);
-        if view.len() != x.len() || shape.contains(&0) {
+        if view.len() != x.len() || (shape.contains(&0) && !empty_ok) {
             return Err(Error::Shape(format!(
                 "shape {shape:?} does not hold {} values",
                 x.len()
@@ -484,9 +563,53 @@ impl ReferenceLayer {
                 m.len()
             )));
         }
+        Ok((view, last_dim))
+    }
+
+    fn forward_with(
+        &mut self,
+        x: &[f64],
+        shape: &[usize],
+        training: Option<bool>,
+        mask: Option<&[u8]>,
+        exchange: Option<&dyn Exchange>,
+    ) -> Result<Vec<f64>> {
+        let (view, last_dim) = match self.checked_view(x, shape, mask, exchange.is_some()) {
+            Ok(v) => v,
+            Err(e) => {
+                // the other ranks must not wait for this one
+                if let Some(exchange) = exchange {
+                    let header = self.next_call(KIND_FAILED);
+                    let _ = gather_checked(exchange, header, &[]);
+                }
+                return Err(e);
+            }
+        };
         let training = training == Some(true) && self.config.trainable;
         let affine = if training {
-            let moments = channel_moments(x, view, mask, last_dim);
+            let mut moments = channel_moments(x, view, mask, last_dim);
+            if let Some(exchange) = exchange {
+                let kind = if mask.is_some() {
+                    KIND_FORWARD_MASKED
+                } else {
+                    KIND_FORWARD
+                };
+                let header = self.next_call(kind);
+                let local: Vec<f64> = moments.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
+                let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &local)?
+                    .iter()
+                    .map(|r| {
+                        r.chunks_exact(3)
+                            .map(|m| ChannelMoments {
+                                count: m[0],
+                                mean: m[1],
+                                m2: m[2],
+                            })
+                            .collect()
+                    })
+                    .collect();
+                moments = merge_in_rank_order(&ranks);
+            }
             finalize(&self.config, &mut self.state, Some(&moments), mask.is_some())
         } else {
             finalize(&self.config, &mut self.state, None, false)
@@ -508,12 +631,52 @@ impl ReferenceLayer {
     /// Same contract as [`crate::BatchNorm::backward`]: the gradients of the
     /// last forward call for the upstream gradient `dy`.
     pub fn backward(&self, dy: &[f64], regularization: bool) -> Result<ReferenceGradients> {
+        self.backward_with(dy, regularization, None)
+    }
+
+    /// [`ReferenceLayer::backward`] of a synchronized forward call: the
+    /// per-channel sum(dy), sum(dy * (x - mean)) and masked-in sum(x -
+    /// mean) of every rank are all-gathered and added in rank order, so dx
+    /// uses the global batch's statistics and count, and dgamma / dbeta are
+    /// the global batch's sums, the same on every rank (PyTorch's
+    /// SyncBatchNorm leaves those to its data-parallel wrapper instead).
+    pub fn backward_synchronized(
+        &mut self,
+        dy: &[f64],
+        regularization: bool,
+        exchange: &dyn Exchange,
+    ) -> Result<ReferenceGradients> {
+        if self.saved.is_none() {
+            let _ = gather_checked(exchange, self.next_call(KIND_FAILED), &[]);
+            return Err(Error::NoForward);
+        }
+        let header = self.next_call(KIND_BACKWARD);
+        self.backward_with(dy, regularization, Some((exchange, header)))
+    }
+
+    fn backward_with(
+        &self,
+        dy: &[f64],
+        regularization: bool,
+        exchange: Option<(&dyn Exchange, CallHeader)>,
+    ) -> Result<ReferenceGradients> {
         let saved = self.saved.as_ref().ok_or(Error::NoForward)?;
+        let refuse = |e: Error| {
+            // the other ranks must not wait for this one
+            if let Some((exchange, header)) = exchange {
+                let failed = CallHeader {
+                    kind: KIND_FAILED,
+                    ..header
+                };
+                let _ = gather_checked(exchange, failed, &[]);
+            }
+            Err(e)
+        };
         if self.config.fused_relu {
-            return Err(ConfigError::Unsupported("backward through the fused ReLU epilogue".into()).into());
+            return refuse(ConfigError::Unsupported("backward through the fused ReLU epilogue".into()).into());
         }
         if dy.len() != saved.x.len() {
-            return Err(Error::Shape(format!(
+            return refuse(Error::Shape(format!(
                 "dy has {} values, the forward input had shape {:?}",
                 dy.len(),
                 saved.shape
@@ -522,7 +685,22 @@ impl ReferenceLayer {
         let axis = self.config.resolve_axis(saved.shape.len())?;
         let view = ChannelView::new(&saved.shape, axis);
         let last_dim = *saved.shape.last().unwrap_or(&1);
-        let sums = backward_sums(&saved.x, dy, view, saved.mask.as_deref(), last_dim, &saved.affine);
+        let mut sums = backward_sums(&saved.x, dy, view, saved.mask.as_deref(), last_dim, &saved.affine);
+        if let Some((exchange, header)) = exchange {
+            let local: Vec<f64> = sums
+                .iter()
+                .flat_map(|s| [s.sum_dy, s.sum_dy_centered, s.sum_centered])
+                .collect();
+            let ranks = gather_checked(exchange, header, &local)?;
+            for (c, s) in sums.iter_mut().enumerate() {
+                *s = GradSums::default();
+                for r in &ranks {
+                    s.sum_dy += r[3 * c];
+                    s.sum_dy_centered += r[3 * c + 1];
+                    s.sum_centered += r[3 * c + 2];
+                }
+            }
+        }
         let (dgamma, dbeta, coeffs) = backward_finalize(
             &self.config,
             &self.state,
