@@ -76,6 +76,28 @@ struct Plans {
     tuned: HashMap<(String, Op), PlanTuning>,
 }
 
+impl Plans {
+    /// The plan every call runs whatever its shape: the forced one, or an
+    /// explicit family's defaults; `None` for `Auto`.
+    fn fixed(&self) -> Option<PlanTuning> {
+        match (self.forced, self.choice) {
+            (Some(forced), _) => Some(forced),
+            (None, KernelChoice::Serial) => Some(PlanTuning::default_for(Strategy::Serial)),
+            (None, KernelChoice::Coalesced) => Some(PlanTuning::default_for(Strategy::Coalesced)),
+            (None, KernelChoice::Auto) => None,
+        }
+    }
+
+    /// The cache's plan for a call (no lookup, nor its key's allocation,
+    /// where the cache holds nothing).
+    fn tuned_for(&self, view: ChannelView, dtype: DType, op: Op) -> Option<PlanTuning> {
+        if self.tuned.is_empty() {
+            return None;
+        }
+        self.tuned.get(&(shape_class(view, dtype), op)).copied()
+    }
+}
+
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One adapter as the `adapters` command reports it.
@@ -335,18 +357,10 @@ impl GpuContext {
     /// input's shape class, else the default family's.
     pub fn plan_tuning(&self, view: ChannelView, dtype: DType, op: Op) -> PlanTuning {
         let plans = self.lock_plans();
-        if let Some(forced) = plans.forced {
-            return forced;
-        }
-        match plans.choice {
-            KernelChoice::Serial => PlanTuning::default_for(Strategy::Serial),
-            KernelChoice::Coalesced => PlanTuning::default_for(Strategy::Coalesced),
-            KernelChoice::Auto => plans
-                .tuned
-                .get(&(shape_class(view, dtype), op))
-                .copied()
-                .unwrap_or_else(|| PlanTuning::default_for(self.default_strategy())),
-        }
+        plans
+            .fixed()
+            .or_else(|| plans.tuned_for(view, dtype, op))
+            .unwrap_or_else(|| PlanTuning::default_for(self.default_strategy()))
     }
 
     /// The cached plan that [`GpuContext::plan_tuning`] returns for these
@@ -354,10 +368,10 @@ impl GpuContext {
     /// plan, an entry for this adapter and shape class); `None` otherwise.
     pub fn tuned_plan(&self, view: ChannelView, dtype: DType, op: Op) -> Option<PlanTuning> {
         let plans = self.lock_plans();
-        if plans.forced.is_some() || plans.choice != KernelChoice::Auto {
-            return None;
+        match plans.fixed() {
+            Some(_) => None,
+            None => plans.tuned_for(view, dtype, op),
         }
-        plans.tuned.get(&(shape_class(view, dtype), op)).copied()
     }
 
     /// Reads the tuning cache again (after `bench --tune` rewrote it);
@@ -377,11 +391,9 @@ impl GpuContext {
     pub(crate) fn precompile(&self) {
         let tunings: Vec<PlanTuning> = {
             let plans = self.lock_plans();
-            match (plans.forced, plans.choice) {
-                (Some(forced), _) => vec![forced],
-                (None, KernelChoice::Serial) => vec![PlanTuning::default_for(Strategy::Serial)],
-                (None, KernelChoice::Coalesced) => vec![PlanTuning::default_for(Strategy::Coalesced)],
-                (None, KernelChoice::Auto) => std::iter::once(PlanTuning::default_for(self.default_strategy()))
+            match plans.fixed() {
+                Some(fixed) => vec![fixed],
+                None => std::iter::once(PlanTuning::default_for(self.default_strategy()))
                     .chain(plans.tuned.values().copied())
                     .collect(),
             }

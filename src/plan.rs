@@ -492,6 +492,20 @@ fn chunk_rows(view: ChannelView, chunk: &Chunk) -> usize {
     (chunk.start + chunk.elems - 1) / view.channels - chunk.start / view.channels + 1
 }
 
+/// The units of a coalesced tile: a channel's `longest` run cut into
+/// about `tiles_wanted` tiles (at least one) of whole steps of `stride`
+/// units, at least COALESCED_MIN_STEPS steps (where the run has them) and
+/// at most MAX_LOOP.
+fn coalesced_tile(longest: usize, tiles_wanted: usize, stride: usize) -> usize {
+    let steps = longest
+        .div_ceil(tiles_wanted.max(1))
+        .div_ceil(stride)
+        .max(COALESCED_MIN_STEPS)
+        .min(longest.div_ceil(stride))
+        .clamp(1, MAX_LOOP);
+    steps * stride
+}
+
 /// Coalesced statistics tiles: a workgroup reduces one tile. Channels last
 /// (Rows1, Channels4/8): `lane_width` lanes across a block of a row's
 /// columns (channels or quads), the other lanes down the tile's rows; runs
@@ -514,14 +528,8 @@ fn coalesced_tiles(view: ChannelView, stats: Layout, chunks: &[Chunk], tuning: &
             let blocks = columns.div_ceil(lane_width);
             let runs: Vec<usize> = chunks.iter().map(|c| chunk_rows(view, c)).collect();
             let longest = runs.iter().copied().max().unwrap_or(1).max(1);
-            let tiles_wanted = (groups_wanted / blocks).max(1);
-            let steps = longest
-                .div_ceil(tiles_wanted)
-                .div_ceil(row_lanes)
-                .max(COALESCED_MIN_STEPS)
-                .min(longest.div_ceil(row_lanes))
-                .clamp(1, MAX_LOOP);
-            (runs, steps * row_lanes, lane_width as u32, blocks as u32)
+            let tile = coalesced_tile(longest, groups_wanted / blocks, row_lanes);
+            (runs, tile, lane_width as u32, blocks as u32)
         }
         _ => {
             // tiles in positions; Inner4 lanes take four at a time
@@ -531,15 +539,8 @@ fn coalesced_tiles(view: ChannelView, stats: Layout, chunks: &[Chunk], tuning: &
                 .map(|c| longest_channel_run(view, c.start, c.start + c.elems))
                 .collect();
             let longest = runs.iter().copied().max().unwrap_or(1).max(1);
-            let tiles_wanted = (groups_wanted / view.channels).max(1);
-            let stride = wg * per_lane;
-            let steps = longest
-                .div_ceil(tiles_wanted)
-                .div_ceil(stride)
-                .max(COALESCED_MIN_STEPS)
-                .min(longest.div_ceil(stride))
-                .clamp(1, MAX_LOOP);
-            (runs, steps * stride, 0, 0)
+            let tile = coalesced_tile(longest, groups_wanted / view.channels, wg * per_lane);
+            (runs, tile, 0, 0)
         }
     }
 }

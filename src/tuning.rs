@@ -123,25 +123,19 @@ pub struct PlanTuning {
 impl PlanTuning {
     /// The family's default knobs.
     pub fn default_for(strategy: Strategy) -> Self {
-        match strategy {
-            Strategy::Serial => PlanTuning {
-                strategy,
-                reduce_invocations: 16384,
-                values_per_thread: 4,
-                rows_per_thread: 8,
-                elementwise_invocations: 262_144,
-                lane_width: 64,
-                uniform_parameters: None,
+        PlanTuning {
+            strategy,
+            // serial: about 16K invocations stream long runs; coalesced:
+            // about 1024 workgroups fill a GPU
+            reduce_invocations: match strategy {
+                Strategy::Serial => 16384,
+                Strategy::Coalesced => 262_144,
             },
-            Strategy::Coalesced => PlanTuning {
-                strategy,
-                reduce_invocations: 262_144,
-                values_per_thread: 4,
-                rows_per_thread: 8,
-                elementwise_invocations: 262_144,
-                lane_width: 64,
-                uniform_parameters: None,
-            },
+            values_per_thread: 4,
+            rows_per_thread: 8,
+            elementwise_invocations: 262_144,
+            lane_width: 64,
+            uniform_parameters: None,
         }
     }
 
