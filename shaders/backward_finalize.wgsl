@@ -47,6 +47,11 @@ fn backward_finalize(
     if lane != 0u || c >= nc {
         return;
     }
+    if has_flag(FLAG_MERGE_ONLY) {
+        // a synchronized call's local sums, added across ranks on the host
+        coeffs[c] = sums[lid];
+        return;
+    }
     let sum_dy = sums[lid].x;
     var sum_dyx = sums[lid].y;
     let sum_xc = sums[lid].z;

@@ -83,6 +83,11 @@ fn finalize(
     if lane != 0u || c >= nc {
         return;
     }
+    if has_flag(FLAG_MERGE_ONLY) {
+        // a synchronized call's local moments, merged across ranks on the host
+        saved[c] = merged[lid];
+        return;
+    }
     let gamma = select(1.0, state[c], has_flag(FLAG_SCALE));
     let beta = select(0.0, state[nc + c], has_flag(FLAG_CENTER));
     let moving_mean = state[2u * nc + c];

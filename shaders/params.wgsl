@@ -58,6 +58,9 @@ const FLAG_GAMMA_L2: u32 = 512u;
 const FLAG_BETA_L1: u32 = 1024u;
 const FLAG_BETA_L2: u32 = 2048u;
 const FLAG_PYTORCH: u32 = 4096u;
+// synchronized calls, first phase: the finalize kernels merge the tiles
+// into one partial a channel, write it out and stop
+const FLAG_MERGE_ONLY: u32 = 8192u;
 
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;

@@ -258,6 +258,11 @@ pub struct BatchNormConfig {
     /// inference after folding; `backward` refuses such calls). Not a
     /// Keras argument: Keras would use a separate activation layer.
     pub fused_relu: bool,
+    /// Keras's `synchronized`: training calls use the statistics of the
+    /// global batch of every rank of the layer's [`crate::sync::Exchange`]
+    /// (see [`crate::BatchNorm::set_exchange`]); such a layer refuses a
+    /// training call while it has no exchange.
+    pub synchronized: bool,
 }
 
 impl Default for BatchNormConfig {
@@ -282,6 +287,7 @@ impl Default for BatchNormConfig {
             beta_constraint: None,
             running_statistics: RunningStatistics::Keras,
             fused_relu: false,
+            synchronized: false,
         }
     }
 }

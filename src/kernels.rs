@@ -36,6 +36,9 @@ pub(crate) const FLAG_GAMMA_L2: u32 = 512;
 pub(crate) const FLAG_BETA_L1: u32 = 1024;
 pub(crate) const FLAG_BETA_L2: u32 = 2048;
 pub(crate) const FLAG_PYTORCH: u32 = 4096;
+/// Synchronized calls, first phase: the finalize kernels write each
+/// channel's merged tiles (to `saved` forward, `coeffs` backward) and stop.
+pub(crate) const FLAG_MERGE_ONLY: u32 = 8192;
 
 /// The uniform block of `shaders/params.wgsl`, field for field.
 #[repr(C)]

@@ -1,13 +1,16 @@
 //! The layer: its state on the GPU and the forward pass.
 
-use std::sync::Mutex;
+mod synchronized;
+
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics};
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
 use crate::plan::{Chunk, DispatchPlan, MaskUse};
+use crate::sync::Exchange;
 use crate::tensor::{DType, Mask, Tensor, read_buffer};
 use crate::tuning::{Op, PlanTuning};
 
@@ -103,6 +106,11 @@ pub struct BatchNorm {
     /// Bumped whenever the weights are replaced from outside a forward call.
     weights_version: AtomicU64,
     scratch: Mutex<Scratch>,
+    /// Where a synchronized layer's ranks meet (see `set_exchange`).
+    exchange: Option<Arc<dyn Exchange>>,
+    /// The synchronized calls made so far; held through each one, so a
+    /// layer's synchronized calls run one at a time.
+    synchronized_calls: Mutex<u64>,
 }
 
 /// Buffers that grow with the input and are reused across calls: calls
@@ -110,6 +118,48 @@ pub struct BatchNorm {
 /// own dispatches.
 struct Scratch {
     partials: wgpu::Buffer,
+}
+
+/// The kernel keys of one call: its dtype, mask use and plan knobs.
+struct CallKeys {
+    dtype: DType,
+    masked: bool,
+    tuning: PlanTuning,
+    subgroups: bool,
+}
+
+impl CallKeys {
+    fn new(layer: &BatchNorm, dtype: DType, masked: bool, tuning: PlanTuning) -> Self {
+        CallKeys {
+            dtype,
+            masked,
+            tuning,
+            subgroups: layer.ctx.inner.kernels.subgroups,
+        }
+    }
+
+    fn key(&self, kernel: Kernel) -> KernelKey {
+        KernelKey::new(kernel, self.dtype, self.masked).with_tuning(&self.tuning, self.subgroups)
+    }
+}
+
+/// A checked, planned forward call.
+struct ForwardCall {
+    keys: CallKeys,
+    plan: DispatchPlan,
+    batch_statistics: bool,
+    masked: bool,
+    flags: u32,
+    /// A synchronized rank without values: per-channel kernels only.
+    empty: bool,
+}
+
+/// A checked, planned backward call.
+struct BackwardCall {
+    keys: CallKeys,
+    plan: DispatchPlan,
+    flags: u32,
+    empty: bool,
 }
 
 /// What one forward call leaves for its backward: the input it saw (a
@@ -128,6 +178,8 @@ pub struct SavedForward {
     x: Tensor,
     mask: Option<Mask>,
     batch_statistics: bool,
+    /// Made by a synchronized layer (its backward exchanges too).
+    synchronized: bool,
     weights_version: u64,
     /// Per channel, two vec4: (shift, mean - shift, 1 / sqrt(var + eps), r),
     /// (d, denominator, mask eps, count); see `shaders/finalize.wgsl`.
@@ -240,6 +292,8 @@ impl BatchNorm {
             scratch: Mutex::new(Scratch {
                 partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
             }),
+            exchange: None,
+            synchronized_calls: Mutex::new(0),
             config,
         };
         let mut initial = Vec::with_capacity(7 * channels);
@@ -403,10 +457,8 @@ impl BatchNorm {
     /// for that.
     pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
         let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
-        let mut encoder = self.encoder("batchnorm forward");
         // nothing reads these statistics: the layer's discard buffer
-        self.record(&mut encoder, x, training, mask, &y, self.discarded_statistics.clone())?;
-        self.ctx.queue().submit([encoder.finish()]);
+        self.submit_forward(x, training, mask, &y, self.discarded_statistics.clone())?;
         Ok(y)
     }
 
@@ -441,10 +493,36 @@ impl BatchNorm {
         mask: Option<&Mask>,
         y: &Tensor,
     ) -> Result<SavedForward> {
+        self.submit_forward(x, training, mask, y, self.saved_statistics())
+    }
+
+    /// Runs one forward call: a synchronized layer's through its exchange,
+    /// any other's as one submission.
+    fn submit_forward(
+        &self,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+        statistics: wgpu::Buffer,
+    ) -> Result<SavedForward> {
+        if self.config.synchronized {
+            return self.forward_synchronized(x, training, mask, y, statistics);
+        }
         let mut encoder = self.encoder("batchnorm forward");
-        let saved = self.record_forward(&mut encoder, x, training, mask, y)?;
+        let saved = self.record(&mut encoder, x, training, mask, y, statistics)?;
         self.ctx.queue().submit([encoder.finish()]);
         Ok(saved)
+    }
+
+    /// A forward call's own per-channel statistics, for its backward.
+    fn saved_statistics(&self) -> wgpu::Buffer {
+        storage_buffer(
+            &self.ctx,
+            "saved statistics",
+            self.channels as u64 * 32,
+            wgpu::BufferUsages::empty(),
+        )
     }
 
     /// Records the forward pass into the caller's encoder (nothing runs
@@ -453,6 +531,9 @@ impl BatchNorm {
     /// [`SavedForward`] belongs to this call alone: its statistics are
     /// written when the GPU runs it, and a backward recorded after it (in
     /// the same encoder or a later submission) reads them.
+    ///
+    /// A synchronized layer's training call exchanges its moments in the
+    /// middle and cannot be recorded: it returns [`Error::Exchange`].
     pub fn record_forward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -461,13 +542,14 @@ impl BatchNorm {
         mask: Option<&Mask>,
         y: &Tensor,
     ) -> Result<SavedForward> {
-        let statistics = storage_buffer(
-            &self.ctx,
-            "saved statistics",
-            self.channels as u64 * 32,
-            wgpu::BufferUsages::empty(),
-        );
-        self.record(encoder, x, training, mask, y, statistics)
+        if self.config.synchronized && training == Some(true) && self.config.trainable {
+            return Err(Error::Exchange(
+                "a synchronized layer's training call all-gathers its moments between its dispatches and \
+                 cannot be recorded into an encoder: call forward, forward_saved or forward_into"
+                    .into(),
+            ));
+        }
+        self.record(encoder, x, training, mask, y, self.saved_statistics())
     }
 
     fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
@@ -476,20 +558,21 @@ impl BatchNorm {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 
-    /// Records one forward call, its per-channel statistics into `statistics`.
-    fn record(
+    /// Checks and plans one forward call. A synchronized rank's batch may be
+    /// empty (`empty_ok`): its plan then covers one value a channel, for
+    /// the per-channel kernels alone.
+    fn plan_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
         x: &Tensor,
         training: Option<bool>,
         mask: Option<&Mask>,
         y: &Tensor,
-        statistics: wgpu::Buffer,
-    ) -> Result<SavedForward> {
+        empty_ok: bool,
+    ) -> Result<ForwardCall> {
         let ctx = &self.ctx;
         x.check_role("the input x", ctx, wgpu::BufferUsages::STORAGE)?;
         y.check_role("the output y", ctx, wgpu::BufferUsages::STORAGE)?;
-        let view = self.view_of(x)?;
+        let view = self.view_of(x, empty_ok)?;
         check_output("y", x, y)?;
         if let Some(mask) = mask {
             mask.check_device(ctx)?;
@@ -509,60 +592,145 @@ impl BatchNorm {
             by_row: mask_by_row(view, x.shape()),
         };
         let op = if batch_statistics { Op::Training } else { Op::Inference };
-        let tuning = self.ctx.plan_tuning(view, x.dtype(), op);
-        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
-        let subgroups = self.ctx.inner.kernels.subgroups;
-        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked).with_tuning(&tuning, subgroups);
-
-        let mut scratch = self.lock_scratch();
+        let planned = self.planned_view(view);
+        let tuning = self.ctx.plan_tuning(planned, x.dtype(), op);
+        let plan = DispatchPlan::new(planned, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
         let flags =
             self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
-        let rec = Recorder::new(self, &mut scratch, &plan, x.shape(), flags);
-        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
+        Ok(ForwardCall {
+            keys: CallKeys::new(self, x.dtype(), masked, tuning),
+            plan,
+            batch_statistics,
+            masked,
+            flags,
+            empty: view.is_empty(),
+        })
+    }
+
+    /// The view a call is planned over: an empty batch's plan is one of a
+    /// single value a channel (only its per-channel kernels run).
+    fn planned_view(&self, view: ChannelView) -> ChannelView {
+        if view.is_empty() {
+            ChannelView {
+                outer: 1,
+                channels: self.channels,
+                inner: 1,
+            }
+        } else {
+            view
+        }
+    }
+
+    /// Records one forward call, its per-channel statistics into `statistics`.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+        statistics: wgpu::Buffer,
+    ) -> Result<SavedForward> {
+        let call = self.plan_forward(x, training, mask, y, false)?;
+        let mut scratch = self.lock_scratch();
+        let rec = Recorder::new(self, &mut scratch, &call.plan, x.shape(), call.flags);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("batchnorm forward"),
                 timestamp_writes: None,
             });
-            if batch_statistics {
-                rec.per_chunk(&mut pass, key(Kernel::PartialStats).with_layout(plan.stats), |chunk| {
-                    vec![chunk_binding(x, chunk), mask_buffer.as_entire_binding(), rec.partials()]
-                });
+            if call.batch_statistics {
+                self.dispatch_statistics(&mut pass, &rec, &call, x, mask);
             }
-            rec.per_channel(
-                &mut pass,
-                key(Kernel::Finalize),
-                vec![
-                    rec.partials(),
-                    self.state.as_entire_binding(),
-                    self.affine.as_entire_binding(),
-                    statistics.as_entire_binding(),
-                ],
-            );
-            rec.per_chunk(
-                &mut pass,
-                key(Kernel::Normalize)
-                    .with_layout(plan.elementwise)
-                    .with_relu(self.config.fused_relu)
-                    .with_uniform_params(self.uniform_params(3, &tuning)),
-                |chunk| {
-                    vec![
-                        chunk_binding(x, chunk),
-                        self.affine.as_entire_binding(),
-                        chunk_binding(y, chunk),
-                        uniform_view(&self.ctx, &self.affine),
-                    ]
-                },
-            );
+            self.dispatch_finalize(&mut pass, &rec, &call, &statistics);
+            self.dispatch_normalize(&mut pass, &rec, &call, x, y);
         }
-        Ok(SavedForward {
+        Ok(self.saved_forward(&call, x, mask, statistics, self.config.synchronized))
+    }
+
+    /// The statistics kernel over every chunk, into the recorder's partials.
+    fn dispatch_statistics(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &ForwardCall,
+        x: &Tensor,
+        mask: Option<&Mask>,
+    ) {
+        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
+        rec.per_chunk(
+            pass,
+            call.keys.key(Kernel::PartialStats).with_layout(call.plan.stats),
+            |chunk| vec![chunk_binding(x, chunk), mask_buffer.as_entire_binding(), rec.partials()],
+        );
+    }
+
+    /// The forward finalize kernel: the recorder's partials into the
+    /// moving statistics, the affine map and `statistics` (or, under
+    /// `FLAG_MERGE_ONLY`, into one merged partial a channel in `statistics`).
+    fn dispatch_finalize(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &ForwardCall,
+        statistics: &wgpu::Buffer,
+    ) {
+        rec.per_channel(
+            pass,
+            call.keys.key(Kernel::Finalize),
+            vec![
+                rec.partials(),
+                self.state.as_entire_binding(),
+                self.affine.as_entire_binding(),
+                statistics.as_entire_binding(),
+            ],
+        );
+    }
+
+    fn dispatch_normalize(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &ForwardCall,
+        x: &Tensor,
+        y: &Tensor,
+    ) {
+        if call.empty {
+            return;
+        }
+        let key = call
+            .keys
+            .key(Kernel::Normalize)
+            .with_layout(call.plan.elementwise)
+            .with_relu(self.config.fused_relu)
+            .with_uniform_params(self.uniform_params(3, &call.keys.tuning));
+        rec.per_chunk(pass, key, |chunk| {
+            vec![
+                chunk_binding(x, chunk),
+                self.affine.as_entire_binding(),
+                chunk_binding(y, chunk),
+                uniform_view(&self.ctx, &self.affine),
+            ]
+        });
+    }
+
+    fn saved_forward(
+        &self,
+        call: &ForwardCall,
+        x: &Tensor,
+        mask: Option<&Mask>,
+        statistics: wgpu::Buffer,
+        synchronized: bool,
+    ) -> SavedForward {
+        SavedForward {
             layer: self.id,
             x: x.clone(),
-            mask: mask.filter(|_| masked).cloned(),
-            batch_statistics,
+            mask: mask.filter(|_| call.masked).cloned(),
+            batch_statistics: call.batch_statistics,
+            synchronized,
             weights_version: self.weights_version.load(Ordering::Acquire),
             statistics,
-        })
+        }
     }
 
     /// Gradients of the forward call that returned `saved`: given `dy`
@@ -607,6 +775,9 @@ impl BatchNorm {
         regularization: bool,
         grads: &Gradients,
     ) -> Result<()> {
+        if self.config.synchronized {
+            return self.backward_synchronized(saved, dy, regularization, grads);
+        }
         let mut encoder = self.encoder("batchnorm backward");
         self.record_backward(&mut encoder, saved, dy, regularization, grads)?;
         self.ctx.queue().submit([encoder.finish()]);
@@ -616,6 +787,10 @@ impl BatchNorm {
     /// Records the backward pass of the forward call that returned `saved`
     /// into the caller's encoder, after that call (in the same encoder or an
     /// earlier submission).
+    ///
+    /// A synchronized layer's backward exchanges its sums in the middle
+    /// (see [`BatchNorm::set_exchange`]) and cannot be recorded: it returns
+    /// [`Error::Exchange`]; use [`BatchNorm::backward_into`].
     pub fn record_backward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -624,21 +799,51 @@ impl BatchNorm {
         regularization: bool,
         grads: &Gradients,
     ) -> Result<()> {
+        if self.config.synchronized {
+            return Err(Error::Exchange(
+                "a synchronized layer's backward all-gathers its sums between its dispatches and cannot be \
+                 recorded into an encoder: call backward or backward_into"
+                    .into(),
+            ));
+        }
+        let call = self.plan_backward(saved, dy, regularization, grads, false)?;
+        let mut scratch = self.lock_scratch();
+        let rec = Recorder::new(self, &mut scratch, &call.plan, saved.x.shape(), call.flags);
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("batchnorm backward"),
+                timestamp_writes: None,
+            });
+            self.dispatch_backward_reduce(&mut pass, &rec, &call, saved, dy);
+            self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs);
+            self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads);
+        }
+        self.copy_parameter_gradients(encoder, grads);
+        Ok(())
+    }
+
+    /// Checks and plans one backward call (`empty_ok` as in `plan_forward`).
+    fn plan_backward(
+        &self,
+        saved: &SavedForward,
+        dy: &Tensor,
+        regularization: bool,
+        grads: &Gradients,
+        empty_ok: bool,
+    ) -> Result<BackwardCall> {
         if saved.layer != self.id {
             return Err(Error::ForeignSaved);
         }
-        let record = saved;
         if self.config.fused_relu {
             return Err(ConfigError::Unsupported(
                 "backward through the fused ReLU epilogue is not supported: use fused_relu for inference".into(),
             )
             .into());
         }
-        if record.weights_version != self.weights_version.load(Ordering::Acquire) {
+        if saved.weights_version != self.weights_version.load(Ordering::Acquire) {
             return Err(Error::WeightsChanged);
         }
-        let mut scratch = self.lock_scratch();
-        let x = &record.x;
+        let x = &saved.x;
         if dy.shape() != x.shape() {
             return Err(Error::Shape(format!(
                 "dy has shape {:?}, the forward input had {:?}",
@@ -683,92 +888,137 @@ impl BatchNorm {
                 None => {}
             }
         }
-        let view = self.view_of(x)?;
-        let masked = record.mask.is_some();
+        let view = self.view_of(x, empty_ok)?;
+        let masked = saved.mask.is_some();
         // backward reduce and dx both read the forward call's mask
         let mask_use = MaskUse {
             statistics: masked,
             elementwise: masked,
             by_row: mask_by_row(view, x.shape()),
         };
-        let tuning = self.ctx.plan_tuning(view, x.dtype(), Op::Backward);
-        let plan = DispatchPlan::new(view, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
-        let subgroups = self.ctx.inner.kernels.subgroups;
-        let key = |kernel| KernelKey::new(kernel, x.dtype(), masked).with_tuning(&tuning, subgroups);
+        let planned = self.planned_view(view);
+        let tuning = self.ctx.plan_tuning(planned, x.dtype(), Op::Backward);
+        let plan = DispatchPlan::new(planned, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
         let reg = |r: Option<Regularizer>, l1_flag, l2_flag| match r {
             Some(r) if regularization => flag(r.l1 != 0.0, l1_flag) | flag(r.l2 != 0.0, l2_flag),
             _ => 0,
         };
         let flags = self.config_flags()
             | flag(masked, kernels::FLAG_MASKED)
-            | flag(record.batch_statistics, kernels::FLAG_TRAINING)
+            | flag(saved.batch_statistics, kernels::FLAG_TRAINING)
             | reg(cfg.gamma_regularizer, kernels::FLAG_GAMMA_L1, kernels::FLAG_GAMMA_L2)
             | reg(cfg.beta_regularizer, kernels::FLAG_BETA_L1, kernels::FLAG_BETA_L2);
-        let rec = Recorder::new(self, &mut scratch, &plan, x.shape(), flags);
-        let mask_buffer = record
+        Ok(BackwardCall {
+            keys: CallKeys::new(self, x.dtype(), masked, tuning),
+            plan,
+            flags,
+            empty: view.is_empty(),
+        })
+    }
+
+    fn saved_mask<'s>(&'s self, saved: &'s SavedForward) -> &'s wgpu::Buffer {
+        saved
             .mask
             .as_ref()
             .map(|m| &m.buffer)
-            .unwrap_or(&self.ctx.inner.placeholder);
-        let channel_bytes = self.channels as u64 * 4;
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("batchnorm backward"),
-                timestamp_writes: None,
-            });
-            rec.per_chunk(
-                &mut pass,
-                key(Kernel::BackwardReduce).with_layout(plan.stats),
-                |chunk| {
-                    vec![
-                        chunk_binding(x, chunk),
-                        chunk_binding(dy, chunk),
-                        record.statistics.as_entire_binding(),
-                        mask_buffer.as_entire_binding(),
-                        rec.partials(),
-                    ]
-                },
-            );
-            rec.per_channel(
-                &mut pass,
-                key(Kernel::BackwardFinalize),
-                vec![
-                    rec.partials(),
-                    self.state.as_entire_binding(),
-                    record.statistics.as_entire_binding(),
-                    self.grads.as_entire_binding(),
-                    self.coeffs.as_entire_binding(),
-                ],
-            );
-            rec.per_chunk(
-                &mut pass,
-                key(Kernel::BackwardDx)
-                    .with_layout(plan.elementwise)
-                    .with_uniform_params(self.uniform_params(4, &tuning)),
-                |chunk| {
-                    vec![
-                        chunk_binding(x, chunk),
-                        chunk_binding(dy, chunk),
-                        mask_buffer.as_entire_binding(),
-                        self.coeffs.as_entire_binding(),
-                        chunk_binding(&grads.dx, chunk),
-                        uniform_view(&self.ctx, &self.coeffs),
-                    ]
-                },
-            );
+            .unwrap_or(&self.ctx.inner.placeholder)
+    }
+
+    /// Backward, pass 1 over every chunk: the tile sums into the recorder's partials.
+    fn dispatch_backward_reduce(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &BackwardCall,
+        saved: &SavedForward,
+        dy: &Tensor,
+    ) {
+        let key = call.keys.key(Kernel::BackwardReduce).with_layout(call.plan.stats);
+        rec.per_chunk(pass, key, |chunk| {
+            vec![
+                chunk_binding(&saved.x, chunk),
+                chunk_binding(dy, chunk),
+                saved.statistics.as_entire_binding(),
+                self.saved_mask(saved).as_entire_binding(),
+                rec.partials(),
+            ]
+        });
+    }
+
+    /// Backward, pass 2: the recorder's partials into the parameter
+    /// gradients and the dx coefficients in `coeffs` (or, under
+    /// `FLAG_MERGE_ONLY`, into one summed partial a channel in `coeffs`).
+    fn dispatch_backward_finalize(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &BackwardCall,
+        saved: &SavedForward,
+        coeffs: &wgpu::Buffer,
+    ) {
+        rec.per_channel(
+            pass,
+            call.keys.key(Kernel::BackwardFinalize),
+            vec![
+                rec.partials(),
+                self.state.as_entire_binding(),
+                saved.statistics.as_entire_binding(),
+                self.grads.as_entire_binding(),
+                coeffs.as_entire_binding(),
+            ],
+        );
+    }
+
+    fn dispatch_dx(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        rec: &Recorder,
+        call: &BackwardCall,
+        saved: &SavedForward,
+        dy: &Tensor,
+        grads: &Gradients,
+    ) {
+        if call.empty {
+            return;
         }
+        let key = call
+            .keys
+            .key(Kernel::BackwardDx)
+            .with_layout(call.plan.elementwise)
+            .with_uniform_params(self.uniform_params(4, &call.keys.tuning));
+        rec.per_chunk(pass, key, |chunk| {
+            vec![
+                chunk_binding(&saved.x, chunk),
+                chunk_binding(dy, chunk),
+                self.saved_mask(saved).as_entire_binding(),
+                self.coeffs.as_entire_binding(),
+                chunk_binding(&grads.dx, chunk),
+                uniform_view(&self.ctx, &self.coeffs),
+            ]
+        });
+    }
+
+    fn copy_parameter_gradients(&self, encoder: &mut wgpu::CommandEncoder, grads: &Gradients) {
+        let channel_bytes = self.channels as u64 * 4;
         if let Some(g) = &grads.dgamma {
             encoder.copy_buffer_to_buffer(&self.grads, 0, g.buffer(), g.offset(), channel_bytes);
         }
         if let Some(b) = &grads.dbeta {
             encoder.copy_buffer_to_buffer(&self.grads, channel_bytes, b.buffer(), b.offset(), channel_bytes);
         }
-        Ok(())
     }
 
-    fn view_of(&self, x: &Tensor) -> Result<ChannelView> {
+    /// The input's channel view; an empty one only where `empty_ok` (a
+    /// synchronized rank with no values takes part in the exchange).
+    fn view_of(&self, x: &Tensor, empty_ok: bool) -> Result<ChannelView> {
         let axis = self.config.resolve_axis(x.shape().len())?;
         let view = ChannelView::new(x.shape(), axis);
+        if x.is_empty() && !empty_ok {
+            return Err(Error::Shape(format!(
+                "input shape {:?} has an empty dimension: only a synchronized layer takes an empty batch",
+                x.shape()
+            )));
+        }
         if view.channels != self.channels {
             return Err(Error::Shape(format!(
                 "input shape {:?} has {} features on axis {}, the layer was built for {}",
@@ -928,6 +1178,12 @@ impl<'a> Recorder<'a> {
             params,
             partials: scratch.partials.clone(),
         }
+    }
+
+    /// Reads another buffer's partials (a synchronized call's merged ones).
+    fn with_partials(mut self, partials: wgpu::Buffer) -> Self {
+        self.partials = partials;
+        self
     }
 
     fn partials(&self) -> wgpu::BindingResource<'_> {

@@ -36,12 +36,14 @@
 //! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
 //!   `Send + Sync`; each call's dispatches run together on the queue, and
 //!   each backward reads the [`SavedForward`] of its own forward call.
-//! - **Synchronized statistics** (Keras `synchronized=True`, in progress):
-//!   [`sync::Exchange`] is the all-gather a data-parallel layer's ranks
-//!   share, [`sync::LocalExchange`] one among threads; the float64
-//!   reference's `forward_synchronized` / `backward_synchronized` give the
-//!   global batch's statistics and gradients. The GPU layer does not take
-//!   an exchange yet.
+//! - **Synchronized statistics** (Keras `synchronized=True`, PyTorch's
+//!   SyncBatchNorm): [`BatchNorm::set_exchange`] makes a layer use the
+//!   global batch's statistics across the ranks of an [`Exchange`]:
+//!   [`LocalExchange`] among the devices (threads) of one process, an
+//!   MPI one across processes and machines (feature `mpi`), or the
+//!   application's own transport. Each call exchanges 24 bytes a channel
+//!   per rank. The float64 reference's `forward_synchronized` /
+//!   `backward_synchronized` give the same phases.
 //! - **Numerics.** Statistics are float32 (float16 tensors too), shifted by
 //!   a sample of each channel and merged with Chan's formula, so inputs far
 //!   from zero keep their precision. Every kernel has a float64 mirror in
@@ -81,6 +83,7 @@ pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
+pub use sync::{Exchange, LocalExchange};
 pub use tensor::{DType, Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};
 

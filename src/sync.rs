@@ -1,10 +1,11 @@
-//! Synchronized statistics, the transport-independent part (issue 11, in
-//! progress): the [`Exchange`] a synchronized layer all-gathers its
-//! per-channel moments and gradient sums through, an in-process exchange
-//! for several devices (threads) of one process, and the checked message
-//! every rank sends. The float64 reference's synchronized calls
-//! ([`crate::reference::ReferenceLayer::forward_synchronized`]) use it;
-//! the GPU layer's and the MPI exchange come next.
+//! Synchronized statistics, the transport-independent part: the
+//! [`Exchange`] a synchronized layer all-gathers its per-channel moments
+//! and gradient sums through, an in-process exchange for several devices
+//! (threads) of one process, and the checked message every rank sends.
+//! [`crate::BatchNorm::set_exchange`] synchronizes a GPU layer; the float64
+//! reference's synchronized calls
+//! ([`crate::reference::ReferenceLayer::forward_synchronized`]) take one
+//! per call. The MPI exchange is behind the `mpi` feature.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -55,15 +55,13 @@ pub(crate) fn padded_bytes(len: usize, dtype: DType) -> u64 {
     ((len * dtype.size()) as u64).div_ceil(4) * 4
 }
 
-/// The elements of a tensor of `shape` (rank 1 to 8, no empty dimension),
-/// with every product checked: a shape whose size or bytes overflow is an
-/// error, never a wrapped number.
+/// The elements of a tensor of `shape` (rank 1 to 8), with every product
+/// checked: a shape whose size or bytes overflow is an error, never a
+/// wrapped number. A shape may have an empty dimension (a synchronized
+/// rank's empty slice of a batch); the layers refuse such inputs otherwise.
 pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     if shape.is_empty() || shape.len() > 8 {
         return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
-    }
-    if shape.contains(&0) {
-        return Err(Error::Shape(format!("shape {shape:?} has an empty dimension")));
     }
     shape
         .iter()
@@ -291,6 +289,9 @@ impl Tensor {
     /// Reads the values back as float32 (float16 widened exactly).
     pub async fn read_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
         let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len()).await?;
         Ok(match self.dtype {
             DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
@@ -315,6 +316,9 @@ impl Tensor {
             });
         }
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
         let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, self.offset, self.byte_len()))?;
         Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
     }
@@ -374,6 +378,9 @@ impl Mask {
 
 /// Copies `size` bytes from `offset` in `buffer` into host memory.
 pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+    if size == 0 {
+        return Ok(Vec::new());
+    }
     let device = ctx.device();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),

@@ -142,7 +142,7 @@ fn conform_on_the_cpu_reference() {
 }
 
 #[test]
-fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1() {
+fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1_and_synchronized_passes() {
     let dir = scratch("fail");
     edited_case(
         &dir,
@@ -175,10 +175,11 @@ fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1() {
     assert_eq!(o.status.code(), Some(1), "{stdout}{}", text(&o.stderr));
     let row = |name: &str| stdout.lines().find(|l| l.starts_with(name)).unwrap().to_string();
     assert!(row("wrong_truth").contains("FAIL") && row("wrong_truth").contains("y.0="));
-    assert!(row("synchronized").contains("FAIL") && row("synchronized").contains("synchronized"));
+    // one replica, as Keras ran it
+    assert!(row("synchronized").contains("PASS"), "{stdout}");
     assert!(row("bfloat16").contains("FAIL") && row("bfloat16").contains("bfloat16"));
     assert!(row("fine ").contains("PASS"));
-    assert!(stdout.ends_with("1/4 cases pass\n"), "{stdout}");
+    assert!(stdout.ends_with("2/4 cases pass\n"), "{stdout}");
 }
 
 fn assert_usage_error(args: &[&str], mentions: &str) {

@@ -112,7 +112,6 @@ fn unknown_or_invalid_entries_are_reported() {
             "r_max",
         ),
         (r#"{"epsilon": 0}"#, "epsilon"),
-        (r#"{"synchronized": true}"#, "synchronized"),
         (
             r#"{"class_name": "LayerNormalization", "config": {}}"#,
             "LayerNormalization",

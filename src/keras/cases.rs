@@ -439,7 +439,12 @@ impl KerasCase {
 
     fn run_gpu(&self, ctx: &GpuContext, setup: &Setup) -> Result<RunOutputs> {
         let new_layer = || -> Result<BatchNorm> {
-            let layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
+            let mut layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
+            if setup.config.synchronized {
+                // Keras ran the case on one replica: a group of one
+                let one = crate::sync::LocalExchange::group(1, std::time::Duration::from_secs(60));
+                layer.set_exchange(std::sync::Arc::new(one.into_iter().next().expect("a group of one")));
+            }
             for &slot in setup.slots {
                 let values: Vec<f32> = (setup.init)(slot)
                     .map_err(|m| file_error(&self.path, m))?

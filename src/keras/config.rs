@@ -100,7 +100,7 @@ impl KerasLayerConfig {
             "gamma_regularizer": c.gamma_regularizer.map(regularizer_to_json),
             "beta_constraint": c.beta_constraint.map(constraint_to_json),
             "gamma_constraint": c.gamma_constraint.map(constraint_to_json),
-            "synchronized": false,
+            "synchronized": c.synchronized,
             "renorm": c.renorm,
             "renorm_clipping": clipping,
             "renorm_momentum": decimal(c.renorm_momentum),
@@ -163,11 +163,7 @@ fn set_layer_field(c: &mut BatchNormConfig, key: &str, v: &Value) -> Parsed<bool
         "gamma_regularizer" => c.gamma_regularizer = optional(v, regularizer_from_json)?,
         "beta_constraint" => c.beta_constraint = optional(v, constraint_from_json)?,
         "gamma_constraint" => c.gamma_constraint = optional(v, constraint_from_json)?,
-        "synchronized" => {
-            if boolean(v, key)? {
-                return Err("synchronized=true (cross-device statistics) is not supported".into());
-            }
-        }
+        "synchronized" => c.synchronized = boolean(v, key)?,
         _ => return Ok(false),
     }
     Ok(true)

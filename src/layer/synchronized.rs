@@ -1,0 +1,371 @@
+//! A synchronized layer's calls (Keras's `synchronized=True`): each runs in
+//! two submissions around one all-gather. The first reduces this rank's
+//! values to one partial a channel on the GPU (the finalize kernels under
+//! `FLAG_MERGE_ONLY`) and reads it back, 16 bytes a channel; the ranks'
+//! partials are merged on the host in float64 and rank order; the second
+//! submission uploads the merged partial as the only tile of each channel
+//! and runs the usual finalize and elementwise kernels.
+
+use std::sync::Arc;
+
+use super::{BackwardCall, BatchNorm, ForwardCall, Gradients, Recorder, SavedForward, storage_buffer};
+use crate::error::{Error, Result};
+use crate::kernels::FLAG_MERGE_ONLY;
+use crate::reference::{ChannelMoments, merge_in_rank_order};
+use crate::sync::{
+    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
+};
+use crate::tensor::{DType, Mask, Tensor, read_buffer};
+
+impl BatchNorm {
+    /// Makes the layer synchronized over `exchange` (Keras's
+    /// `synchronized=True`; sets [`crate::BatchNormConfig::synchronized`]).
+    ///
+    /// Every training forward then uses the statistics of the global batch,
+    /// the union of every rank's slice: each rank reduces its slice to
+    /// per-channel moments (count, mean, M2), all-gathers them and merges
+    /// them with Chan's formula in rank order, so every rank gets bitwise
+    /// the same statistics and moving statistics. Every backward adds the
+    /// ranks' per-channel sums (dy, dy * (x - mean), masked-in x - mean) in
+    /// rank order, so dx uses the global count and dgamma / dbeta are the
+    /// global batch's sums, the same on every rank (PyTorch's SyncBatchNorm
+    /// leaves those to its data-parallel wrapper). Each call exchanges 24
+    /// bytes a channel per rank plus a 28-byte header, whatever the batch.
+    /// Inference calls and `trainable = false` exchange nothing.
+    ///
+    /// A rank's slice may be empty (a dimension of 0) or fully masked out;
+    /// ranks may hold different batch sizes. Every rank must make the same
+    /// calls in the same order with the same channels, dtype, config and
+    /// mask use: a mismatch is an [`Error::Exchange`] on every rank, and a
+    /// rank whose call fails before the exchange (a bad shape, say) tells
+    /// the others, which fail at once. A rank that stops calling at all
+    /// fails the others at the exchange's timeout ([`crate::LocalExchange`])
+    /// or aborts the job (MPI). A synchronized layer's calls run one at a
+    /// time and cannot be recorded into an application's encoder
+    /// (`record_forward` in training and `record_backward` refuse): they
+    /// wait for the exchange between their two submissions.
+    pub fn set_exchange(&mut self, exchange: Arc<dyn Exchange>) {
+        self.config.synchronized = true;
+        self.exchange = Some(exchange);
+    }
+
+    /// The exchange of a synchronized layer that has one.
+    pub fn exchange(&self) -> Option<&dyn Exchange> {
+        self.exchange.as_deref()
+    }
+
+    fn require_exchange(&self) -> Result<&dyn Exchange> {
+        self.exchange.as_deref().ok_or_else(|| {
+            Error::Exchange(
+                "the layer is synchronized (synchronized: true) but has no exchange: give it one with \
+                 BatchNorm::set_exchange (a LocalExchange across the devices of one process, an MpiExchange \
+                 across processes, or your own)"
+                    .into(),
+            )
+        })
+    }
+
+    /// The header of this layer's next synchronized call.
+    fn next_header(&self, sequence: &mut u64, kind: u32, dtype: DType) -> CallHeader {
+        let header = CallHeader {
+            kind,
+            sequence: *sequence,
+            channels: self.channels as u32,
+            fingerprint: fingerprint(&format!("gpu {dtype} {:?}", self.config)),
+        };
+        *sequence += 1;
+        header
+    }
+
+    /// Tells the other ranks that this rank's call failed, so that they
+    /// fail at once; returns the call's own error.
+    fn fail_exchange<T>(&self, exchange: &dyn Exchange, header: CallHeader, error: Error) -> Result<T> {
+        let failed = CallHeader {
+            kind: KIND_FAILED,
+            ..header
+        };
+        let _ = gather_checked(exchange, failed, &[]);
+        Err(error)
+    }
+
+    pub(super) fn forward_synchronized(
+        &self,
+        x: &Tensor,
+        training: Option<bool>,
+        mask: Option<&Mask>,
+        y: &Tensor,
+        statistics: wgpu::Buffer,
+    ) -> Result<SavedForward> {
+        if !(training == Some(true) && self.config.trainable) {
+            // the moving statistics alone: nothing to exchange
+            let call = self.plan_forward(x, training, mask, y, true)?;
+            return self.submit_global_forward(&call, x, mask, y, statistics, None);
+        }
+        let exchange = self.require_exchange()?;
+        let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
+        let kind = if mask.is_some() {
+            KIND_FORWARD_MASKED
+        } else {
+            KIND_FORWARD
+        };
+        let header = self.next_header(&mut sequence, kind, x.dtype());
+        let local = self
+            .plan_forward(x, training, mask, y, true)
+            .and_then(|call| Ok((self.local_moments(&call, x, mask)?, call)));
+        let (local, call) = match local {
+            Ok(v) => v,
+            Err(e) => return self.fail_exchange(exchange, header, e),
+        };
+        let payload: Vec<f64> = local.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
+        let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &payload)?
+            .iter()
+            .map(|r| {
+                r.chunks_exact(3)
+                    .map(|m| ChannelMoments {
+                        count: m[0],
+                        mean: m[1],
+                        m2: m[2],
+                    })
+                    .collect()
+            })
+            .collect();
+        let merged: Vec<[f32; 4]> = merge_in_rank_order(&ranks)
+            .into_iter()
+            .map(moments_to_partial)
+            .collect();
+        self.submit_global_forward(&call, x, mask, y, statistics, Some(&merged))
+    }
+
+    /// This rank's moments per channel: the statistics kernel, then the
+    /// finalize kernel merging each channel's tiles into one partial, read
+    /// back (16 bytes a channel).
+    fn local_moments(&self, call: &ForwardCall, x: &Tensor, mask: Option<&Mask>) -> Result<Vec<ChannelMoments>> {
+        if call.empty {
+            return Ok(vec![ChannelMoments::default(); self.channels]);
+        }
+        let merged = self.merge_only_buffer();
+        let mut encoder = self.encoder("synchronized forward, local moments");
+        {
+            let mut scratch = self.lock_scratch();
+            let rec = Recorder::new(self, &mut scratch, &call.plan, x.shape(), call.flags | FLAG_MERGE_ONLY);
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            self.dispatch_statistics(&mut pass, &rec, call, x, mask);
+            self.dispatch_finalize(&mut pass, &rec, call, &merged);
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(self
+            .read_partials(&merged)?
+            .into_iter()
+            .map(partial_to_moments)
+            .collect())
+    }
+
+    /// The second submission of a forward call: finalize over `merged` (one
+    /// partial a channel, the global batch's) or, without it, the moving
+    /// statistics, then normalise.
+    fn submit_global_forward(
+        &self,
+        call: &ForwardCall,
+        x: &Tensor,
+        mask: Option<&Mask>,
+        y: &Tensor,
+        statistics: wgpu::Buffer,
+        merged: Option<&[[f32; 4]]>,
+    ) -> Result<SavedForward> {
+        let mut encoder = self.encoder("synchronized forward");
+        {
+            let mut scratch = self.lock_scratch();
+            let mut plan = call.plan.clone();
+            plan.total_tiles = 1;
+            let mut rec = Recorder::new(self, &mut scratch, &plan, x.shape(), call.flags);
+            if let Some(merged) = merged {
+                rec = rec.with_partials(self.upload_partials(merged));
+            }
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            self.dispatch_finalize(&mut pass, &rec, call, &statistics);
+            self.dispatch_normalize(&mut pass, &rec, call, x, y);
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(self.saved_forward(call, x, mask, statistics, true))
+    }
+
+    pub(super) fn backward_synchronized(
+        &self,
+        saved: &SavedForward,
+        dy: &Tensor,
+        regularization: bool,
+        grads: &Gradients,
+    ) -> Result<()> {
+        let exchange = self.require_exchange()?;
+        let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
+        let header = self.next_header(&mut sequence, KIND_BACKWARD, saved.x.dtype());
+        let local = if saved.synchronized {
+            self.plan_backward(saved, dy, regularization, grads, true)
+                .and_then(|call| Ok((self.local_sums(&call, saved, dy)?, call)))
+        } else {
+            Err(Error::Exchange(
+                "this forward call ran before the layer was synchronized: its backward cannot be".into(),
+            ))
+        };
+        let (local, call) = match local {
+            Ok(v) => v,
+            Err(e) => return self.fail_exchange(exchange, header, e),
+        };
+        let payload: Vec<f64> = local
+            .iter()
+            .flat_map(|s| s[..3].iter().map(|&v| f64::from(v)))
+            .collect();
+        let ranks = gather_checked(exchange, header, &payload)?;
+        // added in rank order in float64: the same bits on every rank
+        let global: Vec<[f32; 4]> = (0..self.channels)
+            .map(|c| {
+                let sum = |k: usize| ranks.iter().map(|r| r[3 * c + k]).sum::<f64>() as f32;
+                [sum(0), sum(1), sum(2), 0.0]
+            })
+            .collect();
+        let mut encoder = self.encoder("synchronized backward");
+        {
+            let mut scratch = self.lock_scratch();
+            let mut plan = call.plan.clone();
+            plan.total_tiles = 1;
+            let rec = Recorder::new(self, &mut scratch, &plan, saved.x.shape(), call.flags)
+                .with_partials(self.upload_partials(&global));
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs);
+            self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads);
+        }
+        self.copy_parameter_gradients(&mut encoder, grads);
+        self.ctx.queue().submit([encoder.finish()]);
+        Ok(())
+    }
+
+    /// This rank's backward sums per channel (sum dy, sum dy * (x - mean),
+    /// masked-in sum of x - mean, 0), read back.
+    fn local_sums(&self, call: &BackwardCall, saved: &SavedForward, dy: &Tensor) -> Result<Vec<[f32; 4]>> {
+        if call.empty {
+            return Ok(vec![[0.0; 4]; self.channels]);
+        }
+        let sums = self.merge_only_buffer();
+        let mut encoder = self.encoder("synchronized backward, local sums");
+        {
+            let mut scratch = self.lock_scratch();
+            let rec = Recorder::new(
+                self,
+                &mut scratch,
+                &call.plan,
+                saved.x.shape(),
+                call.flags | FLAG_MERGE_ONLY,
+            );
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            self.dispatch_backward_reduce(&mut pass, &rec, call, saved, dy);
+            self.dispatch_backward_finalize(&mut pass, &rec, call, saved, &sums);
+        }
+        self.ctx.queue().submit([encoder.finish()]);
+        self.read_partials(&sums)
+    }
+
+    /// Where the finalize kernels write one partial a channel under `FLAG_MERGE_ONLY`.
+    fn merge_only_buffer(&self) -> wgpu::Buffer {
+        storage_buffer(
+            &self.ctx,
+            "synchronized partials",
+            self.channels as u64 * 16,
+            wgpu::BufferUsages::COPY_SRC,
+        )
+    }
+
+    fn read_partials(&self, buffer: &wgpu::Buffer) -> Result<Vec<[f32; 4]>> {
+        let bytes = pollster::block_on(read_buffer(&self.ctx, buffer, 0, self.channels as u64 * 16))?;
+        Ok(bytes
+            .chunks_exact(16)
+            .map(|q| std::array::from_fn(|i| f32::from_le_bytes(q[4 * i..4 * i + 4].try_into().unwrap())))
+            .collect())
+    }
+
+    fn upload_partials(&self, partials: &[[f32; 4]]) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        self.ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("merged partials"),
+            contents: bytemuck::cast_slice(partials),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    }
+}
+
+/// Mirror of `shift_scale` in `shaders/params.wgsl`: the power of two a
+/// partial's M2 is scaled by, so that the M2 of values near float32's
+/// largest stays finite.
+fn shift_scale(shift: f32) -> f32 {
+    let e = (shift.to_bits() >> 23) & 0xff;
+    if e < 147 {
+        return 1.0;
+    }
+    f32::from_bits((254 - e.min(253)) << 23)
+}
+
+/// A partial of the statistics kernels (count, shift, mean - shift, M2
+/// scaled by `shift_scale(shift)^2`) as float64 moments.
+fn partial_to_moments([count, shift, delta, scaled_m2]: [f32; 4]) -> ChannelMoments {
+    if count == 0.0 {
+        return ChannelMoments::default();
+    }
+    let k = f64::from(shift_scale(shift));
+    ChannelMoments {
+        count: f64::from(count),
+        mean: f64::from(shift) + f64::from(delta),
+        m2: f64::from(scaled_m2) / (k * k),
+    }
+}
+
+/// Merged float64 moments as the one partial of a channel: the shift is
+/// the mean rounded to float32, the rest of the mean its correction.
+fn moments_to_partial(m: ChannelMoments) -> [f32; 4] {
+    if m.count == 0.0 {
+        return [0.0; 4];
+    }
+    let shift = m.mean as f32;
+    // an infinite or NaN mean stays one (the finalize kernel's merge adds
+    // the corrections of such partials)
+    let delta = if m.mean.is_finite() {
+        (m.mean - f64::from(shift)) as f32
+    } else {
+        0.0
+    };
+    let k = f64::from(shift_scale(shift));
+    [m.count as f32, shift, delta, (m.m2 * k * k) as f32]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partials_and_moments_convert_both_ways() {
+        for (mean, m2) in [(1.5f64, 3.25f64), (-3.0e38, 1.0e70), (1e-30, 1e-20), (7.0, 0.0)] {
+            let p = moments_to_partial(ChannelMoments { count: 5.0, mean, m2 });
+            assert!(p[3].is_finite(), "{mean} {m2}: {p:?}");
+            let back = partial_to_moments(p);
+            assert_eq!(back.count, 5.0);
+            assert!((back.mean - mean).abs() <= mean.abs() * 1e-12, "{mean}: {back:?}");
+            assert!((back.m2 - m2).abs() <= m2.abs() * 1e-6, "{m2}: {back:?}");
+        }
+        let inf = moments_to_partial(ChannelMoments {
+            count: 2.0,
+            mean: f64::INFINITY,
+            m2: f64::NAN,
+        });
+        assert_eq!(inf[1], f32::INFINITY);
+        assert_eq!(inf[2], 0.0);
+        assert_eq!(moments_to_partial(ChannelMoments::default()), [0.0; 4]);
+    }
+
+    #[test]
+    fn shift_scale_matches_the_shader_at_its_edges() {
+        assert_eq!(shift_scale(1.0), 1.0);
+        // biased exponent 147 and up scales down
+        let at = f32::from_bits(147 << 23);
+        assert_eq!(shift_scale(at), f32::from_bits((254 - 147) << 23));
+        assert_eq!(shift_scale(f32::MAX), f32::from_bits(1 << 23));
+        assert_eq!(shift_scale(-f32::MAX), f32::from_bits(1 << 23));
+    }
+}
