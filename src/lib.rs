@@ -83,6 +83,8 @@ pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
+#[cfg(feature = "mpi")]
+pub use sync::MpiExchange;
 pub use sync::{Exchange, LocalExchange};
 pub use tensor::{DType, Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};

@@ -7,6 +7,11 @@
 //! ([`crate::reference::ReferenceLayer::forward_synchronized`]) take one
 //! per call. The MPI exchange is behind the `mpi` feature.
 
+#[cfg(feature = "mpi")]
+mod mpi_exchange;
+#[cfg(feature = "mpi")]
+pub use mpi_exchange::MpiExchange;
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,96 @@
+//! The MPI exchange (feature `mpi`): an all-gather over an MPI
+//! communicator, for ranks in several processes or on several machines.
+
+use std::sync::Mutex;
+
+use mpi::datatype::PartitionMut;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, CommunicatorCollectives};
+
+use super::Exchange;
+use crate::error::{Error, Result};
+
+/// An [`Exchange`] over an MPI communicator, typically the world of
+/// `mpi::initialize()`: one rank a process, each process driving its own
+/// device, on one machine (`mpiexec -n 4 ./train`) or several (`mpiexec
+/// -hosts a,b -n 8 ./train`).
+///
+/// Each call is two MPI collectives (the lengths, then an `MPI_Allgatherv`
+/// of the bytes), made under a lock: one at a time from any thread. MPI
+/// itself must allow calls from the threads that use the layer: initialise
+/// it with `mpi::initialize_with_threading(Threading::Serialized)` when that
+/// is not the thread that initialised MPI.
+///
+/// Failures: a rank whose own call fails before the exchange still sends
+/// (a failure message), so the others return an error at once; a rank
+/// that exits or crashes makes `mpiexec` end the whole job; a rank that
+/// never calls leaves the others waiting, as any MPI collective does (set
+/// `MPIEXEC_TIMEOUT`, in seconds, to bound a job).
+pub struct MpiExchange {
+    comm: Mutex<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+}
+
+impl MpiExchange {
+    /// An exchange among the processes of `comm`.
+    pub fn new(comm: SimpleCommunicator) -> Self {
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        MpiExchange {
+            comm: Mutex::new(comm),
+            rank,
+            size,
+        }
+    }
+}
+
+// SAFETY: the communicator is a handle (an integer in MPICH, a pointer in
+// Open MPI) that MPI lets any thread use as long as calls are serialized
+// and MPI was initialised with a threading level that allows it (the
+// type's docs say so); every use goes through the mutex.
+unsafe impl Send for MpiExchange {}
+unsafe impl Sync for MpiExchange {}
+
+impl Exchange for MpiExchange {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let count = |n: usize| {
+            mpi::Count::try_from(n)
+                .map_err(|_| Error::Exchange(format!("{n} bytes are more than one MPI message holds")))
+        };
+        let mine = local.len() as u64;
+        let mut lengths = vec![0u64; self.size];
+        comm.all_gather_into(&mine, &mut lengths[..]);
+        let counts = lengths
+            .iter()
+            .map(|&n| count(n as usize))
+            .collect::<Result<Vec<mpi::Count>>>()?;
+        let mut displs = Vec::with_capacity(self.size);
+        let mut total = 0usize;
+        for &n in &lengths {
+            displs.push(count(total)?);
+            total += n as usize;
+        }
+        count(total)?;
+        let mut all = vec![0u8; total];
+        {
+            let mut partition = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            comm.all_gather_varcount_into(local, &mut partition);
+        }
+        let mut out = Vec::with_capacity(self.size);
+        let mut at = 0;
+        for &n in &lengths {
+            out.push(all[at..at + n as usize].to_vec());
+            at += n as usize;
+        }
+        Ok(out)
+    }
+}
