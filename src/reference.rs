@@ -577,8 +577,12 @@ impl ReferenceLayer {
         let (view, last_dim) = match self.checked_view(x, shape, mask, exchange.is_some()) {
             Ok(v) => v,
             Err(e) => {
-                // the other ranks must not wait for this one
-                if let Some(exchange) = exchange {
+                // the other ranks must not wait for this one (an inference
+                // call exchanges nothing: they do not)
+                if let Some(exchange) = exchange
+                    && training == Some(true)
+                    && self.config.trainable
+                {
                     let header = self.next_call(KIND_FAILED);
                     let _ = gather_checked(exchange, header, &[]);
                 }

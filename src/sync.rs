@@ -202,6 +202,13 @@ impl CallHeader {
 /// payloads of the same length. Every rank sees every header, so a
 /// mismatch is an error on every rank.
 pub(crate) fn gather_checked(exchange: &dyn Exchange, header: CallHeader, payload: &[f64]) -> Result<Vec<Vec<f64>>> {
+    if exchange.size() == 0 || exchange.rank() >= exchange.size() {
+        return Err(Error::Exchange(format!(
+            "the exchange says this is rank {} of {}: a rank must be below a size of one or more",
+            exchange.rank(),
+            exchange.size()
+        )));
+    }
     let all = exchange.all_gather(&header.encode(payload))?;
     if all.len() != exchange.size() {
         return Err(Error::Exchange(format!(

@@ -38,9 +38,15 @@ impl BatchNorm {
     /// calls in the same order with the same channels, dtype, config and
     /// mask use: a mismatch is an [`Error::Exchange`] on every rank, and a
     /// rank whose call fails before the exchange (a bad shape, say) tells
-    /// the others, which fail at once. A rank that stops calling at all
-    /// fails the others at the exchange's timeout ([`crate::LocalExchange`])
-    /// or aborts the job (MPI). A synchronized layer's calls run one at a
+    /// the others, which fail at once. Messages name the call's kind, its
+    /// sequence number on the layer, the channels and the config, not the
+    /// layer itself: two layers alike (same config and channels) sharing
+    /// an exchange must be called in the same order on every rank, or
+    /// their moments merge with each other's. A rank that stops calling at
+    /// all fails the others at the exchange's timeout
+    /// ([`crate::LocalExchange`]); under MPI the others wait until `mpiexec`
+    /// ends the job (when a rank exits, or at `MPIEXEC_TIMEOUT`). A
+    /// synchronized layer's calls run one at a
     /// time and cannot be recorded into an application's encoder
     /// (`record_forward` in training and `record_backward` refuse): they
     /// wait for the exchange between their two submissions.
@@ -109,9 +115,11 @@ impl BatchNorm {
             KIND_FORWARD
         };
         let header = self.next_header(&mut sequence, kind, x.dtype());
+        let mut guard = FailOnUnwind::new(exchange, header);
         let local = self
             .plan_forward(x, training, mask, y, true)
             .and_then(|call| Ok((self.local_moments(&call, x, mask)?, call)));
+        guard.disarm();
         let (local, call) = match local {
             Ok(v) => v,
             Err(e) => return self.fail_exchange(exchange, header, e),
@@ -199,6 +207,7 @@ impl BatchNorm {
         let exchange = self.require_exchange()?;
         let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
         let header = self.next_header(&mut sequence, KIND_BACKWARD, saved.x.dtype());
+        let mut guard = FailOnUnwind::new(exchange, header);
         let local = if saved.synchronized {
             self.plan_backward(saved, dy, regularization, grads, true)
                 .and_then(|call| Ok((self.local_sums(&call, saved, dy)?, call)))
@@ -207,6 +216,7 @@ impl BatchNorm {
                 "this forward call ran before the layer was synchronized: its backward cannot be".into(),
             ))
         };
+        guard.disarm();
         let (local, call) = match local {
             Ok(v) => v,
             Err(e) => return self.fail_exchange(exchange, header, e),
@@ -292,6 +302,41 @@ impl BatchNorm {
     }
 }
 
+/// Armed between a call's header and its gather: a panic there (a wgpu
+/// validation error, say) still tells the other ranks, which would
+/// otherwise wait for this one.
+struct FailOnUnwind<'a> {
+    exchange: &'a dyn Exchange,
+    header: CallHeader,
+    armed: bool,
+}
+
+impl<'a> FailOnUnwind<'a> {
+    fn new(exchange: &'a dyn Exchange, header: CallHeader) -> Self {
+        FailOnUnwind {
+            exchange,
+            header,
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let failed = CallHeader {
+                kind: KIND_FAILED,
+                ..self.header
+            };
+            let _ = gather_checked(self.exchange, failed, &[]);
+        }
+    }
+}
+
 /// Mirror of `shift_scale` in `shaders/params.wgsl`: the power of two a
 /// partial's M2 is scaled by, so that the M2 of values near float32's
 /// largest stays finite.
@@ -318,21 +363,32 @@ fn partial_to_moments([count, shift, delta, scaled_m2]: [f32; 4]) -> ChannelMome
 }
 
 /// Merged float64 moments as the one partial of a channel: the shift is
-/// the mean rounded to float32, the rest of the mean its correction.
+/// the mean rounded to float32, the rest of the mean its correction. M2
+/// is scaled by the shift's `shift_scale`; where that overflows float32
+/// (values far larger than their mean, such as +-1e19 around 0), the
+/// shift moves one standard deviation from the mean, into the values'
+/// own magnitude, whose scale keeps it finite.
 fn moments_to_partial(m: ChannelMoments) -> [f32; 4] {
     if m.count == 0.0 {
         return [0.0; 4];
     }
-    let shift = m.mean as f32;
-    // an infinite or NaN mean stays one (the finalize kernel's merge adds
-    // the corrections of such partials)
-    let delta = if m.mean.is_finite() {
-        (m.mean - f64::from(shift)) as f32
-    } else {
-        0.0
+    let partial = |shift: f32| {
+        // an infinite or NaN mean stays one (the finalize kernel's merge
+        // adds the corrections of such partials)
+        let delta = if m.mean.is_finite() {
+            (m.mean - f64::from(shift)) as f32
+        } else {
+            0.0
+        };
+        let k = f64::from(shift_scale(shift));
+        [m.count as f32, shift, delta, (m.m2 * k * k) as f32]
     };
-    let k = f64::from(shift_scale(shift));
-    [m.count as f32, shift, delta, (m.m2 * k * k) as f32]
+    let at_mean = partial(m.mean as f32);
+    if at_mean[3].is_finite() || !m.m2.is_finite() || !m.mean.is_finite() {
+        return at_mean;
+    }
+    let spread = (m.mean + (m.m2 / m.count).sqrt()) as f32;
+    if spread.is_finite() { partial(spread) } else { at_mean }
 }
 
 #[cfg(test)]
@@ -341,7 +397,14 @@ mod tests {
 
     #[test]
     fn partials_and_moments_convert_both_ways() {
-        for (mean, m2) in [(1.5f64, 3.25f64), (-3.0e38, 1.0e70), (1e-30, 1e-20), (7.0, 0.0)] {
+        // the last: +-1e19 around 0 (M2 past float32 at a shift of 0)
+        for (mean, m2) in [
+            (1.5f64, 3.25f64),
+            (-3.0e38, 1.0e70),
+            (1e-30, 1e-20),
+            (7.0, 0.0),
+            (0.0, 5.0e38),
+        ] {
             let p = moments_to_partial(ChannelMoments { count: 5.0, mean, m2 });
             assert!(p[3].is_finite(), "{mean} {m2}: {p:?}");
             let back = partial_to_moments(p);

@@ -16,10 +16,14 @@ use crate::error::{Error, Result};
 /// -hosts a,b -n 8 ./train`).
 ///
 /// Each call is two MPI collectives (the lengths, then an `MPI_Allgatherv`
-/// of the bytes), made under a lock: one at a time from any thread. MPI
-/// itself must allow calls from the threads that use the layer: initialise
-/// it with `mpi::initialize_with_threading(Threading::Serialized)` when that
-/// is not the thread that initialised MPI.
+/// of the bytes), made under a lock, one at a time. Under MPI's `Single` or
+/// `Funneled` threading (what `mpi::initialize()` gives), calls may only
+/// come from the thread that made the exchange (make it on the thread that
+/// initialised MPI): a call from another thread is an [`Error::Exchange`].
+/// To use the layer from other threads, initialise MPI with
+/// `mpi::initialize_with_threading(Threading::Serialized)` (or `Multiple`)
+/// and make no MPI calls of your own while a layer's call runs: the lock
+/// serializes this exchange's calls, not the application's.
 ///
 /// Failures: a rank whose own call fails before the exchange still sends
 /// (a failure message), so the others return an error at once; a rank
@@ -30,6 +34,9 @@ pub struct MpiExchange {
     comm: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
+    /// The thread that made the exchange: the only one that may call MPI
+    /// below `Serialized` threading.
+    home: std::thread::ThreadId,
 }
 
 impl MpiExchange {
@@ -40,14 +47,18 @@ impl MpiExchange {
             comm: Mutex::new(comm),
             rank,
             size,
+            home: std::thread::current().id(),
         }
     }
 }
 
 // SAFETY: the communicator is a handle (an integer in MPICH, a pointer in
-// Open MPI) that MPI lets any thread use as long as calls are serialized
-// and MPI was initialised with a threading level that allows it (the
-// type's docs say so); every use goes through the mutex.
+// Open MPI). `all_gather`, the only use, runs under the mutex and refuses
+// to call MPI from any thread but the one that made the exchange unless
+// MPI was initialised with `Serialized` threading or better, which lets
+// any thread call MPI one at a time. The communicator is dropped wherever
+// the exchange is: with a user communicator (freed on drop) below
+// `Serialized`, drop the exchange on the thread that made it.
 unsafe impl Send for MpiExchange {}
 unsafe impl Sync for MpiExchange {}
 
@@ -61,6 +72,18 @@ impl Exchange for MpiExchange {
     }
 
     fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if !mpi::environment::is_initialized() || mpi::environment::is_finalized() {
+            return Err(Error::Exchange("MPI is not initialised, or already finalised".into()));
+        }
+        if std::thread::current().id() != self.home
+            && mpi::environment::threading_support() < mpi::Threading::Serialized
+        {
+            return Err(Error::Exchange(
+                "MPI was initialised below Serialized threading: call the layer from the thread that made \
+                 the MpiExchange, or initialise MPI with mpi::initialize_with_threading(Threading::Serialized)"
+                    .into(),
+            ));
+        }
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let count = |n: usize| {
             mpi::Count::try_from(n)
