@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use wgpu_batchnorm::keras::{KerasLayerConfig, load_weights};
-use wgpu_batchnorm::{BatchNorm, GpuContext, Tensor};
+use wgpu_batchnorm::keras::{KerasLayerConfig, load_layer};
+use wgpu_batchnorm::{GpuContext, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras_export");
@@ -21,17 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(PathBuf::from)
         .unwrap_or(fixtures.join("bn.safetensors"));
 
-    let keras = KerasLayerConfig::from_json(&std::fs::read_to_string(&config_path)?)
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
     let ctx = GpuContext::from_env()?;
-    let channels = {
-        // the weight file says how many features the layer was built for
-        let bytes = std::fs::read(&weights_path)?;
-        let file = safetensors::SafeTensors::deserialize(&bytes)?;
-        file.tensor("moving_mean")?.shape()[0]
-    };
-    let layer = BatchNorm::new(&ctx, keras.config.clone(), channels)?;
-    load_weights(&layer, &weights_path)?;
+    // one call: the config, then the weights (which give the channel count)
+    let layer = load_layer(&ctx, &config_path, &weights_path)?;
+    let keras = KerasLayerConfig::from_json(&std::fs::read_to_string(&config_path)?)?;
+    let channels = layer.channels();
     println!(
         "{} on {}: {channels} channels, axis {}",
         keras.name.as_deref().unwrap_or("layer"),

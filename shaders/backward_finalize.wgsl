@@ -87,7 +87,7 @@ fn backward_finalize(
     }
     if has_flag(FLAG_CENTER) {
         var dbeta = sum_dy;
-        let beta = state[nc + c];
+        let beta = state[p.state_stride + c];
         if has_flag(FLAG_BETA_L1) {
             dbeta += p.beta_l1 * sign(beta);
         }

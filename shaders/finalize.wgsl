@@ -9,7 +9,8 @@
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
-// [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev]
+// [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev],
+// p.state_stride floats apart
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
 // [shift | scale | offset], `channels` values each (vec4-readable by channel quads)
 @group(0) @binding(3) var<storage, read_write> affine: array<f32>;
@@ -89,9 +90,9 @@ fn finalize(
         return;
     }
     let gamma = select(1.0, state[c], has_flag(FLAG_SCALE));
-    let beta = select(0.0, state[nc + c], has_flag(FLAG_CENTER));
-    let moving_mean = state[2u * nc + c];
-    let moving_variance = state[3u * nc + c];
+    let beta = select(0.0, state[p.state_stride + c], has_flag(FLAG_CENTER));
+    let moving_mean = state[2u * p.state_stride + c];
+    let moving_variance = state[3u * p.state_stride + c];
     let eps = p.epsilon;
 
     if !has_flag(FLAG_TRAINING) {
@@ -141,8 +142,8 @@ fn finalize(
     var d = 0.0;
     if has_flag(FLAG_RENORM) {
         let stddev = select(sqrt(variance + eps), sqrt(scaled_variance) / k, beyond);
-        let renorm_mean = state[5u * nc + c];
-        let renorm_stddev = state[6u * nc + c];
+        let renorm_mean = state[5u * p.state_stride + c];
+        let renorm_stddev = state[6u * p.state_stride + c];
         let reference_stddev = max(renorm_stddev, sqrt(eps));
         r = stddev / reference_stddev;
         if has_flag(FLAG_RMIN) {
@@ -159,21 +160,21 @@ fn finalize(
         offset = d * gamma + beta - delta * scale;
 
         let rm = p.renorm_momentum;
-        state[5u * nc + c] = renorm_mean * rm + mean * (1.0 - rm);
-        state[6u * nc + c] = renorm_stddev * rm + stddev * (1.0 - rm);
-        state[2u * nc + c] = moving_mean * m + mean * (1.0 - m);
-        let moving_stddev = state[4u * nc + c] * m + stddev * (1.0 - m);
-        state[4u * nc + c] = moving_stddev;
-        state[3u * nc + c] = max(moving_stddev * moving_stddev - eps, 0.0);
+        state[5u * p.state_stride + c] = renorm_mean * rm + mean * (1.0 - rm);
+        state[6u * p.state_stride + c] = renorm_stddev * rm + stddev * (1.0 - rm);
+        state[2u * p.state_stride + c] = moving_mean * m + mean * (1.0 - m);
+        let moving_stddev = state[4u * p.state_stride + c] * m + stddev * (1.0 - m);
+        state[4u * p.state_stride + c] = moving_stddev;
+        state[3u * p.state_stride + c] = max(moving_stddev * moving_stddev - eps, 0.0);
     } else if has_flag(FLAG_PYTORCH) {
         // PyTorch: momentum weighs the new value; the running variance
         // takes the unbiased batch variance (the biased one with one value)
         let unbiased = select(variance, m2 / (count - 1.0) / (k * k), count > 1.0);
-        state[2u * nc + c] = moving_mean * (1.0 - m) + mean * m;
-        state[3u * nc + c] = moving_variance * (1.0 - m) + unbiased * m;
+        state[2u * p.state_stride + c] = moving_mean * (1.0 - m) + mean * m;
+        state[3u * p.state_stride + c] = moving_variance * (1.0 - m) + unbiased * m;
     } else {
-        state[2u * nc + c] = moving_mean * m + mean * (1.0 - m);
-        state[3u * nc + c] = moving_variance * m + variance * (1.0 - m);
+        state[2u * p.state_stride + c] = moving_mean * m + mean * (1.0 - m);
+        state[3u * p.state_stride + c] = moving_variance * m + variance * (1.0 - m);
     }
     write_affine(c, shift, scale, offset);
     saved[2u * c] = vec4<f32>(shift, delta, inv, r);

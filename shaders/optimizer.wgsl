@@ -1,6 +1,7 @@
 // Updates of the layer's trainable weights (gamma, beta) on the GPU: an SGD
 // step, then Keras's constraints, applied after every update as Keras does.
-// Sections of `state` as in finalize.wgsl: [gamma | beta | ...].
+// Sections of `state` as in finalize.wgsl: [gamma | beta | ...], each
+// state_stride floats apart.
 
 struct OptimizerParams {
     channels: u32,
@@ -10,6 +11,8 @@ struct OptimizerParams {
     // per weight (gamma, beta): constraint kind and its three arguments
     gamma_constraint: vec4<f32>,
     beta_constraint: vec4<f32>,
+    // floats from one state slot to the next
+    state_stride: u32,
 }
 
 const HAS_GAMMA: u32 = 1u;
@@ -33,12 +36,15 @@ const WG: u32 = 256u;
 // [gamma velocity | beta velocity]
 @group(0) @binding(4) var<storage, read_write> velocity: array<f32>;
 
-fn sgd(index: u32, grad: f32) {
+// weight `which` (0 gamma, 1 beta) of channel c
+fn sgd(which: u32, c: u32, grad: f32) {
+    let index = which * q.state_stride + c;
+    let v = which * q.channels + c;
     // Keras SGD: m = m * momentum - lr * g; w += m (or, Nesterov,
     // w += m * momentum - lr * g); without momentum w -= lr * g
     if (q.flags & USE_MOMENTUM) != 0u {
-        let m = velocity[index] * q.momentum - q.learning_rate * grad;
-        velocity[index] = m;
+        let m = velocity[v] * q.momentum - q.learning_rate * grad;
+        velocity[v] = m;
         if (q.flags & NESTEROV) != 0u {
             state[index] += m * q.momentum - q.learning_rate * grad;
         } else {
@@ -57,10 +63,10 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         return;
     }
     if (q.flags & HAS_GAMMA) != 0u {
-        sgd(c, dgamma[c]);
+        sgd(0u, c, dgamma[c]);
     }
     if (q.flags & HAS_BETA) != 0u {
-        sgd(q.channels + c, dbeta[c]);
+        sgd(1u, c, dbeta[c]);
     }
 }
 
@@ -81,7 +87,7 @@ fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     if !present || constraint.x == CONSTRAINT_NONE {
         return;
     }
-    let base = which * q.channels;
+    let base = which * q.state_stride;
     // each invocation owns a contiguous block: ceil(channels / 256) values
     let per = (q.channels + WG - 1u) / WG;
     let begin = min(lid * per, q.channels);

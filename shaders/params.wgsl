@@ -43,6 +43,13 @@ struct Params {
     column_blocks: u32,
     // coalesced elementwise kernels: strides each invocation takes
     elementwise_steps: u32,
+    // floats from one state slot to the next (channels, rounded up to the
+    // storage offset alignment: each slot is bindable on its own)
+    state_stride: u32,
+    // to a multiple of 16 bytes
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 const FLAG_MASKED: u32 = 1u;

@@ -426,3 +426,69 @@ impl ChannelView {
         (e / self.inner) % self.channels
     }
 }
+
+/// One per-channel state tensor, in Keras's build order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSlot {
+    /// The scale (`scale=True`).
+    Gamma,
+    /// The offset (`center=True`).
+    Beta,
+    /// The moving mean.
+    MovingMean,
+    /// The moving variance.
+    MovingVariance,
+    /// Renorm's moving standard deviation.
+    MovingStddev,
+    /// Renorm's mean.
+    RenormMean,
+    /// Renorm's standard deviation.
+    RenormStddev,
+}
+
+impl StateSlot {
+    /// Every slot, in Keras's order.
+    pub const ALL: [StateSlot; 7] = [
+        StateSlot::Gamma,
+        StateSlot::Beta,
+        StateSlot::MovingMean,
+        StateSlot::MovingVariance,
+        StateSlot::MovingStddev,
+        StateSlot::RenormMean,
+        StateSlot::RenormStddev,
+    ];
+
+    /// Keras's weight name.
+    pub fn keras_name(self) -> &'static str {
+        match self {
+            StateSlot::Gamma => "gamma",
+            StateSlot::Beta => "beta",
+            StateSlot::MovingMean => "moving_mean",
+            StateSlot::MovingVariance => "moving_variance",
+            StateSlot::MovingStddev => "moving_stddev",
+            StateSlot::RenormMean => "renorm_mean",
+            StateSlot::RenormStddev => "renorm_stddev",
+        }
+    }
+
+    /// The slot of a Keras weight name.
+    pub fn from_keras_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.keras_name() == name)
+    }
+
+    /// Section of the layer's state buffer (matches `shaders/finalize.wgsl`)
+    /// and of the reference's state.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether a layer with `config` has this weight.
+    pub fn present(self, config: &BatchNormConfig) -> bool {
+        match self {
+            StateSlot::Gamma => config.scale,
+            StateSlot::Beta => config.center,
+            StateSlot::MovingMean | StateSlot::MovingVariance => true,
+            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => config.renorm,
+        }
+    }
+}

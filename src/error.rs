@@ -90,6 +90,10 @@ pub enum Error {
     /// [`crate::tuning::PlanTuning`]).
     #[error("kernels: {0}")]
     Kernels(String),
+    /// Keras `get_config()` JSON this crate cannot build a layer from: not
+    /// JSON, another layer, an unknown key, or a feature the crate lacks.
+    #[error("Keras config: {0}")]
+    KerasConfig(String),
     /// Weights given to `set_weights` that do not fit the layer.
     #[error("weights: {0}")]
     Weights(String),

@@ -72,6 +72,8 @@ pub(crate) struct Params {
     pub beta_l2: f32,
     pub column_blocks: u32,
     pub elementwise_steps: u32,
+    pub state_stride: u32,
+    pub _pad: [u32; 3],
 }
 
 /// The uniform block of `shaders/optimizer.wgsl`.
@@ -85,6 +87,8 @@ pub(crate) struct OptimizerParams {
     /// (kind, argument 1, argument 2, argument 3) per weight
     pub gamma_constraint: [f32; 4],
     pub beta_constraint: [f32; 4],
+    pub state_stride: u32,
+    pub _pad: [u32; 3],
 }
 
 pub(crate) const OPT_HAS_GAMMA: u32 = 1;

@@ -5,6 +5,7 @@ mod synchronized;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use crate::config::StateSlot;
 use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics};
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
@@ -13,71 +14,6 @@ use crate::plan::{Chunk, DispatchPlan, MaskUse};
 use crate::sync::Exchange;
 use crate::tensor::{DType, Mask, Tensor, read_buffer};
 use crate::tuning::{Op, PlanTuning};
-
-/// One per-channel state tensor, in Keras's build order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateSlot {
-    /// The scale (`scale=True`).
-    Gamma,
-    /// The offset (`center=True`).
-    Beta,
-    /// The moving mean.
-    MovingMean,
-    /// The moving variance.
-    MovingVariance,
-    /// Renorm's moving standard deviation.
-    MovingStddev,
-    /// Renorm's mean.
-    RenormMean,
-    /// Renorm's standard deviation.
-    RenormStddev,
-}
-
-impl StateSlot {
-    /// Every slot, in Keras's order.
-    pub const ALL: [StateSlot; 7] = [
-        StateSlot::Gamma,
-        StateSlot::Beta,
-        StateSlot::MovingMean,
-        StateSlot::MovingVariance,
-        StateSlot::MovingStddev,
-        StateSlot::RenormMean,
-        StateSlot::RenormStddev,
-    ];
-
-    /// Keras's weight name.
-    pub fn keras_name(self) -> &'static str {
-        match self {
-            StateSlot::Gamma => "gamma",
-            StateSlot::Beta => "beta",
-            StateSlot::MovingMean => "moving_mean",
-            StateSlot::MovingVariance => "moving_variance",
-            StateSlot::MovingStddev => "moving_stddev",
-            StateSlot::RenormMean => "renorm_mean",
-            StateSlot::RenormStddev => "renorm_stddev",
-        }
-    }
-
-    /// The slot of a Keras weight name.
-    pub fn from_keras_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.keras_name() == name)
-    }
-
-    /// Section of the layer's state buffer (matches `shaders/finalize.wgsl`).
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Whether a layer with `config` has this weight.
-    pub fn present(self, config: &BatchNormConfig) -> bool {
-        match self {
-            StateSlot::Gamma => config.scale,
-            StateSlot::Beta => config.center,
-            StateSlot::MovingMean | StateSlot::MovingVariance => true,
-            StateSlot::MovingStddev | StateSlot::RenormMean | StateSlot::RenormStddev => config.renorm,
-        }
-    }
-}
 
 /// Keras's `BatchNormalization` on the GPU.
 ///
@@ -217,6 +153,13 @@ fn mask_by_row(view: ChannelView, shape: &[usize]) -> bool {
     view.inner == 1 && shape.last() == Some(&view.channels)
 }
 
+/// Floats from one state slot to the next: `channels` rounded up to the
+/// device's storage offset alignment.
+fn state_stride(ctx: &GpuContext, channels: usize) -> usize {
+    let align = (ctx.storage_alignment() as usize / 4).max(1);
+    channels.div_ceil(align) * align
+}
+
 /// A per-channel parameter buffer is at least as large as its uniform view.
 fn params_buffer_size(ctx: &GpuContext, bytes: u64) -> u64 {
     bytes.max(ctx.inner.kernels.uniform_view).div_ceil(16) * 16
@@ -270,7 +213,7 @@ impl BatchNorm {
         let layer = BatchNorm {
             ctx: ctx.clone(),
             channels,
-            state: storage_buffer(ctx, "state", 7 * c * 4, copy),
+            state: storage_buffer(ctx, "state", 7 * state_stride(ctx, channels) as u64 * 4, copy),
             // both also bound as a uniform view, 64 KiB where the device allows
             // (see `uniform_params`): every layer pads them to it
             affine: storage_buffer(
@@ -296,9 +239,15 @@ impl BatchNorm {
             synchronized_calls: Mutex::new(0),
             config,
         };
-        let mut initial = Vec::with_capacity(7 * channels);
-        for values in crate::reference::initial_state(&layer.config, channels) {
-            initial.extend(values.iter().map(|&v| v as f32));
+        let stride = layer.state_stride();
+        let mut initial = vec![0.0f32; 7 * stride];
+        for (slot, values) in crate::reference::initial_state(&layer.config, channels)
+            .iter()
+            .enumerate()
+        {
+            for (to, &v) in initial[slot * stride..].iter_mut().zip(values) {
+                *to = v as f32;
+            }
         }
         ctx.queue()
             .write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
@@ -320,18 +269,30 @@ impl BatchNorm {
         &self.ctx
     }
 
-    /// The buffer holding every weight, `channels` float32 values per
-    /// [`StateSlot`] in its order (gamma at 0, beta at `4 * channels`
-    /// bytes, ...). For applications that update weights in their own
-    /// kernels; call [`BatchNorm::mark_weights_changed`] after writing.
+    /// The buffer holding every weight: per [`StateSlot`], in its order,
+    /// `channels` float32 values starting at [`BatchNorm::weight_range`],
+    /// `4 * state_stride()` bytes after the previous slot. Every slot
+    /// starts at a multiple of the device's storage offset alignment
+    /// ([`GpuContext::storage_offset_alignment`]), so an application's own
+    /// kernels (an optimiser, say) can bind one slot as a storage buffer
+    /// at its range; the padding between slots is never read. Call
+    /// [`BatchNorm::mark_weights_changed`] after writing.
     pub fn state_buffer(&self) -> &wgpu::Buffer {
         &self.state
     }
 
-    /// Byte range of one weight inside [`BatchNorm::state_buffer`].
+    /// Byte range of one weight inside [`BatchNorm::state_buffer`]: its
+    /// start is aligned for a storage binding.
     pub fn weight_range(&self, slot: StateSlot) -> std::ops::Range<u64> {
-        let start = (slot.index() * self.channels * 4) as u64;
+        let start = (slot.index() * self.state_stride() * 4) as u64;
         start..start + (self.channels * 4) as u64
+    }
+
+    /// Floats from one state slot to the next in
+    /// [`BatchNorm::state_buffer`]: `channels` rounded up to the storage
+    /// offset alignment.
+    pub fn state_stride(&self) -> usize {
+        state_stride(&self.ctx, self.channels)
     }
 
     /// Tells the layer its weights were written from outside: a later
@@ -347,12 +308,13 @@ impl BatchNorm {
 
     /// Reads every weight back, in Keras order, with its name.
     pub fn named_weights(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
-        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 0, 7 * self.channels as u64 * 4))?;
+        let stride = self.state_stride();
+        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 0, 7 * stride as u64 * 4))?;
         let all: &[f32] = bytemuck::cast_slice(&bytes);
         Ok(self
             .weight_slots()
             .into_iter()
-            .map(|s| (s, all[s.index() * self.channels..][..self.channels].to_vec()))
+            .map(|s| (s, all[s.index() * stride..][..self.channels].to_vec()))
             .collect())
     }
 
@@ -436,7 +398,7 @@ impl BatchNorm {
     }
 
     fn write_weight(&self, slot: StateSlot, values: &[f32]) {
-        let offset = (slot.index() * self.channels * 4) as u64;
+        let offset = self.weight_range(slot).start;
         self.ctx
             .queue()
             .write_buffer(&self.state, offset, bytemuck::cast_slice(values));
@@ -1157,6 +1119,8 @@ impl<'a> Recorder<'a> {
                 beta_l2: regularizer(cfg.beta_regularizer).l2,
                 column_blocks: plan.column_blocks,
                 elementwise_steps: chunk.elementwise_steps,
+                state_stride: layer.state_stride() as u32,
+                _pad: [0; 3],
             })
             .collect();
         scratch.reserve(ctx, (layer.channels * plan.total_tiles * 16) as u64);

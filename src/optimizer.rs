@@ -138,6 +138,8 @@ fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum:
         momentum,
         gamma_constraint: constraint_vector(cfg.gamma_constraint),
         beta_constraint: constraint_vector(cfg.beta_constraint),
+        state_stride: layer.state_stride() as u32,
+        _pad: [0; 3],
     }
 }
 

@@ -2,9 +2,8 @@
 //! precision, written step by step like the GPU path (statistics, finalize,
 //! normalise) so that the two can be compared kernel by kernel.
 
-use crate::config::{BatchNormConfig, ChannelView, RunningStatistics};
+use crate::config::{BatchNormConfig, ChannelView, RunningStatistics, StateSlot};
 use crate::error::{ConfigError, Error, Result};
-use crate::layer::StateSlot;
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
 };

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{gpu, random_input, rng};
-use wgpu_batchnorm::keras::{error_measure, load_weights, save_weights};
+use wgpu_batchnorm::keras::{error_measure, load_layer, load_weights, save_weights};
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Error, GpuContext, StateSlot, Tensor};
 
@@ -191,8 +191,19 @@ fn a_layer_exported_from_keras_gives_keras_outputs() {
     assert_eq!(keras_config.to_value(), original);
 
     let ctx = gpu();
-    let layer = BatchNorm::new(&ctx, keras_config.config, 5).unwrap();
-    load_weights(&layer, &dir.join("bn.safetensors")).unwrap();
+    // one call: the channel count comes from the weights
+    let layer = load_layer(&ctx, &dir.join("bn_config.json"), &dir.join("bn.safetensors")).unwrap();
+    assert_eq!(layer.channels(), 5);
+    assert_eq!(layer.config(), &keras_config.config);
+    // and by hand, as before
+    let by_hand = BatchNorm::new(&ctx, keras_config.config, 5).unwrap();
+    load_weights(&by_hand, &dir.join("bn.safetensors")).unwrap();
+    assert_eq!(by_hand.get_weights().unwrap(), layer.get_weights().unwrap());
+    // a weight file without moving_mean, and a config that is not JSON, say which file
+    let err = load_layer(&ctx, &dir.join("bn.safetensors"), &dir.join("bn.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("bn.safetensors"), "{err}");
+    let err = load_layer(&ctx, &dir.join("bn_config.json"), &dir.join("bn_io.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("moving_mean"), "{err}");
     let io = std::fs::read(dir.join("bn_io.safetensors")).unwrap();
     let io = safetensors::SafeTensors::deserialize(&io).unwrap();
     let floats = |name: &str| -> Vec<f32> {
@@ -373,5 +384,72 @@ fn the_fused_relu_epilogue_matches_the_reference_and_refuses_backward() {
         }
         let (_, saved) = layer.forward_saved(&x, Some(true), None).unwrap();
         assert!(matches!(layer.backward(&saved, &x, false), Err(Error::Config(_))));
+    }
+}
+
+/// Every state slot starts at the device's storage offset alignment, so an
+/// application can bind one slot on its own: a view of gamma's range, and
+/// of every other slot's, reads that weight; an application's write to
+/// beta's range is what the layer uses.
+#[test]
+fn every_state_slot_is_bindable_at_its_own_range() {
+    let ctx = gpu();
+    let align = ctx.storage_offset_alignment();
+    for channels in [1usize, 3, 65, 1000] {
+        let config = BatchNormConfig {
+            renorm: true,
+            ..Default::default()
+        };
+        let layer = BatchNorm::new(&ctx, config, channels).unwrap();
+        let mut r = rng(channels as u64);
+        for slot in layer.weight_slots() {
+            // positive, so that the variances are
+            let values: Vec<f32> = random_input(&mut r, channels, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.5)
+                .collect();
+            layer.set_weight(slot, &values).unwrap();
+        }
+        for (slot, values) in layer.named_weights().unwrap() {
+            let range = layer.weight_range(slot);
+            assert_eq!(range.start % align, 0, "{slot:?} of {channels} channels");
+            assert_eq!(range.end - range.start, channels as u64 * 4);
+            let view = Tensor::view_of(
+                &ctx,
+                layer.state_buffer().clone(),
+                range.start,
+                &[channels],
+                wgpu_batchnorm::DType::F32,
+            )
+            .unwrap();
+            assert_eq!(view.read_f32(&ctx).unwrap(), values, "{slot:?} of {channels} channels");
+        }
+        // the application writes beta itself: inference uses it
+        let beta = vec![2.5f32; channels];
+        ctx.queue().write_buffer(
+            layer.state_buffer(),
+            layer.weight_range(StateSlot::Beta).start,
+            bytemuck::cast_slice(&beta),
+        );
+        layer.mark_weights_changed();
+        let w = layer.named_weights().unwrap();
+        let get = |s: StateSlot| w.iter().find(|(k, _)| *k == s).unwrap().1.clone();
+        assert_eq!(get(StateSlot::Beta), beta);
+        let (gamma, mean, var) = (
+            get(StateSlot::Gamma),
+            get(StateSlot::MovingMean),
+            get(StateSlot::MovingVariance),
+        );
+        let x = random_input(&mut r, 2 * channels, 0.0);
+        let y = layer
+            .forward(&Tensor::from_f32(&ctx, &[2, channels], &x).unwrap(), None, None)
+            .unwrap()
+            .read_f32(&ctx)
+            .unwrap();
+        for (i, (&x, &y)) in x.iter().zip(&y).enumerate() {
+            let c = i % channels;
+            let want = (x - mean[c]) * gamma[c] / (var[c] + 1e-3).sqrt() + 2.5;
+            assert!((y - want).abs() <= 1e-4 * want.abs().max(1.0), "{i}: {y} vs {want}");
+        }
     }
 }

@@ -120,6 +120,7 @@ fn unknown_or_invalid_entries_are_reported() {
         (r#"{"axis": "#, "JSON"),
     ] {
         let err = KerasLayerConfig::from_json(json).unwrap_err();
-        assert!(err.contains(mentions), "{json}: {err}");
+        assert!(matches!(err, wgpu_batchnorm::Error::KerasConfig(_)), "{json}: {err}");
+        assert!(err.to_string().contains(mentions), "{json}: {err}");
     }
 }

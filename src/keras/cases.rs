@@ -224,7 +224,7 @@ impl KerasCase {
         let trainable = field("trainable")?
             .as_bool()
             .ok_or_else(|| bad("`trainable` is not a boolean".into()))?;
-        let config = config_from_case_json(field("config")?, trainable);
+        let config = config_from_case_json(field("config")?, trainable).map_err(|e| e.to_string());
         let dtype_name = field("dtype")?
             .as_str()
             .ok_or_else(|| bad("`dtype` is not a string".into()))?;

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::config::{BatchNormConfig, Constraint, Initializer, Regularizer, RenormClipping};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Error, Result};
 
 type Parsed<T> = std::result::Result<T, String>;
 
@@ -24,19 +24,23 @@ pub struct KerasLayerConfig {
 impl KerasLayerConfig {
     /// Parses `layer.get_config()` JSON, or the `{"class_name":
     /// "BatchNormalization", "config": {...}}` form Keras saves models in.
-    pub fn from_json(text: &str) -> Parsed<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::KerasConfig(format!("not JSON: {e}")))?;
         Self::from_value(&value)
     }
 
     /// [`KerasLayerConfig::from_json`] on parsed JSON.
-    pub fn from_value(value: &Value) -> Parsed<Self> {
+    pub fn from_value(value: &Value) -> Result<Self> {
+        Self::parse(value).map_err(Error::KerasConfig)
+    }
+
+    fn parse(value: &Value) -> Parsed<Self> {
         let obj = value.as_object().ok_or("the layer config is not a JSON object")?;
         if let Some(class) = obj.get("class_name") {
             if class != "BatchNormalization" {
                 return Err(format!("class_name {class} is not BatchNormalization"));
             }
-            return Self::from_value(obj.get("config").ok_or("no `config` beside class_name")?);
+            return Self::parse(obj.get("config").ok_or("no `config` beside class_name")?);
         }
         let mut config = BatchNormConfig::default();
         let mut name = None;
@@ -115,7 +119,11 @@ impl KerasLayerConfig {
 
 /// Builds a config from a reference case's `config` object (a subset of
 /// `get_config()`); the case gives `trainable` beside it.
-pub fn config_from_case_json(config: &Value, trainable: bool) -> Parsed<BatchNormConfig> {
+pub fn config_from_case_json(config: &Value, trainable: bool) -> Result<BatchNormConfig> {
+    case_config(config, trainable).map_err(Error::KerasConfig)
+}
+
+fn case_config(config: &Value, trainable: bool) -> Parsed<BatchNormConfig> {
     let obj = config.as_object().ok_or("config is not an object")?;
     let mut cfg = BatchNormConfig {
         trainable,
@@ -245,7 +253,7 @@ fn seed(map: &Map<String, Value>) -> Parsed<Option<u64>> {
 }
 
 /// Keras initializer JSON (`"zeros"`, `{"class_name": "RandomNormal", ...}`).
-pub fn initializer_from_json(v: &Value) -> Parsed<Initializer> {
+pub(crate) fn initializer_from_json(v: &Value) -> Parsed<Initializer> {
     let (class, config) = class_and_config(v, "initializer")?;
     Ok(match class.as_str() {
         "Zeros" | "zeros" => {
@@ -299,7 +307,7 @@ fn keras_object(module: &str, class: &str, config: Value) -> Value {
 }
 
 /// Keras's serialized form of an initializer.
-pub fn initializer_to_json(i: Initializer) -> Value {
+pub(crate) fn initializer_to_json(i: Initializer) -> Value {
     let (class, config) = match i {
         Initializer::Zeros => ("Zeros", json!({})),
         Initializer::Ones => ("Ones", json!({})),
@@ -322,7 +330,7 @@ pub fn initializer_to_json(i: Initializer) -> Value {
 
 /// Keras regularizer JSON: `"l1"`, `"l2"`, `"l1_l2"` (factors 0.01) or
 /// `{"class_name": "L1" | "L2" | "L1L2", "config": {...}}`.
-pub fn regularizer_from_json(v: &Value) -> Parsed<Regularizer> {
+pub(crate) fn regularizer_from_json(v: &Value) -> Parsed<Regularizer> {
     let (class, config) = class_and_config(v, "regularizer")?;
     let r = match class.as_str() {
         "l1" if config.is_none() => Regularizer::l1(),
@@ -356,7 +364,7 @@ pub fn regularizer_from_json(v: &Value) -> Parsed<Regularizer> {
 }
 
 /// Keras's serialized form of a regularizer.
-pub fn regularizer_to_json(r: Regularizer) -> Value {
+pub(crate) fn regularizer_to_json(r: Regularizer) -> Value {
     let (class, config) = match (r.l1 != 0.0, r.l2 != 0.0) {
         (true, false) => ("L1", json!({"l1": decimal(r.l1)})),
         (false, true) => ("L2", json!({"l2": decimal(r.l2)})),
@@ -367,7 +375,7 @@ pub fn regularizer_to_json(r: Regularizer) -> Value {
 
 /// Keras constraint JSON (`"non_neg"`, `{"class_name": "MaxNorm", ...}`).
 /// Only `axis=0` is meaningful for the layer's one-axis weights.
-pub fn constraint_from_json(v: &Value) -> Parsed<Constraint> {
+pub(crate) fn constraint_from_json(v: &Value) -> Parsed<Constraint> {
     let (class, config) = class_and_config(v, "constraint")?;
     let axis_ok = |a: &Map<String, Value>| -> Parsed<()> {
         match a.get("axis") {
@@ -407,7 +415,7 @@ pub fn constraint_from_json(v: &Value) -> Parsed<Constraint> {
 }
 
 /// Keras's serialized form of a constraint (`axis` 0).
-pub fn constraint_to_json(c: Constraint) -> Value {
+pub(crate) fn constraint_to_json(c: Constraint) -> Value {
     let (class, config) = match c {
         Constraint::NonNeg => ("NonNeg", json!({})),
         Constraint::MaxNorm { max_value } => ("MaxNorm", json!({"max_value": decimal(max_value), "axis": 0})),

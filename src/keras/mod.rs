@@ -11,4 +11,4 @@ pub use cases::{
     write_outputs, write_outputs_as,
 };
 pub use config::{KerasLayerConfig, config_from_case_json};
-pub use weights::{load_weights, save_weights};
+pub use weights::{load_layer, load_weights, save_weights};

@@ -16,6 +16,8 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
+use super::KerasLayerConfig;
+use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layer::{BatchNorm, StateSlot};
 
@@ -107,4 +109,42 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
         layer.set_weight(slot, &data)?;
     }
     Ok(())
+}
+
+/// Builds a layer from Keras in one call: `config` is the layer's
+/// `get_config()` JSON (or the `{"class_name": "BatchNormalization",
+/// "config": ...}` form), `weights` its weight file (as [`save_weights`] or
+/// the Python snippet above writes it). The channel count is read from the
+/// weights; every weight is then loaded as [`load_weights`] does.
+///
+/// Not supported: a `.keras` archive (a zip of `config.json` and
+/// `model.weights.h5`) holds a whole model and HDF5 weights, which would
+/// need an HDF5 library; export the layer's weights to safetensors with
+/// the snippet above and its `layer.get_config()` to JSON instead.
+pub fn load_layer(ctx: &GpuContext, config: &Path, weights: &Path) -> Result<BatchNorm> {
+    let text = std::fs::read_to_string(config).map_err(|e| file_error(config, e.to_string()))?;
+    let keras = KerasLayerConfig::from_json(&text).map_err(|e| file_error(config, e.to_string()))?;
+    let channels = weight_channels(weights)?;
+    let layer = BatchNorm::new(ctx, keras.config, channels)?;
+    load_weights(&layer, weights)?;
+    Ok(layer)
+}
+
+/// The channel count of a weight file: the length of its `moving_mean`
+/// (every Keras BatchNormalization has one).
+fn weight_channels(path: &Path) -> Result<usize> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+    let file =
+        SafeTensors::deserialize(&bytes).map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
+    let name = StateSlot::MovingMean.keras_name();
+    let view = file
+        .names()
+        .into_iter()
+        .find(|n| n.rsplit('/').next() == Some(name))
+        .and_then(|n| file.tensor(n).ok())
+        .ok_or_else(|| file_error(path, format!("no {name} tensor: cannot tell the channel count")))?;
+    match view.shape() {
+        &[channels] if channels > 0 => Ok(channels),
+        shape => Err(file_error(path, format!("{name} has shape {shape:?}, not [channels]"))),
+    }
 }
