@@ -295,7 +295,7 @@ pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&s
     }
     Ok(BenchReport {
         adapter: describe_adapter(ctx),
-        crate_version: env!("CARGO_PKG_VERSION"),
+        crate_version: crate::VERSION,
         timing: clock.name(),
         results,
     })

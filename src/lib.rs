@@ -62,10 +62,15 @@
 //!   read through a uniform binding ([`GpuContext::set_uniform_parameters`]).
 //!   The `bench` command and `benches/NOTES.md` give the figures.
 
+/// The command-line tool's benchmark runner (feature `bench`, which the
+/// tool enables): not part of the library's API.
+#[cfg(feature = "bench")]
+#[doc(hidden)]
 pub mod bench;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod guide;
 pub mod keras;
 pub(crate) mod kernels;
 pub mod layer;
@@ -88,6 +93,9 @@ pub use sync::MpiExchange;
 pub use sync::{Exchange, LocalExchange};
 pub use tensor::{DType, Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};
+
+/// This crate's version, as `bench --json` files record it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The README's example compiles as a doctest.
 #[doc = include_str!("../README.md")]

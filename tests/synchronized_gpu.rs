@@ -166,7 +166,11 @@ fn run(case: &Case) {
                 // a mean near 0 of values near 1e19: float32 sums are off by
                 // about 1e19 * 2^-24 however they are merged; measured
                 // against the values' size
-                let worst = values.iter().zip(truth).map(|(&g, t)| (g as f64 - t).abs()).fold(0.0, f64::max);
+                let worst = values
+                    .iter()
+                    .zip(truth)
+                    .map(|(&g, t)| (g as f64 - t).abs())
+                    .fold(0.0, f64::max);
                 worst / case.magnitude as f64
             } else {
                 error_measure(&f64s(values), truth)

@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 use safetensors::SafeTensors;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras")
+    // the library's fixtures, one folder up
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/keras")
 }
 
 fn run(args: &[&str]) -> Output {
@@ -890,5 +891,81 @@ fn tune_candidates_are_valid_distinct_and_one_knob_from_the_default() {
                 }
             }
         }
+    }
+}
+
+/// `report` puts the Vulkan and the GL adapter's bench JSON side by side:
+/// a table with both adapters' GB/s and fraction of their own copy, and an
+/// SVG with a labelled axis, ticks and a legend naming both; files of
+/// another version or with fields missing are refused, naming the file.
+#[test]
+fn report_puts_two_adapters_side_by_side() {
+    let dir = scratch("report");
+    let mut files = Vec::new();
+    for backend in ["vulkan", "gl"] {
+        let json = dir.join(format!("{backend}.json"));
+        let o = run(&[
+            "--backend",
+            backend,
+            "bench",
+            "--quick",
+            "--shape",
+            "64,8",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
+        files.push(json);
+    }
+    let (svg, md) = (dir.join("report.svg"), dir.join("report.md"));
+    let mut args = vec!["report"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    args.extend(["--svg", svg.to_str().unwrap(), "--markdown", md.to_str().unwrap()]);
+    let o = run(&args);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    let header = stdout.lines().next().unwrap();
+    assert!(header.contains("(vulkan)") && header.contains("(gl)"), "{header}");
+    for op in ["train_forward", "inference_forward", "backward"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.contains("64x8 axis -1 f32") && l.contains(&format!("| {op} |")))
+            .unwrap_or_else(|| panic!("no {op} row:\n{stdout}"));
+        assert_eq!(row.matches("% of copy").count(), 2, "{row}");
+    }
+    assert_eq!(std::fs::read_to_string(&md).unwrap(), stdout);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
+    assert!(plot.contains("fraction of copy bandwidth"), "y axis label");
+    assert!(plot.contains(">0.00</text>") && plot.contains(">0.25</text>"), "ticks");
+    assert!(
+        plot.contains("(vulkan)</text>") && plot.contains("(gl)</text>"),
+        "legend"
+    );
+    assert!(plot.matches("<rect").count() >= 2 + 2 * 3, "bars for both adapters");
+
+    // another version, a missing field, a file that is not there
+    let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    old["crate_version"] = "0.0.1".into();
+    let old_file = dir.join("old.json");
+    std::fs::write(&old_file, old.to_string()).unwrap();
+    let mut broken = old.clone();
+    broken["crate_version"] = wgpu_batchnorm::VERSION.into();
+    broken["results"][0].as_object_mut().unwrap().remove("gbps");
+    let broken_file = dir.join("broken.json");
+    std::fs::write(&broken_file, broken.to_string()).unwrap();
+    for (file, says) in [
+        (&old_file, "0.0.1"),
+        (&broken_file, "gbps"),
+        (&dir.join("missing.json"), "missing.json"),
+    ] {
+        let o = run(&["report", files[1].to_str().unwrap(), file.to_str().unwrap()]);
+        let stderr = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(file.file_name().unwrap().to_str().unwrap()) && stderr.contains(says),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }

@@ -4,6 +4,7 @@ mod adapters;
 mod bench;
 mod conform;
 mod demo;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use wgpu_batchnorm::{AdapterSelection, GpuContext, KernelChoice};
 #[command(
     name = "wgpu-batchnorm",
     version,
-    about = "Keras BatchNormalization on wgpu: run, list adapters, check conformance"
+    about = "Keras BatchNormalization on wgpu: run, list adapters, check conformance, benchmark, compare machines"
 )]
 struct Cli {
     /// Backend to use (default: WGPU_BACKEND, else all).
@@ -47,6 +48,17 @@ enum Command {
         /// Run on the GPU or on the float64 CPU reference.
         #[arg(long, value_enum, default_value_t = DeviceArg::Gpu)]
         device: DeviceArg,
+    },
+    /// Put several machines' `bench --json` files side by side: a table and a plot across adapters.
+    Report {
+        /// Bench JSON files, one per machine or adapter.
+        files: Vec<PathBuf>,
+        /// Write the plot (grouped bars, a bar per adapter) as SVG.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Write the table as Markdown.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
     },
 }
 
@@ -129,6 +141,7 @@ pub fn main() -> ExitCode {
         Some(Command::Adapters) => adapters::run(&target.selection),
         Some(Command::Bench(args)) => bench::run(&target, args),
         Some(Command::Conform { dir, out, device }) => conform::run(&target, dir, out.as_deref(), *device),
+        Some(Command::Report { files, svg, markdown }) => report::run(files, svg.as_deref(), markdown.as_deref()),
     };
     match result {
         Ok(code) => ExitCode::from(code),
