@@ -541,7 +541,8 @@ impl BatchNorm {
             let expected = &x.shape()[..x.shape().len() - 1];
             if mask.shape() != expected {
                 return Err(Error::Shape(format!(
-                    "the mask should be the input shape without its last axis: expected {expected:?}, got {:?}",
+                    "the mask should be the input shape without its last axis: expected {expected:?}, got {:?} \
+                     (Mask::from_u8_broadcast spreads a broadcastable one)",
                     mask.shape()
                 )));
             }

@@ -357,6 +357,18 @@ impl Mask {
         })
     }
 
+    /// Uploads a mask of any shape that broadcasts to `input_shape` without
+    /// its last axis, as Keras accepts ([`broadcast_mask`]), spread to that
+    /// shape.
+    pub fn from_u8_broadcast(ctx: &GpuContext, shape: &[usize], flags: &[u8], input_shape: &[usize]) -> Result<Self> {
+        let to = input_shape
+            .split_last()
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| Error::Shape("a masked input needs at least one axis".into()))?;
+        let spread = broadcast_mask(flags, shape, to)?;
+        Self::from_u8(ctx, to, &spread)
+    }
+
     /// Uploads a mask of booleans.
     pub fn from_bool(ctx: &GpuContext, shape: &[usize], flags: &[bool]) -> Result<Self> {
         let bytes: Vec<u8> = flags.iter().map(|&b| b as u8).collect();
@@ -374,6 +386,45 @@ impl Mask {
         }
         Ok(())
     }
+}
+
+/// Keras's mask broadcasting: `flags` of `shape` (as many axes as `to`,
+/// each of `to`'s size or 1) spread over `to`, the input's shape without
+/// its last axis, row-major: a (6, 1) mask for a (6, 11, 5) input masks
+/// whole rows of 11.
+pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec<u8>> {
+    let fits = shape.len() == to.len() && shape.iter().zip(to).all(|(&s, &t)| s == t || s == 1);
+    if !fits {
+        return Err(Error::Shape(format!(
+            "a mask of shape {shape:?} does not broadcast to {to:?} (the input shape without its last axis): \
+             it needs as many axes, each of that size or 1"
+        )));
+    }
+    if element_count(shape)? != flags.len() {
+        return Err(Error::Shape(format!(
+            "mask shape {shape:?} does not hold {} flags",
+            flags.len()
+        )));
+    }
+    let len = element_count(to)?;
+    let mut out = Vec::with_capacity(len);
+    let mut index = vec![0usize; to.len()];
+    for _ in 0..len {
+        let at = index
+            .iter()
+            .zip(shape)
+            .fold(0usize, |acc, (&i, &s)| acc * s + if s == 1 { 0 } else { i });
+        out.push(flags[at]);
+        // the next row-major index of `to`
+        for axis in (0..to.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < to[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Ok(out)
 }
 
 /// Copies `size` bytes from `offset` in `buffer` into host memory.

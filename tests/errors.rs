@@ -360,3 +360,54 @@ fn shapes_whose_size_overflows_are_refused() {
         assert!(matches!(Mask::from_u8(&ctx, shape, &[1]), Err(Error::TooLarge(_))));
     }
 }
+
+/// Keras's broadcastable masks: a (6, 1) mask for a (6, 11, 5) input is the
+/// (6, 11) mask of whole rows; shapes that do not broadcast are refused.
+#[test]
+fn a_broadcastable_mask_spreads_over_the_input() {
+    use wgpu_batchnorm::tensor::broadcast_mask;
+    let ctx = common::gpu();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 5).unwrap();
+    let shape = [6usize, 11, 5];
+    let x: Vec<f32> = (0..6 * 11 * 5).map(|i| ((i * 37) % 17) as f32 * 0.25).collect();
+    let x = Tensor::from_f32(&ctx, &shape, &x).unwrap();
+    let rows = [1u8, 0, 1, 1, 0, 1];
+    let spread: Vec<u8> = rows.iter().flat_map(|&r| [r; 11]).collect();
+    assert_eq!(broadcast_mask(&rows, &[6, 1], &[6, 11]).unwrap(), spread);
+    // and along the other axis
+    let cols: Vec<u8> = (0..11).map(|i| u8::from(i % 2 == 0)).collect();
+    let by_col = broadcast_mask(&cols, &[1, 11], &[6, 11]).unwrap();
+    assert_eq!(&by_col[11..22], &cols[..]);
+    let broadcast = Mask::from_u8_broadcast(&ctx, &[6, 1], &rows, &shape).unwrap();
+    let full = Mask::from_u8(&ctx, &[6, 11], &spread).unwrap();
+    let a = layer
+        .forward(&x, Some(false), Some(&broadcast))
+        .unwrap()
+        .read_f32(&ctx)
+        .unwrap();
+    let b = layer
+        .forward(&x, Some(false), Some(&full))
+        .unwrap()
+        .read_f32(&ctx)
+        .unwrap();
+    assert_eq!(a, b);
+    let fresh = |m: &Mask| {
+        let l = BatchNorm::new(&ctx, BatchNormConfig::default(), 5).unwrap();
+        l.forward(&x, Some(true), Some(m)).unwrap().read_f32(&ctx).unwrap()
+    };
+    assert_eq!(fresh(&broadcast), fresh(&full));
+    for bad in [&[6usize, 2][..], &[3, 1], &[6], &[6, 11, 1]] {
+        let n = bad.iter().product();
+        assert!(
+            matches!(
+                Mask::from_u8_broadcast(&ctx, bad, &vec![1; n], &shape),
+                Err(Error::Shape(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    // a mask of the wrong shape given to the layer says how to spread one
+    let small = Mask::from_u8(&ctx, &[6, 1], &rows).unwrap();
+    let err = layer.forward(&x, Some(true), Some(&small)).unwrap_err();
+    assert!(err.to_string().contains("from_u8_broadcast"), "{err}");
+}

@@ -63,3 +63,49 @@ fn large_offset_beats_keras_own_float32() {
     // Keras's own float32 output misses by 4.3e-4 here
     assert!(y0.error < 2e-6, "{y0:?}");
 }
+
+/// A case whose masks are int32 (Keras takes integer masks: non-zero is
+/// in) passes as its boolean original does, on the GPU and the reference.
+#[test]
+fn integer_masks_in_a_case_file_pass() {
+    use safetensors::{Dtype, SafeTensors};
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras/masked_sequence.safetensors");
+    let bytes = std::fs::read(&source).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut masks = 0;
+    for (key, view) in st.tensors() {
+        if key.starts_with("mask.") {
+            masks += 1;
+            // 0/1 bytes as int32, with a 2 for one of the ones
+            let wide: Vec<u8> = view
+                .data()
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &b)| (i32::from(b) * if i == 0 { 2 } else { 1 }).to_le_bytes())
+                .collect();
+            owned.push((key, Dtype::I32, view.shape().to_vec(), wide));
+        } else {
+            owned.push((key, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    assert!(masks > 0, "the fixture has masks");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!("wgpu-batchnorm-int-mask-{}.safetensors", std::process::id()));
+    std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    let case = keras::KerasCase::load(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    for device in [Device::Cpu, Device::Gpu(common::gpu())] {
+        let report = case.run(&device);
+        assert!(report.passes(), "{report:?}");
+    }
+}

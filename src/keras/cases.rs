@@ -173,6 +173,29 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
             .collect(),
         Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f64).collect(),
+        // integer masks (non-zero: in), as Keras takes them
+        Dtype::I8 => bytes.iter().map(|&b| b as i8 as f64).collect(),
+        Dtype::I16 => bytes
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f64)
+            .collect(),
+        Dtype::U16 => bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as f64)
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::U32 => bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        // non-zero stays non-zero: widened as a flag, not a value
+        Dtype::I64 | Dtype::U64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from(u8::from(u64::from_le_bytes(b.try_into().unwrap()) != 0)))
+            .collect(),
         _ => return None,
     })
 }
@@ -294,7 +317,19 @@ impl KerasCase {
         for (k, call) in self.calls.iter().enumerate() {
             expect(&format!("x.{k}"), &self.shape)?;
             if call.mask {
-                expect(&format!("mask.{k}"), &self.shape[..self.shape.len() - 1])?;
+                // any shape that broadcasts to the input without its last axis
+                let key = format!("mask.{k}");
+                let to = &self.shape[..self.shape.len() - 1];
+                let mask = self
+                    .tensors
+                    .get(&key)
+                    .ok_or_else(|| bad(format!("missing tensor {key}")))?;
+                if mask.shape.len() != to.len() || mask.shape.iter().zip(to).any(|(&m, &t)| m != t && m != 1) {
+                    return Err(bad(format!(
+                        "tensor {key} has shape {:?}, which does not broadcast to {to:?}",
+                        mask.shape
+                    )));
+                }
             }
         }
         for (key, t) in &self.tensors {
@@ -342,12 +377,12 @@ impl KerasCase {
         Tensor::from_f32_as(ctx, &self.shape, &values, dtype)
     }
 
+    /// Call k's mask, spread to the input shape without its last axis.
     fn mask_bytes(&self, k: usize) -> Vec<u8> {
-        self.tensors[&format!("mask.{k}")]
-            .values
-            .iter()
-            .map(|&v| (v != 0.0) as u8)
-            .collect()
+        let mask = &self.tensors[&format!("mask.{k}")];
+        let flags: Vec<u8> = mask.values.iter().map(|&v| (v != 0.0) as u8).collect();
+        crate::tensor::broadcast_mask(&flags, &mask.shape, &self.shape[..self.shape.len() - 1])
+            .expect("check_shapes checked the mask broadcasts")
     }
 
     /// Runs every call and compares with the `ref64.*` truth.
