@@ -160,21 +160,21 @@ fn finalize(
         offset = d * gamma + beta - delta * scale;
 
         let rm = p.renorm_momentum;
-        state[5u * p.state_stride + c] = renorm_mean * rm + mean * (1.0 - rm);
-        state[6u * p.state_stride + c] = renorm_stddev * rm + stddev * (1.0 - rm);
-        state[2u * p.state_stride + c] = moving_mean * m + mean * (1.0 - m);
-        let moving_stddev = state[4u * p.state_stride + c] * m + stddev * (1.0 - m);
+        state[5u * p.state_stride + c] = stored(renorm_mean * rm + mean * (1.0 - rm));
+        state[6u * p.state_stride + c] = stored(renorm_stddev * rm + stddev * (1.0 - rm));
+        state[2u * p.state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
+        let moving_stddev = stored(state[4u * p.state_stride + c] * m + stddev * (1.0 - m));
         state[4u * p.state_stride + c] = moving_stddev;
-        state[3u * p.state_stride + c] = max(moving_stddev * moving_stddev - eps, 0.0);
+        state[3u * p.state_stride + c] = stored(max(moving_stddev * moving_stddev - eps, 0.0));
     } else if has_flag(FLAG_PYTORCH) {
         // PyTorch: momentum weighs the new value; the running variance
         // takes the unbiased batch variance (the biased one with one value)
         let unbiased = select(variance, m2 / (count - 1.0) / (k * k), count > 1.0);
-        state[2u * p.state_stride + c] = moving_mean * (1.0 - m) + mean * m;
-        state[3u * p.state_stride + c] = moving_variance * (1.0 - m) + unbiased * m;
+        state[2u * p.state_stride + c] = stored(moving_mean * (1.0 - m) + mean * m);
+        state[3u * p.state_stride + c] = stored(moving_variance * (1.0 - m) + unbiased * m);
     } else {
-        state[2u * p.state_stride + c] = moving_mean * m + mean * (1.0 - m);
-        state[3u * p.state_stride + c] = moving_variance * m + variance * (1.0 - m);
+        state[2u * p.state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
+        state[3u * p.state_stride + c] = stored(moving_variance * m + variance * (1.0 - m));
     }
     write_affine(c, shift, scale, offset);
     saved[2u * c] = vec4<f32>(shift, delta, inv, r);

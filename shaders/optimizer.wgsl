@@ -19,6 +19,15 @@ const HAS_GAMMA: u32 = 1u;
 const HAS_BETA: u32 = 2u;
 const NESTEROV: u32 = 4u;
 const USE_MOMENTUM: u32 = 8u;
+// StatePrecision::Float16: weights round to float16 when written
+const F16_STATE: u32 = 16u;
+
+fn stored(v: f32) -> f32 {
+    if (q.flags & F16_STATE) != 0u {
+        return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
+    }
+    return v;
+}
 
 const CONSTRAINT_NONE: f32 = 0.0;
 const CONSTRAINT_NON_NEG: f32 = 1.0;
@@ -46,12 +55,12 @@ fn sgd(which: u32, c: u32, grad: f32) {
         let m = velocity[v] * q.momentum - q.learning_rate * grad;
         velocity[v] = m;
         if (q.flags & NESTEROV) != 0u {
-            state[index] += m * q.momentum - q.learning_rate * grad;
+            state[index] = stored(state[index] + (m * q.momentum - q.learning_rate * grad));
         } else {
-            state[index] += m;
+            state[index] = stored(state[index] + m);
         }
     } else {
-        state[index] -= q.learning_rate * grad;
+        state[index] = stored(state[index] - q.learning_rate * grad);
     }
 }
 
@@ -94,7 +103,7 @@ fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let end = min(begin + per, q.channels);
     if constraint.x == CONSTRAINT_NON_NEG {
         for (var c = begin; c < end; c++) {
-            state[base + c] = max(state[base + c], 0.0);
+            state[base + c] = stored(max(state[base + c], 0.0));
         }
         return;
     }
@@ -120,6 +129,6 @@ fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
     let factor = desired / (NORM_EPS + norm);
     for (var c = begin; c < end; c++) {
-        state[base + c] *= factor;
+        state[base + c] = stored(state[base + c] * factor);
     }
 }

@@ -68,9 +68,19 @@ const FLAG_PYTORCH: u32 = 4096u;
 // synchronized calls, first phase: the finalize kernels merge the tiles
 // into one partial a channel, write it out and stop
 const FLAG_MERGE_ONLY: u32 = 8192u;
+// StatePrecision::Float16: weights round to float16 when written
+const FLAG_F16_STATE: u32 = 16384u;
 
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
+}
+
+// A weight as the state stores it (float16-rounded under FLAG_F16_STATE).
+fn stored(v: f32) -> f32 {
+    if has_flag(FLAG_F16_STATE) {
+        return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
+    }
+    return v;
 }
 
 // Mesa 22.3's lavapipe inlines the uniform values that a kernel's branches

@@ -215,6 +215,21 @@ pub enum RunningStatistics {
     PyTorch,
 }
 
+/// How the layer stores its weights (gamma, beta, the moving statistics,
+/// the renorm state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatePrecision {
+    /// float32: closer to the float64 truth (the default).
+    #[default]
+    Float32,
+    /// Keras's `dtype="float16"` layer: every weight is rounded to float16
+    /// (nearest) whenever it is written (initialised, set, updated by a
+    /// training call, an [`crate::Sgd`] step or a constraint), as Keras's
+    /// float16 variables are, for bit-level parity with such a model.
+    /// Computation stays float32; the SGD velocity stays float32.
+    Float16,
+}
+
 /// The fields of Keras's `BatchNormalization(...)` that shape the forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchNormConfig {
@@ -263,6 +278,10 @@ pub struct BatchNormConfig {
     /// (see [`crate::BatchNorm::set_exchange`]); such a layer refuses a
     /// training call while it has no exchange.
     pub synchronized: bool,
+    /// How the weights are stored: float32, or rounded to float16 as a
+    /// Keras layer of `dtype="float16"` keeps them. Not a Keras argument
+    /// (Keras takes it from the dtype policy).
+    pub state_precision: StatePrecision,
 }
 
 impl Default for BatchNormConfig {
@@ -288,6 +307,7 @@ impl Default for BatchNormConfig {
             running_statistics: RunningStatistics::Keras,
             fused_relu: false,
             synchronized: false,
+            state_precision: StatePrecision::Float32,
         }
     }
 }

@@ -39,6 +39,8 @@ pub(crate) const FLAG_PYTORCH: u32 = 4096;
 /// Synchronized calls, first phase: the finalize kernels write each
 /// channel's merged tiles (to `saved` forward, `coeffs` backward) and stop.
 pub(crate) const FLAG_MERGE_ONLY: u32 = 8192;
+/// `StatePrecision::Float16`: weights round to float16 when written.
+pub(crate) const FLAG_F16_STATE: u32 = 16384;
 
 /// The uniform block of `shaders/params.wgsl`, field for field.
 #[repr(C)]
@@ -95,6 +97,7 @@ pub(crate) const OPT_HAS_GAMMA: u32 = 1;
 pub(crate) const OPT_HAS_BETA: u32 = 2;
 pub(crate) const OPT_NESTEROV: u32 = 4;
 pub(crate) const OPT_USE_MOMENTUM: u32 = 8;
+pub(crate) const OPT_F16_STATE: u32 = 16;
 
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
 const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");

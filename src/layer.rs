@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::config::StateSlot;
-use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics};
+use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics, StatePrecision};
 use crate::context::GpuContext;
 use crate::error::{ConfigError, Error, Result};
 use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
@@ -246,7 +246,7 @@ impl BatchNorm {
             .enumerate()
         {
             for (to, &v) in initial[slot * stride..].iter_mut().zip(values) {
-                *to = v as f32;
+                *to = layer.stored(v as f32);
             }
         }
         ctx.queue()
@@ -397,11 +397,21 @@ impl BatchNorm {
         Ok(())
     }
 
+    /// A weight as the state stores it (float16-rounded under
+    /// `StatePrecision::Float16`).
+    fn stored(&self, v: f32) -> f32 {
+        match self.config.state_precision {
+            StatePrecision::Float32 => v,
+            StatePrecision::Float16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+
     fn write_weight(&self, slot: StateSlot, values: &[f32]) {
         let offset = self.weight_range(slot).start;
+        let values: Vec<f32> = values.iter().map(|&v| self.stored(v)).collect();
         self.ctx
             .queue()
-            .write_buffer(&self.state, offset, bytemuck::cast_slice(values));
+            .write_buffer(&self.state, offset, bytemuck::cast_slice(&values));
         self.weights_replaced();
     }
 
@@ -1020,6 +1030,7 @@ impl BatchNorm {
             | flag(clip.rmin.is_some(), kernels::FLAG_RMIN)
             | flag(clip.rmax.is_some(), kernels::FLAG_RMAX)
             | flag(clip.dmax.is_some(), kernels::FLAG_DMAX)
+            | flag(cfg.state_precision == StatePrecision::Float16, kernels::FLAG_F16_STATE)
     }
 
     /// Marks the weights as replaced: the saved forward no longer matches.

@@ -83,6 +83,7 @@ pub mod tuning;
 
 pub use config::{
     BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping, RunningStatistics,
+    StatePrecision,
 };
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use error::{ConfigError, Error, Result};

@@ -131,9 +131,14 @@ fn constraint_vector(c: Option<Constraint>) -> [f32; 4] {
 
 fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum: f32) -> OptimizerParams {
     let cfg = layer.config();
+    let f16_state = if cfg.state_precision == crate::config::StatePrecision::Float16 {
+        kernels::OPT_F16_STATE
+    } else {
+        0
+    };
     OptimizerParams {
         channels: layer.channels() as u32,
-        flags,
+        flags: flags | f16_state,
         learning_rate,
         momentum,
         gamma_constraint: constraint_vector(cfg.gamma_constraint),

@@ -2,7 +2,7 @@
 //! precision, written step by step like the GPU path (statistics, finalize,
 //! normalise) so that the two can be compared kernel by kernel.
 
-use crate::config::{BatchNormConfig, ChannelView, RunningStatistics, StateSlot};
+use crate::config::{BatchNormConfig, ChannelView, RunningStatistics, StatePrecision, StateSlot};
 use crate::error::{ConfigError, Error, Result};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
@@ -162,6 +162,7 @@ pub fn finalize(
     let eps = config.epsilon as f64;
     let momentum = config.momentum as f64;
     let channels = state.moving_mean.len();
+    let q = |v: f64| stored(config, v);
     (0..channels)
         .map(|c| {
             let gamma = if config.scale { state.gamma[c] } else { 1.0 };
@@ -224,23 +225,23 @@ pub fn finalize(
                 affine.r = r;
                 affine.d = d;
                 let rm = config.renorm_momentum as f64;
-                state.renorm_mean[c] = state.renorm_mean[c] * rm + mean * (1.0 - rm);
-                state.renorm_stddev[c] = state.renorm_stddev[c] * rm + stddev * (1.0 - rm);
-                state.moving_mean[c] = state.moving_mean[c] * momentum + mean * (1.0 - momentum);
-                let moving_stddev = state.moving_stddev[c] * momentum + stddev * (1.0 - momentum);
+                state.renorm_mean[c] = q(state.renorm_mean[c] * rm + mean * (1.0 - rm));
+                state.renorm_stddev[c] = q(state.renorm_stddev[c] * rm + stddev * (1.0 - rm));
+                state.moving_mean[c] = q(state.moving_mean[c] * momentum + mean * (1.0 - momentum));
+                let moving_stddev = q(state.moving_stddev[c] * momentum + stddev * (1.0 - momentum));
                 state.moving_stddev[c] = moving_stddev;
-                state.moving_variance[c] = (moving_stddev * moving_stddev - eps).max(0.0);
+                state.moving_variance[c] = q((moving_stddev * moving_stddev - eps).max(0.0));
             } else if config.running_statistics == RunningStatistics::PyTorch {
                 let unbiased = if count > 1.0 {
                     deviations / (count - 1.0)
                 } else {
                     variance
                 };
-                state.moving_mean[c] = state.moving_mean[c] * (1.0 - momentum) + mean * momentum;
-                state.moving_variance[c] = state.moving_variance[c] * (1.0 - momentum) + unbiased * momentum;
+                state.moving_mean[c] = q(state.moving_mean[c] * (1.0 - momentum) + mean * momentum);
+                state.moving_variance[c] = q(state.moving_variance[c] * (1.0 - momentum) + unbiased * momentum);
             } else {
-                state.moving_mean[c] = state.moving_mean[c] * momentum + mean * (1.0 - momentum);
-                state.moving_variance[c] = state.moving_variance[c] * momentum + variance * (1.0 - momentum);
+                state.moving_mean[c] = q(state.moving_mean[c] * momentum + mean * (1.0 - momentum));
+                state.moving_variance[c] = q(state.moving_variance[c] * momentum + variance * (1.0 - momentum));
             }
             affine
         })
@@ -256,6 +257,15 @@ pub fn normalize(x: &[f64], view: ChannelView, affine: &[ChannelAffine]) -> Vec<
             (v - a.mean) * a.scale + a.offset
         })
         .collect()
+}
+
+/// A weight as a layer of `config` stores it: float16-rounded under
+/// [`StatePrecision::Float16`] (Keras's float16 variables), else as is.
+pub fn stored(config: &BatchNormConfig, v: f64) -> f64 {
+    match config.state_precision {
+        StatePrecision::Float32 => v,
+        StatePrecision::Float16 => half::f16::from_f64(v).to_f64(),
+    }
 }
 
 /// Every state tensor's initial values, in [`StateSlot`] order. As in
@@ -275,6 +285,7 @@ pub fn initial_state(config: &BatchNormConfig, channels: usize) -> [Vec<f64>; 7]
         mean,
         stddev,
     ]
+    .map(|slot| slot.into_iter().map(|v| stored(config, v)).collect())
 }
 
 /// The whole layer on the CPU in float64.

@@ -244,3 +244,81 @@ fn optimiser_errors_are_typed() {
     };
     assert!(matches!(BatchNorm::new(&ctx, bad, 3), Err(Error::Config(_))));
 }
+
+/// `StatePrecision::Float16` (Keras's float16 variables): every weight the
+/// layer holds is a float16 value after initialisation, `set_weight`,
+/// training calls (plain, renorm, PyTorch statistics) and an SGD step, and
+/// the moving statistics follow the reference that rounds the same way.
+#[test]
+fn float16_state_rounds_every_weight_as_keras_float16_variables() {
+    use wgpu_batchnorm::{RunningStatistics, StatePrecision};
+    let ctx = gpu();
+    let is_half = |v: f32| half::f16::from_f32(v).to_f32() == v;
+    for base in [
+        BatchNormConfig::default(),
+        BatchNormConfig {
+            renorm: true,
+            ..Default::default()
+        },
+        BatchNormConfig {
+            running_statistics: RunningStatistics::PyTorch,
+            momentum: 0.1,
+            ..Default::default()
+        },
+    ] {
+        let config = BatchNormConfig {
+            state_precision: StatePrecision::Float16,
+            momentum: if base.running_statistics == RunningStatistics::PyTorch {
+                0.1
+            } else {
+                0.9
+            },
+            ..base
+        };
+        let channels = 6;
+        let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
+        let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
+        let gamma = [1.1f32, 0.3, 2.7, 1.0 / 3.0, 0.9, 1.7];
+        layer.set_weight(StateSlot::Gamma, &gamma).unwrap();
+        *reference.state.slot_mut(StateSlot::Gamma) = gamma
+            .iter()
+            .map(|&g| wgpu_batchnorm::reference::stored(&config, g as f64))
+            .collect();
+        let mut sgd = Sgd::new(&layer, 0.01, 0.0, false).unwrap();
+        let mut r = rng(5);
+        for _ in 0..4 {
+            let x = random_input(&mut r, 16 * channels, 3.0);
+            let xt = Tensor::from_f32(&ctx, &[16, channels], &x).unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            layer.forward(&xt, Some(true), None).unwrap();
+            reference.forward(&x64, &[16, channels], Some(true), None).unwrap();
+            for (slot, values) in layer.named_weights().unwrap() {
+                assert!(values.iter().all(|&v| is_half(v)), "{slot:?}: {values:?}");
+                let err = error_measure(
+                    &values.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                    reference.state.slot(slot),
+                );
+                // the same float16 values, or one float16 step apart
+                assert!(err <= 1e-3, "{config:?} {slot:?}: {err:.2e}");
+            }
+        }
+        // an optimiser step stores float16 values too
+        let (_, saved) = layer
+            .forward_saved(
+                &Tensor::from_f32(&ctx, &[16, channels], &random_input(&mut r, 16 * channels, 1.0)).unwrap(),
+                Some(true),
+                None,
+            )
+            .unwrap();
+        let dy = Tensor::from_f32(&ctx, &[16, channels], &random_input(&mut r, 16 * channels, 0.3)).unwrap();
+        let grads = layer.backward(&saved, &dy, false).unwrap();
+        sgd.step(&layer, &grads).unwrap();
+        for (slot, values) in layer.named_weights().unwrap() {
+            assert!(values.iter().all(|&v| is_half(v)), "after SGD {slot:?}: {values:?}");
+        }
+    }
+    // the default keeps float32
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 1).unwrap();
+    layer.set_weight(StateSlot::Gamma, &[1.0 / 3.0]).unwrap();
+    assert!(!is_half(layer.get_weights().unwrap()[0][0]));
+}
