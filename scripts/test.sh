@@ -13,7 +13,7 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 scripts/ensure-mpi.sh
 scripts/ensure-driver.sh --features mpi
-# the tests never read the user's tuning cache (tests/cli.rs makes its own)
+# the tests never read the user's tuning cache (cli/tests/cli.rs makes its own)
 if [ -z "${WGPU_BATCHNORM_CACHE_DIR:-}" ]; then
   export WGPU_BATCHNORM_CACHE_DIR="$(mktemp -d)"
   trap 'rm -rf "$WGPU_BATCHNORM_CACHE_DIR"' EXIT
