@@ -222,11 +222,15 @@ pub enum StatePrecision {
     /// float32: closer to the float64 truth (the default).
     #[default]
     Float32,
-    /// Keras's `dtype="float16"` layer: every weight is rounded to float16
-    /// (nearest) whenever it is written (initialised, set, updated by a
+    /// Like a Keras layer of `dtype="float16"`: every weight is rounded to
+    /// float16 whenever it is written (initialised, set, updated by a
     /// training call, an [`crate::Sgd`] step or a constraint), as Keras's
-    /// float16 variables are, for bit-level parity with such a model.
-    /// Computation stays float32; the SGD velocity stays float32.
+    /// float16 variables are, so that the moving statistics drift as a
+    /// Keras model's do. Not bit-for-bit: the updates are computed in
+    /// float32 (Keras computes `moving * momentum` in float16), WGSL's
+    /// float16 packing need not round to nearest nor give Inf past 65504,
+    /// and the SGD velocity stays float32 (Keras's takes the weight's
+    /// dtype). Expect agreement within a float16 step or so.
     Float16,
 }
 

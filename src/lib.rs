@@ -63,7 +63,9 @@
 //!   The `bench` command and `benches/NOTES.md` give the figures.
 
 /// The command-line tool's benchmark runner (feature `bench`, which the
-/// tool enables): not part of the library's API.
+/// tool enables): not part of the library's API, and not stable. It stays
+/// in the library because it times the crate's own kernels (the streaming
+/// baseline shares their uniform block).
 #[cfg(feature = "bench")]
 #[doc(hidden)]
 pub mod bench;

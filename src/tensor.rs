@@ -388,18 +388,23 @@ impl Mask {
     }
 }
 
-/// Keras's mask broadcasting: `flags` of `shape` (as many axes as `to`,
-/// each of `to`'s size or 1) spread over `to`, the input's shape without
-/// its last axis, row-major: a (6, 1) mask for a (6, 11, 5) input masks
-/// whole rows of 11.
+/// Keras's mask broadcasting: `flags` of `shape` spread over `to`, the
+/// input's shape without its last axis, row-major, as numpy broadcasts
+/// (axes aligned from the right, missing leading axes and axes of 1
+/// repeated): a (6, 1) mask for a (6, 11, 5) input masks whole rows of
+/// 11, an (11,) one the same positions of every sample.
 pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec<u8>> {
-    let fits = shape.len() == to.len() && shape.iter().zip(to).all(|(&s, &t)| s == t || s == 1);
-    if !fits {
+    if !mask_broadcasts(shape, to) {
         return Err(Error::Shape(format!(
             "a mask of shape {shape:?} does not broadcast to {to:?} (the input shape without its last axis): \
-             it needs as many axes, each of that size or 1"
+             aligned from the right, each of its axes must be that size or 1"
         )));
     }
+    // leading axes of 1 where the mask has fewer
+    let shape: Vec<usize> = std::iter::repeat_n(1, to.len() - shape.len())
+        .chain(shape.iter().copied())
+        .collect();
+    let shape = &shape[..];
     if element_count(shape)? != flags.len() {
         return Err(Error::Shape(format!(
             "mask shape {shape:?} does not hold {} flags",
@@ -425,6 +430,11 @@ pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec
         }
     }
     Ok(out)
+}
+
+/// Whether a mask of `shape` broadcasts to `to` (see [`broadcast_mask`]).
+pub fn mask_broadcasts(shape: &[usize], to: &[usize]) -> bool {
+    shape.len() <= to.len() && shape.iter().rev().zip(to.iter().rev()).all(|(&s, &t)| s == t || s == 1)
 }
 
 /// Copies `size` bytes from `offset` in `buffer` into host memory.

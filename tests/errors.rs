@@ -380,23 +380,17 @@ fn a_broadcastable_mask_spreads_over_the_input() {
     assert_eq!(&by_col[11..22], &cols[..]);
     let broadcast = Mask::from_u8_broadcast(&ctx, &[6, 1], &rows, &shape).unwrap();
     let full = Mask::from_u8(&ctx, &[6, 11], &spread).unwrap();
-    let a = layer
-        .forward(&x, Some(false), Some(&broadcast))
-        .unwrap()
-        .read_f32(&ctx)
-        .unwrap();
-    let b = layer
-        .forward(&x, Some(false), Some(&full))
-        .unwrap()
-        .read_f32(&ctx)
-        .unwrap();
-    assert_eq!(a, b);
+    // fewer axes broadcast from the right: (11,) is every sample's same positions
+    let per_position = Mask::from_u8_broadcast(&ctx, &[11], &cols, &shape).unwrap();
+    let by_col_full = Mask::from_u8(&ctx, &[6, 11], &by_col).unwrap();
     let fresh = |m: &Mask| {
         let l = BatchNorm::new(&ctx, BatchNormConfig::default(), 5).unwrap();
         l.forward(&x, Some(true), Some(m)).unwrap().read_f32(&ctx).unwrap()
     };
     assert_eq!(fresh(&broadcast), fresh(&full));
-    for bad in [&[6usize, 2][..], &[3, 1], &[6], &[6, 11, 1]] {
+    assert_eq!(fresh(&per_position), fresh(&by_col_full));
+    assert_ne!(fresh(&broadcast), fresh(&by_col_full));
+    for bad in [&[6usize, 2][..], &[3, 1], &[6], &[1, 6, 11], &[2, 6, 11]] {
         let n = bad.iter().product();
         assert!(
             matches!(

@@ -64,8 +64,9 @@ fn large_offset_beats_keras_own_float32() {
     assert!(y0.error < 2e-6, "{y0:?}");
 }
 
-/// A case whose masks are int32 (Keras takes integer masks: non-zero is
-/// in) passes as its boolean original does, on the GPU and the reference.
+/// A case whose masks are int32 (Keras takes integer masks) passes as its
+/// boolean original does, on the GPU and the reference; a mask value
+/// other than 0 and 1 (which Keras would use as a weight) is refused.
 #[test]
 fn integer_masks_in_a_case_file_pass() {
     use safetensors::{Dtype, SafeTensors};
@@ -78,13 +79,8 @@ fn integer_masks_in_a_case_file_pass() {
     for (key, view) in st.tensors() {
         if key.starts_with("mask.") {
             masks += 1;
-            // 0/1 bytes as int32, with a 2 for one of the ones
-            let wide: Vec<u8> = view
-                .data()
-                .iter()
-                .enumerate()
-                .flat_map(|(i, &b)| (i32::from(b) * if i == 0 { 2 } else { 1 }).to_le_bytes())
-                .collect();
+            // 0/1 bytes as int32
+            let wide: Vec<u8> = view.data().iter().flat_map(|&b| i32::from(b).to_le_bytes()).collect();
             owned.push((key, Dtype::I32, view.shape().to_vec(), wide));
         } else {
             owned.push((key, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
@@ -103,9 +99,32 @@ fn integer_masks_in_a_case_file_pass() {
     let out = std::env::temp_dir().join(format!("wgpu-batchnorm-int-mask-{}.safetensors", std::process::id()));
     std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
     let case = keras::KerasCase::load(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
     for device in [Device::Cpu, Device::Gpu(common::gpu())] {
         let report = case.run(&device);
         assert!(report.passes(), "{report:?}");
     }
+    // a 2 among the flags
+    let twos: Vec<_> = owned
+        .iter()
+        .map(|(k, d, s, b)| {
+            let mut b = b.clone();
+            if k.starts_with("mask.") {
+                b[..4].copy_from_slice(&2i32.to_le_bytes());
+            }
+            (k.clone(), *d, s.clone(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = twos
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    let err = keras::KerasCase::load(&out).unwrap_err();
+    std::fs::remove_file(&out).unwrap();
+    assert!(err.to_string().contains("0/1"), "{err}");
 }

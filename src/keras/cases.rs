@@ -173,7 +173,7 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
             .collect(),
         Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f64).collect(),
-        // integer masks (non-zero: in), as Keras takes them
+        // integer masks, as Keras takes them (0/1 checked with the shapes)
         Dtype::I8 => bytes.iter().map(|&b| b as i8 as f64).collect(),
         Dtype::I16 => bytes
             .chunks_exact(2)
@@ -191,10 +191,13 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as f64)
             .collect(),
-        // non-zero stays non-zero: widened as a flag, not a value
-        Dtype::I64 | Dtype::U64 => bytes
+        Dtype::I64 => bytes
             .chunks_exact(8)
-            .map(|b| f64::from(u8::from(u64::from_le_bytes(b.try_into().unwrap()) != 0)))
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::U64 => bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as f64)
             .collect(),
         _ => return None,
     })
@@ -317,17 +320,28 @@ impl KerasCase {
         for (k, call) in self.calls.iter().enumerate() {
             expect(&format!("x.{k}"), &self.shape)?;
             if call.mask {
-                // any shape that broadcasts to the input without its last axis
                 let key = format!("mask.{k}");
+                if self.shape.len() < 2 {
+                    return Err(bad(format!("{key}: a mask needs an input of two axes or more")));
+                }
+                // any shape that broadcasts to the input without its last axis
                 let to = &self.shape[..self.shape.len() - 1];
                 let mask = self
                     .tensors
                     .get(&key)
                     .ok_or_else(|| bad(format!("missing tensor {key}")))?;
-                if mask.shape.len() != to.len() || mask.shape.iter().zip(to).any(|(&m, &t)| m != t && m != 1) {
+                if !crate::tensor::mask_broadcasts(&mask.shape, to) {
                     return Err(bad(format!(
                         "tensor {key} has shape {:?}, which does not broadcast to {to:?}",
                         mask.shape
+                    )));
+                }
+                // Keras weighs each position by its mask value; 0/1 masks
+                // (of any dtype) are what this crate takes
+                if let Some(v) = mask.values.iter().find(|&&v| v != 0.0 && v != 1.0) {
+                    return Err(bad(format!(
+                        "tensor {key} holds {v}: Keras weighs positions by their mask values, this crate takes \
+                         0/1 masks only"
                     )));
                 }
             }

@@ -117,6 +117,11 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
 /// the Python snippet above writes it). The channel count is read from the
 /// weights; every weight is then loaded as [`load_weights`] does.
 ///
+/// The state is float32 whatever the config's dtype policy: for a Keras
+/// layer of `dtype="float16"`'s rounding, set
+/// [`crate::BatchNormConfig::state_precision`] on a config from
+/// [`KerasLayerConfig`] and load the weights with [`load_weights`].
+///
 /// Not supported: a `.keras` archive (a zip of `config.json` and
 /// `model.weights.h5`) holds a whole model and HDF5 weights, which would
 /// need an HDF5 library; export the layer's weights to safetensors with

@@ -123,13 +123,21 @@ fn read(path: &Path) -> Result<Machine, String> {
 /// file names added.
 fn disambiguate(machines: &mut [Machine], files: &[PathBuf]) {
     let labels: Vec<String> = machines.iter().map(|m| m.label.clone()).collect();
-    for (m, file) in machines.iter_mut().zip(files) {
-        if labels.iter().filter(|l| **l == m.label).count() > 1 {
-            let stem = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            m.label = format!("{} [{stem}]", m.label);
+    let stem = |f: &PathBuf| {
+        f.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let stems: Vec<String> = files.iter().map(stem).collect();
+    for (i, (m, file)) in machines.iter_mut().zip(files).enumerate() {
+        if labels.iter().filter(|l| **l == labels[i]).count() > 1 {
+            // the file name, or its whole path where two names are alike
+            let name = if stems.iter().filter(|s| **s == stems[i]).count() > 1 {
+                file.display().to_string()
+            } else {
+                stems[i].clone()
+            };
+            m.label = format!("{} [{name}]", m.label);
         }
     }
 }
@@ -198,9 +206,16 @@ fn plot(machines: &[Machine]) -> String {
         .iter()
         .map(|k| machines.iter().map(|m| figure(m, k).and_then(|f| f.1)).collect())
         .collect();
-    let top_value = fractions.iter().flatten().flatten().fold(0.0f64, |a, &b| a.max(b));
-    // ticks every 0.25 up to the next quarter above the tallest bar
-    let y_max = ((top_value / 0.25).ceil() * 0.25).max(0.25);
+    let top_value = fractions
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|f| f.is_finite())
+        .fold(0.0f64, |a, &b| a.max(b));
+    // ticks every 0.25 (past 2.5, a power of ten times 1, 2 or 5, so that
+    // there are never more than about ten) up to the tallest bar
+    let step = tick_step(top_value);
+    let y_max = ((top_value / step).ceil() * step).max(step);
     let (bar_w, gap, height, left, legend_h) = (12.0, 18.0, 300.0, 70.0, 18.0 * machines.len() as f64);
     let top = 40.0 + legend_h;
     let group_w = bar_w * machines.len() as f64 + gap;
@@ -227,9 +242,9 @@ fn plot(machines: &[Machine]) -> String {
     }
     // the y axis, its ticks and its label
     svg += &format!("<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{bottom}\" stroke=\"black\"/>\n");
-    let ticks = (y_max / 0.25).round() as usize;
+    let ticks = (y_max / step).round() as usize;
     for t in 0..=ticks {
-        let v = t as f64 * 0.25;
+        let v = t as f64 * step;
         let y = bottom - v / y_max * height;
         svg += &format!(
             "<line x1=\"{}\" y1=\"{y:.1}\" x2=\"{left}\" y2=\"{y:.1}\" stroke=\"black\"/><text x=\"{}\" y=\"{:.1}\" \
@@ -257,7 +272,9 @@ fn plot(machines: &[Machine]) -> String {
     for (g, (key, bars)) in rows.iter().zip(&fractions).enumerate() {
         let x0 = left + gap / 2.0 + g as f64 * group_w;
         for (i, f) in bars.iter().enumerate() {
-            let Some(f) = f else { continue };
+            let Some(f) = f.filter(|f| f.is_finite()) else {
+                continue;
+            };
             let h = f / y_max * height;
             svg += &format!(
                 "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bar_w}\" height=\"{h:.1}\" fill=\"{}\"><title>{}: {} {}: \
@@ -288,9 +305,41 @@ fn plot(machines: &[Machine]) -> String {
     svg
 }
 
+/// The tick spacing of an axis up to `top`: 0.25 up to 2.5, else the
+/// first of 1, 2 or 5 times a power of ten giving at most ten ticks.
+fn tick_step(top: f64) -> f64 {
+    if top <= 2.5 {
+        return 0.25;
+    }
+    let mut unit = 10f64.powf((top / 10.0).log10().floor());
+    loop {
+        for m in [1.0, 2.0, 5.0] {
+            if top / (m * unit) <= 10.0 {
+                return m * unit;
+            }
+        }
+        unit *= 10.0;
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick_step;
+
+    #[test]
+    fn ticks_stay_few_whatever_the_tallest_bar() {
+        for top in [0.0, 0.3, 2.5, 2.6, 9.0, 11.0, 1234.5, 1e12] {
+            let step = tick_step(top);
+            assert!(step > 0.0);
+            assert!(top / step <= 10.5, "{top}: step {step}");
+        }
+        assert_eq!(tick_step(1.0), 0.25);
+    }
 }
