@@ -161,6 +161,21 @@ const MAGIC: u32 = 0x314e_4257; // "WBN1"
 const HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 8;
 
 impl CallHeader {
+    /// The call in words, for error messages.
+    fn describe(&self) -> String {
+        let kind = match self.kind {
+            KIND_FORWARD => "a training forward",
+            KIND_FORWARD_MASKED => "a masked training forward",
+            KIND_BACKWARD => "a backward",
+            KIND_FAILED => "a failed call",
+            _ => "an unknown call",
+        };
+        format!(
+            "{kind}, synchronized call {} of a layer of {} channels, config and dtype fingerprint {:016x}",
+            self.sequence, self.channels, self.fingerprint
+        )
+    }
+
     fn encode(&self, payload: &[f64]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_BYTES + 8 * payload.len());
         out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -231,10 +246,12 @@ pub(crate) fn gather_checked(exchange: &dyn Exchange, header: CallHeader, payloa
         }
         if theirs != header || values.len() != payload.len() {
             return Err(Error::Exchange(format!(
-                "rank {rank} made another call ({theirs:?}, {} values) than rank {} ({header:?}, {} values): \
+                "rank {rank} made another call ({}, {} values) than rank {} ({}, {} values): \
                  every rank must call the same layers in the same order, with the same channels, dtype and config",
+                theirs.describe(),
                 values.len(),
                 exchange.rank(),
+                header.describe(),
                 payload.len()
             )));
         }

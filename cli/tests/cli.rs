@@ -944,6 +944,16 @@ fn report_puts_two_adapters_side_by_side() {
     );
     assert!(plot.matches("<rect").count() >= 2 + 2 * 3, "bars for both adapters");
 
+    // one file twice: two columns told apart
+    let twice = run(&["report", files[0].to_str().unwrap(), files[0].to_str().unwrap()]);
+    let header = text(&twice.stdout).lines().next().unwrap().to_string();
+    assert!(header.contains("#1]") && header.contains("#2]"), "{header}");
+    // an SVG into a folder that does not exist: refused before any output
+    let nowhere = dir.join("no-such-folder").join("r.svg");
+    let o = run(&["report", files[0].to_str().unwrap(), "--svg", nowhere.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("no-such-folder"), "{}", text(&o.stderr));
     // another version, a missing field, a file that is not there
     let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
     old["crate_version"] = "0.0.1".into();

@@ -44,17 +44,36 @@ pub(crate) fn run(files: &[PathBuf], svg: Option<&Path>, markdown: Option<&Path>
     if files.is_empty() {
         return Err("report needs at least one bench JSON file (from `bench --json FILE`)".into());
     }
+    // outputs checked before anything is read or printed
+    for path in [svg, markdown].into_iter().flatten() {
+        check_output(path)?;
+    }
     let mut machines = files.iter().map(|f| read(f)).collect::<Result<Vec<_>, _>>()?;
     disambiguate(&mut machines, files);
     let table = table(&machines);
-    print!("{table}");
     if let Some(path) = markdown {
         std::fs::write(path, &table).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(path) = svg {
         std::fs::write(path, plot(&machines)).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    print!("{table}");
     Ok(0)
+}
+
+/// An output path must be a file (or nothing yet) in an existing folder.
+fn check_output(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("{}: is a folder, not a file to write", path.display()));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(format!(
+            "{}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read(path: &Path) -> Result<Machine, String> {
@@ -131,12 +150,16 @@ fn disambiguate(machines: &mut [Machine], files: &[PathBuf]) {
     let stems: Vec<String> = files.iter().map(stem).collect();
     for (i, (m, file)) in machines.iter_mut().zip(files).enumerate() {
         if labels.iter().filter(|l| **l == labels[i]).count() > 1 {
-            // the file name, or its whole path where two names are alike
-            let name = if stems.iter().filter(|s| **s == stems[i]).count() > 1 {
+            // the file name, or its whole path where two names are alike,
+            // and its place on the command line where the path is too
+            let mut name = if stems.iter().filter(|s| **s == stems[i]).count() > 1 {
                 file.display().to_string()
             } else {
                 stems[i].clone()
             };
+            if files.iter().filter(|f| *f == file).count() > 1 {
+                name = format!("{name} #{}", i + 1);
+            }
             m.label = format!("{} [{name}]", m.label);
         }
     }
@@ -181,15 +204,16 @@ fn table(machines: &[Machine]) -> String {
         out += &format!("| {} | {} |", key.case(), key.op);
         for m in machines {
             out += &match figure(m, &key) {
-                Some((gbps, Some(f))) => format!(" {gbps:.2} GB/s ({:.0}% of copy) |", f * 100.0),
-                Some((gbps, None)) => format!(" {gbps:.2} GB/s (no copy figure) |"),
+                Some((gbps, Some(f))) => format!(" {} GB/s ({:.0}% of copy) |", figures(gbps), f * 100.0),
+                Some((gbps, None)) => format!(" {} GB/s (no copy figure) |", figures(gbps)),
                 None => " not measured |".into(),
             };
         }
         out += "\n";
     }
     out += "\nGB/s: bytes a perfect implementation moves over the median time; % of copy: over the same \
-            adapter's buffer copy of the same size (its own bandwidth).\n";
+            adapter's buffer copy of the same size (its own bandwidth). Small shapes measure fixed costs \
+            (submission, a copy a driver may shortcut): compare adapters on shapes of megabytes.\n";
     out
 }
 
@@ -303,6 +327,16 @@ fn plot(machines: &[Machine]) -> String {
     );
     svg += "</svg>\n";
     svg
+}
+
+/// Three significant figures (small shapes run at a few MB/s).
+fn figures(gbps: f64) -> String {
+    if gbps >= 100.0 || gbps == 0.0 || !gbps.is_finite() {
+        format!("{gbps:.0}")
+    } else {
+        let decimals = (2 - gbps.abs().log10().floor() as i32).max(0) as usize;
+        format!("{gbps:.decimals$}")
+    }
 }
 
 /// The tick spacing of an axis up to `top`: 0.25 up to 2.5, else the
