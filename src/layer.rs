@@ -84,7 +84,6 @@ struct ForwardCall {
     keys: CallKeys,
     plan: DispatchPlan,
     batch_statistics: bool,
-    masked: bool,
     flags: u32,
     /// A synchronized rank without values: per-channel kernels only.
     empty: bool,
@@ -574,7 +573,6 @@ impl BatchNorm {
             keys: CallKeys::new(self, x.dtype(), masked, tuning),
             plan,
             batch_statistics,
-            masked,
             flags,
             empty: view.is_empty(),
         })
@@ -698,7 +696,7 @@ impl BatchNorm {
         SavedForward {
             layer: self.id,
             x: x.clone(),
-            mask: mask.filter(|_| call.masked).cloned(),
+            mask: mask.filter(|_| call.keys.masked).cloned(),
             batch_statistics: call.batch_statistics,
             synchronized,
             weights_version: self.weights_version.load(Ordering::Acquire),

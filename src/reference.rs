@@ -5,7 +5,7 @@
 use crate::config::{BatchNormConfig, ChannelView, RunningStatistics, StatePrecision, StateSlot};
 use crate::error::{ConfigError, Error, Result};
 use crate::sync::{
-    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
+    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
 };
 
 /// Keras's `backend.epsilon()`, added to masked counts.
@@ -48,6 +48,30 @@ pub fn merge_in_rank_order(ranks: &[Vec<ChannelMoments>]) -> Vec<ChannelMoments>
     (0..channels)
         .map(|c| ranks.iter().fold(ChannelMoments::default(), |acc, r| acc.merge(r[c])))
         .collect()
+}
+
+/// This rank's per-channel moments all-gathered under `header` and merged
+/// in rank order (the synchronized forward of the reference and the GPU
+/// layer alike).
+pub(crate) fn gather_moments(
+    exchange: &dyn Exchange,
+    header: CallHeader,
+    local: &[ChannelMoments],
+) -> Result<Vec<ChannelMoments>> {
+    let payload: Vec<f64> = local.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
+    let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &payload)?
+        .iter()
+        .map(|r| {
+            r.chunks_exact(3)
+                .map(|m| ChannelMoments {
+                    count: m[0],
+                    mean: m[1],
+                    m2: m[2],
+                })
+                .collect()
+        })
+        .collect();
+    Ok(merge_in_rank_order(&ranks))
 }
 
 /// Mirror of the statistics kernel: per-channel moments over the values the
@@ -603,26 +627,8 @@ impl ReferenceLayer {
         let affine = if training {
             let mut moments = channel_moments(x, view, mask, last_dim);
             if let Some(exchange) = exchange {
-                let kind = if mask.is_some() {
-                    KIND_FORWARD_MASKED
-                } else {
-                    KIND_FORWARD
-                };
-                let header = self.next_call(kind);
-                let local: Vec<f64> = moments.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
-                let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &local)?
-                    .iter()
-                    .map(|r| {
-                        r.chunks_exact(3)
-                            .map(|m| ChannelMoments {
-                                count: m[0],
-                                mean: m[1],
-                                m2: m[2],
-                            })
-                            .collect()
-                    })
-                    .collect();
-                moments = merge_in_rank_order(&ranks);
+                let header = self.next_call(forward_kind(mask.is_some()));
+                moments = gather_moments(exchange, header, &moments)?;
             }
             finalize(&self.config, &mut self.state, Some(&moments), mask.is_some())
         } else {
@@ -705,14 +711,13 @@ impl ReferenceLayer {
                 .iter()
                 .flat_map(|s| [s.sum_dy, s.sum_dy_centered, s.sum_centered])
                 .collect();
-            let ranks = gather_checked(exchange, header, &local)?;
-            for (c, s) in sums.iter_mut().enumerate() {
-                *s = GradSums::default();
-                for r in &ranks {
-                    s.sum_dy += r[3 * c];
-                    s.sum_dy_centered += r[3 * c + 1];
-                    s.sum_centered += r[3 * c + 2];
-                }
+            let global = gather_sums(exchange, header, &local)?;
+            for (s, g) in sums.iter_mut().zip(global.chunks_exact(3)) {
+                *s = GradSums {
+                    sum_dy: g[0],
+                    sum_dy_centered: g[1],
+                    sum_centered: g[2],
+                };
             }
         }
         let (dgamma, dbeta, coeffs) = backward_finalize(

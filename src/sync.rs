@@ -260,6 +260,20 @@ pub(crate) fn gather_checked(exchange: &dyn Exchange, header: CallHeader, payloa
     Ok(out)
 }
 
+/// Every rank's `local` values gathered under `header` and added element
+/// by element in rank order: every rank gets the same bits.
+pub(crate) fn gather_sums(exchange: &dyn Exchange, header: CallHeader, local: &[f64]) -> Result<Vec<f64>> {
+    let ranks = gather_checked(exchange, header, local)?;
+    Ok((0..local.len())
+        .map(|i| ranks.iter().fold(0.0, |sum, r| sum + r[i]))
+        .collect())
+}
+
+/// The collective of a training forward, with a mask or without.
+pub(crate) fn forward_kind(masked: bool) -> u32 {
+    if masked { KIND_FORWARD_MASKED } else { KIND_FORWARD }
+}
+
 /// A fingerprint of what every rank's layer must agree on (its config,
 /// its dtype): FNV-1a of their debug form.
 pub(crate) fn fingerprint(what: &str) -> u64 {

@@ -87,17 +87,20 @@ fn integer_masks_in_a_case_file_pass() {
         }
     }
     assert!(masks > 0, "the fixture has masks");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
     let out = std::env::temp_dir().join(format!("wgpu-batchnorm-int-mask-{}.safetensors", std::process::id()));
-    std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    let write = |tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(k, d, s, b)| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    };
+    write(&owned);
     let case = keras::KerasCase::load(&out).unwrap();
     for device in [Device::Cpu, Device::Gpu(common::gpu())] {
         let report = case.run(&device);
@@ -114,16 +117,7 @@ fn integer_masks_in_a_case_file_pass() {
             (k.clone(), *d, s.clone(), b)
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = twos
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    write(&twos);
     let err = keras::KerasCase::load(&out).unwrap_err();
     std::fs::remove_file(&out).unwrap();
     assert!(err.to_string().contains("0/1"), "{err}");

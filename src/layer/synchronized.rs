@@ -11,9 +11,9 @@ use std::sync::Arc;
 use super::{BackwardCall, BatchNorm, ForwardCall, Gradients, Recorder, SavedForward, storage_buffer};
 use crate::error::{Error, Result};
 use crate::kernels::FLAG_MERGE_ONLY;
-use crate::reference::{ChannelMoments, merge_in_rank_order};
+use crate::reference::{ChannelMoments, gather_moments};
 use crate::sync::{
-    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, KIND_FORWARD, KIND_FORWARD_MASKED, fingerprint, gather_checked,
+    CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
 };
 use crate::tensor::{DType, Mask, Tensor, read_buffer};
 
@@ -109,11 +109,7 @@ impl BatchNorm {
         }
         let exchange = self.require_exchange()?;
         let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
-        let kind = if mask.is_some() {
-            KIND_FORWARD_MASKED
-        } else {
-            KIND_FORWARD
-        };
+        let kind = forward_kind(mask.is_some());
         let header = self.next_header(&mut sequence, kind, x.dtype());
         let mut guard = FailOnUnwind::new(exchange, header);
         let local = self
@@ -124,20 +120,7 @@ impl BatchNorm {
             Ok(v) => v,
             Err(e) => return self.fail_exchange(exchange, header, e),
         };
-        let payload: Vec<f64> = local.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
-        let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &payload)?
-            .iter()
-            .map(|r| {
-                r.chunks_exact(3)
-                    .map(|m| ChannelMoments {
-                        count: m[0],
-                        mean: m[1],
-                        m2: m[2],
-                    })
-                    .collect()
-            })
-            .collect();
-        let merged: Vec<[f32; 4]> = merge_in_rank_order(&ranks)
+        let merged: Vec<[f32; 4]> = gather_moments(exchange, header, &local)?
             .into_iter()
             .map(moments_to_partial)
             .collect();
@@ -225,13 +208,9 @@ impl BatchNorm {
             .iter()
             .flat_map(|s| s[..3].iter().map(|&v| f64::from(v)))
             .collect();
-        let ranks = gather_checked(exchange, header, &payload)?;
-        // added in rank order in float64: the same bits on every rank
-        let global: Vec<[f32; 4]> = (0..self.channels)
-            .map(|c| {
-                let sum = |k: usize| ranks.iter().map(|r| r[3 * c + k]).sum::<f64>() as f32;
-                [sum(0), sum(1), sum(2), 0.0]
-            })
+        let global: Vec<[f32; 4]> = gather_sums(exchange, header, &payload)?
+            .chunks_exact(3)
+            .map(|s| [s[0] as f32, s[1] as f32, s[2] as f32, 0.0])
             .collect();
         let mut encoder = self.encoder("synchronized backward");
         {
