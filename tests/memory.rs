@@ -5,7 +5,7 @@
 mod common;
 
 use common::{gl, gpu, random_input, rng};
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Sgd, Tensor};
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, LocalExchange, Sgd, Tensor};
 
 /// Resident set size in bytes.
 fn rss() -> u64 {
@@ -31,12 +31,17 @@ fn train(ctx: &GpuContext, layer: &BatchNorm, sgd: &mut Sgd, x: &Tensor, dy: &Te
 /// RSS is the process's: the tests of this file run one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn memory_stays_flat(ctx: &GpuContext, name: &str) {
+fn memory_stays_flat(ctx: &GpuContext, name: &str, synchronized: bool) {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let shape = [64usize, 32];
     let x = Tensor::from_f32(ctx, &shape, &random_input(&mut rng(1), 64 * 32, 1.0)).unwrap();
     let dy = Tensor::from_f32(ctx, &shape, &random_input(&mut rng(2), 64 * 32, 0.1)).unwrap();
-    let layer = BatchNorm::new(ctx, BatchNormConfig::default(), 32).unwrap();
+    let mut layer = BatchNorm::new(ctx, BatchNormConfig::default(), 32).unwrap();
+    if synchronized {
+        // a group of one: every call still reads back and exchanges
+        let one = LocalExchange::group(1, std::time::Duration::from_secs(60));
+        layer.set_exchange(std::sync::Arc::new(one.into_iter().next().unwrap()));
+    }
     let mut sgd = Sgd::new(&layer, 0.001, 0.9, false).unwrap();
     train(ctx, &layer, &mut sgd, &x, &dy, 500);
     let before = rss();
@@ -58,10 +63,17 @@ fn memory_stays_flat(ctx: &GpuContext, name: &str) {
 
 #[test]
 fn three_thousand_training_steps_keep_memory_flat_on_vulkan() {
-    memory_stays_flat(&gpu(), "vulkan");
+    memory_stays_flat(&gpu(), "vulkan", false);
+}
+
+/// A synchronized layer's calls allocate their O(channels) readback and
+/// upload buffers per call: they must be freed too.
+#[test]
+fn three_thousand_synchronized_training_steps_keep_memory_flat() {
+    memory_stays_flat(&gpu(), "vulkan, synchronized", true);
 }
 
 #[test]
 fn three_thousand_training_steps_keep_memory_flat_on_gl() {
-    memory_stays_flat(&gl(), "gl");
+    memory_stays_flat(&gl(), "gl", false);
 }
