@@ -513,7 +513,7 @@ impl BatchNorm {
         mask: Option<&Mask>,
         y: &Tensor,
     ) -> Result<SavedForward> {
-        if self.config.synchronized && training == Some(true) && self.config.trainable {
+        if self.config.synchronized && self.batch_statistics(training) {
             return Err(Error::Exchange(
                 "a synchronized layer's training call all-gathers its moments between its dispatches and \
                  cannot be recorded into an encoder: call forward, forward_saved or forward_into"
@@ -556,7 +556,7 @@ impl BatchNorm {
                 )));
             }
         }
-        let batch_statistics = training == Some(true) && self.config.trainable;
+        let batch_statistics = self.batch_statistics(training);
         let masked = batch_statistics && mask.is_some();
         let mask_use = MaskUse {
             statistics: masked,
@@ -576,6 +576,12 @@ impl BatchNorm {
             flags,
             empty: view.is_empty(),
         })
+    }
+
+    /// Whether a forward call normalises with its batch's statistics
+    /// (Keras: training, and a trainable layer).
+    fn batch_statistics(&self, training: Option<bool>) -> bool {
+        training == Some(true) && self.config.trainable
     }
 
     /// The view a call is planned over: an empty batch's plan is one of a

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::{BackwardCall, BatchNorm, ForwardCall, Gradients, Recorder, SavedForward, storage_buffer};
 use crate::error::{Error, Result};
 use crate::kernels::FLAG_MERGE_ONLY;
+use crate::plan::DispatchPlan;
 use crate::reference::{ChannelMoments, gather_moments};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
@@ -83,17 +84,6 @@ impl BatchNorm {
         header
     }
 
-    /// Tells the other ranks that this rank's call failed, so that they
-    /// fail at once; returns the call's own error.
-    fn fail_exchange<T>(&self, exchange: &dyn Exchange, header: CallHeader, error: Error) -> Result<T> {
-        let failed = CallHeader {
-            kind: KIND_FAILED,
-            ..header
-        };
-        let _ = gather_checked(exchange, failed, &[]);
-        Err(error)
-    }
-
     pub(super) fn forward_synchronized(
         &self,
         x: &Tensor,
@@ -102,7 +92,7 @@ impl BatchNorm {
         y: &Tensor,
         statistics: wgpu::Buffer,
     ) -> Result<SavedForward> {
-        if !(training == Some(true) && self.config.trainable) {
+        if !self.batch_statistics(training) {
             // the moving statistics alone: nothing to exchange
             let call = self.plan_forward(x, training, mask, y, true)?;
             return self.submit_global_forward(&call, x, mask, y, statistics, None);
@@ -111,15 +101,11 @@ impl BatchNorm {
         let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
         let kind = forward_kind(mask.is_some());
         let header = self.next_header(&mut sequence, kind, x.dtype());
-        let mut guard = FailOnUnwind::new(exchange, header);
-        let local = self
-            .plan_forward(x, training, mask, y, true)
-            .and_then(|call| Ok((self.local_moments(&call, x, mask)?, call)));
-        guard.disarm();
-        let (local, call) = match local {
-            Ok(v) => v,
-            Err(e) => return self.fail_exchange(exchange, header, e),
-        };
+        // an error return or a panic before the gather tells the others
+        let guard = FailUntilGathered::new(exchange, header);
+        let call = self.plan_forward(x, training, mask, y, true)?;
+        let local = self.local_moments(&call, x, mask)?;
+        guard.gathering();
         let merged: Vec<[f32; 4]> = gather_moments(exchange, header, &local)?
             .into_iter()
             .map(moments_to_partial)
@@ -166,8 +152,7 @@ impl BatchNorm {
         let mut encoder = self.encoder("synchronized forward");
         {
             let mut scratch = self.lock_scratch();
-            let mut plan = call.plan.clone();
-            plan.total_tiles = 1;
+            let plan = single_tile(&call.plan);
             let mut rec = Recorder::new(self, &mut scratch, &plan, x.shape(), call.flags);
             if let Some(merged) = merged {
                 rec = rec.with_partials(self.upload_partials(merged));
@@ -190,20 +175,15 @@ impl BatchNorm {
         let exchange = self.require_exchange()?;
         let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
         let header = self.next_header(&mut sequence, KIND_BACKWARD, saved.x.dtype());
-        let mut guard = FailOnUnwind::new(exchange, header);
-        let local = if saved.synchronized {
-            self.plan_backward(saved, dy, regularization, grads, true)
-                .and_then(|call| Ok((self.local_sums(&call, saved, dy)?, call)))
-        } else {
-            Err(Error::Exchange(
+        let guard = FailUntilGathered::new(exchange, header);
+        if !saved.synchronized {
+            return Err(Error::Exchange(
                 "this forward call ran before the layer was synchronized: its backward cannot be".into(),
-            ))
-        };
-        guard.disarm();
-        let (local, call) = match local {
-            Ok(v) => v,
-            Err(e) => return self.fail_exchange(exchange, header, e),
-        };
+            ));
+        }
+        let call = self.plan_backward(saved, dy, regularization, grads, true)?;
+        let local = self.local_sums(&call, saved, dy)?;
+        guard.gathering();
         let payload: Vec<f64> = local
             .iter()
             .flat_map(|s| s[..3].iter().map(|&v| f64::from(v)))
@@ -215,8 +195,7 @@ impl BatchNorm {
         let mut encoder = self.encoder("synchronized backward");
         {
             let mut scratch = self.lock_scratch();
-            let mut plan = call.plan.clone();
-            plan.total_tiles = 1;
+            let plan = single_tile(&call.plan);
             let rec = Recorder::new(self, &mut scratch, &plan, saved.x.shape(), call.flags)
                 .with_partials(self.upload_partials(&global));
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -281,38 +260,42 @@ impl BatchNorm {
     }
 }
 
-/// Armed between a call's header and its gather: a panic there (a wgpu
-/// validation error, say) still tells the other ranks, which would
-/// otherwise wait for this one.
-struct FailOnUnwind<'a> {
+/// Made with a call's header, until the call reaches its gather: if the
+/// call returns an error or panics first (a wgpu validation error, say),
+/// its drop sends the failure message, so the other ranks fail at once
+/// instead of waiting for this one.
+struct FailUntilGathered<'a> {
     exchange: &'a dyn Exchange,
     header: CallHeader,
-    armed: bool,
 }
 
-impl<'a> FailOnUnwind<'a> {
+impl<'a> FailUntilGathered<'a> {
     fn new(exchange: &'a dyn Exchange, header: CallHeader) -> Self {
-        FailOnUnwind {
-            exchange,
-            header,
-            armed: true,
-        }
+        FailUntilGathered { exchange, header }
     }
 
-    fn disarm(&mut self) {
-        self.armed = false;
+    /// The call goes on to its gather: nothing to send.
+    fn gathering(self) {
+        std::mem::forget(self);
     }
 }
 
-impl Drop for FailOnUnwind<'_> {
+impl Drop for FailUntilGathered<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            let failed = CallHeader {
-                kind: KIND_FAILED,
-                ..self.header
-            };
-            let _ = gather_checked(self.exchange, failed, &[]);
-        }
+        let failed = CallHeader {
+            kind: KIND_FAILED,
+            ..self.header
+        };
+        let _ = gather_checked(self.exchange, failed, &[]);
+    }
+}
+
+/// A call's plan for its second submission: its finalize reads one
+/// (merged) partial a channel.
+fn single_tile(plan: &DispatchPlan) -> DispatchPlan {
+    DispatchPlan {
+        total_tiles: 1,
+        ..plan.clone()
     }
 }
 
