@@ -249,7 +249,7 @@ fn backward_reduce_runs16(
         let a1 = a0 + (run_end - j);
         for (var q = a0 / 4u; q * 4u < a1; q++) {
             let at = vec4<u32>(4u * q) + lane;
-            let inside = at >= vec4<u32>(a0) & at < vec4<u32>(a1);
+            let inside = (at >= vec4<u32>(a0)) & (at < vec4<u32>(a1));
             let g4 = select(vec4<f32>(0.0), load_dy4(q), inside);
             let centered = select(vec4<f32>(0.0), (load_x4(q) - shift) - delta, inside);
             s_dy += g4;

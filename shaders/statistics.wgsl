@@ -304,7 +304,7 @@ fn partial_stats_runs16(
         let a1 = a0 + (run_end - j);
         for (var q = a0 / 4u; q * 4u < a1; q++) {
             let at = vec4<u32>(4u * q) + lane;
-            let inside = at >= vec4<u32>(a0) & at < vec4<u32>(a1);
+            let inside = (at >= vec4<u32>(a0)) & (at < vec4<u32>(a1));
             let v = select(vec4<f32>(0.0), (load_x4(q) - shift) * k, inside);
             s1 += v;
             s2 = fma(v, v, s2);

@@ -265,6 +265,46 @@ impl Kernel {
         }
     }
 
+    /// The bind group layout: the uniform block at binding 0 (a dynamic
+    /// offset per chunk), the storage bindings, and where the kernel has
+    /// one, the per-channel parameters' uniform view of `uniform_view` bytes.
+    pub(crate) fn layout_entries(self, uniform_view: u64) -> Vec<wgpu::BindGroupLayoutEntry> {
+        let entry =
+            |binding: u32, ty: wgpu::BufferBindingType, dynamic: bool, min: Option<u64>| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: dynamic,
+                    min_binding_size: min.and_then(wgpu::BufferSize::new),
+                },
+                count: None,
+            };
+        let mut entries = vec![entry(
+            0,
+            wgpu::BufferBindingType::Uniform,
+            true,
+            Some(self.uniform_size()),
+        )];
+        for (i, &read_only) in self.storage_bindings().iter().enumerate() {
+            entries.push(entry(
+                i as u32 + 1,
+                wgpu::BufferBindingType::Storage { read_only },
+                false,
+                None,
+            ));
+        }
+        if let Some(binding) = self.uniform_params_binding() {
+            entries.push(entry(
+                binding,
+                wgpu::BufferBindingType::Uniform,
+                false,
+                Some(uniform_view),
+            ));
+        }
+        entries
+    }
+
     pub(crate) fn workgroup_size(self) -> u32 {
         match self {
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep => FINALIZE_WORKGROUP,
@@ -296,6 +336,25 @@ pub(crate) struct KernelKey {
     /// (the `PER_THREAD` and `ROWS_PER_THREAD` overrides).
     pub per_thread: u32,
     pub rows_per_thread: u32,
+}
+
+/// What one shader module is made of: the variants of a module differ by
+/// entry point and override constants only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SourceKey {
+    pub kernel: Kernel,
+    pub dtype: DType,
+    pub strategy: Strategy,
+    pub subgroups: bool,
+}
+
+impl SourceKey {
+    /// The module's WGSL as naga (wgpu's native compiler) takes it; see
+    /// [`Kernel::source`].
+    pub(crate) fn source(&self, uniform_vec4s: u64) -> String {
+        self.kernel
+            .source(self.dtype, self.strategy, self.subgroups, uniform_vec4s)
+    }
 }
 
 /// The serial elementwise kernels' knobs where a key does not use them.
@@ -421,7 +480,8 @@ impl KernelKey {
     }
 
     /// The kernel for `layout`; the coalesced family reads some layouts
-    /// with one entry point (see `entry_point`), whose keys are made equal.
+    /// with one entry point (see `entry_point`), whose keys are made equal,
+    /// and an override the entry point does not read keeps its default.
     pub(crate) fn with_layout(self, layout: Layout) -> Self {
         let layout = match (self.strategy, self.kernel, layout) {
             (Strategy::Coalesced, Kernel::PartialStats | Kernel::BackwardReduce, Layout::Runs16) => Layout::Generic,
@@ -430,7 +490,60 @@ impl KernelKey {
             (Strategy::Coalesced, Kernel::Normalize | Kernel::BackwardDx, Layout::Inner16) => Layout::Inner4,
             _ => layout,
         };
-        KernelKey { layout, ..self }
+        // serial channels-last entry points walk ROWS_PER_THREAD rows, the
+        // other serial elementwise ones PER_THREAD values
+        let serial_elementwise =
+            self.strategy == Strategy::Serial && matches!(self.kernel, Kernel::Normalize | Kernel::BackwardDx);
+        let by_rows = matches!(layout, Layout::Channels4 | Layout::Channels8);
+        KernelKey {
+            layout,
+            per_thread: if serial_elementwise && !by_rows {
+                self.per_thread
+            } else {
+                DEFAULT_PER_THREAD
+            },
+            rows_per_thread: if serial_elementwise && by_rows {
+                self.rows_per_thread
+            } else {
+                DEFAULT_ROWS_PER_THREAD
+            },
+            ..self
+        }
+    }
+
+    /// Every pipeline the crate can create on any device: every kernel,
+    /// family, dtype, mask use, layout, ReLU epilogue, parameter binding
+    /// and workgroup sum (subgroups or workgroup memory), with the
+    /// override values at the ends of each knob's range and at its default
+    /// (`PlanTuning::override_extremes`), and the benchmark's stream. The
+    /// portability checks (Tint, naga's MSL, HLSL and SPIR-V backends)
+    /// take their variants from here and nowhere else.
+    pub(crate) fn every_variant() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for tuning in PlanTuning::override_extremes() {
+            for subgroups in [false, true] {
+                for uniform_params in [false, true] {
+                    for key in KernelKey::layer_variants(&tuning, subgroups, uniform_params) {
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        keys.extend([DType::F32, DType::F16].map(|dtype| KernelKey::new(Kernel::Stream, dtype, false)));
+        keys
+    }
+
+    /// What the module of this key is compiled from: variants with equal
+    /// sources share one shader module.
+    pub(crate) fn source_key(&self) -> SourceKey {
+        SourceKey {
+            kernel: self.kernel,
+            dtype: self.dtype,
+            strategy: self.strategy,
+            subgroups: self.subgroups,
+        }
     }
 
     pub(crate) fn entry_point(&self) -> &'static str {
@@ -521,9 +634,8 @@ pub(crate) struct Kernels {
     /// has `Features::SUBGROUP` and is not DX12.
     pub(crate) subgroups: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
-    /// Shader modules by source (kernel, dtype, family, subgroups), kept for
-    /// compiling more variants of it.
-    modules: Mutex<HashMap<(Kernel, DType, Strategy, bool), wgpu::ShaderModule>>,
+    /// Shader modules by source, kept for compiling more variants of it.
+    modules: Mutex<HashMap<SourceKey, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
@@ -533,40 +645,7 @@ impl Kernels {
         let layouts = Kernel::ALL
             .into_iter()
             .map(|kernel| {
-                let mut entries = vec![wgpu::BindGroupLayoutEntry {
-                    binding: 0,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: true,
-                        min_binding_size: wgpu::BufferSize::new(kernel.uniform_size()),
-                    },
-                    count: None,
-                }];
-                for (i, &read_only) in kernel.storage_bindings().iter().enumerate() {
-                    entries.push(wgpu::BindGroupLayoutEntry {
-                        binding: i as u32 + 1,
-                        visibility: wgpu::ShaderStages::COMPUTE,
-                        ty: wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Storage { read_only },
-                            has_dynamic_offset: false,
-                            min_binding_size: None,
-                        },
-                        count: None,
-                    });
-                }
-                if let Some(binding) = kernel.uniform_params_binding() {
-                    entries.push(wgpu::BindGroupLayoutEntry {
-                        binding,
-                        visibility: wgpu::ShaderStages::COMPUTE,
-                        ty: wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Uniform,
-                            has_dynamic_offset: false,
-                            min_binding_size: wgpu::BufferSize::new(uniform_view),
-                        },
-                        count: None,
-                    });
-                }
+                let entries = kernel.layout_entries(uniform_view);
                 let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                     label: Some(kernel.entry_point()),
                     entries: &entries,
@@ -619,11 +698,8 @@ impl Kernels {
                 // one module per source: the variants of a family differ by
                 // entry point and override constants only
                 let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-                let source_key = (key.kernel, key.dtype, key.strategy, key.subgroups);
-                let module = modules.entry(source_key).or_insert_with(|| {
-                    let source = key
-                        .kernel
-                        .source(key.dtype, key.strategy, key.subgroups, self.uniform_view / 16);
+                let module = modules.entry(key.source_key()).or_insert_with(|| {
+                    let source = key.source_key().source(self.uniform_view / 16);
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(key.kernel.entry_point()),
                         source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -669,6 +745,9 @@ pub(crate) fn grid(groups: u64, max: u32) -> Result<(u32, u32)> {
     }
     Ok((x as u32, y as u32))
 }
+
+#[cfg(test)]
+mod portability;
 
 #[cfg(test)]
 mod tests {

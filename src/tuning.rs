@@ -139,6 +139,25 @@ impl PlanTuning {
         }
     }
 
+    /// Plans whose kernels carry every override value a compiler must
+    /// accept: both families' defaults, and the serial family with each
+    /// power of two of `values_per_thread` and `rows_per_thread` at 1, its
+    /// default and 64 (values in between compile alike: loop bounds).
+    pub(crate) fn override_extremes() -> Vec<PlanTuning> {
+        let serial = PlanTuning::default_for(Strategy::Serial);
+        let mut plans = vec![serial, PlanTuning::default_for(Strategy::Coalesced)];
+        for values_per_thread in [1, 2, 4, 8, 16] {
+            for rows_per_thread in [1, serial.rows_per_thread, 64] {
+                plans.push(PlanTuning {
+                    values_per_thread,
+                    rows_per_thread,
+                    ..serial
+                });
+            }
+        }
+        plans
+    }
+
     /// Refuses knobs outside the ranges the kernels are written for.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Kernels(what));
