@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The test command: installs Mesa's software Vulkan/GL drivers if (and only
-# if) wgpu finds no adapter, and MPICH with libclang if missing (the MPI
-# tests run the `mpi` feature's example under mpiexec), then runs every
-# test with `--features mpi` once per kernel family
-# (WGPU_BATCHNORM_KERNELS=serial, then coalesced); with
-# WGPU_BATCHNORM_KERNELS set, once with that choice.
+# The test command. Installs what the tests need when it is missing: Mesa's
+# software Vulkan/GL drivers if wgpu finds no adapter, MPICH with libclang
+# (the MPI tests run the `mpi` feature's example under mpiexec), and the
+# other implementations the portability checks and GPU tests run on (Dawn
+# for Node.js, SwiftShader's Vulkan driver from Debian's chromium package,
+# spirv-val). SwiftShader is made visible beside the machine's own Vulkan
+# drivers (VK_ADD_DRIVER_FILES): every GPU-vs-reference test runs on each
+# Vulkan driver and on GL.
+#
+# Then every test runs with `--features mpi` once per kernel family
+# (WGPU_BATCHNORM_KERNELS=serial, then coalesced; with
+# WGPU_BATCHNORM_KERNELS set, once with that choice). The portability
+# checks (src/kernels/portability.rs) do not depend on the family: they
+# run in the first pass only. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
@@ -13,16 +21,26 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 scripts/ensure-mpi.sh
 scripts/ensure-driver.sh --features mpi
+scripts/ensure-portability.sh
+icd="${WGPU_BATCHNORM_SWIFTSHADER_ICD:-/usr/lib/chromium/vk_swiftshader_icd.json}"
+export VK_ADD_DRIVER_FILES="${VK_ADD_DRIVER_FILES:+$VK_ADD_DRIVER_FILES:}$icd"
 # the tests never read the user's tuning cache (cli/tests/cli.rs makes its own)
 if [ -z "${WGPU_BATCHNORM_CACHE_DIR:-}" ]; then
   export WGPU_BATCHNORM_CACHE_DIR="$(mktemp -d)"
   trap 'rm -rf "$WGPU_BATCHNORM_CACHE_DIR"' EXIT
 fi
-if [ -n "${WGPU_BATCHNORM_KERNELS:-}" ]; then
+if [ -n "${WGPU_BATCHNORM_KERNELS:-}" ] || [ $# -gt 0 ]; then
   cargo test --features mpi "$@"
 else
+  first=1
   for kernels in serial coalesced; do
     echo "== every test with WGPU_BATCHNORM_KERNELS=$kernels"
-    WGPU_BATCHNORM_KERNELS=$kernels cargo test --features mpi "$@"
+    if [ $first = 1 ]; then
+      WGPU_BATCHNORM_KERNELS=$kernels cargo test --features mpi
+      first=0
+    else
+      echo "(the portability checks ran in the first pass)"
+      WGPU_BATCHNORM_KERNELS=$kernels cargo test --features mpi -- --skip kernels::portability
+    fi
   done
 fi

@@ -61,7 +61,7 @@ fn backward_dx(
                 out.y = grad(e + 1u, walk.c, xs.y, gs.y);
             }
             walk = walk_next(walk);
-            dx[y_word + w] = pack2x16float(out);
+            dx[y_word + w] = pack_f16x2(out);
         }
     } else {
         var walk = walk_at(thread * PER_THREAD);

@@ -25,7 +25,7 @@ fn backward_dx_coalesced(
             if e + 1u < p.chunk_elems {
                 out.y = grad(e + 1u, walk_next(walk).c, xs.y, gs.y);
             }
-            dx[p.y_base / 2u + w] = pack2x16float(out);
+            dx[p.y_base / 2u + w] = pack_f16x2(out);
             walk = walk_by(walk, step);
         }
     } else {

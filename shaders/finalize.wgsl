@@ -66,6 +66,9 @@ fn finalize(
     let nc = p.channels;
     // barriers below: no invocation leaves before them
     let tiles = select(0u, p.total_tiles, c < nc);
+    // the channel's merged tiles, in lane 0: workgroup memory is read only
+    // where this invocation's workgroup wrote it (it starts undefined)
+    var total = vec4<f32>(0.0);
     if has_flag(FLAG_TRAINING) {
         // a strided share of the tiles each (at most 65535 / 8 steps)
         var acc = vec4<f32>(0.0);
@@ -80,13 +83,14 @@ fn finalize(
             }
             workgroupBarrier();
         }
+        total = merged[lid];
     }
     if lane != 0u || c >= nc {
         return;
     }
     if has_flag(FLAG_MERGE_ONLY) {
         // a synchronized call's local moments, merged across ranks on the host
-        saved[c] = merged[lid];
+        saved[c] = total;
         return;
     }
     let gamma = select(1.0, state[c], has_flag(FLAG_SCALE));
@@ -103,7 +107,6 @@ fn finalize(
         return;
     }
 
-    let total = merged[lid];
     let count = total.x;
     let shift = total.y;
     var delta = total.z;

@@ -88,7 +88,7 @@ fn normalize(
                 out.y = apply(walk.c, pair.y);
             }
             walk = walk_next(walk);
-            y[y_word + w] = pack2x16float(out);
+            y[y_word + w] = pack_f16x2(out);
         }
     } else {
         var walk = walk_at(thread * PER_THREAD);

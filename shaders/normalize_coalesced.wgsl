@@ -27,7 +27,7 @@ fn normalize_coalesced(
             if 2u * w + 1u < p.chunk_elems {
                 out.y = apply(walk_next(walk).c, pair.y);
             }
-            y[p.y_base / 2u + w] = pack2x16float(out);
+            y[p.y_base / 2u + w] = pack_f16x2(out);
             walk = walk_by(walk, step);
         }
     } else {

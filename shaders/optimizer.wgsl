@@ -24,7 +24,7 @@ const F16_STATE: u32 = 16u;
 
 fn stored(v: f32) -> f32 {
     if (q.flags & F16_STATE) != 0u {
-        return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
+        return round_f16(v);
     }
     return v;
 }

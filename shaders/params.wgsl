@@ -78,7 +78,7 @@ fn has_flag(flag: u32) -> bool {
 // A weight as the state stores it (float16-rounded under FLAG_F16_STATE).
 fn stored(v: f32) -> f32 {
     if has_flag(FLAG_F16_STATE) {
-        return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
+        return round_f16(v);
     }
     return v;
 }

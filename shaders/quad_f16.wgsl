@@ -8,5 +8,5 @@ fn unpack_quad(q: Quad) -> vec4<f32> {
 }
 
 fn pack_quad(v: vec4<f32>) -> Quad {
-    return Quad(pack2x16float(v.xy), pack2x16float(v.zw));
+    return Quad(pack_f16x2(v.xy), pack_f16x2(v.zw));
 }

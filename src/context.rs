@@ -66,6 +66,9 @@ pub(crate) struct ContextInner {
     pub(crate) id: u64,
     /// Which kernels calls run (see [`GpuContext::plan_tuning`]).
     plans: Mutex<Plans>,
+    /// Why the device was lost, once it is (only for devices this crate
+    /// requested: an application's device keeps its own callback).
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 /// What decides a call's plan: the choice, a plan forced on every call,
@@ -203,7 +206,15 @@ impl GpuContext {
             Some(choice) => choice,
             None => KernelChoice::from_env()?,
         };
-        Ok(Self::build(device, queue, Some(info), choice))
+        let ctx = Self::build(device, queue, Some(info), choice);
+        let lost = ctx.inner.lost.clone();
+        ctx.device().set_device_lost_callback(move |reason, message| {
+            // dropping the context destroys the device: no one is left to tell
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        Ok(ctx)
     }
 
     /// Wraps a device and queue the application already has. The layer then
@@ -257,6 +268,7 @@ impl GpuContext {
                     forced: None,
                     tuned,
                 }),
+                lost: Arc::new(Mutex::new(None)),
             }),
         }
     }
@@ -406,6 +418,35 @@ impl GpuContext {
 
     fn lock_plans(&self) -> std::sync::MutexGuard<'_, Plans> {
         self.inner.plans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` (the crate's own device work for one call) inside error
+    /// scopes: anything the device refuses in it, and a lost device, is an
+    /// [`Error::Gpu`] naming `what`.
+    pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let result = crate::device::scoped(self.device(), || what.to_string(), work);
+        if let Some(reason) = self.inner.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(Error::Gpu {
+                what: what.to_string(),
+                message: format!("the device was lost ({reason})"),
+            });
+        }
+        result
+    }
+
+    /// Test hook, not part of the API: every shader module of the kernel
+    /// whose entry point is `entry` (e.g. `"partial_stats"`) compiled from
+    /// now on gets an invalid line, so the device refuses its pipelines.
+    /// Returns whether such a kernel exists.
+    #[doc(hidden)]
+    pub fn break_kernel_for_tests(&self, entry: &str) -> bool {
+        let kernel = crate::kernels::Kernel::ALL
+            .into_iter()
+            .find(|k| k.entry_point() == entry);
+        if let Some(kernel) = kernel {
+            self.inner.kernels.break_kernel(kernel);
+        }
+        kernel.is_some()
     }
 
     /// How many compute pipelines this context has compiled (they are

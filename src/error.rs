@@ -73,6 +73,33 @@ pub enum Error {
     /// Waiting on the GPU failed (device lost or timeout).
     #[error("GPU poll failed: {0}")]
     Poll(#[from] wgpu::PollError),
+    /// The GPU refused something this crate asked of it: a shader module or
+    /// pipeline the device rejects, a validation error in a call's
+    /// commands (a destroyed buffer, say), an allocation the device cannot
+    /// make, or a lost device. Caught by error scopes around the crate's
+    /// own work, so it is an error of the call that caused it (an
+    /// application's uncaptured-error handler never sees it).
+    #[error("GPU error in {what}: {message}")]
+    Gpu {
+        /// What the crate was doing: the call, or the pipeline it compiled.
+        what: String,
+        /// What wgpu (or the device-lost callback) said.
+        message: String,
+    },
+    /// A kernel that needs more of the device than its limits give.
+    #[error(
+        "kernel {kernel} needs {needs} for {limit}, the device allows {allows}: this call cannot run on this device"
+    )]
+    DeviceLimit {
+        /// The kernel's entry point.
+        kernel: &'static str,
+        /// The `wgpu::Limits` field.
+        limit: &'static str,
+        /// What the kernel needs.
+        needs: u64,
+        /// What the device allows.
+        allows: u64,
+    },
     /// The reference layer's `backward` before any forward call.
     #[error("backward needs a forward call first: it differentiates the layer's last forward call")]
     NoForward,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::device::KernelNeeds;
 use crate::error::{Error, Result};
 use crate::plan::Layout;
 use crate::tensor::DType;
@@ -100,6 +101,7 @@ pub(crate) const OPT_USE_MOMENTUM: u32 = 8;
 pub(crate) const OPT_F16_STATE: u32 = 16;
 
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
+const FLOAT16_WGSL: &str = include_str!("../shaders/float16.wgsl");
 const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");
 const MASK_WGSL: &str = include_str!("../shaders/mask.wgsl");
 const STATISTICS_WGSL: &str = include_str!("../shaders/statistics.wgsl");
@@ -149,7 +151,8 @@ impl Kernel {
         Kernel::Stream,
     ];
 
-    /// The WGSL source of one module: the shared uniform block, the shared
+    /// The WGSL source of one module: the shared uniform block and float16
+    /// conversion, the shared
     /// pieces the kernel uses (among them how `dtype` stores four values,
     /// for the vec4 layouts), the kernel's own file, and for the coalesced
     /// family its file after the serial one (sharing bindings and helpers)
@@ -175,7 +178,7 @@ impl Kernel {
             Kernel::BackwardDx => vec![MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => vec![STREAM_WGSL],
             // its own uniform block
-            Kernel::SgdStep | Kernel::Constrain => return OPTIMIZER_WGSL.to_string(),
+            Kernel::SgdStep | Kernel::Constrain => return [FLOAT16_WGSL, OPTIMIZER_WGSL].join("\n"),
         };
         if coalesced {
             pieces.extend(match self {
@@ -187,8 +190,8 @@ impl Kernel {
             });
         }
         let view = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;");
-        std::iter::once(view.as_str())
-            .chain(std::iter::once(PARAMS_WGSL))
+        [view.as_str(), PARAMS_WGSL, FLOAT16_WGSL]
+            .into_iter()
             .chain(pieces)
             .collect::<Vec<_>>()
             .join("\n")
@@ -303,6 +306,37 @@ impl Kernel {
             ));
         }
         entries
+    }
+
+    /// What the kernel's entry points need of the device at most (the
+    /// portability test reflects every entry point and holds them to it).
+    pub(crate) fn needs(self, strategy: Strategy) -> KernelNeeds {
+        let coalesced = strategy == Strategy::Coalesced && self.has_families();
+        let vec4s = |n: u32| n * 16;
+        let workgroup_bytes = match self {
+            // three sums of a vec4 a lane, and the first kept position a lane
+            Kernel::PartialStats if coalesced => 3 * vec4s(WORKGROUP) + 4 * WORKGROUP,
+            Kernel::BackwardReduce if coalesced => 3 * vec4s(WORKGROUP),
+            Kernel::Finalize | Kernel::BackwardFinalize => vec4s(FINALIZE_WORKGROUP),
+            Kernel::SgdStep | Kernel::Constrain => 4 * WORKGROUP,
+            _ => 0,
+        };
+        KernelNeeds {
+            storage_buffers: self.storage_bindings().len() as u32,
+            uniform_buffers: 1 + self.uniform_params_binding().is_some() as u32,
+            invocations: self.workgroup_size(),
+            workgroup_bytes,
+        }
+    }
+
+    /// Whether the device lets the kernel's bind group layout exist.
+    fn bindings_fit(self, limits: &wgpu::Limits) -> Result<()> {
+        KernelNeeds {
+            invocations: 0,
+            workgroup_bytes: 0,
+            ..self.needs(Strategy::Serial)
+        }
+        .check(self.entry_point(), limits)
     }
 
     pub(crate) fn workgroup_size(self) -> u32 {
@@ -518,6 +552,7 @@ impl KernelKey {
     /// (`PlanTuning::override_extremes`), and the benchmark's stream. The
     /// portability checks (Tint, naga's MSL, HLSL and SPIR-V backends)
     /// take their variants from here and nowhere else.
+    #[cfg(test)]
     pub(crate) fn every_variant() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for tuning in PlanTuning::override_extremes() {
@@ -626,36 +661,112 @@ impl KernelKey {
     }
 }
 
-/// Bind-group layouts (one per family) and the pipelines compiled so far.
+/// Why a kernel or pipeline cannot be used on this device, kept so that
+/// every call needing it fails alike.
+#[derive(Debug, Clone)]
+enum Refusal {
+    Limit {
+        kernel: &'static str,
+        limit: &'static str,
+        needs: u64,
+        allows: u64,
+    },
+    Gpu {
+        what: String,
+        message: String,
+    },
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::DeviceLimit {
+                kernel,
+                limit,
+                needs,
+                allows,
+            } => Refusal::Limit {
+                kernel,
+                limit,
+                needs,
+                allows,
+            },
+            Error::Gpu { what, message } => Refusal::Gpu { what, message },
+            other => Refusal::Gpu {
+                what: "creating a pipeline".into(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Limit {
+                kernel,
+                limit,
+                needs,
+                allows,
+            } => Error::DeviceLimit {
+                kernel,
+                limit,
+                needs,
+                allows,
+            },
+            Refusal::Gpu { what, message } => Error::Gpu { what, message },
+        }
+    }
+}
+
+type Layouts = (wgpu::BindGroupLayout, wgpu::PipelineLayout);
+
+/// Bind-group layouts (one per family) and the pipelines compiled so far,
+/// or why the device refused them: a kernel over the device's limits, a
+/// module or pipeline the device rejects (an error scope around every
+/// creation catches it). A refusal is kept and returned by every call
+/// that needs the kernel.
 pub(crate) struct Kernels {
     /// Bytes of the per-channel parameters' uniform view on this device.
     pub(crate) uniform_view: u64,
     /// Whether the coalesced reductions use subgroup operations: the device
-    /// has `Features::SUBGROUP` and is not DX12.
+    /// has `Features::SUBGROUP` and is not DX12. (wgpu 30's WebGPU backend
+    /// never offers the feature: browsers run the workgroup-memory sums.)
     pub(crate) subgroups: bool,
-    layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    layouts: HashMap<Kernel, std::result::Result<Layouts, Refusal>>,
     /// Shader modules by source, kept for compiling more variants of it.
-    modules: Mutex<HashMap<SourceKey, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    modules: Mutex<HashMap<SourceKey, std::result::Result<wgpu::ShaderModule, Refusal>>>,
+    pipelines: Mutex<HashMap<KernelKey, std::result::Result<wgpu::ComputePipeline, Refusal>>>,
+    /// Kernels whose WGSL gets an invalid line (`GpuContext::break_kernel`).
+    broken: Mutex<Vec<Kernel>>,
 }
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device) -> Self {
-        let uniform_view = uniform_view_bytes(&device.limits());
+        let limits = device.limits();
+        let uniform_view = uniform_view_bytes(&limits);
         let layouts = Kernel::ALL
             .into_iter()
             .map(|kernel| {
-                let entries = kernel.layout_entries(uniform_view);
-                let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                    label: Some(kernel.entry_point()),
-                    entries: &entries,
-                });
-                let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                    label: Some(kernel.entry_point()),
-                    bind_group_layouts: &[Some(&bind)],
-                    immediate_size: 0,
-                });
-                (kernel, (bind, pipeline))
+                let layouts = crate::device::scoped(
+                    device,
+                    || format!("the bind group layout of {}", kernel.entry_point()),
+                    || {
+                        kernel.bindings_fit(&limits)?;
+                        let entries = kernel.layout_entries(uniform_view);
+                        let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                            label: Some(kernel.entry_point()),
+                            entries: &entries,
+                        });
+                        let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                            label: Some(kernel.entry_point()),
+                            bind_group_layouts: &[Some(&bind)],
+                            immediate_size: 0,
+                        });
+                        Ok((bind, pipeline))
+                    },
+                );
+                (kernel, layouts.map_err(Refusal::from))
             })
             .collect();
         Kernels {
@@ -667,57 +778,106 @@ impl Kernels {
             layouts,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            broken: Mutex::new(Vec::new()),
         }
     }
 
-    pub(crate) fn bind_group_layout(&self, kernel: Kernel) -> &wgpu::BindGroupLayout {
-        &self.layouts[&kernel].0
+    fn layouts(&self, kernel: Kernel) -> Result<&Layouts> {
+        self.layouts[&kernel].as_ref().map_err(|r| r.clone().into())
+    }
+
+    pub(crate) fn bind_group_layout(&self, kernel: Kernel) -> Result<&wgpu::BindGroupLayout> {
+        Ok(&self.layouts(kernel)?.0)
     }
 
     /// Compiles every layer variant of plans made with `tuning` not
     /// compiled yet, so that no forward or backward call with such plans
-    /// compiles a pipeline.
+    /// compiles a pipeline. A variant the device refuses is kept as
+    /// refused: the calls that need it return the error.
     pub(crate) fn precompile(&self, device: &wgpu::Device, tuning: &PlanTuning, uniform_params: bool) {
         for key in KernelKey::layer_variants(tuning, self.subgroups, uniform_params) {
-            self.pipeline(device, key);
+            let _ = self.pipeline(device, key);
         }
     }
 
     /// How many pipelines were compiled so far.
     pub(crate) fn compiled(&self) -> usize {
-        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        pipelines.values().filter(|p| p.is_ok()).count()
+    }
+
+    /// Makes every module of `kernel` compiled from now on invalid WGSL (a
+    /// test's way of seeing a rejected pipeline become an error).
+    pub(crate) fn break_kernel(&self, kernel: Kernel) {
+        self.broken.lock().unwrap_or_else(|e| e.into_inner()).push(kernel);
     }
 
     /// The pipeline for `key`, compiled on first use and cached for the
-    /// device's lifetime.
-    pub(crate) fn pipeline(&self, device: &wgpu::Device, key: KernelKey) -> wgpu::ComputePipeline {
+    /// device's lifetime, or why the device refuses it (also cached).
+    pub(crate) fn pipeline(&self, device: &wgpu::Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(key)
-            .or_insert_with(|| {
-                // one module per source: the variants of a family differ by
-                // entry point and override constants only
-                let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-                let module = modules.entry(key.source_key()).or_insert_with(|| {
-                    let source = key.source_key().source(self.uniform_view / 16);
-                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(key.kernel.entry_point()),
-                        source: wgpu::ShaderSource::Wgsl(source.into()),
-                    })
-                });
-                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(key.kernel.entry_point()),
-                    layout: Some(&self.layouts[&key.kernel].1),
-                    module,
+        if let Some(made) = cache.get(&key) {
+            return made.clone().map_err(Error::from);
+        }
+        let made = self.create_pipeline(device, key).map_err(Refusal::from);
+        cache.insert(key, made.clone());
+        made.map_err(Error::from)
+    }
+
+    fn create_pipeline(&self, device: &wgpu::Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+        key.kernel
+            .needs(key.strategy)
+            .check(key.entry_point(), &device.limits())?;
+        let layout = &self.layouts(key.kernel)?.1;
+        let module = self.module(device, key.source_key())?;
+        crate::device::scoped(
+            device,
+            || format!("compiling pipeline {}", key.entry_point()),
+            || {
+                Ok(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key.entry_point()),
+                    layout: Some(layout),
+                    module: &module,
                     entry_point: Some(key.entry_point()),
                     compilation_options: wgpu::PipelineCompilationOptions {
                         constants: &key.constants(),
                         zero_initialize_workgroup_memory: false,
                     },
                     cache: None,
-                })
-            })
-            .clone()
+                }))
+            },
+        )
+    }
+
+    /// One module per source: the variants of a family differ by entry
+    /// point and override constants only.
+    fn module(&self, device: &wgpu::Device, source: SourceKey) -> Result<wgpu::ShaderModule> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(made) = modules.get(&source) {
+            return made.clone().map_err(Error::from);
+        }
+        let mut wgsl = source.source(self.uniform_view / 16);
+        if self
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&source.kernel)
+        {
+            wgsl.push_str("\nfn broken_on_purpose() -> u32 { return 1.5; }\n");
+        }
+        let made = crate::device::scoped(
+            device,
+            || format!("compiling the shader module of {}", source.kernel.entry_point()),
+            || {
+                Ok(device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(source.kernel.entry_point()),
+                    source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+                }))
+            },
+        )
+        .map_err(Refusal::from);
+        modules.insert(source, made.clone());
+        made.map_err(Error::from)
     }
 }
 

@@ -207,50 +207,52 @@ impl BatchNorm {
                 ))
             })?;
         ctx.precompile();
-        let c = channels as u64;
-        let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let layer = BatchNorm {
-            ctx: ctx.clone(),
-            channels,
-            state: storage_buffer(ctx, "state", 7 * state_stride(ctx, channels) as u64 * 4, copy),
-            // both also bound as a uniform view, 64 KiB where the device allows
-            // (see `uniform_params`): every layer pads them to it
-            affine: storage_buffer(
-                ctx,
-                "affine",
-                params_buffer_size(ctx, c * 12),
-                copy | wgpu::BufferUsages::UNIFORM,
-            ),
-            discarded_statistics: storage_buffer(ctx, "discarded statistics", c * 32, wgpu::BufferUsages::empty()),
-            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
-            grads: storage_buffer(ctx, "grads", c * 8, copy),
-            coeffs: storage_buffer(
-                ctx,
-                "dx coefficients",
-                params_buffer_size(ctx, c * 16),
-                copy | wgpu::BufferUsages::UNIFORM,
-            ),
-            weights_version: AtomicU64::new(0),
-            scratch: Mutex::new(Scratch {
-                partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
-            }),
-            exchange: None,
-            synchronized_calls: Mutex::new(0),
-            config,
-        };
-        let stride = layer.state_stride();
-        let mut initial = vec![0.0f32; 7 * stride];
-        for (slot, values) in crate::reference::initial_state(&layer.config, channels)
-            .iter()
-            .enumerate()
-        {
-            for (to, &v) in initial[slot * stride..].iter_mut().zip(values) {
-                *to = layer.stored(v as f32);
+        ctx.scoped("building a layer", || {
+            let c = channels as u64;
+            let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let layer = BatchNorm {
+                ctx: ctx.clone(),
+                channels,
+                state: storage_buffer(ctx, "state", 7 * state_stride(ctx, channels) as u64 * 4, copy),
+                // both also bound as a uniform view, 64 KiB where the device allows
+                // (see `uniform_params`): every layer pads them to it
+                affine: storage_buffer(
+                    ctx,
+                    "affine",
+                    params_buffer_size(ctx, c * 12),
+                    copy | wgpu::BufferUsages::UNIFORM,
+                ),
+                discarded_statistics: storage_buffer(ctx, "discarded statistics", c * 32, wgpu::BufferUsages::empty()),
+                id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+                grads: storage_buffer(ctx, "grads", c * 8, copy),
+                coeffs: storage_buffer(
+                    ctx,
+                    "dx coefficients",
+                    params_buffer_size(ctx, c * 16),
+                    copy | wgpu::BufferUsages::UNIFORM,
+                ),
+                weights_version: AtomicU64::new(0),
+                scratch: Mutex::new(Scratch {
+                    partials: storage_buffer(ctx, "partials", c * 16, wgpu::BufferUsages::empty()),
+                }),
+                exchange: None,
+                synchronized_calls: Mutex::new(0),
+                config,
+            };
+            let stride = layer.state_stride();
+            let mut initial = vec![0.0f32; 7 * stride];
+            for (slot, values) in crate::reference::initial_state(&layer.config, channels)
+                .iter()
+                .enumerate()
+            {
+                for (to, &v) in initial[slot * stride..].iter_mut().zip(values) {
+                    *to = layer.stored(v as f32);
+                }
             }
-        }
-        ctx.queue()
-            .write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
-        Ok(layer)
+            ctx.queue()
+                .write_buffer(&layer.state, 0, bytemuck::cast_slice(&initial));
+            Ok(layer)
+        })
     }
 
     /// The layer's configuration.
@@ -480,10 +482,12 @@ impl BatchNorm {
         if self.config.synchronized {
             return self.forward_synchronized(x, training, mask, y, statistics);
         }
-        let mut encoder = self.encoder("batchnorm forward");
-        let saved = self.record(&mut encoder, x, training, mask, y, statistics)?;
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(saved)
+        self.ctx.scoped(self.forward_name(training), || {
+            let mut encoder = self.encoder("batchnorm forward");
+            let saved = self.record(&mut encoder, x, training, mask, y, statistics)?;
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(saved)
+        })
     }
 
     /// A forward call's own per-channel statistics, for its backward.
@@ -503,6 +507,18 @@ impl BatchNorm {
     /// written when the GPU runs it, and a backward recorded after it (in
     /// the same encoder or a later submission) reads them.
     ///
+    /// Submit the encoder before (or with) any backward of the returned
+    /// [`SavedForward`]: its statistics exist only once the GPU has run
+    /// this call. A backward of a forward whose encoder was never submitted
+    /// reads statistics never written (NaN dx, zero dgamma and dbeta) and
+    /// the crate cannot tell: wgpu does not say whether a command buffer
+    /// was submitted.
+    ///
+    /// Errors the device reports while this call records (a rejected
+    /// pipeline, a destroyed buffer in a bind group) are this call's
+    /// [`Error::Gpu`]; errors wgpu defers to `CommandEncoder::finish` reach
+    /// the application's own error scope or handler there.
+    ///
     /// A synchronized layer's training call exchanges its moments in the
     /// middle and cannot be recorded: it returns [`Error::Exchange`].
     pub fn record_forward(
@@ -520,7 +536,18 @@ impl BatchNorm {
                     .into(),
             ));
         }
-        self.record(encoder, x, training, mask, y, self.saved_statistics())
+        self.ctx.scoped(self.forward_name(training), || {
+            self.record(encoder, x, training, mask, y, self.saved_statistics())
+        })
+    }
+
+    /// The call's name in a GPU error.
+    fn forward_name(&self, training: Option<bool>) -> &'static str {
+        if self.batch_statistics(training) {
+            "a training forward"
+        } else {
+            "an inference forward"
+        }
     }
 
     fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
@@ -617,10 +644,10 @@ impl BatchNorm {
                 timestamp_writes: None,
             });
             if call.batch_statistics {
-                self.dispatch_statistics(&mut pass, &rec, &call, x, mask);
+                self.dispatch_statistics(&mut pass, &rec, &call, x, mask)?;
             }
-            self.dispatch_finalize(&mut pass, &rec, &call, &statistics);
-            self.dispatch_normalize(&mut pass, &rec, &call, x, y);
+            self.dispatch_finalize(&mut pass, &rec, &call, &statistics)?;
+            self.dispatch_normalize(&mut pass, &rec, &call, x, y)?;
         }
         Ok(self.saved_forward(&call, x, mask, statistics, self.config.synchronized))
     }
@@ -633,13 +660,13 @@ impl BatchNorm {
         call: &ForwardCall,
         x: &Tensor,
         mask: Option<&Mask>,
-    ) {
+    ) -> Result<()> {
         let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
         rec.per_chunk(
             pass,
             call.keys.key(Kernel::PartialStats).with_layout(call.plan.stats),
             |chunk| vec![chunk_binding(x, chunk), mask_buffer.as_entire_binding(), rec.partials()],
-        );
+        )
     }
 
     /// The forward finalize kernel: the recorder's partials into the
@@ -651,7 +678,7 @@ impl BatchNorm {
         rec: &Recorder,
         call: &ForwardCall,
         statistics: &wgpu::Buffer,
-    ) {
+    ) -> Result<()> {
         rec.per_channel(
             pass,
             call.keys.key(Kernel::Finalize),
@@ -661,7 +688,7 @@ impl BatchNorm {
                 self.affine.as_entire_binding(),
                 statistics.as_entire_binding(),
             ],
-        );
+        )
     }
 
     fn dispatch_normalize(
@@ -671,9 +698,9 @@ impl BatchNorm {
         call: &ForwardCall,
         x: &Tensor,
         y: &Tensor,
-    ) {
+    ) -> Result<()> {
         if call.empty {
-            return;
+            return Ok(());
         }
         let key = call
             .keys
@@ -688,7 +715,7 @@ impl BatchNorm {
                 chunk_binding(y, chunk),
                 uniform_view(&self.ctx, &self.affine),
             ]
-        });
+        })
     }
 
     fn saved_forward(
@@ -755,10 +782,12 @@ impl BatchNorm {
         if self.config.synchronized {
             return self.backward_synchronized(saved, dy, regularization, grads);
         }
-        let mut encoder = self.encoder("batchnorm backward");
-        self.record_backward(&mut encoder, saved, dy, regularization, grads)?;
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(())
+        self.ctx.scoped("a backward", || {
+            let mut encoder = self.encoder("batchnorm backward");
+            self.record_backward_unscoped(&mut encoder, saved, dy, regularization, grads)?;
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(())
+        })
     }
 
     /// Records the backward pass of the forward call that returned `saved`
@@ -783,6 +812,19 @@ impl BatchNorm {
                     .into(),
             ));
         }
+        self.ctx.scoped("a backward", || {
+            self.record_backward_unscoped(encoder, saved, dy, regularization, grads)
+        })
+    }
+
+    fn record_backward_unscoped(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        saved: &SavedForward,
+        dy: &Tensor,
+        regularization: bool,
+        grads: &Gradients,
+    ) -> Result<()> {
         let call = self.plan_backward(saved, dy, regularization, grads, false)?;
         let mut scratch = self.lock_scratch();
         let rec = Recorder::new(self, &mut scratch, &call.plan, saved.x.shape(), call.flags);
@@ -791,9 +833,9 @@ impl BatchNorm {
                 label: Some("batchnorm backward"),
                 timestamp_writes: None,
             });
-            self.dispatch_backward_reduce(&mut pass, &rec, &call, saved, dy);
-            self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs);
-            self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads);
+            self.dispatch_backward_reduce(&mut pass, &rec, &call, saved, dy)?;
+            self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs)?;
+            self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads)?;
         }
         self.copy_parameter_gradients(encoder, grads);
         Ok(())
@@ -909,7 +951,7 @@ impl BatchNorm {
         call: &BackwardCall,
         saved: &SavedForward,
         dy: &Tensor,
-    ) {
+    ) -> Result<()> {
         let key = call.keys.key(Kernel::BackwardReduce).with_layout(call.plan.stats);
         rec.per_chunk(pass, key, |chunk| {
             vec![
@@ -919,7 +961,7 @@ impl BatchNorm {
                 self.saved_mask(saved).as_entire_binding(),
                 rec.partials(),
             ]
-        });
+        })
     }
 
     /// Backward, pass 2: the recorder's partials into the parameter
@@ -932,7 +974,7 @@ impl BatchNorm {
         call: &BackwardCall,
         saved: &SavedForward,
         coeffs: &wgpu::Buffer,
-    ) {
+    ) -> Result<()> {
         rec.per_channel(
             pass,
             call.keys.key(Kernel::BackwardFinalize),
@@ -943,7 +985,7 @@ impl BatchNorm {
                 self.grads.as_entire_binding(),
                 coeffs.as_entire_binding(),
             ],
-        );
+        )
     }
 
     fn dispatch_dx(
@@ -954,9 +996,9 @@ impl BatchNorm {
         saved: &SavedForward,
         dy: &Tensor,
         grads: &Gradients,
-    ) {
+    ) -> Result<()> {
         if call.empty {
-            return;
+            return Ok(());
         }
         let key = call
             .keys
@@ -972,7 +1014,7 @@ impl BatchNorm {
                 chunk_binding(&grads.dx, chunk),
                 uniform_view(&self.ctx, &self.coeffs),
             ]
-        });
+        })
     }
 
     fn copy_parameter_gradients(&self, encoder: &mut wgpu::CommandEncoder, grads: &Gradients) {
@@ -1170,7 +1212,7 @@ impl<'a> Recorder<'a> {
         self.partials.as_entire_binding()
     }
 
-    fn bind(&self, kernel: Kernel, resources: Vec<wgpu::BindingResource>) -> wgpu::BindGroup {
+    fn bind(&self, kernel: Kernel, resources: Vec<wgpu::BindingResource>) -> Result<wgpu::BindGroup> {
         let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.params,
             offset: 0,
@@ -1185,14 +1227,14 @@ impl<'a> Recorder<'a> {
             })
             .collect();
         let ctx = &self.layer.ctx;
-        ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+        Ok(ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.entry_point()),
-            layout: ctx.inner.kernels.bind_group_layout(kernel),
+            layout: ctx.inner.kernels.bind_group_layout(kernel)?,
             entries: &entries,
-        })
+        }))
     }
 
-    fn pipeline(&self, key: KernelKey) -> wgpu::ComputePipeline {
+    fn pipeline(&self, key: KernelKey) -> Result<wgpu::ComputePipeline> {
         let ctx = &self.layer.ctx;
         ctx.inner.kernels.pipeline(ctx.device(), key)
     }
@@ -1203,10 +1245,10 @@ impl<'a> Recorder<'a> {
         pass: &mut wgpu::ComputePass,
         key: KernelKey,
         resources: impl Fn(&Chunk) -> Vec<wgpu::BindingResource<'r>>,
-    ) {
-        pass.set_pipeline(&self.pipeline(key));
+    ) -> Result<()> {
+        pass.set_pipeline(&self.pipeline(key)?);
         for (i, chunk) in self.plan.chunks.iter().enumerate() {
-            let group = self.bind(key.kernel, resources(chunk));
+            let group = self.bind(key.kernel, resources(chunk))?;
             pass.set_bind_group(0, &group, &[(i as u64 * PARAMS_SLOT) as u32]);
             let (gx, gy) = match key.kernel {
                 Kernel::PartialStats | Kernel::BackwardReduce => chunk.stats_grid,
@@ -1214,15 +1256,22 @@ impl<'a> Recorder<'a> {
             };
             pass.dispatch_workgroups(gx, gy, 1);
         }
+        Ok(())
     }
 
     /// The finalize kernels over every channel, with the first uniform slot.
-    fn per_channel(&self, pass: &mut wgpu::ComputePass, key: KernelKey, resources: Vec<wgpu::BindingResource>) {
-        pass.set_pipeline(&self.pipeline(key));
-        let group = self.bind(key.kernel, resources);
+    fn per_channel(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        key: KernelKey,
+        resources: Vec<wgpu::BindingResource>,
+    ) -> Result<()> {
+        pass.set_pipeline(&self.pipeline(key)?);
+        let group = self.bind(key.kernel, resources)?;
         pass.set_bind_group(0, &group, &[0]);
         let (gx, gy) = self.plan.finalize_grid;
         pass.dispatch_workgroups(gx, gy, 1);
+        Ok(())
     }
 }
 

@@ -71,6 +71,7 @@
 pub mod bench;
 pub mod config;
 pub mod context;
+pub(crate) mod device;
 pub mod error;
 pub mod guide;
 pub mod keras;

@@ -22,6 +22,8 @@ pub struct Sgd {
     pub nesterov: bool,
     channels: usize,
     velocity: wgpu::Buffer,
+    /// The context the velocity lives in (see `GpuContext`'s id).
+    context: u64,
 }
 
 impl Sgd {
@@ -45,12 +47,18 @@ impl Sgd {
             nesterov,
             channels: layer.channels(),
             velocity,
+            context: layer.context().inner.id,
         })
     }
 
     /// One update of gamma and beta from `grads`, then the layer's
     /// constraints, in one submission.
     pub fn step(&mut self, layer: &BatchNorm, grads: &Gradients) -> Result<()> {
+        if layer.context().inner.id != self.context {
+            return Err(Error::Device {
+                what: "the optimiser (its velocity)",
+            });
+        }
         if layer.channels() != self.channels {
             return Err(Error::Weights(format!(
                 "this optimiser was made for a layer of {} channels, not {}",
@@ -157,6 +165,19 @@ fn record(
     velocity: &wgpu::Buffer,
     step: bool,
 ) -> Result<()> {
+    ctx.scoped(if step { "an SGD step" } else { "applying constraints" }, || {
+        record_unscoped(ctx, layer, params, grads, velocity, step)
+    })
+}
+
+fn record_unscoped(
+    ctx: &GpuContext,
+    layer: &BatchNorm,
+    params: &OptimizerParams,
+    grads: [wgpu::BindingResource; 2],
+    velocity: &wgpu::Buffer,
+    step: bool,
+) -> Result<()> {
     use wgpu::util::DeviceExt;
     let [dgamma, dbeta] = grads;
     let device = ctx.device();
@@ -168,7 +189,7 @@ fn record(
     let kernels = &ctx.inner.kernels;
     let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("optimizer"),
-        layout: kernels.bind_group_layout(Kernel::SgdStep),
+        layout: kernels.bind_group_layout(Kernel::SgdStep)?,
         entries: &[
             wgpu::BindGroupEntry {
                 binding: 0,
@@ -202,10 +223,10 @@ fn record(
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_bind_group(0, &group, &[0]);
         if step {
-            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep)));
+            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep))?);
             pass.dispatch_workgroups(grid.0, grid.1, 1);
         }
-        pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain)));
+        pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain))?);
         pass.dispatch_workgroups(2, 1, 1);
     }
     ctx.queue().submit([encoder.finish()]);

@@ -145,11 +145,13 @@ impl Tensor {
     fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, len: usize, bytes: &[u8]) -> Result<Self> {
         check_shape(shape, len)?;
         check_size(ctx, padded_bytes(len, dtype))?;
-        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("tensor"),
-            contents: bytes,
-            usage: Self::USAGE,
-        });
+        let buffer = ctx.scoped("uploading a tensor", || {
+            Ok(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("tensor"),
+                contents: bytes,
+                usage: Self::USAGE,
+            }))
+        })?;
         Ok(Tensor {
             buffer,
             context: ctx.inner.id,
@@ -168,12 +170,14 @@ impl Tensor {
         let len = element_count(shape)?;
         let size = padded_bytes(len, dtype);
         check_size(ctx, size)?;
-        let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("tensor"),
-            size,
-            usage: Self::USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = ctx.scoped("allocating a tensor", || {
+            Ok(ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensor"),
+                size,
+                usage: Self::USAGE,
+                mapped_at_creation: false,
+            }))
+        })?;
         Ok(Tensor {
             buffer,
             context: ctx.inner.id,
@@ -345,11 +349,13 @@ impl Mask {
             )));
         }
         check_size(ctx, (len as u64).div_ceil(4) * 4)?;
-        let buffer = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("mask"),
-            contents: flags,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        });
+        let buffer = ctx.scoped("uploading a mask", || {
+            Ok(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("mask"),
+                contents: flags,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            }))
+        })?;
         Ok(Mask {
             buffer,
             context: ctx.inner.id,
@@ -442,22 +448,26 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset:
     if size == 0 {
         return Ok(Vec::new());
     }
-    let device = ctx.device();
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
-    ctx.queue().submit([encoder.finish()]);
+    // the scope ends before the await: wgpu's scopes belong to a thread
+    let (staging, receiver) = ctx.scoped("reading a buffer back", || {
+        let device = ctx.device();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        ctx.queue().submit([encoder.finish()]);
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |result| {
+            sender.send(result).ok();
+        });
+        device.poll(wgpu::PollType::wait_indefinitely())?;
+        Ok((staging, receiver))
+    })?;
     let slice = staging.slice(..);
-    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-    slice.map_async(wgpu::MapMode::Read, move |result| {
-        sender.send(result).ok();
-    });
-    device.poll(wgpu::PollType::wait_indefinitely())?;
     receiver
         .receive()
         .await

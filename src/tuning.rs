@@ -143,6 +143,7 @@ impl PlanTuning {
     /// accept: both families' defaults, and the serial family with each
     /// power of two of `values_per_thread` and `rows_per_thread` at 1, its
     /// default and 64 (values in between compile alike: loop bounds).
+    #[cfg(test)]
     pub(crate) fn override_extremes() -> Vec<PlanTuning> {
         let serial = PlanTuning::default_for(Strategy::Serial);
         let mut plans = vec![serial, PlanTuning::default_for(Strategy::Coalesced)];

@@ -159,16 +159,19 @@ fn reference_gradients_match_finite_differences() {
 
 #[test]
 fn gpu_gradients_match_the_reference_on_random_shapes() {
-    gradient_sweep(&gpu());
+    for ctx in common::vulkan() {
+        gradient_sweep(&ctx);
+    }
 }
 
 /// The dx kernels reading their coefficients through a storage binding
 /// (the GPU default; a CPU adapter reads them through a uniform one).
 #[test]
 fn gpu_gradients_with_storage_parameters() {
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    ctx.set_uniform_parameters(!ctx.uniform_parameters());
-    gradient_sweep(&ctx);
+    for ctx in common::fresh_vulkan() {
+        ctx.set_uniform_parameters(!ctx.uniform_parameters());
+        gradient_sweep(&ctx);
+    }
 }
 
 /// Unmasked gradients of the default config, training and inference, for
@@ -194,10 +197,11 @@ fn assert_gradients_match(ctx: &GpuContext, cases: &[(&[usize], i64)], dtypes: &
 /// More channels than the 4096 the uniform view of the dx coefficients holds.
 #[test]
 fn gpu_gradients_beyond_the_uniform_parameter_view() {
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    ctx.set_uniform_parameters(true);
     let cases: &[(&[usize], i64)] = &[(&[3, 4100], -1), (&[2, 4099, 5], 1), (&[2, 5000, 4], 1)];
-    assert_gradients_match(&ctx, cases, &[DType::F32], 500);
+    for ctx in common::fresh_vulkan() {
+        ctx.set_uniform_parameters(true);
+        assert_gradients_match(&ctx, cases, &[DType::F32], 500);
+    }
 }
 
 /// A device with 16 KiB uniform bindings: the dx coefficients' uniform
@@ -218,7 +222,9 @@ fn gpu_gradients_on_a_device_with_small_uniform_bindings() {
 #[test]
 fn float16_gradients_in_the_vec4_layouts() {
     let cases: &[(&[usize], i64)] = &[(&[500, 12], -1), (&[3, 4, 48], 1), (&[3, 4, 12], 1), (&[2, 8, 5, 4], 1)];
-    assert_gradients_match(&gpu(), cases, &[DType::F16], 700);
+    for ctx in common::vulkan() {
+        assert_gradients_match(&ctx, cases, &[DType::F16], 700);
+    }
 }
 
 /// Gradients where inner >= 16 is not a multiple of 4 (the vec4 kernels
@@ -226,7 +232,9 @@ fn float16_gradients_in_the_vec4_layouts() {
 #[test]
 fn gradients_of_runs_not_a_multiple_of_4() {
     let cases: &[(&[usize], i64)] = &[(&[8, 5, 7, 7], 1), (&[4, 3, 17], 1), (&[3, 5, 17], 1), (&[2, 7, 18], 1)];
-    assert_gradients_match(&gpu(), cases, &[DType::F32, DType::F16], 800);
+    for ctx in common::vulkan() {
+        assert_gradients_match(&ctx, cases, &[DType::F32, DType::F16], 800);
+    }
 }
 
 /// A mask per row (channels last, the channels the last axis) runs the
@@ -237,8 +245,11 @@ fn gradients_of_runs_not_a_multiple_of_4() {
 /// masked out entirely.
 #[test]
 fn masks_per_row_in_the_channels_last_kernels() {
-    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    chunked.set_max_binding_size(4096);
+    let chunked = common::fresh_vulkan();
+    for ctx in &chunked {
+        ctx.set_max_binding_size(4096);
+    }
+    let contexts: Vec<GpuContext> = common::vulkan().into_iter().chain(chunked).collect();
     for (i, shape) in [&[600usize, 16][..], &[7, 90, 8], &[300, 12], &[5, 41, 4]]
         .into_iter()
         .enumerate()
@@ -259,12 +270,10 @@ fn masks_per_row_in_the_channels_last_kernels() {
             }
         }
         let dy32 = random_input(&mut r, rows * channels, 0.5);
-        for (ctx, dtype) in [
-            (gpu(), DType::F32),
-            (gpu(), DType::F16),
-            (chunked.clone(), DType::F32),
-            (chunked.clone(), DType::F16),
-        ] {
+        let runs = contexts
+            .iter()
+            .flat_map(|ctx| [(ctx.clone(), DType::F32), (ctx.clone(), DType::F16)]);
+        for (ctx, dtype) in runs {
             let config = BatchNormConfig::default();
             let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
             let mut reference = ReferenceLayer::new(config, channels).unwrap();
@@ -391,28 +400,29 @@ fn gradient_sweep(ctx: &GpuContext) {
 
 #[test]
 fn gpu_gradients_in_chunked_bindings() {
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    ctx.set_max_binding_size(4096);
-    for (i, (shape, axis, dtype)) in [
-        (&[1001usize, 3, 7][..], 1i64, DType::F32),
-        (&[999, 5][..], -1, DType::F16),
-        (&[4000, 3][..], 0, DType::F32),
-        (&[500, 8][..], -1, DType::F32),
-        (&[50, 3, 16][..], 1, DType::F32),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
-        // the vec4 kernels take no mask: the last cases run unmasked
-        let err = compare_gradients(&ctx, &config, shape, dtype, Some(true), i < 3, 50 + i as u64);
-        assert!(
-            err <= wgpu_batchnorm::keras::tolerance(dtype, true),
-            "{shape:?}: {err:.2e}"
-        );
+    for ctx in common::fresh_vulkan() {
+        ctx.set_max_binding_size(4096);
+        for (i, (shape, axis, dtype)) in [
+            (&[1001usize, 3, 7][..], 1i64, DType::F32),
+            (&[999, 5][..], -1, DType::F16),
+            (&[4000, 3][..], 0, DType::F32),
+            (&[500, 8][..], -1, DType::F32),
+            (&[50, 3, 16][..], 1, DType::F32),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let config = BatchNormConfig {
+                axis,
+                ..Default::default()
+            };
+            // the vec4 kernels take no mask: the last cases run unmasked
+            let err = compare_gradients(&ctx, &config, shape, dtype, Some(true), i < 3, 50 + i as u64);
+            assert!(
+                err <= wgpu_batchnorm::keras::tolerance(dtype, true),
+                "{shape:?}: {err:.2e}"
+            );
+        }
     }
 }
 
@@ -423,8 +433,10 @@ fn gpu_gradients_for_channels_of_more_than_2_pow_20_values() {
             axis,
             ..Default::default()
         };
-        let err = compare_gradients(&gpu(), &config, shape, DType::F32, Some(true), false, 77);
-        assert!(err <= 1e-4, "{shape:?}: {err:.2e}");
+        for ctx in common::vulkan() {
+            let err = compare_gradients(&ctx, &config, shape, DType::F32, Some(true), false, 77);
+            assert!(err <= 1e-4, "{} {shape:?}: {err:.2e}", ctx.describe());
+        }
     }
 }
 
@@ -474,7 +486,9 @@ fn wide_layer_gradients_match(ctx: &GpuContext) {
 
 #[test]
 fn gradients_of_layers_wider_than_2_pow_19_channels() {
-    wide_layer_gradients_match(&gpu());
+    for ctx in common::vulkan() {
+        wide_layer_gradients_match(&ctx);
+    }
 }
 
 #[test]

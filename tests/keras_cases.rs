@@ -34,7 +34,9 @@ fn cpu_reference_passes_every_case() {
 
 #[test]
 fn gpu_passes_every_case() {
-    assert_all_pass(Device::Gpu(common::gpu()));
+    for ctx in common::vulkan() {
+        assert_all_pass(Device::Gpu(ctx));
+    }
 }
 
 // wgpu's GL backend is what Linux machines without Vulkan fall back to
@@ -49,10 +51,11 @@ fn gl_backend_passes_every_case() {
 
 #[test]
 fn gpu_passes_every_case_in_small_binding_chunks() {
-    let ctx = wgpu_batchnorm::GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    // 1 KiB bindings: every case but the smallest spans several chunks
-    ctx.set_max_binding_size(1024);
-    assert_all_pass(Device::Gpu(ctx));
+    for ctx in common::fresh_vulkan() {
+        // 1 KiB bindings: every case but the smallest spans several chunks
+        ctx.set_max_binding_size(1024);
+        assert_all_pass(Device::Gpu(ctx));
+    }
 }
 
 #[test]

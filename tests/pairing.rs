@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gl, gpu, random_input, rng};
+use common::{gl, random_input, rng};
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, SavedForward, Tensor};
@@ -55,7 +55,9 @@ fn threads_get_their_own_gradients(ctx: &GpuContext) {
 
 #[test]
 fn threads_sharing_a_layer_get_the_gradients_of_their_own_input() {
-    threads_get_their_own_gradients(&gpu());
+    for ctx in common::vulkan() {
+        threads_get_their_own_gradients(&ctx);
+    }
 }
 
 #[test]
@@ -110,7 +112,9 @@ fn interleaved_calls_keep_their_pairing(ctx: &GpuContext) {
 
 #[test]
 fn interleaved_and_recorded_forward_calls_keep_their_pairing() {
-    interleaved_calls_keep_their_pairing(&gpu());
+    for ctx in common::vulkan() {
+        interleaved_calls_keep_their_pairing(&ctx);
+    }
 }
 
 #[test]

@@ -103,7 +103,9 @@ fn on_axis(axis: i64) -> BatchNormConfig {
 
 /// float32 with default arguments on `axis`: y and the state within 2e-5.
 fn assert_float32_matches(shape: &[usize], axis: i64, calls: &[(Option<bool>, bool)], seed: u64) {
-    assert_within(&gpu(), &on_axis(axis), shape, DType::F32, calls, seed, 2e-5);
+    for ctx in common::vulkan() {
+        assert_within(&ctx, &on_axis(axis), shape, DType::F32, calls, seed, 2e-5);
+    }
 }
 
 fn sweep(ctx: &GpuContext) {
@@ -133,7 +135,9 @@ fn sweep(ctx: &GpuContext) {
 
 #[test]
 fn every_rank_axis_and_flag_matches_the_reference() {
-    sweep(&gpu());
+    for ctx in common::vulkan() {
+        sweep(&ctx);
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -146,9 +150,10 @@ fn every_rank_axis_and_flag_matches_the_reference_on_gl() {
 /// binding (the GPU default; a CPU adapter reads them through a uniform one).
 #[test]
 fn every_rank_axis_and_flag_matches_the_reference_with_storage_parameters() {
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    ctx.set_uniform_parameters(!ctx.uniform_parameters());
-    sweep(&ctx);
+    for ctx in common::fresh_vulkan() {
+        ctx.set_uniform_parameters(!ctx.uniform_parameters());
+        sweep(&ctx);
+    }
 }
 
 /// Uniform parameters are on by default exactly for CPU adapters, and a
@@ -156,22 +161,23 @@ fn every_rank_axis_and_flag_matches_the_reference_with_storage_parameters() {
 /// for the normalise pass) reads them from storage.
 #[test]
 fn uniform_parameters_default_and_their_channel_limit() {
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    let cpu = ctx.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
-    assert_eq!(ctx.uniform_parameters(), cpu);
-    ctx.set_uniform_parameters(true);
-    for (i, (shape, axis)) in [
-        (&[3usize, 5461][..], -1i64),
-        (&[3, 5462][..], -1),
-        (&[3, 5464][..], -1),
-        (&[2, 5462, 16][..], 1),
-        (&[2, 5461, 3][..], 1),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let calls = [(Some(true), false), (None, false)];
-        assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 40 + i as u64, 2e-5);
+    for ctx in common::fresh_vulkan() {
+        let cpu = ctx.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
+        assert_eq!(ctx.uniform_parameters(), cpu);
+        ctx.set_uniform_parameters(true);
+        for (i, (shape, axis)) in [
+            (&[3usize, 5461][..], -1i64),
+            (&[3, 5462][..], -1),
+            (&[3, 5464][..], -1),
+            (&[2, 5462, 16][..], 1),
+            (&[2, 5461, 3][..], 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let calls = [(Some(true), false), (None, false)];
+            assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 40 + i as u64, 2e-5);
+        }
     }
 }
 
@@ -179,8 +185,10 @@ fn uniform_parameters_default_and_their_channel_limit() {
 /// last, inner % 16 == 0 and inner % 4 == 0, each also cut into chunks.
 #[test]
 fn float16_in_the_vec4_layouts() {
-    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    chunked.set_max_binding_size(4096);
+    let chunked = common::fresh_vulkan();
+    for ctx in &chunked {
+        ctx.set_max_binding_size(4096);
+    }
     for (i, (shape, axis)) in [
         (&[500usize, 12][..], -1i64),
         (&[37, 3, 8][..], -1),
@@ -195,7 +203,7 @@ fn float16_in_the_vec4_layouts() {
         let (mut config, _) = variant(i, axis);
         config.axis = axis;
         let calls = [(Some(true), false), (None, false), (Some(true), false)];
-        for ctx in [gpu(), chunked.clone()] {
+        for ctx in common::vulkan().into_iter().chain(chunked.iter().cloned()) {
             let tol = tolerance(DType::F16);
             assert_within(&ctx, &config, shape, DType::F16, &calls, 60 + i as u64, tol);
         }
@@ -207,8 +215,10 @@ fn float16_in_the_vec4_layouts() {
 /// scalar kernels. Whole and chunked, float32 and float16.
 #[test]
 fn runs_of_16_or_more_values_not_a_multiple_of_4() {
-    let chunked = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    chunked.set_max_binding_size(4096);
+    let chunked = common::fresh_vulkan();
+    for ctx in &chunked {
+        ctx.set_max_binding_size(4096);
+    }
     for (i, shape) in [
         &[8usize, 5, 7, 7][..],
         &[4, 3, 17],
@@ -222,14 +232,11 @@ fn runs_of_16_or_more_values_not_a_multiple_of_4() {
     {
         let (mut config, _) = variant(i, 1);
         config.axis = 1;
-        for (ctx, dtype) in [
-            (gpu(), DType::F32),
-            (gpu(), DType::F16),
-            (chunked.clone(), DType::F32),
-            (chunked.clone(), DType::F16),
-        ] {
-            let calls = [(Some(true), false), (None, false), (Some(true), false)];
-            assert_within(&ctx, &config, shape, dtype, &calls, 80 + i as u64, tolerance(dtype));
+        for ctx in common::vulkan().into_iter().chain(chunked.iter().cloned()) {
+            for dtype in [DType::F32, DType::F16] {
+                let calls = [(Some(true), false), (None, false), (Some(true), false)];
+                assert_within(&ctx, &config, shape, dtype, &calls, 80 + i as u64, tolerance(dtype));
+            }
         }
     }
 }
@@ -255,25 +262,26 @@ fn a_device_with_small_uniform_bindings() {
 
 #[test]
 fn chunked_bindings_match_the_reference() {
-    // a private context: capping its bindings forces several chunks per input
-    let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    ctx.set_max_binding_size(4096);
-    for (i, (shape, axis, dtype)) in [
-        (&[1001usize, 3, 7][..], 1i64, DType::F32),
-        (&[1001, 3, 7], 1, DType::F16),
-        (&[999, 5], -1, DType::F16),
-        (&[4000, 3], 0, DType::F32),
-        (&[77, 3, 2, 5], 2, DType::F16),
-        (&[500, 8], -1, DType::F32),
-        (&[50, 3, 4, 4], 1, DType::F32),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (mut config, _) = variant(i, axis);
-        config.axis = axis;
-        let seed = 100 + i as u64;
-        assert_within(&ctx, &config, shape, dtype, &calls(shape.len()), seed, tolerance(dtype));
+    // private contexts: capping their bindings forces several chunks per input
+    for ctx in common::fresh_vulkan() {
+        ctx.set_max_binding_size(4096);
+        for (i, (shape, axis, dtype)) in [
+            (&[1001usize, 3, 7][..], 1i64, DType::F32),
+            (&[1001, 3, 7], 1, DType::F16),
+            (&[999, 5], -1, DType::F16),
+            (&[4000, 3], 0, DType::F32),
+            (&[77, 3, 2, 5], 2, DType::F16),
+            (&[500, 8], -1, DType::F32),
+            (&[50, 3, 4, 4], 1, DType::F32),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (mut config, _) = variant(i, axis);
+            config.axis = axis;
+            let seed = 100 + i as u64;
+            assert_within(&ctx, &config, shape, dtype, &calls(shape.len()), seed, tolerance(dtype));
+        }
     }
 }
 
@@ -425,7 +433,9 @@ fn wide_layers_match(ctx: &GpuContext) {
 
 #[test]
 fn layers_wider_than_2_pow_19_channels() {
-    wide_layers_match(&gpu());
+    for ctx in common::vulkan() {
+        wide_layers_match(&ctx);
+    }
 }
 
 #[test]

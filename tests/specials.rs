@@ -186,3 +186,63 @@ fn inputs_far_beyond_the_square_root_of_float32_normalise() {
 fn inputs_far_beyond_the_square_root_of_float32_normalise_on_gl() {
     large_magnitudes_normalise(&gl());
 }
+
+/// Float16 where WGSL leaves the conversion open (pack2x16float of a value
+/// past 65504, or of NaN, is indeterminate): NaN and Inf inputs, outputs
+/// and gradients that overflow float16, and float16 state that overflows,
+/// all as the float64 reference rounded to float16 says (+-Inf, NaN).
+/// Every layout family, on every driver.
+#[test]
+fn float16_saturates_to_infinity_and_keeps_nan() {
+    let f16 = |v: &[f64]| -> Vec<f64> { v.iter().map(|&t| half::f16::from_f64(t).to_f64()).collect() };
+    for ctx in common::drivers() {
+        for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
+            let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
+            let config = BatchNormConfig {
+                axis,
+                momentum: 0.5,
+                state_precision: wgpu_batchnorm::StatePrecision::Float16,
+                ..Default::default()
+            };
+            let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
+            let mut reference = ReferenceLayer::new(config, channels).unwrap();
+            // gamma pushes outputs past 65504 on every channel but the first
+            let gamma: Vec<f32> = (0..channels).map(|c| if c == 0 { 1.0 } else { 3e4 }).collect();
+            layer.set_weight(StateSlot::Gamma, &gamma).unwrap();
+            *reference.state.slot_mut(StateSlot::Gamma) = gamma.iter().map(|&g| g as f64).collect();
+            let len: usize = shape.iter().product();
+            // spread of about 1e4: the batch variance (~3e7) overflows the
+            // float16 moving variance
+            let mut x: Vec<f32> = random_input(&mut rng(90 + i as u64), len, 0.0)
+                .into_iter()
+                .map(|v| half::f16::from_f32(v * 5e3).to_f32())
+                .collect();
+            x[len / 2 + 1] = f32::NAN;
+            x[len - 1] = f32::INFINITY;
+            let t = Tensor::from_f32_as(&ctx, shape, &x, wgpu_batchnorm::DType::F16).unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let what = format!("{} {shape:?} axis {axis}", ctx.describe());
+            for training in [Some(true), None] {
+                let (y, saved) = layer.forward_saved(&t, training, None).unwrap();
+                let want = f16(&reference.forward(&x64, shape, training, None).unwrap());
+                assert_same(&y.read_f32(&ctx).unwrap(), &want, &format!("{what} {training:?}: y"));
+                if training.is_none() {
+                    let dy: Vec<f32> = (0..len).map(|k| if k % 3 == 0 { 6e4 } else { -0.5 }).collect();
+                    let dy16 = Tensor::from_f32_as(&ctx, shape, &dy, wgpu_batchnorm::DType::F16).unwrap();
+                    let dy64: Vec<f64> = dy.iter().map(|&v| half::f16::from_f32(v).to_f64()).collect();
+                    let got = layer.backward(&saved, &dy16, false).unwrap();
+                    let want = f16(&reference.backward(&dy64, false).unwrap().dx);
+                    assert_same(&got.dx.read_f32(&ctx).unwrap(), &want, &format!("{what}: dx"));
+                }
+            }
+            for (slot, values) in layer.named_weights().unwrap() {
+                assert_same(&values, reference.state.slot(slot), &format!("{what}: {slot:?}"));
+            }
+            let variance = layer.get_weights().unwrap()[3].clone();
+            assert!(
+                variance[1..].iter().any(|v| v.is_nan() || v.is_infinite()),
+                "{what}: {variance:?}"
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
-//! Both kernel families on both adapters in one run: each shape family
-//! (channels last of any width, runs of every kind, masks, float16,
+//! Both kernel families on every driver in one run (each Vulkan driver:
+//! lavapipe and SwiftShader under scripts/test.sh, then GL): each shape
+//! family (channels last of any width, runs of every kind, masks, float16,
 //! chunked bindings) through forward and backward against the float64
 //! reference, with the context's choice set explicitly. (scripts/test.sh
 //! also runs the whole suite once per family.)
@@ -8,19 +9,16 @@ mod common;
 
 use common::{compare_gradients, compare_with_reference, tolerance};
 use wgpu_batchnorm::tuning::Op;
-use wgpu_batchnorm::{
-    AdapterSelection, BatchNormConfig, ChannelView, DType, GpuContext, KernelChoice, PlanTuning, Strategy,
-};
+use wgpu_batchnorm::{BatchNormConfig, ChannelView, DType, GpuContext, KernelChoice, PlanTuning, Strategy};
 
-fn context(backends: wgpu::Backends, choice: KernelChoice) -> GpuContext {
-    let ctx = GpuContext::new(&AdapterSelection {
-        backends: Some(backends),
-        name: None,
-        ..Default::default()
-    })
-    .unwrap_or_else(|e| panic!("{e}\nGPU tests never skip: install mesa-vulkan-drivers (scripts/test.sh does)"));
-    ctx.set_kernel_choice(choice);
-    ctx
+/// A private context with `choice` on every driver.
+fn contexts(choice: KernelChoice) -> Vec<GpuContext> {
+    let mut ctxs = common::fresh_vulkan();
+    ctxs.push(common::fresh(wgpu::Backends::GL, None));
+    for ctx in &ctxs {
+        ctx.set_kernel_choice(choice);
+    }
+    ctxs
 }
 
 /// (shape, axis, masked): 1, primes, rows narrower and wider than a
@@ -80,70 +78,52 @@ fn sweep(ctx: &GpuContext, strategy: Strategy) {
 }
 
 #[test]
-fn serial_kernels_on_vulkan() {
-    sweep(&context(wgpu::Backends::VULKAN, KernelChoice::Serial), Strategy::Serial);
+fn serial_kernels_on_every_driver() {
+    for ctx in contexts(KernelChoice::Serial) {
+        sweep(&ctx, Strategy::Serial);
+    }
 }
 
 #[test]
-fn coalesced_kernels_on_vulkan() {
-    sweep(
-        &context(wgpu::Backends::VULKAN, KernelChoice::Coalesced),
-        Strategy::Coalesced,
-    );
-}
-
-#[test]
-fn serial_kernels_on_gl() {
-    sweep(&context(wgpu::Backends::GL, KernelChoice::Serial), Strategy::Serial);
-}
-
-#[test]
-fn coalesced_kernels_on_gl() {
-    sweep(
-        &context(wgpu::Backends::GL, KernelChoice::Coalesced),
-        Strategy::Coalesced,
-    );
+fn coalesced_kernels_on_every_driver() {
+    for ctx in contexts(KernelChoice::Coalesced) {
+        sweep(&ctx, Strategy::Coalesced);
+    }
 }
 
 /// The coalesced family with the smallest grids: every lane strides many
 /// times (channel walks wrap), rows split into many column blocks.
-fn small_grids(backends: wgpu::Backends) -> GpuContext {
-    let ctx = context(backends, KernelChoice::Coalesced);
+#[test]
+fn coalesced_kernels_with_small_grids_on_every_driver() {
     let tuning = PlanTuning {
         reduce_invocations: 256,
         elementwise_invocations: 256,
         lane_width: 4,
         ..PlanTuning::default_for(Strategy::Coalesced)
     };
-    ctx.set_plan_tuning(Some(tuning)).unwrap();
-    ctx
-}
-
-#[test]
-fn coalesced_kernels_with_small_grids_on_vulkan() {
-    sweep(&small_grids(wgpu::Backends::VULKAN), Strategy::Coalesced);
-}
-
-#[test]
-fn coalesced_kernels_with_small_grids_on_gl() {
-    sweep(&small_grids(wgpu::Backends::GL), Strategy::Coalesced);
+    for ctx in contexts(KernelChoice::Coalesced) {
+        ctx.set_plan_tuning(Some(tuning)).unwrap();
+        sweep(&ctx, Strategy::Coalesced);
+    }
 }
 
 /// The serial family with every knob away from its default: long and
-/// short elementwise invocations, few rows each, small reduce grids.
+/// short elementwise invocations, few rows each, small reduce grids, on
+/// every driver.
 #[test]
 fn serial_kernels_with_other_knobs() {
-    for values_per_thread in [1, 8, 16] {
-        let ctx = context(wgpu::Backends::VULKAN, KernelChoice::Serial);
-        let tuning = PlanTuning {
-            values_per_thread,
-            rows_per_thread: 3,
-            reduce_invocations: 256,
-            uniform_parameters: Some(values_per_thread != 8),
-            ..PlanTuning::default_for(Strategy::Serial)
-        };
-        ctx.set_plan_tuning(Some(tuning)).unwrap();
-        sweep(&ctx, Strategy::Serial);
+    for ctx in contexts(KernelChoice::Serial) {
+        for values_per_thread in [1, 8, 16] {
+            let tuning = PlanTuning {
+                values_per_thread,
+                rows_per_thread: 3,
+                reduce_invocations: 256,
+                uniform_parameters: Some(values_per_thread != 8),
+                ..PlanTuning::default_for(Strategy::Serial)
+            };
+            ctx.set_plan_tuning(Some(tuning)).unwrap();
+            sweep(&ctx, Strategy::Serial);
+        }
     }
 }
 
@@ -151,60 +131,73 @@ fn serial_kernels_with_other_knobs() {
 /// row of channels) with both families.
 #[test]
 fn both_families_in_chunked_bindings() {
-    let backends = [wgpu::Backends::VULKAN, wgpu::Backends::GL];
-    for (backends, choice) in backends
-        .into_iter()
-        .flat_map(|b| [(b, KernelChoice::Serial), (b, KernelChoice::Coalesced)])
-    {
-        let ctx = context(backends, choice);
-        ctx.set_max_binding_size(4096);
-        for (shape, axis, masked) in [
-            (&[1001, 3][..], -1, true),
-            (&[999, 12][..], -1, false),
-            (&[30, 5, 17][..], 1, false),
-            (&[7, 2, 400][..], 1, true),
-        ] {
-            let config = BatchNormConfig {
-                axis,
-                ..Default::default()
-            };
-            for dtype in [DType::F32, DType::F16] {
-                let what = format!("{} {choice:?} {shape:?} {dtype} masked {masked}", ctx.describe());
-                let out =
-                    compare_with_reference(&ctx, &config, shape, dtype, &[(Some(true), masked), (None, false)], 7);
-                assert!(out.y_error <= tolerance(dtype), "{what}: y {:.2e}", out.y_error);
-                assert!(
-                    out.state_error <= tolerance(dtype),
-                    "{what}: state {:.2e}",
-                    out.state_error
-                );
-                let err = compare_gradients(&ctx, &config, shape, dtype, Some(true), masked, 8);
-                assert!(
-                    err <= wgpu_batchnorm::keras::tolerance(dtype, true),
-                    "{what}: gradients {err:.2e}"
-                );
+    for choice in [KernelChoice::Serial, KernelChoice::Coalesced] {
+        for ctx in contexts(choice) {
+            ctx.set_max_binding_size(4096);
+            for (shape, axis, masked) in [
+                (&[1001, 3][..], -1, true),
+                (&[999, 12][..], -1, false),
+                (&[30, 5, 17][..], 1, false),
+                (&[7, 2, 400][..], 1, true),
+            ] {
+                let config = BatchNormConfig {
+                    axis,
+                    ..Default::default()
+                };
+                for dtype in [DType::F32, DType::F16] {
+                    let what = format!("{} {choice:?} {shape:?} {dtype} masked {masked}", ctx.describe());
+                    let out =
+                        compare_with_reference(&ctx, &config, shape, dtype, &[(Some(true), masked), (None, false)], 7);
+                    assert!(out.y_error <= tolerance(dtype), "{what}: y {:.2e}", out.y_error);
+                    assert!(
+                        out.state_error <= tolerance(dtype),
+                        "{what}: state {:.2e}",
+                        out.state_error
+                    );
+                    let err = compare_gradients(&ctx, &config, shape, dtype, Some(true), masked, 8);
+                    assert!(
+                        err <= wgpu_batchnorm::keras::tolerance(dtype, true),
+                        "{what}: gradients {err:.2e}"
+                    );
+                }
             }
         }
     }
 }
 
-/// lavapipe has subgroups, and the context asks for them: the coalesced
-/// reductions' subgroup path runs on Vulkan here, the workgroup-memory
-/// one on GL (which has none).
+/// The suite runs on two Vulkan drivers (scripts/test.sh makes
+/// SwiftShader visible beside lavapipe, or a GPU's driver is there), and
+/// the coalesced reductions' subgroup path runs with two subgroup sizes or
+/// more (lavapipe 8, SwiftShader 4); GL has no subgroups and runs the
+/// workgroup-memory path.
 #[test]
-fn the_subgroup_path_runs_on_lavapipe_and_not_on_gl() {
-    let vulkan = context(wgpu::Backends::VULKAN, KernelChoice::Coalesced);
-    if vulkan.describe().contains("llvmpipe") {
-        assert!(vulkan.device().features().contains(wgpu::Features::SUBGROUP));
-    }
-    let gl = context(wgpu::Backends::GL, KernelChoice::Coalesced);
+fn two_vulkan_drivers_and_two_subgroup_sizes() {
+    let names = common::vulkan_adapters();
+    assert!(
+        names.len() >= 2,
+        "the GPU tests run on every Vulkan driver and need two, found {names:?}: run scripts/test.sh, or install \
+         chromium (its SwiftShader driver) and set VK_ADD_DRIVER_FILES=/usr/lib/chromium/vk_swiftshader_icd.json"
+    );
+    let mut sizes: Vec<u32> = common::vulkan()
+        .iter()
+        .filter(|ctx| ctx.device().features().contains(wgpu::Features::SUBGROUP))
+        .flat_map(|ctx| {
+            let info = ctx.adapter_info().unwrap();
+            [info.subgroup_min_size, info.subgroup_max_size]
+        })
+        .collect();
+    sizes.sort();
+    sizes.dedup();
+    assert!(sizes.len() >= 2, "subgroup sizes {sizes:?} on {names:?}");
+    let gl = common::gl();
     assert!(!gl.device().features().contains(wgpu::Features::SUBGROUP));
 }
 
 /// `Auto` runs the device type's family: serial on a CPU adapter.
 #[test]
 fn auto_follows_the_device_type() {
-    let ctx = context(wgpu::Backends::VULKAN, KernelChoice::Auto);
+    let ctx = common::fresh(wgpu::Backends::VULKAN, None);
+    ctx.set_kernel_choice(KernelChoice::Auto);
     let cpu = ctx.device().adapter_info().device_type == wgpu::DeviceType::Cpu;
     assert_eq!(ctx.default_strategy() == Strategy::Serial, cpu);
     let view = ChannelView::new(&[8, 4], 1);

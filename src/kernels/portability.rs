@@ -224,6 +224,78 @@ fn used_bindings(module: &naga::Module, info: &naga::valid::ModuleInfo, entry: &
     bindings
 }
 
+/// What the entry point uses agrees with what the host binds and checks:
+/// every used binding is in the kernel's layout with the same kind, and
+/// its workgroup memory is within `Kernel::needs`.
+fn check_against_host(
+    key: &KernelKey,
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    bindings: &[(u32, bool)],
+) {
+    let entry = key.entry_point();
+    let layout = key.kernel.layout_entries(UNIFORM_VEC4S * 16);
+    for (_, global) in module.global_variables.iter() {
+        let Some(binding) = &global.binding else { continue };
+        if !bindings.iter().any(|&(b, _)| b == binding.binding) {
+            continue;
+        }
+        let host = layout
+            .iter()
+            .find(|e| e.binding == binding.binding)
+            .unwrap_or_else(|| panic!("{entry}: binding {} is not in the host's layout", binding.binding));
+        let wgpu::BindingType::Buffer { ty, .. } = host.ty else {
+            unreachable!()
+        };
+        let agrees = match (global.space, ty) {
+            (naga::AddressSpace::Uniform, wgpu::BufferBindingType::Uniform) => true,
+            (naga::AddressSpace::Storage { access }, wgpu::BufferBindingType::Storage { read_only }) => {
+                read_only == !access.contains(naga::StorageAccess::STORE)
+            }
+            _ => false,
+        };
+        assert!(
+            agrees,
+            "{entry}: {:?} binding {} is {ty:?} on the host",
+            global.name, binding.binding
+        );
+    }
+    let index = module.entry_points.iter().position(|e| e.name == entry).unwrap();
+    let function = info.get_entry_point(index);
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).unwrap();
+    let workgroup_bytes: u32 = module
+        .global_variables
+        .iter()
+        .filter(|(h, g)| g.space == naga::AddressSpace::WorkGroup && !function[*h].is_empty())
+        .map(|(_, g)| layouter[g.ty].size)
+        .sum();
+    let needs = key.kernel.needs(key.strategy);
+    assert!(
+        workgroup_bytes <= needs.workgroup_bytes,
+        "{entry} uses {workgroup_bytes} bytes of workgroup memory, Kernel::needs says {}",
+        needs.workgroup_bytes
+    );
+    let storage = bindings.iter().filter(|&&(b, _)| {
+        layout.iter().any(|e| {
+            e.binding == b
+                && matches!(
+                    e.ty,
+                    wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { .. },
+                        ..
+                    }
+                )
+        })
+    });
+    assert!(storage.count() as u32 <= needs.storage_buffers, "{entry}");
+    assert_eq!(
+        module.entry_points[index].workgroup_size,
+        [needs.invocations, 1, 1],
+        "{entry}"
+    );
+}
+
 fn spirv_val(path: &Path) -> std::result::Result<(), String> {
     let out = Command::new("spirv-val")
         .args(["--target-env", "vulkan1.1"])
@@ -265,6 +337,7 @@ fn naga_translates_every_variant_for_metal_d3d_and_vulkan() {
             )
             .unwrap_or_else(|e| panic!("{what}: overrides: {e}"));
             let bindings = used_bindings(&module, &info, entry);
+            check_against_host(&key, &module, &info, &bindings);
 
             let resources = msl::EntryPointResources {
                 resources: bindings

@@ -120,21 +120,23 @@ impl BatchNorm {
         if call.empty {
             return Ok(vec![ChannelMoments::default(); self.channels]);
         }
-        let merged = self.merge_only_buffer();
-        let mut encoder = self.encoder("synchronized forward, local moments");
-        {
-            let mut scratch = self.lock_scratch();
-            let rec = Recorder::new(self, &mut scratch, &call.plan, x.shape(), call.flags | FLAG_MERGE_ONLY);
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            self.dispatch_statistics(&mut pass, &rec, call, x, mask);
-            self.dispatch_finalize(&mut pass, &rec, call, &merged);
-        }
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(self
-            .read_partials(&merged)?
-            .into_iter()
-            .map(partial_to_moments)
-            .collect())
+        self.ctx.scoped("a synchronized training forward (local moments)", || {
+            let merged = self.merge_only_buffer();
+            let mut encoder = self.encoder("synchronized forward, local moments");
+            {
+                let mut scratch = self.lock_scratch();
+                let rec = Recorder::new(self, &mut scratch, &call.plan, x.shape(), call.flags | FLAG_MERGE_ONLY);
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.dispatch_statistics(&mut pass, &rec, call, x, mask)?;
+                self.dispatch_finalize(&mut pass, &rec, call, &merged)?;
+            }
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(self
+                .read_partials(&merged)?
+                .into_iter()
+                .map(partial_to_moments)
+                .collect())
+        })
     }
 
     /// The second submission of a forward call: finalize over `merged` (one
@@ -149,20 +151,22 @@ impl BatchNorm {
         statistics: wgpu::Buffer,
         merged: Option<&[[f32; 4]]>,
     ) -> Result<SavedForward> {
-        let mut encoder = self.encoder("synchronized forward");
-        {
-            let mut scratch = self.lock_scratch();
-            let plan = single_tile(&call.plan);
-            let mut rec = Recorder::new(self, &mut scratch, &plan, x.shape(), call.flags);
-            if let Some(merged) = merged {
-                rec = rec.with_partials(self.upload_partials(merged));
+        self.ctx.scoped("a synchronized forward", || {
+            let mut encoder = self.encoder("synchronized forward");
+            {
+                let mut scratch = self.lock_scratch();
+                let plan = single_tile(&call.plan);
+                let mut rec = Recorder::new(self, &mut scratch, &plan, x.shape(), call.flags);
+                if let Some(merged) = merged {
+                    rec = rec.with_partials(self.upload_partials(merged));
+                }
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.dispatch_finalize(&mut pass, &rec, call, &statistics)?;
+                self.dispatch_normalize(&mut pass, &rec, call, x, y)?;
             }
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            self.dispatch_finalize(&mut pass, &rec, call, &statistics);
-            self.dispatch_normalize(&mut pass, &rec, call, x, y);
-        }
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(self.saved_forward(call, x, mask, statistics, true))
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(self.saved_forward(call, x, mask, statistics, true))
+        })
     }
 
     pub(super) fn backward_synchronized(
@@ -192,19 +196,21 @@ impl BatchNorm {
             .chunks_exact(3)
             .map(|s| [s[0] as f32, s[1] as f32, s[2] as f32, 0.0])
             .collect();
-        let mut encoder = self.encoder("synchronized backward");
-        {
-            let mut scratch = self.lock_scratch();
-            let plan = single_tile(&call.plan);
-            let rec = Recorder::new(self, &mut scratch, &plan, saved.x.shape(), call.flags)
-                .with_partials(self.upload_partials(&global));
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs);
-            self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads);
-        }
-        self.copy_parameter_gradients(&mut encoder, grads);
-        self.ctx.queue().submit([encoder.finish()]);
-        Ok(())
+        self.ctx.scoped("a synchronized backward", || {
+            let mut encoder = self.encoder("synchronized backward");
+            {
+                let mut scratch = self.lock_scratch();
+                let plan = single_tile(&call.plan);
+                let rec = Recorder::new(self, &mut scratch, &plan, saved.x.shape(), call.flags)
+                    .with_partials(self.upload_partials(&global));
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs)?;
+                self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads)?;
+            }
+            self.copy_parameter_gradients(&mut encoder, grads);
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(())
+        })
     }
 
     /// This rank's backward sums per channel (sum dy, sum dy * (x - mean),
@@ -213,23 +219,25 @@ impl BatchNorm {
         if call.empty {
             return Ok(vec![[0.0; 4]; self.channels]);
         }
-        let sums = self.merge_only_buffer();
-        let mut encoder = self.encoder("synchronized backward, local sums");
-        {
-            let mut scratch = self.lock_scratch();
-            let rec = Recorder::new(
-                self,
-                &mut scratch,
-                &call.plan,
-                saved.x.shape(),
-                call.flags | FLAG_MERGE_ONLY,
-            );
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            self.dispatch_backward_reduce(&mut pass, &rec, call, saved, dy);
-            self.dispatch_backward_finalize(&mut pass, &rec, call, saved, &sums);
-        }
-        self.ctx.queue().submit([encoder.finish()]);
-        self.read_partials(&sums)
+        self.ctx.scoped("a synchronized backward (local sums)", || {
+            let sums = self.merge_only_buffer();
+            let mut encoder = self.encoder("synchronized backward, local sums");
+            {
+                let mut scratch = self.lock_scratch();
+                let rec = Recorder::new(
+                    self,
+                    &mut scratch,
+                    &call.plan,
+                    saved.x.shape(),
+                    call.flags | FLAG_MERGE_ONLY,
+                );
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.dispatch_backward_reduce(&mut pass, &rec, call, saved, dy)?;
+                self.dispatch_backward_finalize(&mut pass, &rec, call, saved, &sums)?;
+            }
+            self.ctx.queue().submit([encoder.finish()]);
+            self.read_partials(&sums)
+        })
     }
 
     /// Where the finalize kernels write one partial a channel under `FLAG_MERGE_ONLY`.

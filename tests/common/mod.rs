@@ -39,6 +39,55 @@ pub fn gl() -> GpuContext {
     .clone()
 }
 
+/// A new context of its own (not shared with other tests) on `backends`,
+/// on the adapter whose name contains `name` where given: for tests that
+/// change a context or break its kernels.
+pub fn fresh(backends: wgpu::Backends, name: Option<&str>) -> GpuContext {
+    open(AdapterSelection {
+        backends: Some(backends),
+        name: name.map(str::to_string),
+        ..Default::default()
+    })
+}
+
+/// The names of the Vulkan adapters wgpu finds (lavapipe and SwiftShader
+/// where scripts/test.sh made both visible; a real GPU's driver too).
+pub fn vulkan_adapters() -> Vec<String> {
+    let mut names: Vec<String> = wgpu_batchnorm::list_adapters(Some(wgpu::Backends::VULKAN))
+        .into_iter()
+        .map(|a| a.info.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// One shared context on each Vulkan driver wgpu finds (lavapipe and
+/// SwiftShader under scripts/test.sh, a real GPU's driver where there is
+/// one): the GPU-vs-reference tests run on every one of them.
+pub fn vulkan() -> Vec<GpuContext> {
+    static CTXS: OnceLock<Vec<GpuContext>> = OnceLock::new();
+    CTXS.get_or_init(fresh_vulkan).clone()
+}
+
+/// A private context on each Vulkan driver, for tests that change theirs
+/// (binding caps, parameter bindings).
+pub fn fresh_vulkan() -> Vec<GpuContext> {
+    let names = vulkan_adapters();
+    assert!(!names.is_empty(), "no Vulkan adapter\n{INSTALL_HINT}");
+    names
+        .iter()
+        .map(|name| fresh(wgpu::Backends::VULKAN, Some(name)))
+        .collect()
+}
+
+/// Every driver the suite runs on: each Vulkan driver, then GL.
+pub fn drivers() -> Vec<GpuContext> {
+    let mut ctxs = vulkan();
+    ctxs.push(gl());
+    ctxs
+}
+
 /// A device on the default adapter that allows uniform bindings of 16 KiB
 /// only (WebGPU's WebGL2 limit): the per-channel parameters' uniform view
 /// shrinks to it. Uniform parameters on.

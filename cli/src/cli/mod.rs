@@ -42,7 +42,7 @@ enum Command {
     Conform {
         /// Folder of case files.
         dir: PathBuf,
-        /// Write OUT/<file stem>.safetensors (one per case file) with every output.
+        /// Write `OUT/<file stem>.safetensors` (one per case file) with every output.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Run on the GPU or on the float64 CPU reference.
