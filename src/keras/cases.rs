@@ -17,14 +17,15 @@ use crate::layer::{BatchNorm, StateSlot};
 use crate::reference::ReferenceLayer;
 use crate::tensor::{DType, Mask, Tensor};
 
-/// One tensor of a case file, widened to float64 (masks keep their bytes).
+/// One tensor of a case file, widened to float64.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseTensor {
     /// The tensor's shape.
     pub shape: Vec<usize>,
     /// The tensor's stored dtype.
     pub dtype: Dtype,
-    /// Its values (masks as 0/1).
+    /// Its values, masks as stored (Keras casts a mask to bool: any
+    /// non-zero value, NaN included, is in).
     pub values: Vec<f64>,
 }
 
@@ -173,7 +174,7 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
             .collect(),
         Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f64).collect(),
-        // integer masks, as Keras takes them (0/1 checked with the shapes)
+        // integer masks, as Keras takes them (any non-zero value is in)
         Dtype::I8 => bytes.iter().map(|&b| b as i8 as f64).collect(),
         Dtype::I16 => bytes
             .chunks_exact(2)
@@ -321,10 +322,8 @@ impl KerasCase {
             expect(&format!("x.{k}"), &self.shape)?;
             if call.mask {
                 let key = format!("mask.{k}");
-                if self.shape.len() < 2 {
-                    return Err(bad(format!("{key}: a mask needs an input of two axes or more")));
-                }
-                // any shape that broadcasts to the input without its last axis
+                // any shape that broadcasts to the input without its last
+                // axis (`[]` for a rank-1 input: one flag, as Keras takes it)
                 let to = &self.shape[..self.shape.len() - 1];
                 let mask = self
                     .tensors
@@ -334,14 +333,6 @@ impl KerasCase {
                     return Err(bad(format!(
                         "tensor {key} has shape {:?}, which does not broadcast to {to:?}",
                         mask.shape
-                    )));
-                }
-                // Keras weighs each position by its mask value; 0/1 masks
-                // (of any dtype) are what this crate takes
-                if let Some(v) = mask.values.iter().find(|&&v| v != 0.0 && v != 1.0) {
-                    return Err(bad(format!(
-                        "tensor {key} holds {v}: Keras weighs positions by their mask values, this crate takes \
-                         0/1 masks only"
                     )));
                 }
             }
@@ -392,6 +383,8 @@ impl KerasCase {
     }
 
     /// Call k's mask, spread to the input shape without its last axis.
+    /// As Keras's `ops.cast(mask, "bool")`: any non-zero value (NaN and Inf
+    /// too) is in, 0 is out; no position is weighed by its value.
     fn mask_bytes(&self, k: usize) -> Vec<u8> {
         let mask = &self.tensors[&format!("mask.{k}")];
         let flags: Vec<u8> = mask.values.iter().map(|&v| (v != 0.0) as u8).collect();
