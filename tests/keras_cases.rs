@@ -133,6 +133,7 @@ fn integer_and_float_masks_in_a_case_file_pass() {
         masks += tensors.iter().filter(|t| t.0.starts_with("mask.")).count();
         write(tensors);
         let case = keras::KerasCase::load(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(case.unsupported, None, "{what}");
         for device in [Device::Cpu, Device::Gpu(common::gpu())] {
             let report = case.run(&device);
             assert!(report.passes(), "{what}: {report:?}");
