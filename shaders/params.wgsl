@@ -117,6 +117,19 @@ fn shift_scale(shift: f32) -> f32 {
     return bitcast<f32>((254u - min(e, 253u)) << 23u);
 }
 
+// 1 / shift_scale(shift), exactly: a power of two built from the bits.
+// Scaled sums come back as (s * u) * u, never s / (k * k): k * k underflows
+// float32 (to a subnormal, then 0) for shifts of 2^64 or more, so a
+// constant channel of 1e30 got a variance of 0 / 0 and one of -1e25 with a
+// variance of 2e37 one of x / 0.
+fn shift_unscale(shift: f32) -> f32 {
+    let e = (bitcast<u32>(shift) >> 23u) & 0xffu;
+    if e < 147u {
+        return 1.0;
+    }
+    return bitcast<f32>(min(e, 253u) << 23u);
+}
+
 fn shift_scale4(shift: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(shift_scale(shift.x), shift_scale(shift.y), shift_scale(shift.z), shift_scale(shift.w));
 }
