@@ -2,9 +2,10 @@
 //! batch makes that channel's moving mean and variance NaN, an Inf gives
 //! the reference's infinite mean and NaN variance, other channels stay
 //! exact, and masked-out positions stay out of the statistics even when
-//! they hold NaN. Values far from zero: sums of squares past float32,
-//! constant channels of 1e30 and 3e37, a variance of 2e37 around -1e25.
-//! Every layout family, on Vulkan and GL.
+//! they hold NaN, as in Keras 3 (it sums `ops.where(mask, x, 0)`, so a NaN
+//! in the padding never reaches its statistics). Values far from zero:
+//! sums of squares past float32, constant channels of 1e30 and 3e37, a
+//! variance of 2e37 around -1e25. Every layout family, on Vulkan and GL.
 
 mod common;
 
@@ -96,7 +97,8 @@ fn check(ctx: &GpuContext, special: f32, masked: bool) {
 fn specials_follow_the_reference(ctx: &GpuContext) {
     for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         check(ctx, special, false);
-        // masked-out NaN and Inf stay out of the statistics
+        // masked-out NaN and Inf stay out of the statistics, as Keras's
+        // ops.where(mask, x, 0) keeps them out
         check(ctx, special, true);
     }
 }
