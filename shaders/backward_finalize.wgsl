@@ -97,7 +97,10 @@ fn backward_finalize(
         grads[nc + c] = dbeta;
     }
     let gamma_eff = gamma * r;
-    let c1 = inv * gamma_eff;
+    // every coefficient DX_UPSCALE times larger (see params.wgsl), the
+    // factor applied first so that no product passes through a subnormal
+    let inv_up = inv * DX_UPSCALE;
+    let c1 = inv_up * gamma_eff;
     var c2 = 0.0;
     var c3 = 0.0;
     if has_flag(FLAG_TRAINING) {
@@ -108,8 +111,8 @@ fn backward_finalize(
         let mean = shift + delta;
         let a = sg / denom - inv * mask_eps * mean * sgx / (denom * denom);
         let b = sgx / denom;
-        c3 = inv * inv * b;
-        c2 = inv * a - c3 * delta;
+        c3 = inv_up * inv * b;
+        c2 = inv_up * a - c3 * delta;
     }
     coeffs[c] = vec4<f32>(shift, c1, c2, c3);
 }

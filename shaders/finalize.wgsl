@@ -128,7 +128,9 @@ fn finalize(
         m2 += count * ck * ck;
     }
     let scaled_variance = m2 / denom;
-    let variance = scaled_variance / (k * k);
+    // unscaled in two steps (see shift_unscale): k * k underflows past 2^64
+    let u = shift_unscale(shift);
+    let variance = (scaled_variance * u) * u;
     let mean = shift + delta;
     var inv = inverseSqrt(variance + eps);
     // a variance past float32 whose normalisation is not (epsilon is
@@ -172,7 +174,7 @@ fn finalize(
     } else if has_flag(FLAG_PYTORCH) {
         // PyTorch: momentum weighs the new value; the running variance
         // takes the unbiased batch variance (the biased one with one value)
-        let unbiased = select(variance, m2 / (count - 1.0) / (k * k), count > 1.0);
+        let unbiased = select(variance, ((m2 / (count - 1.0)) * u) * u, count > 1.0);
         state[2u * p.state_stride + c] = stored(moving_mean * (1.0 - m) + mean * m);
         state[3u * p.state_stride + c] = stored(moving_variance * (1.0 - m) + unbiased * m);
     } else {

@@ -93,6 +93,15 @@ fn lavapipe_no_inlining() -> bool {
     return (p.chunk_elems & p.inner & p.last_dim & p.tiles & p.tile_offset) == 0xffffffffu;
 }
 
+// The dx coefficients (c1, c2, c3 of backward_finalize.wgsl) are stored
+// times DX_UPSCALE and dx is their combination times DX_DOWNSCALE: c3 =
+// inv^2 * b falls below float32's normal range once the variance passes
+// about 1e37, where GPUs that flush subnormals (SwiftShader, most real
+// ones) would drop it; stored 2^24 larger it stays normal. dx up to 2e31
+// still fits. Powers of two: scaling loses nothing.
+const DX_UPSCALE: f32 = 16777216.0;
+const DX_DOWNSCALE: f32 = 1.0 / DX_UPSCALE;
+
 // NaN and Inf tests on the bits: GL drivers may fold float comparisons
 // as if no NaN existed (GLSL does not require NaNs), integer ones they keep.
 fn is_finite_f32(v: f32) -> bool {
@@ -115,6 +124,19 @@ fn shift_scale(shift: f32) -> f32 {
     }
     // biased exponent 254 - e, at least 1 (a normal number)
     return bitcast<f32>((254u - min(e, 253u)) << 23u);
+}
+
+// 1 / shift_scale(shift), exactly: a power of two built from the bits.
+// Scaled sums come back as (s * u) * u, never s / (k * k): k * k underflows
+// float32 (to a subnormal, then 0) for shifts of 2^64 or more, so a
+// constant channel of 1e30 got a variance of 0 / 0 and one of -1e25 with a
+// variance of 2e37 one of x / 0.
+fn shift_unscale(shift: f32) -> f32 {
+    let e = (bitcast<u32>(shift) >> 23u) & 0xffu;
+    if e < 147u {
+        return 1.0;
+    }
+    return bitcast<f32>(min(e, 253u) << 23u);
 }
 
 fn shift_scale4(shift: vec4<f32>) -> vec4<f32> {

@@ -422,8 +422,10 @@ impl BatchNorm {
     /// `training: None` is inference, as in Keras; with `trainable = false`
     /// every call is inference and changes nothing. In training the batch
     /// statistics normalise `x` and update the moving statistics on the GPU.
-    /// The mask (input shape without its last axis) selects the positions
-    /// that enter the batch statistics; every position is normalised.
+    /// The mask (input shape without its last axis: `[]`, one flag, for a
+    /// rank-1 input) selects the positions that enter the batch statistics,
+    /// any non-zero flag as Keras's cast to bool; every position is
+    /// normalised.
     /// Everything is recorded into one command buffer and submitted once.
     ///
     /// Keeps nothing for a backward pass: use [`BatchNorm::forward_saved`]

@@ -63,10 +63,27 @@ pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     if shape.is_empty() || shape.len() > 8 {
         return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
     }
+    checked_product(shape)
+}
+
+/// The flags of a mask of `shape`: the input's rank less one, so 0 (one
+/// flag for a whole rank-1 input, as Keras takes it) to 7.
+pub(crate) fn mask_flag_count(shape: &[usize]) -> Result<usize> {
+    if shape.len() > 7 {
+        return Err(Error::Shape(format!(
+            "a mask of rank {} is not supported (0 to 7: an input's rank less one)",
+            shape.len()
+        )));
+    }
+    checked_product(shape)
+}
+
+/// The product of `shape`, checked: 4 bytes an element must fit in u64 and
+/// usize too.
+fn checked_product(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        // 4 bytes an element must fit in u64 and usize too
         .filter(|n| n.checked_mul(4).is_some())
         .ok_or_else(|| Error::TooLarge(format!("shape {shape:?} holds more elements than can be addressed")))
 }
@@ -330,7 +347,8 @@ impl Tensor {
 
 /// A Keras mask: one flag per position of the input without its last axis,
 /// broadcast over that axis. Non-zero means the position takes part in the
-/// batch statistics.
+/// batch statistics, as Keras casts a mask to bool (no weighting). A rank-1
+/// input takes a mask of shape `[]`: one flag for the whole input.
 #[derive(Debug, Clone)]
 pub struct Mask {
     pub(crate) buffer: wgpu::Buffer,
@@ -339,9 +357,11 @@ pub struct Mask {
 }
 
 impl Mask {
-    /// Uploads a mask of bytes (non-zero: the position takes part in the statistics).
+    /// Uploads a mask of bytes (non-zero: the position takes part in the
+    /// statistics) of `shape`, the input shape without its last axis (`[]`
+    /// and one flag for a rank-1 input).
     pub fn from_u8(ctx: &GpuContext, shape: &[usize], flags: &[u8]) -> Result<Self> {
-        let len = element_count(shape)?;
+        let len = mask_flag_count(shape)?;
         if len != flags.len() {
             return Err(Error::Shape(format!(
                 "mask shape {shape:?} does not hold {} flags",
@@ -364,8 +384,10 @@ impl Mask {
     }
 
     /// Uploads a mask of any shape that broadcasts to `input_shape` without
-    /// its last axis, as Keras accepts ([`broadcast_mask`]), spread to that
-    /// shape.
+    /// its last axis ([`broadcast_mask`]), spread to that shape. Keras takes
+    /// masks of exactly that many axes (each of the input's size or 1);
+    /// this also takes masks of fewer axes, aligned from the right as numpy
+    /// broadcasts, which Keras refuses.
     pub fn from_u8_broadcast(ctx: &GpuContext, shape: &[usize], flags: &[u8], input_shape: &[usize]) -> Result<Self> {
         let to = input_shape
             .split_last()
@@ -398,7 +420,9 @@ impl Mask {
 /// input's shape without its last axis, row-major, as numpy broadcasts
 /// (axes aligned from the right, missing leading axes and axes of 1
 /// repeated): a (6, 1) mask for a (6, 11, 5) input masks whole rows of
-/// 11, an (11,) one the same positions of every sample.
+/// 11, an (11,) one the same positions of every sample. Keras itself
+/// refuses a mask of fewer axes than `to` (it raises unless the mask has
+/// the input's rank less one); this crate takes them.
 pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec<u8>> {
     if !mask_broadcasts(shape, to) {
         return Err(Error::Shape(format!(
@@ -411,13 +435,13 @@ pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec
         .chain(shape.iter().copied())
         .collect();
     let shape = &shape[..];
-    if element_count(shape)? != flags.len() {
+    if mask_flag_count(shape)? != flags.len() {
         return Err(Error::Shape(format!(
             "mask shape {shape:?} does not hold {} flags",
             flags.len()
         )));
     }
-    let len = element_count(to)?;
+    let len = mask_flag_count(to)?;
     let mut out = Vec::with_capacity(len);
     let mut index = vec![0usize; to.len()];
     for _ in 0..len {

@@ -67,29 +67,36 @@ fn large_offset_beats_keras_own_float32() {
     assert!(y0.error < 2e-6, "{y0:?}");
 }
 
-/// A case whose masks are int32 (Keras takes integer masks) passes as its
-/// boolean original does, on the GPU and the reference; a mask value
-/// other than 0 and 1 (which Keras would use as a weight) is refused.
+/// Masks of any dtype as Keras takes them: it casts a mask to bool, so any
+/// non-zero value (2, -3, 0.5, NaN, Inf) is in and 0 (or -0.0) is out, with
+/// no weighting. The fixture's uint8 masks rewritten as int32 and float32
+/// of such values pass against the same truth, on the GPU and the
+/// reference.
 #[test]
-fn integer_masks_in_a_case_file_pass() {
+fn integer_and_float_masks_in_a_case_file_pass() {
     use safetensors::{Dtype, SafeTensors};
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras/masked_sequence.safetensors");
     let bytes = std::fs::read(&source).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut masks = 0;
-    for (key, view) in st.tensors() {
-        if key.starts_with("mask.") {
-            masks += 1;
-            // 0/1 bytes as int32
-            let wide: Vec<u8> = view.data().iter().flat_map(|&b| i32::from(b).to_le_bytes()).collect();
-            owned.push((key, Dtype::I32, view.shape().to_vec(), wide));
-        } else {
-            owned.push((key, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+    // every mask byte rewritten as `dtype` by `value(position, in)`
+    let rewrite = |dtype: Dtype, value: &dyn Fn(usize, bool) -> Vec<u8>| {
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (key, view) in st.tensors() {
+            if key.starts_with("mask.") {
+                let wide = view
+                    .data()
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &b)| value(i, b != 0))
+                    .collect();
+                owned.push((key, dtype, view.shape().to_vec(), wide));
+            } else {
+                owned.push((key, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            }
         }
-    }
-    assert!(masks > 0, "the fixture has masks");
+        owned
+    };
     let out = std::env::temp_dir().join(format!("wgpu-batchnorm-int-mask-{}.safetensors", std::process::id()));
     let write = |tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]| {
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
@@ -103,25 +110,38 @@ fn integer_masks_in_a_case_file_pass() {
             .collect();
         std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
     };
-    write(&owned);
-    let case = keras::KerasCase::load(&out).unwrap();
-    for device in [Device::Cpu, Device::Gpu(common::gpu())] {
-        let report = case.run(&device);
-        assert!(report.passes(), "{report:?}");
+    let ints = [1i32, 2, -3, i32::MAX];
+    let floats = [1.0f32, 0.5, -2.0, f32::NAN, f32::INFINITY, 1e-30];
+    let variants = [
+        (
+            "int32 0/1",
+            rewrite(Dtype::I32, &|_, on| i32::from(on).to_le_bytes().to_vec()),
+        ),
+        (
+            "int32 of any non-zero value",
+            rewrite(Dtype::I32, &|i, on| {
+                (if on { ints[i % ints.len()] } else { 0 }).to_le_bytes().to_vec()
+            }),
+        ),
+        (
+            "float32 of any non-zero value, NaN and Inf included",
+            rewrite(Dtype::F32, &|i, on| {
+                let off = if i % 2 == 0 { 0.0f32 } else { -0.0 };
+                (if on { floats[i % floats.len()] } else { off }).to_le_bytes().to_vec()
+            }),
+        ),
+    ];
+    let mut masks = 0;
+    for (what, tensors) in &variants {
+        masks += tensors.iter().filter(|t| t.0.starts_with("mask.")).count();
+        write(tensors);
+        let case = keras::KerasCase::load(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(case.unsupported, None, "{what}");
+        for device in [Device::Cpu, Device::Gpu(common::gpu())] {
+            let report = case.run(&device);
+            assert!(report.passes(), "{what}: {report:?}");
+        }
     }
-    // a 2 among the flags
-    let twos: Vec<_> = owned
-        .iter()
-        .map(|(k, d, s, b)| {
-            let mut b = b.clone();
-            if k.starts_with("mask.") {
-                b[..4].copy_from_slice(&2i32.to_le_bytes());
-            }
-            (k.clone(), *d, s.clone(), b)
-        })
-        .collect();
-    write(&twos);
-    let err = keras::KerasCase::load(&out).unwrap_err();
     std::fs::remove_file(&out).unwrap();
-    assert!(err.to_string().contains("0/1"), "{err}");
+    assert!(masks > 0, "the fixture has masks");
 }

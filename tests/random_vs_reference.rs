@@ -61,8 +61,9 @@ fn variant(i: usize, axis: i64) -> (BatchNormConfig, DType) {
     (c, dtype)
 }
 
-fn calls(rank: usize) -> Vec<(Option<bool>, bool)> {
-    let masked = rank >= 2;
+/// Masked calls at every rank: a rank-1 input takes a rank-0 mask.
+fn calls(_rank: usize) -> Vec<(Option<bool>, bool)> {
+    let masked = true;
     vec![
         (Some(true), false),
         (Some(true), masked),
@@ -363,6 +364,103 @@ fn a_fully_masked_out_batch_gives_keras_zero_statistics() {
     let w = layer.get_weights().unwrap();
     assert!(w[2].iter().all(|&m| m == 0.0));
     assert!(w[3].iter().all(|&v| (v - 0.99).abs() < 1e-7));
+}
+
+/// A rank-1 input takes a rank-0 mask (shape `[]`, one flag for the whole
+/// input), as Keras does: a non-zero flag lets every value into the
+/// statistics (with Keras's count + 1e-7), a zero one none (mean 0,
+/// variance 0). y, the moving statistics and the gradients match the
+/// reference with either kernel family, also in bindings of 4 KiB (chunks
+/// that start inside the one row), and `from_u8_broadcast` makes the same
+/// mask.
+#[test]
+fn a_rank_1_input_takes_a_rank_0_mask() {
+    use wgpu_batchnorm::keras::error_measure;
+    use wgpu_batchnorm::reference::ReferenceLayer;
+    use wgpu_batchnorm::{AdapterSelection, BatchNorm, KernelChoice, Mask, StateSlot, Tensor};
+    for (kernels, chunked) in [KernelChoice::Serial, KernelChoice::Coalesced]
+        .into_iter()
+        .flat_map(|k| [(k, false), (k, true)])
+    {
+        let ctx = GpuContext::new(&AdapterSelection {
+            kernels: Some(kernels),
+            ..AdapterSelection::from_env()
+        })
+        .unwrap();
+        if chunked {
+            ctx.set_max_binding_size(4096);
+        }
+        for (n, axis) in [(1usize, -1i64), (7, 0), (300, -1), (4099, 0)] {
+            let config = BatchNormConfig {
+                axis,
+                momentum: 0.5,
+                ..Default::default()
+            };
+            for (flag, broadcast) in [(1u8, false), (0, false), (7, true), (0, true)] {
+                let what = format!(
+                    "{} {kernels:?} chunked {chunked} [{n}] axis {axis} flag {flag}",
+                    ctx.describe()
+                );
+                let layer = BatchNorm::new(&ctx, config.clone(), n).unwrap();
+                let mut reference = ReferenceLayer::new(config.clone(), n).unwrap();
+                let gamma: Vec<f32> = (0..n).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+                let beta: Vec<f32> = (0..n).map(|c| (c % 3) as f32 - 1.0).collect();
+                for (slot, values) in [(StateSlot::Gamma, &gamma), (StateSlot::Beta, &beta)] {
+                    layer.set_weight(slot, values).unwrap();
+                    *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
+                }
+                let mut r = common::rng(n as u64 + u64::from(flag));
+                let x32 = common::random_input(&mut r, n, 3.0);
+                let dy32 = common::random_input(&mut r, n, 0.5);
+                let widen = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| a as f64).collect() };
+                let x = Tensor::from_f32(&ctx, &[n], &x32).unwrap();
+                let dy = Tensor::from_f32(&ctx, &[n], &dy32).unwrap();
+                let mask = match broadcast {
+                    false => Mask::from_u8(&ctx, &[], &[flag]).unwrap(),
+                    true => Mask::from_u8_broadcast(&ctx, &[], &[flag], &[n]).unwrap(),
+                };
+                assert_eq!(mask.shape(), &[] as &[usize]);
+                let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+                let (y, saved) = layer.forward_saved(&x, Some(true), Some(&mask)).unwrap();
+                let want = reference
+                    .forward(&widen(&x32), &[n], Some(true), Some(&[flag]))
+                    .unwrap();
+                let e = error_measure(&read(&y), &want);
+                assert!(e <= 2e-5, "{what}: y {e:.2e}");
+                if flag == 0 {
+                    // nothing in: mean 0 and variance 0, so y = x * gamma / sqrt(eps) + beta
+                    let inv = 1.0 / (config.epsilon as f64).sqrt();
+                    let direct: Vec<f64> = (0..n)
+                        .map(|c| x32[c] as f64 * gamma[c] as f64 * inv + beta[c] as f64)
+                        .collect();
+                    assert!(error_measure(&want, &direct) <= 1e-12, "{what}: the reference's y");
+                }
+                let grads = layer.backward(&saved, &dy, false).unwrap();
+                let want_grads = reference.backward(&widen(&dy32), false).unwrap();
+                for (name, got, want) in [
+                    ("dx", read(&grads.dx), &want_grads.dx),
+                    (
+                        "dgamma",
+                        read(grads.dgamma.as_ref().unwrap()),
+                        want_grads.dgamma.as_ref().unwrap(),
+                    ),
+                    (
+                        "dbeta",
+                        read(grads.dbeta.as_ref().unwrap()),
+                        want_grads.dbeta.as_ref().unwrap(),
+                    ),
+                ] {
+                    let e = error_measure(&got, want);
+                    assert!(e <= 1e-4, "{what}: {name} {e:.2e}");
+                }
+                for (slot, values) in layer.named_weights().unwrap() {
+                    let got: Vec<f64> = values.into_iter().map(f64::from).collect();
+                    let e = error_measure(&got, reference.state.slot(slot));
+                    assert!(e <= 2e-5, "{what}: {slot:?} {e:.2e}");
+                }
+            }
+        }
+    }
 }
 
 /// PyTorch's running statistics for ported models: momentum weighs the new

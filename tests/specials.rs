@@ -2,11 +2,14 @@
 //! batch makes that channel's moving mean and variance NaN, an Inf gives
 //! the reference's infinite mean and NaN variance, other channels stay
 //! exact, and masked-out positions stay out of the statistics even when
-//! they hold NaN. Every layout family, on Vulkan and GL.
+//! they hold NaN, as in Keras 3 (it sums `ops.where(mask, x, 0)`, so a NaN
+//! in the padding never reaches its statistics). Values far from zero:
+//! sums of squares past float32, constant channels of 1e30 and 3e37, a
+//! variance of 2e37 around -1e25. Every layout family, on Vulkan and GL.
 
 mod common;
 
-use common::{gl, gpu, random_input, rng};
+use common::{gl, random_input, rng};
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Mask, StateSlot, Tensor};
 
@@ -94,14 +97,17 @@ fn check(ctx: &GpuContext, special: f32, masked: bool) {
 fn specials_follow_the_reference(ctx: &GpuContext) {
     for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         check(ctx, special, false);
-        // masked-out NaN and Inf stay out of the statistics
+        // masked-out NaN and Inf stay out of the statistics, as Keras's
+        // ops.where(mask, x, 0) keeps them out
         check(ctx, special, true);
     }
 }
 
 #[test]
 fn nan_and_inf_follow_the_reference() {
-    specials_follow_the_reference(&gpu());
+    for ctx in common::vulkan() {
+        specials_follow_the_reference(&ctx);
+    }
 }
 
 #[test]
@@ -179,7 +185,9 @@ fn large_magnitudes_normalise(ctx: &GpuContext) {
 
 #[test]
 fn inputs_far_beyond_the_square_root_of_float32_normalise() {
-    large_magnitudes_normalise(&gpu());
+    for ctx in common::vulkan() {
+        large_magnitudes_normalise(&ctx);
+    }
 }
 
 #[test]
@@ -245,4 +253,186 @@ fn float16_saturates_to_infinity_and_keeps_nan() {
             );
         }
     }
+}
+/// The channel kinds of [`far_from_zero`]'s inputs, channel c of kind
+/// c % 4: unmasked, constants of 1e30 and 3e37 (y = beta, a variance of 0)
+/// and -1e25 + r * 1e18 (a variance about 2e37); masked, where Keras's
+/// count + 1e-7 gives a constant channel a variance of about (1e-7 * value
+/// / count)^2, constants of 1e20 and -4e22 instead.
+fn far_kinds(masked: bool) -> [&'static str; 4] {
+    match masked {
+        false => ["constant 1e30", "constant 3e37", "-1e25 + r * 1e18", "ordinary"],
+        true => ["constant 1e20", "constant -4e22", "-1e25 + r * 1e18", "ordinary"],
+    }
+}
+
+/// Worst errors of one channel kind: y (training and inference), moving
+/// statistics, dx, dx relative to the channel's largest |dx|, dgamma and
+/// dbeta.
+type KindErrors = [f64; 5];
+
+/// Channels far from zero whose variance float32 holds (see
+/// [`far_kinds`]), beside an ordinary channel. Their tile sums are scaled
+/// by the shift's power of two (2^-99 for 1e30), whose square float32
+/// cannot hold: forward y, the moving statistics and inference after
+/// them, dx, dgamma and dbeta must match the reference anyway. Every
+/// layout family. Each channel is measured on its own: y and dx against
+/// max(1, the channel's largest |truth|) as Keras conformance does (dx also
+/// against its largest |truth| alone: its values are about 1e-19 on the
+/// -1e25 channel), state, dgamma and dbeta per value against max(1, |truth|).
+fn far_from_zero(ctx: &GpuContext, masked: bool) -> [KindErrors; 4] {
+    use rand::Rng;
+    use wgpu_batchnorm::ChannelView;
+    let kinds = far_kinds(masked);
+    let mut worst = [[0.0f64; 5]; 4];
+    for (i, &(shape, axis)) in LAYOUTS
+        .iter()
+        .chain([(&[4096usize, 8][..], -1i64), (&[300, 3, 5][..], 1)].iter())
+        .enumerate()
+    {
+        let config = BatchNormConfig {
+            axis,
+            momentum: 0.5,
+            ..Default::default()
+        };
+        let axis = config.resolve_axis(shape.len()).unwrap();
+        let view = ChannelView::new(shape, axis);
+        let channels = view.channels;
+        let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+        let mut reference = ReferenceLayer::new(config, channels).unwrap();
+        // gamma and beta away from 1 and 0: y = beta exactly on a constant channel
+        let gamma: Vec<f32> = (0..channels).map(|c| 1.5 - 0.125 * c as f32).collect();
+        let beta: Vec<f32> = (0..channels).map(|c| 0.25 + 0.5 * c as f32).collect();
+        for (slot, values) in [(StateSlot::Gamma, &gamma), (StateSlot::Beta, &beta)] {
+            layer.set_weight(slot, values).unwrap();
+            *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
+        }
+        let mut r = rng(80 + i as u64);
+        let constants = if masked { [1e20f32, -4e22] } else { [1e30, 3e37] };
+        let x: Vec<f32> = (0..view.len())
+            .map(|e| match view.channel_of(e) % 4 {
+                k @ (0 | 1) => constants[k],
+                2 => -1e25 + (r.random::<f32>() * 16.0 - 8.0) * 1e18,
+                _ => r.random::<f32>() * 4.0 - 1.0,
+            })
+            .collect();
+        let dy32: Vec<f32> = (0..view.len()).map(|_| r.random::<f32>() - 0.5).collect();
+        let last = shape[shape.len() - 1];
+        let flags: Option<Vec<u8>> = masked.then(|| {
+            (0..view.len() / last)
+                .map(|_| (r.random::<f32>() < 0.7) as u8)
+                .collect()
+        });
+        let mask = flags
+            .as_ref()
+            .map(|f| Mask::from_u8(ctx, &shape[..shape.len() - 1], f).unwrap());
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let dy64: Vec<f64> = dy32.iter().map(|&v| v as f64).collect();
+        let t = Tensor::from_f32(ctx, shape, &x).unwrap();
+        let dy = Tensor::from_f32(ctx, shape, &dy32).unwrap();
+        let what = format!("{} {shape:?} axis {axis} masked {masked}", ctx.describe());
+        // per channel: max |got - truth| / max(1, max |truth|) into `keras`,
+        // and / max |truth| into `relative`, each the worst of its kind
+        let mut by_channel = |got: &[f32], truth: &[f64], out: &str, keras: usize, relative: Option<usize>| {
+            let mut err = vec![0.0f64; channels];
+            let mut scale = vec![0.0f64; channels];
+            for (e, (&g, &t)) in got.iter().zip(truth).enumerate() {
+                let c = view.channel_of(e);
+                assert!(
+                    g.is_finite() && t.is_finite(),
+                    "{what}: {out}[{e}] ({}): got {g}, reference {t}",
+                    kinds[c % 4]
+                );
+                err[c] = err[c].max((g as f64 - t).abs());
+                scale[c] = scale[c].max(t.abs());
+            }
+            for c in 0..channels {
+                let w = &mut worst[c % 4];
+                w[keras] = w[keras].max(err[c] / scale[c].max(1.0));
+                if let Some(relative) = relative {
+                    w[relative] = w[relative].max(err[c] / scale[c]);
+                }
+            }
+        };
+        // training (backward from it), then inference with the moving statistics
+        let (y, saved) = layer.forward_saved(&t, Some(true), mask.as_ref()).unwrap();
+        let want = reference.forward(&x64, shape, Some(true), flags.as_deref()).unwrap();
+        by_channel(&y.read_f32(ctx).unwrap(), &want, "y", 0, None);
+        let got = layer.backward(&saved, &dy, false).unwrap();
+        let want = reference.backward(&dy64, false).unwrap();
+        by_channel(&got.dx.read_f32(ctx).unwrap(), &want.dx, "dx", 2, Some(3));
+        let y = layer.forward(&t, None, None).unwrap();
+        let want_y = reference.forward(&x64, shape, None, None).unwrap();
+        by_channel(&y.read_f32(ctx).unwrap(), &want_y, "inference y", 0, None);
+        let mut per_value = |got: &[f32], truth: &[f64], out: String, at: usize| {
+            for (c, (&g, &w)) in got.iter().zip(truth).enumerate() {
+                let g = g as f64;
+                assert!(
+                    g.is_finite(),
+                    "{what}: {out}[{c}] ({}): got {g}, reference {w}",
+                    kinds[c % 4]
+                );
+                let e = (g - w).abs() / w.abs().max(1.0);
+                worst[c % 4][at] = worst[c % 4][at].max(e);
+            }
+        };
+        for (name, g, w) in [
+            ("dgamma", &got.dgamma, &want.dgamma),
+            ("dbeta", &got.dbeta, &want.dbeta),
+        ] {
+            per_value(
+                &g.as_ref().unwrap().read_f32(ctx).unwrap(),
+                w.as_ref().unwrap(),
+                name.into(),
+                4,
+            );
+        }
+        for (slot, values) in layer.named_weights().unwrap() {
+            per_value(&values, reference.state.slot(slot), format!("{slot:?}"), 1);
+        }
+    }
+    worst
+}
+
+fn far_from_zero_in_both_families(backends: wgpu::Backends, name: Option<&str>) {
+    use wgpu_batchnorm::tuning::Op;
+    use wgpu_batchnorm::{ChannelView, DType, KernelChoice, Strategy};
+    let mut failures = Vec::new();
+    for (kernels, strategy) in [
+        (KernelChoice::Serial, Strategy::Serial),
+        (KernelChoice::Coalesced, Strategy::Coalesced),
+    ] {
+        let ctx = common::fresh(backends, name);
+        ctx.set_kernel_choice(kernels);
+        let view = ChannelView::new(&[4096, 8], 1);
+        assert_eq!(ctx.plan_tuning(view, DType::F32, Op::Training).strategy, strategy);
+        for masked in [false, true] {
+            let worst = far_from_zero(&ctx, masked);
+            for (kind, [y, state, dx, dx_relative, dparams]) in far_kinds(masked).iter().zip(worst) {
+                let line = format!(
+                    "{} {kernels:?} {kind}: y {y:.2e}, state {state:.2e}, dx {dx:.2e} ({dx_relative:.2e} of the \
+                     channel's largest), dgamma/dbeta {dparams:.2e}",
+                    ctx.describe()
+                );
+                eprintln!("{line}");
+                // the conformance tolerances, and dx relative to its own size
+                if !(y <= 2e-5 && state <= 2e-5 && dx <= 1e-4 && dx_relative <= 1e-4 && dparams <= 1e-4) {
+                    failures.push(line);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn constant_and_huge_variance_channels_far_from_zero_match_the_reference() {
+    for name in common::vulkan_adapters() {
+        far_from_zero_in_both_families(wgpu::Backends::VULKAN, Some(&name));
+    }
+}
+
+#[test]
+fn constant_and_huge_variance_channels_far_from_zero_match_the_reference_on_gl() {
+    far_from_zero_in_both_families(wgpu::Backends::GL, None);
 }

@@ -53,32 +53,27 @@ impl AsRef<Path> for TempDir {
     }
 }
 
-/// Copies a fixture with its `case` metadata and tensors edited.
-fn edited_case(
-    dir: &Path,
-    source: &str,
-    name: &str,
-    edit_case: impl FnOnce(&mut serde_json::Value),
-    edit_tensor: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>),
-) {
+/// A case file's tensors: key, dtype, shape, bytes.
+type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// A fixture's `case` metadata and tensors.
+fn fixture_case(source: &str) -> (serde_json::Value, Tensors) {
     let bytes = std::fs::read(fixtures().join(format!("{source}.safetensors"))).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let mut case: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
-    case["name"] = name.into();
-    edit_case(&mut case);
+    let case: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let tensors = st
         .tensors()
         .into_iter()
-        .map(|(k, v)| {
-            let mut shape = v.shape().to_vec();
-            let mut data = v.data().to_vec();
-            edit_tensor(&k, &mut shape, &mut data);
-            (k, v.dtype(), shape, data)
-        })
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
         .collect();
-    owned.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+    (case, tensors)
+}
+
+/// Writes `dir/<name>.safetensors` with the `case` metadata and tensors.
+fn write_case(dir: &Path, name: &str, case: &serde_json::Value, mut tensors: Tensors) {
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(k, d, s, b)| {
             (
@@ -93,6 +88,23 @@ fn edited_case(
         safetensors::serialize(views, Some(meta)).unwrap(),
     )
     .unwrap();
+}
+
+/// Copies a fixture with its `case` metadata and tensors edited.
+fn edited_case(
+    dir: &Path,
+    source: &str,
+    name: &str,
+    edit_case: impl FnOnce(&mut serde_json::Value),
+    edit_tensor: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>),
+) {
+    let (mut case, mut tensors) = fixture_case(source);
+    case["name"] = name.into();
+    edit_case(&mut case);
+    for (k, _, shape, data) in &mut tensors {
+        edit_tensor(k, shape, data);
+    }
+    write_case(dir, name, &case, tensors);
 }
 
 #[test]
@@ -181,6 +193,152 @@ fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1_and_synchron
     assert!(row("bfloat16").contains("FAIL") && row("bfloat16").contains("bfloat16"));
     assert!(row("fine ").contains("PASS"));
     assert!(stdout.ends_with("2/4 cases pass\n"), "{stdout}");
+}
+
+/// A rank-1 case with a rank-0 mask per call (one flag for the whole
+/// input, as Keras takes it), with Keras's float64 results written out by
+/// hand: each of the `n` channels holds one value per batch. A flag of 0.5
+/// is in (mean x / (1 + 1e-7)), 0.0 out (mean 0, variance 0); the third
+/// call is inference, which ignores its NaN flag.
+fn rank_1_masked_case(dir: &Path, name: &str) {
+    use safetensors::Dtype;
+    let n = 6;
+    let (momentum, eps) = (0.5f64, 1e-3f64);
+    let f32s = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&a| (a as f32).to_le_bytes()).collect() };
+    let f64s = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&a| a.to_le_bytes()).collect() };
+    // initial state and inputs, as float32 holds them
+    let round = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|a| a as f32 as f64).collect() };
+    let gamma = round((0..n).map(|c| 0.75 + 0.125 * c as f64).collect());
+    let beta = round((0..n).map(|c| 0.5 - 0.25 * c as f64).collect());
+    let mut mean = round((0..n).map(|c| 0.1 * c as f64).collect());
+    let mut var = round((0..n).map(|c| 1.0 + 0.2 * c as f64).collect());
+    let mut tensors: Tensors = vec![
+        ("init.gamma".into(), Dtype::F32, vec![n], f32s(&gamma)),
+        ("init.beta".into(), Dtype::F32, vec![n], f32s(&beta)),
+        ("init.moving_mean".into(), Dtype::F32, vec![n], f32s(&mean)),
+        ("init.moving_variance".into(), Dtype::F32, vec![n], f32s(&var)),
+    ];
+    let flags = [0.5f32, 0.0, f32::NAN];
+    for (k, flag) in flags.into_iter().enumerate() {
+        let x = round((0..n).map(|c| ((c * 7 + k * 3) % 11) as f64 * 0.75 - 2.0).collect());
+        let y: Vec<f64> = (0..n)
+            .map(|c| {
+                let (m, v) = if k < 2 {
+                    let w = if flag != 0.0 { 1.0 } else { 0.0 };
+                    let m = w * x[c] / (w + 1e-7);
+                    let v = w * (x[c] - m) * (x[c] - m) / (w + 1e-7);
+                    mean[c] = mean[c] * momentum + m * (1.0 - momentum);
+                    var[c] = var[c] * momentum + v * (1.0 - momentum);
+                    (m, v)
+                } else {
+                    (mean[c], var[c])
+                };
+                (x[c] - m) / (v + eps).sqrt() * gamma[c] + beta[c]
+            })
+            .collect();
+        tensors.push((format!("x.{k}"), Dtype::F32, vec![n], f32s(&x)));
+        tensors.push((format!("mask.{k}"), Dtype::F32, vec![], flag.to_le_bytes().to_vec()));
+        tensors.push((format!("ref64.y.{k}"), Dtype::F64, vec![n], f64s(&y)));
+    }
+    for (key, values) in [
+        ("gamma", &gamma),
+        ("beta", &beta),
+        ("moving_mean", &mean),
+        ("moving_variance", &var),
+    ] {
+        tensors.push((format!("ref64.final.{key}"), Dtype::F64, vec![n], f64s(values)));
+    }
+    let case = serde_json::json!({
+        "name": name,
+        "config": {
+            "axis": -1, "momentum": momentum, "epsilon": eps, "center": true, "scale": true,
+            "renorm": false, "renorm_clipping": null, "renorm_momentum": 0.99
+        },
+        "trainable": true,
+        "dtype": "float32",
+        "shape": [n],
+        "calls": [
+            {"training": true, "mask": true},
+            {"training": true, "mask": true},
+            {"training": null, "mask": true}
+        ],
+    });
+    write_case(dir, name, &case, tensors);
+}
+
+/// Keras's masks as Keras takes them (float values of any kind, non-zero
+/// in; a rank-0 mask for a rank-1 input) pass, and a well-formed case
+/// this crate cannot run (a state tensor it does not have, a tensor dtype
+/// it cannot read) is a FAIL row with its reason while the other cases
+/// still run: exit 1, never 2 for the whole folder. On the GPU and the
+/// reference.
+#[test]
+fn masks_of_any_value_and_rank_0_pass_and_cases_the_crate_cannot_run_are_fail_rows() {
+    use safetensors::Dtype;
+    let dir = scratch("keras_masks");
+    let (mut case, tensors) = fixture_case("masked_sequence");
+    case["name"] = "float_masks".into();
+    let values = [0.5f32, -2.0, f32::NAN, f32::INFINITY, 3e38, 1e-30];
+    let tensors: Tensors = tensors
+        .into_iter()
+        .map(|(k, d, s, b)| match k.starts_with("mask.") {
+            true => {
+                let wide = b
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &on)| if on != 0 { values[i % values.len()] } else { -0.0 }.to_le_bytes())
+                    .collect();
+                (k, Dtype::F32, s, wide)
+            }
+            false => (k, d, s, b),
+        })
+        .collect();
+    write_case(&dir, "float_masks", &case, tensors);
+    rank_1_masked_case(&dir, "rank_1_masked");
+    let (mut case, mut tensors) = fixture_case("dense_default");
+    case["name"] = "unknown_state".into();
+    tensors.push(("init.future_state".into(), Dtype::F32, vec![16], vec![0; 64]));
+    write_case(&dir, "unknown_state", &case, tensors);
+    let (mut case, tensors) = fixture_case("dense_default");
+    case["name"] = "float8_input".into();
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, d, s, b)| match k.as_str() {
+            // one byte a value: the same shape in float8
+            "x.0" => (k, Dtype::F8_E4M3, s, b[..b.len() / 4].to_vec()),
+            _ => (k, d, s, b),
+        })
+        .collect();
+    write_case(&dir, "float8_input", &case, tensors);
+    edited_case(&dir, "inference_only", "fine", |_| {}, |_, _, _| {});
+
+    for device in ["gpu", "cpu"] {
+        let o = run(&["conform", dir.to_str().unwrap(), "--device", device]);
+        let stdout = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{device}: {stdout}{}", text(&o.stderr));
+        let row = |name: &str| {
+            stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{device}: no row {name}: {stdout}"))
+                .to_string()
+        };
+        assert!(row("float_masks").contains("PASS"), "{device}: {stdout}");
+        assert!(row("rank_1_masked").contains("PASS"), "{device}: {stdout}");
+        assert!(row("rank_1_masked").contains("y.2="), "{device}: {stdout}");
+        assert!(row("fine").contains("PASS"), "{device}: {stdout}");
+        let unknown = row("unknown_state");
+        assert!(
+            unknown.contains("FAIL") && unknown.contains("init.future_state"),
+            "{device}: {stdout}"
+        );
+        let float8 = row("float8_input");
+        assert!(
+            float8.contains("FAIL") && float8.contains("x.0") && float8.contains("F8_E4M3"),
+            "{device}: {stdout}"
+        );
+        assert!(stdout.ends_with("3/5 cases pass\n"), "{device}: {stdout}");
+    }
 }
 
 fn assert_usage_error(args: &[&str], mentions: &str) {

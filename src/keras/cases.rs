@@ -17,14 +17,16 @@ use crate::layer::{BatchNorm, StateSlot};
 use crate::reference::ReferenceLayer;
 use crate::tensor::{DType, Mask, Tensor};
 
-/// One tensor of a case file, widened to float64 (masks keep their bytes).
+/// One tensor of a case file, widened to float64.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseTensor {
     /// The tensor's shape.
     pub shape: Vec<usize>,
     /// The tensor's stored dtype.
     pub dtype: Dtype,
-    /// Its values (masks as 0/1).
+    /// Its values, masks as stored (Keras casts a mask to bool: any
+    /// non-zero value, NaN included, is in); empty for a dtype this crate
+    /// cannot read (see [`KerasCase::unsupported`]).
     pub values: Vec<f64>,
 }
 
@@ -48,6 +50,11 @@ pub struct KerasCase {
     pub config: std::result::Result<BatchNormConfig, String>,
     /// The dtype of inputs and outputs, or why this crate cannot run it.
     pub dtype: std::result::Result<DType, String>,
+    /// Why this crate cannot run the case, for anything else a well-formed
+    /// file may hold that it lacks (a tensor of a dtype it cannot read, a
+    /// state tensor it does not know): the case is then a failure with
+    /// this reason, not a file error.
+    pub unsupported: Option<String>,
     /// The input shape.
     pub shape: Vec<usize>,
     /// The calls, in order.
@@ -172,8 +179,12 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
             .chunks_exact(2)
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
             .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
         Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f64).collect(),
-        // integer masks, as Keras takes them (0/1 checked with the shapes)
+        // integer masks, as Keras takes them (any non-zero value is in)
         Dtype::I8 => bytes.iter().map(|&b| b as i8 as f64).collect(),
         Dtype::I16 => bytes
             .chunks_exact(2)
@@ -206,8 +217,9 @@ fn widen(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
 impl KerasCase {
     /// Reads and checks a case file. Structural problems (not a regular
     /// file, unreadable, malformed, shapes that disagree with the metadata)
-    /// are errors; features this crate lacks are kept in `config`/`dtype`
-    /// as reasons.
+    /// are errors; features this crate lacks are kept in `config`, `dtype`
+    /// and `unsupported` as reasons, and [`KerasCase::run`] reports them as
+    /// the case's failure.
     pub fn load(path: &Path) -> Result<Self> {
         // reading a FIFO blocks until a writer comes, so look before opening
         let kind = std::fs::metadata(path)
@@ -280,9 +292,26 @@ impl KerasCase {
         }
 
         let mut tensors = BTreeMap::new();
+        let mut unsupported = Vec::new();
         for (key, view) in st.tensors() {
-            let values = widen(view.dtype(), view.data())
-                .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", view.dtype())))?;
+            let values = match widen(view.dtype(), view.data()) {
+                Some(values) => values,
+                None => {
+                    // a dtype this crate cannot read: the case cannot run
+                    // where the runner reads the tensor (Keras's own
+                    // outputs `y.k`, `final.*`, `grad.dx`... are not read,
+                    // only their shapes checked)
+                    let read =
+                        ["x.", "mask.", "init.", "ref64."].iter().any(|p| key.starts_with(p)) || key == "grad.dy";
+                    if read {
+                        unsupported.push(format!(
+                            "tensor {key} has dtype {:?}, which this crate cannot read",
+                            view.dtype()
+                        ));
+                    }
+                    Vec::new()
+                }
+            };
             tensors.insert(
                 key,
                 CaseTensor {
@@ -292,7 +321,7 @@ impl KerasCase {
                 },
             );
         }
-        let case = KerasCase {
+        let mut case = KerasCase {
             path: path.to_path_buf(),
             name,
             config,
@@ -300,12 +329,17 @@ impl KerasCase {
             shape,
             calls,
             tensors,
+            unsupported: None,
         };
-        case.check_shapes()?;
+        case.check_shapes(&mut unsupported)?;
+        unsupported.sort();
+        case.unsupported = (!unsupported.is_empty()).then(|| unsupported.join("; "));
         Ok(case)
     }
 
-    fn check_shapes(&self) -> Result<()> {
+    /// Shapes that disagree with the metadata are errors; what this crate
+    /// lacks goes to `unsupported`.
+    fn check_shapes(&self, unsupported: &mut Vec<String>) -> Result<()> {
         let bad = |m: String| file_error(&self.path, m);
         let expect = |key: &str, shape: &[usize]| -> Result<()> {
             match self.tensors.get(key) {
@@ -321,10 +355,8 @@ impl KerasCase {
             expect(&format!("x.{k}"), &self.shape)?;
             if call.mask {
                 let key = format!("mask.{k}");
-                if self.shape.len() < 2 {
-                    return Err(bad(format!("{key}: a mask needs an input of two axes or more")));
-                }
-                // any shape that broadcasts to the input without its last axis
+                // any shape that broadcasts to the input without its last
+                // axis (`[]` for a rank-1 input: one flag, as Keras takes it)
                 let to = &self.shape[..self.shape.len() - 1];
                 let mask = self
                     .tensors
@@ -336,14 +368,6 @@ impl KerasCase {
                         mask.shape
                     )));
                 }
-                // Keras weighs each position by its mask value; 0/1 masks
-                // (of any dtype) are what this crate takes
-                if let Some(v) = mask.values.iter().find(|&&v| v != 0.0 && v != 1.0) {
-                    return Err(bad(format!(
-                        "tensor {key} holds {v}: Keras weighs positions by their mask values, this crate takes \
-                         0/1 masks only"
-                    )));
-                }
             }
         }
         for (key, t) in &self.tensors {
@@ -352,10 +376,12 @@ impl KerasCase {
             if key.starts_with("y.") || key.starts_with("ref64.y.") || key == "grad.dy" {
                 expect(key, &self.shape)?;
             }
-            if let Some(rest) = key.strip_prefix("init.").or(key.strip_prefix("final."))
+            // a state Keras has and this crate lacks: nothing would check it
+            let state = key.strip_prefix("ref64.").unwrap_or(key);
+            if let Some(rest) = state.strip_prefix("init.").or(state.strip_prefix("final."))
                 && StateSlot::from_keras_name(rest).is_none()
             {
-                return Err(bad(format!("unknown state tensor {key}")));
+                unsupported.push(format!("state tensor {key} is not one this crate has"));
             }
             if (key.starts_with("init.") || key.starts_with("final.")) && t.shape.len() != 1 {
                 return Err(bad(format!(
@@ -392,6 +418,8 @@ impl KerasCase {
     }
 
     /// Call k's mask, spread to the input shape without its last axis.
+    /// As Keras's `ops.cast(mask, "bool")`: any non-zero value (NaN and Inf
+    /// too) is in, 0 is out; no position is weighed by its value.
     fn mask_bytes(&self, k: usize) -> Vec<u8> {
         let mask = &self.tensors[&format!("mask.{k}")];
         let flags: Vec<u8> = mask.values.iter().map(|&v| (v != 0.0) as u8).collect();
@@ -414,6 +442,9 @@ impl KerasCase {
     }
 
     fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
+        if let Some(reason) = &self.unsupported {
+            return Err(reason.clone());
+        }
         let config = self.config.clone()?;
         let dtype = self.dtype.clone()?;
         let axis = config.resolve_axis(self.shape.len()).map_err(|e| e.to_string())?;
