@@ -29,10 +29,16 @@ pub(crate) fn run(selection: &AdapterSelection) -> Result<u8, String> {
         println!("  storage buffers/stage: {}", l.max_storage_buffers_per_shader_stage);
         let f = a.features;
         let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        let subgroups = if !f.contains(wgpu::Features::SUBGROUP) {
+            "no".to_string()
+        } else if i.subgroup_min_size == i.subgroup_max_size {
+            format!("yes (size {})", i.subgroup_min_size)
+        } else {
+            format!("yes (sizes {}-{})", i.subgroup_min_size, i.subgroup_max_size)
+        };
         println!(
-            "  features:             shader-f16 {}, subgroups {}, timestamp queries {}",
+            "  features:             shader-f16 {}, subgroups {subgroups}, timestamp queries {}",
             has(wgpu::Features::SHADER_F16),
-            has(wgpu::Features::SUBGROUP),
             has(wgpu::Features::TIMESTAMP_QUERY)
         );
     }
