@@ -8,7 +8,7 @@ const WG: u32 = 256u;
 // (the host sets it: PlanTuning::values_per_thread)
 override PER_THREAD: u32 = 4u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> dy: array<u32>;
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
@@ -42,6 +42,7 @@ fn backward_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     if IS_F16 {
         let x_word = p.x_base / 2u;
@@ -100,6 +101,7 @@ fn backward_dx_inner16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;
@@ -119,6 +121,7 @@ fn backward_dx_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;
@@ -152,6 +155,7 @@ fn backward_dx_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let q = thread % quads;
@@ -173,6 +177,7 @@ fn backward_dx_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
@@ -199,6 +204,7 @@ fn backward_dx_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;

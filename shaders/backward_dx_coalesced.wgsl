@@ -8,6 +8,7 @@ fn backward_dx_coalesced(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     if IS_F16 {
         let words = (p.chunk_elems + 1u) / 2u;
@@ -51,6 +52,7 @@ fn backward_dx_coalesced_inner4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);
@@ -73,6 +75,7 @@ fn backward_dx_coalesced_channels4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     let quads = p.channels / 4u;
@@ -97,6 +100,7 @@ fn backward_dx_coalesced_runs16(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);

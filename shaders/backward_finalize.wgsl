@@ -6,7 +6,7 @@
 // the mean and variance depend on x; in inference they are constants and
 // c2 = c3 = 0. Renorm's r and d are constants (stop_gradient), as in Keras.
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> state: array<f32>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;
@@ -23,10 +23,8 @@ fn backward_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
-    if lavapipe_no_inlining() {
-        return;
-    }
     let lane = lid % LANES;
     let nc = p.channels;
     // barriers below: no invocation leaves before them

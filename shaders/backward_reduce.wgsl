@@ -13,7 +13,7 @@ override MASKED: bool = false;
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> dy: array<u32>;
 // per channel: (shift, mean - shift, inverse std, r), (d, denominator, mask eps, 0)
@@ -35,6 +35,7 @@ fn backward_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;
@@ -89,6 +90,7 @@ fn backward_reduce_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;
@@ -138,6 +140,7 @@ fn backward_reduce_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let quads = p.channels / 4u;
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * quads {
@@ -175,6 +178,7 @@ fn backward_reduce_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
@@ -225,6 +229,7 @@ fn backward_reduce_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;

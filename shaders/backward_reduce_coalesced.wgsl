@@ -10,6 +10,7 @@ fn write_sums(c: u32, tile: u32, s: vec4<f32>) {
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.column_blocks {
         return;
@@ -75,6 +76,7 @@ fn backward_terms(e: u32, a: u32, c: u32, inside: bool) -> vec3<f32> {
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.column_blocks {
         return;
@@ -98,6 +100,7 @@ fn backward_reduce_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.channels {
         return;
@@ -128,6 +131,7 @@ fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.channels {
         return;

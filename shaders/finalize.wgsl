@@ -7,7 +7,7 @@
 // Keeping the shift (a sample of the channel) apart from the small
 // correction `mean - shift` is what keeps y exact when |mean| >> std.
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 // [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev],
 // p.state_stride floats apart
@@ -61,6 +61,7 @@ fn finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
     let lane = lid % LANES;
     let nc = p.channels;

@@ -26,7 +26,7 @@ const WG: u32 = 256u;
 // (the host sets it: PlanTuning::values_per_thread)
 override PER_THREAD: u32 = 4u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(1) var<storage, read> x4: array<Quad>;
 @group(0) @binding(2) var<storage, read> affine: array<f32>;
@@ -70,6 +70,7 @@ fn normalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     if IS_F16 {
         let x_word = p.x_base / 2u;
@@ -110,6 +111,7 @@ fn normalize_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;
@@ -145,6 +147,7 @@ fn normalize_inner16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;
@@ -169,6 +172,7 @@ fn normalize_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let q = thread % quads;
@@ -193,6 +197,7 @@ fn normalize_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
@@ -222,6 +227,7 @@ fn normalize_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems / 4u;
     let first = thread * PER_THREAD;

@@ -12,6 +12,7 @@ fn normalize_coalesced(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     if IS_F16 {
         let words = (p.chunk_elems + 1u) / 2u;
@@ -51,6 +52,7 @@ fn normalize_coalesced_inner4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);
@@ -73,6 +75,7 @@ fn normalize_coalesced_channels4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     let quads = p.channels / 4u;
@@ -95,6 +98,7 @@ fn normalize_coalesced_runs16(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let lane = lane_of(wid, nwg, lid);
     let vecs = p.chunk_elems / 4u;
     let n = p.channels;

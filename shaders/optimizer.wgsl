@@ -38,7 +38,15 @@ const CONSTRAINT_UNIT_NORM: f32 = 4.0;
 const NORM_EPS: f32 = 1e-7;
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> q: OptimizerParams;
+// Two blocks in the uniform binding, `q` a private copy of the first: as
+// `p` of params.wgsl (see load_params there).
+@group(0) @binding(0) var<uniform> optimizer_slot: array<OptimizerParams, 2>;
+var<private> q: OptimizerParams;
+
+// Every entry point calls this first (wid.z is 0: one-layer grids).
+fn load_optimizer_params(wid: vec3<u32>) {
+    q = optimizer_slot[min(wid.z, 1u)];
+}
 @group(0) @binding(1) var<storage, read_write> state: array<f32>;
 @group(0) @binding(2) var<storage, read> dgamma: array<f32>;
 @group(0) @binding(3) var<storage, read> dbeta: array<f32>;
@@ -65,7 +73,12 @@ fn sgd(which: u32, c: u32, grad: f32) {
 }
 
 @compute @workgroup_size(64)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+fn sgd_step(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+) {
+    load_optimizer_params(wid);
     // a 2-D grid past 65535 workgroups: rows of groups.x * 64 channels
     let c = gid.x + gid.y * groups.x * 64u;
     if c >= q.channels {
@@ -85,6 +98,7 @@ var<workgroup> wg_sum: array<f32, WG>;
 // on a one-axis weight take the norm over every channel.
 @compute @workgroup_size(256)
 fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    load_optimizer_params(wid);
     let which = wid.x;
     var constraint = q.gamma_constraint;
     var present = (q.flags & HAS_GAMMA) != 0u;

@@ -1,5 +1,6 @@
-// Shared by every kernel: one 256-byte uniform slot per dispatch chunk.
-// Mirrors `kernels::Params` in Rust field for field.
+// Shared by every kernel: one 256-byte uniform slot per dispatch chunk,
+// bound as two Params blocks (see load_params). The struct mirrors
+// `kernels::Params` in Rust field for field.
 struct Params {
     channels: u32,
     inner: u32,
@@ -71,6 +72,29 @@ const FLAG_MERGE_ONLY: u32 = 8192u;
 // StatePrecision::Float16: weights round to float16 when written
 const FLAG_F16_STATE: u32 = 16384u;
 
+// Binding 0 of every kernel: the chunk's slot. Only its first block holds
+// parameters; the second is the rest of the slot (never read).
+@group(0) @binding(0) var<uniform> params_slot: array<Params, 2>;
+// The parameters every kernel and helper reads, filled by load_params.
+var<private> p: Params;
+
+// Every entry point calls this first, and reads the parameters only
+// through `p`. The kernels' grids are one workgroup deep (wid.z is 0), but
+// no compiler can know it, so no uniform load of any kernel has a constant
+// offset (kernels::tests::uniforms_are_never_read_at_constant_offsets).
+// That is what keeps Mesa 22.3's lavapipe from "inlining" uniform values:
+// it picks up to four values that a kernel's branches read at constant
+// offsets of a uniform buffer (after its own optimisations, whatever the
+// WGSL says) and, unless its first dispatch finds the variant not worth
+// it, compiles a new one at every dispatch and never frees it (about 200
+// KiB a backward call on lavapipe; tests/memory.rs). A guard that only
+// made branches read more than four values did not stop it. The loads
+// here cost no more than reading the uniform at every use (bench, within
+// noise).
+fn load_params(wid: vec3<u32>) {
+    p = params_slot[min(wid.z, 1u)];
+}
+
 fn has_flag(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
@@ -81,16 +105,6 @@ fn stored(v: f32) -> f32 {
         return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x;
     }
     return v;
-}
-
-// Mesa 22.3's lavapipe inlines the uniform values that a kernel's branches
-// read, when there are at most four of them, into a shader variant it
-// compiles at dispatch time and never frees: 170 KiB of host memory a
-// dispatch of backward_finalize (tests/memory.rs). Branching on this at a
-// kernel's start (uniform control flow) makes its branches read more than
-// four. Never true: no chunk holds 2^32 - 1 elements.
-fn lavapipe_no_inlining() -> bool {
-    return (p.chunk_elems & p.inner & p.last_dim & p.tiles & p.tile_offset) == 0xffffffffu;
 }
 
 // NaN and Inf tests on the bits: GL drivers may fold float comparisons

@@ -25,7 +25,7 @@ override MASKED: bool = false;
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 // the same binding in groups of four values, by the vec4 entry points
 @group(0) @binding(1) var<storage, read> x4: array<Quad>;
@@ -70,6 +70,7 @@ fn partial_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;
@@ -119,6 +120,7 @@ fn partial_stats_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;
@@ -162,6 +164,7 @@ fn partial_stats_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let quads = p.channels / 4u;
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * quads {
@@ -212,6 +215,7 @@ fn partial_stats_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let quads = p.channels / 4u;
     let pairs = quads / 2u;
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
@@ -277,6 +281,7 @@ fn partial_stats_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
     if g >= p.tiles * p.channels {
         return;

@@ -39,6 +39,7 @@ fn take_first_kept(slot: u32) -> u32 {
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.column_blocks {
         return;
@@ -100,6 +101,7 @@ fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.column_blocks {
         return;
@@ -151,6 +153,7 @@ fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.channels {
         return;
@@ -210,6 +213,7 @@ fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    load_params(wid);
     let group = wid.x + wid.y * p.stats_groups_x;
     if group >= p.tiles * p.channels {
         return;

@@ -8,7 +8,7 @@ const PER_THREAD: u32 = 4u;
 const A: f32 = 1.5;
 const B: f32 = -0.25;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, `p` after load_params (params.wgsl)
 @group(0) @binding(1) var<storage, read> x4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> xf: array<vec4<f32>>;
@@ -19,6 +19,7 @@ fn stream_f32(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     let vecs = p.chunk_elems;
     for (var k = 0u; k < PER_THREAD; k++) {
@@ -36,6 +37,7 @@ fn stream_f16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    load_params(wid);
     let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
     // whole 16-byte vectors: the host leaves an odd tail out
     let vecs = p.chunk_elems;

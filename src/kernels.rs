@@ -235,12 +235,15 @@ impl Kernel {
         }
     }
 
-    /// Bytes of the uniform block at binding 0.
-    fn uniform_size(self) -> u64 {
-        match self {
-            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>() as u64,
-            _ => std::mem::size_of::<Params>() as u64,
-        }
+    /// Bytes of the uniform binding at 0: two blocks, of which the kernels
+    /// read the first (at an index the compiler cannot fold, see
+    /// `load_params` in `shaders/params.wgsl`).
+    pub(crate) fn uniform_size(self) -> u64 {
+        let block = match self {
+            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>(),
+            _ => std::mem::size_of::<Params>(),
+        };
+        2 * block as u64
     }
 
     /// Storage bindings after the uniform at binding 0: `true` = read-only.
@@ -718,6 +721,71 @@ mod tests {
         }
     }
 
+    /// No kernel reads a uniform at an offset its compiler can fold: a
+    /// uniform binding is only ever indexed, by a runtime value (the
+    /// parameters' slot by `min(wid.z, 1u)`, the per-channel views by
+    /// channel), and every entry point loads `p` (or `q`) first. Mesa
+    /// 22.3's lavapipe "inlines" uniform values read at constant offsets,
+    /// compiling a variant per dispatch that it never frees
+    /// (`load_params` in `shaders/params.wgsl`, tests/memory.rs).
+    #[test]
+    fn uniforms_are_never_read_at_constant_offsets() {
+        use naga::Expression as E;
+        for kernel in Kernel::ALL {
+            for dtype in [DType::F32, DType::F16] {
+                for (strategy, subgroups) in [
+                    (Strategy::Serial, false),
+                    (Strategy::Coalesced, false),
+                    (Strategy::Coalesced, true),
+                ] {
+                    let what = format!("{kernel:?} {dtype} {strategy} subgroups {subgroups}");
+                    let source = kernel.source(dtype, strategy, subgroups, 4096);
+                    let module = naga::front::wgsl::parse_str(&source).unwrap();
+                    let uniform = |g: naga::Handle<naga::GlobalVariable>| {
+                        module.global_variables[g].space == naga::AddressSpace::Uniform
+                    };
+                    let functions = module.functions.iter().map(|(_, f)| f);
+                    for f in functions.chain(module.entry_points.iter().map(|e| &e.function)) {
+                        let name = f.name.as_deref().unwrap_or("?");
+                        let globals: Vec<_> = f
+                            .expressions
+                            .iter()
+                            .filter(|(_, e)| matches!(**e, E::GlobalVariable(g) if uniform(g)))
+                            .map(|(h, _)| h)
+                            .collect();
+                        for (_, e) in f.expressions.iter() {
+                            match *e {
+                                E::Access { base, index } if globals.contains(&base) => {
+                                    let folded = matches!(
+                                        f.expressions[index],
+                                        E::Literal(_) | E::Constant(_) | E::Override(_) | E::ZeroValue(_)
+                                    );
+                                    assert!(!folded, "{what}: {name} indexes a uniform by a constant");
+                                }
+                                E::AccessIndex { base, .. } | E::Load { pointer: base } if globals.contains(&base) => {
+                                    panic!("{what}: {name} reads a uniform at a constant offset")
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    for entry in &module.entry_points {
+                        // first of all: nothing reads `p` before
+                        let loads = match entry.function.body.first() {
+                            Some(naga::Statement::Call { function, .. }) => module.functions[*function].name.as_deref(),
+                            _ => None,
+                        };
+                        assert!(
+                            matches!(loads, Some("load_params" | "load_optimizer_params")),
+                            "{what}: {} does not start with load_params",
+                            entry.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Every key the layer builds is among the precompiled variants, for
     /// both families.
     #[test]
@@ -772,10 +840,13 @@ mod tests {
         }
     }
 
+    /// A chunk's binding (two Params blocks) fits its slot, so the last
+    /// chunk's binding ends inside the buffer.
     #[test]
-    fn params_is_one_uniform_slot() {
-        assert!(std::mem::size_of::<Params>() as u64 <= PARAMS_SLOT);
+    fn params_binding_is_one_uniform_slot() {
+        assert!(Kernel::Normalize.uniform_size() <= PARAMS_SLOT);
         assert_eq!(std::mem::size_of::<Params>() % 16, 0);
+        assert_eq!(std::mem::size_of::<OptimizerParams>() % 16, 0);
     }
 
     #[test]

@@ -1174,7 +1174,7 @@ impl<'a> Recorder<'a> {
         let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.params,
             offset: 0,
-            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+            size: wgpu::BufferSize::new(kernel.uniform_size()),
         });
         let entries: Vec<_> = std::iter::once(uniform)
             .chain(resources)

@@ -160,9 +160,12 @@ fn record(
     use wgpu::util::DeviceExt;
     let [dgamma, dbeta] = grads;
     let device = ctx.device();
+    // the binding holds two blocks; the kernels read the first
+    let mut contents = vec![0u8; Kernel::SgdStep.uniform_size() as usize];
+    contents[..std::mem::size_of::<OptimizerParams>()].copy_from_slice(bytemuck::bytes_of(params));
     let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("optimizer params"),
-        contents: bytemuck::bytes_of(params),
+        contents: &contents,
         usage: wgpu::BufferUsages::UNIFORM,
     });
     let kernels = &ctx.inner.kernels;
