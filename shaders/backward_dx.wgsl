@@ -9,7 +9,7 @@ const WG: u32 = 256u;
 // (the host sets it: PlanTuning::values_per_thread)
 override PER_THREAD: u32 = 4u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> dy: array<u32>;
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
@@ -32,7 +32,7 @@ fn coeffs_of(c: u32) -> vec4<f32> {
 fn grad(e: u32, c: u32, xv: f32, g: f32) -> f32 {
     let k = coeffs_of(c);
     var out = k.y * g;
-    if !MASKED || masked_in(p.chunk_start + e) {
+    if !MASKED || masked_in(p().chunk_start + e) {
         out -= fma(xv - k.x, k.w, k.z);
     }
     return out * DX_DOWNSCALE;
@@ -43,22 +43,22 @@ fn backward_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
     if IS_F16 {
-        let x_word = p.x_base / 2u;
-        let y_word = p.y_base / 2u;
+        let x_word = p().x_base / 2u;
+        let y_word = p().y_base / 2u;
         var walk = walk_at(2u * thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let w = thread * PER_THREAD + k;
             let e = 2u * w;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
             let xs = unpack2x16float(x[x_word + w]);
             let gs = unpack2x16float(dy[x_word + w]);
             var out = vec2<f32>(grad(e, walk.c, xs.x, gs.x), 0.0);
             walk = walk_next(walk);
-            if e + 1u < p.chunk_elems {
+            if e + 1u < p().chunk_elems {
                 out.y = grad(e + 1u, walk.c, xs.y, gs.y);
             }
             walk = walk_next(walk);
@@ -68,12 +68,12 @@ fn backward_dx(
         var walk = walk_at(thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let e = thread * PER_THREAD + k;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
-            let xv = bitcast<f32>(x[p.x_base + e]);
-            let g = bitcast<f32>(dy[p.x_base + e]);
-            dx[p.y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
+            let xv = bitcast<f32>(x[p().x_base + e]);
+            let g = bitcast<f32>(dy[p().x_base + e]);
+            dx[p().y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
             walk = walk_next(walk);
         }
     }
@@ -86,9 +86,9 @@ fn backward_dx(
 // dx = (c1 * dy - (c2 + c3 * (x - shift))) * DX_DOWNSCALE for the v-th
 // group of four values (masked out: dx = c1 * dy * DX_DOWNSCALE)
 fn grad4_kept(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>, keep: bool) {
-    let a = p.x_base / 4u + v;
+    let a = p().x_base / 4u + v;
     let through_stats = select(vec4<f32>(0.0), fma(unpack_quad(x4[a]) - shift, c3, c2), keep);
-    dx4[p.y_base / 4u + v] = pack_quad((c1 * unpack_quad(dy4[a]) - through_stats) * DX_DOWNSCALE);
+    dx4[p().y_base / 4u + v] = pack_quad((c1 * unpack_quad(dy4[a]) - through_stats) * DX_DOWNSCALE);
 }
 
 fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
@@ -101,13 +101,13 @@ fn backward_dx_inner16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;
     }
-    let k = coeffs_of(((p.chunk_start + 4u * first) / p.inner) % p.channels);
+    let k = coeffs_of(((p().chunk_start + 4u * first) / p().inner) % p().channels);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         grad4(v, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
@@ -120,23 +120,23 @@ fn backward_dx_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;
     }
-    let e = p.chunk_start + 4u * first;
-    var c = (e / p.inner) % p.channels;
-    var i = e % p.inner;
+    let e = p().chunk_start + 4u * first;
+    var c = (e / p().inner) % p().channels;
+    var i = e % p().inner;
     var k = coeffs_of(c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         grad4(v, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
         i += 4u;
-        if i == p.inner {
+        if i == p().inner {
             i = 0u;
-            c = select(c + 1u, 0u, c + 1u == p.channels);
+            c = select(c + 1u, 0u, c + 1u == p().channels);
             k = coeffs_of(c);
         }
     }
@@ -153,8 +153,8 @@ fn backward_dx_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let quads = p.channels / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let quads = p().channels / 4u;
     let q = thread % quads;
     let band = row_band(thread, quads);
     if band.x >= band.y {
@@ -174,8 +174,8 @@ fn backward_dx_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let quads = p.channels / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let quads = p().channels / 4u;
     let pairs = quads / 2u;
     let q = 2u * (thread % pairs);
     let band = row_band(thread, pairs);
@@ -200,8 +200,8 @@ fn backward_dx_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;

@@ -10,35 +10,35 @@ fn backward_dx_coalesced(
 ) {
     let lane = lane_of(wid, nwg, lid);
     if IS_F16 {
-        let words = (p.chunk_elems + 1u) / 2u;
+        let words = (p().chunk_elems + 1u) / 2u;
         var walk = walk_at(2u * lane.x);
         let step = stride_of(2u * lane.y);
-        for (var k = 0u; k < p.elementwise_steps; k++) {
+        for (var k = 0u; k < p().elementwise_steps; k++) {
             let w = lane.x + k * lane.y;
             if w >= words {
                 break;
             }
             let e = 2u * w;
-            let xs = unpack2x16float(x[p.x_base / 2u + w]);
-            let gs = unpack2x16float(dy[p.x_base / 2u + w]);
+            let xs = unpack2x16float(x[p().x_base / 2u + w]);
+            let gs = unpack2x16float(dy[p().x_base / 2u + w]);
             var out = vec2<f32>(grad(e, walk.c, xs.x, gs.x), 0.0);
-            if e + 1u < p.chunk_elems {
+            if e + 1u < p().chunk_elems {
                 out.y = grad(e + 1u, walk_next(walk).c, xs.y, gs.y);
             }
-            dx[p.y_base / 2u + w] = pack_f16x2(out);
+            dx[p().y_base / 2u + w] = pack_f16x2(out);
             walk = walk_by(walk, step);
         }
     } else {
         var walk = walk_at(lane.x);
         let step = stride_of(lane.y);
-        for (var k = 0u; k < p.elementwise_steps; k++) {
+        for (var k = 0u; k < p().elementwise_steps; k++) {
             let e = lane.x + k * lane.y;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
-            let xv = bitcast<f32>(x[p.x_base + e]);
-            let g = bitcast<f32>(dy[p.x_base + e]);
-            dx[p.y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
+            let xv = bitcast<f32>(x[p().x_base + e]);
+            let g = bitcast<f32>(dy[p().x_base + e]);
+            dx[p().y_base + e] = bitcast<u32>(grad(e, walk.c, xv, g));
             walk = walk_by(walk, step);
         }
     }
@@ -52,10 +52,10 @@ fn backward_dx_coalesced_inner4(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
+    let vecs = p().chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);
     let step = stride_of(4u * lane.y);
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
@@ -74,12 +74,12 @@ fn backward_dx_coalesced_channels4(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
-    let quads = p.channels / 4u;
+    let vecs = p().chunk_elems / 4u;
+    let quads = p().channels / 4u;
     // chunks of channels-last vec4 layouts start on a row
     var q = lane.x % quads;
     let step = lane.y % quads;
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
@@ -98,10 +98,10 @@ fn backward_dx_coalesced_runs16(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
+    let vecs = p().chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);
     let step = stride_of(4u * lane.y);
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;

@@ -6,7 +6,7 @@
 // the mean and variance depend on x; in inference they are constants and
 // c2 = c3 = 0. Renorm's r and d are constants (stop_gradient), as in Keras.
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> state: array<f32>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;
@@ -23,18 +23,15 @@ fn backward_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
-    if lavapipe_no_inlining() {
-        return;
-    }
+    let c = (wid.x + wid.y * p().finalize_groups_x) * (64u / LANES) + lid / LANES;
     let lane = lid % LANES;
-    let nc = p.channels;
+    let nc = p().channels;
     // barriers below: no invocation leaves before them
-    let tiles = select(0u, p.total_tiles, c < nc);
+    let tiles = select(0u, p().total_tiles, c < nc);
     // a strided share of the tiles each (at most 65535 / 8 steps)
     var acc = vec4<f32>(0.0);
     for (var t = lane; t < tiles; t += LANES) {
-        acc += partials[c * p.total_tiles + t];
+        acc += partials[c * p().total_tiles + t];
     }
     sums[lid] = acc;
     workgroupBarrier();
@@ -78,21 +75,21 @@ fn backward_finalize(
         gamma = state[c];
         var dgamma = sum_dy_xhat * r + d * sum_dy;
         if has_flag(FLAG_GAMMA_L1) {
-            dgamma += p.gamma_l1 * sign(gamma);
+            dgamma += p().gamma_l1 * sign(gamma);
         }
         if has_flag(FLAG_GAMMA_L2) {
-            dgamma += 2.0 * p.gamma_l2 * gamma;
+            dgamma += 2.0 * p().gamma_l2 * gamma;
         }
         grads[c] = dgamma;
     }
     if has_flag(FLAG_CENTER) {
         var dbeta = sum_dy;
-        let beta = state[p.state_stride + c];
+        let beta = state[p().state_stride + c];
         if has_flag(FLAG_BETA_L1) {
-            dbeta += p.beta_l1 * sign(beta);
+            dbeta += p().beta_l1 * sign(beta);
         }
         if has_flag(FLAG_BETA_L2) {
-            dbeta += 2.0 * p.beta_l2 * beta;
+            dbeta += 2.0 * p().beta_l2 * beta;
         }
         grads[nc + c] = dbeta;
     }

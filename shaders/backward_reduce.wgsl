@@ -13,7 +13,7 @@ override MASKED: bool = false;
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> dy: array<u32>;
 // per channel: (shift, mean - shift, inverse std, r), (d, denominator, mask eps, 0)
@@ -35,26 +35,26 @@ fn backward_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
+    let c = g % p().channels;
+    let tile = g / p().channels;
     let stats = saved[2u * c];
     let shift = stats.x;
     let delta = stats.y;
-    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let span_j = tile_span(c, tile, p().elems_per_thread);
     let j0 = span_j.x;
     let j1 = span_j.y;
-    var o = j0 / p.inner;
-    var i = j0 % p.inner;
+    var o = j0 / p().inner;
+    var i = j0 % p().inner;
     var s_dy = 0.0;
     var s_dyx = 0.0;
     var s_xc = 0.0;
     for (var j = j0; j < j1; j++) {
-        let a = (o * p.channels + c) * p.inner + i;
-        let e = p.x_base + a - p.chunk_start;
+        let a = (o * p().channels + c) * p().inner + i;
+        let e = p().x_base + a - p().chunk_start;
         let g = load_dy(e);
         let centered = (load_x(e) - shift) - delta;
         s_dy += g;
@@ -63,12 +63,12 @@ fn backward_reduce(
             s_xc += centered;
         }
         i += 1u;
-        if i == p.inner {
+        if i == p().inner {
             i = 0u;
             o += 1u;
         }
     }
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy, s_dyx, s_xc, 0.0);
+    partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(s_dy, s_dyx, s_xc, 0.0);
 }
 
 // the same bindings in groups of four values, by the vec4 entry points
@@ -89,25 +89,25 @@ fn backward_reduce_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
+    let c = g % p().channels;
+    let tile = g / p().channels;
     let stats = saved[2u * c];
     let center = stats.x + stats.y;
-    let span = 4u * p.elems_per_thread;
+    let span = 4u * p().elems_per_thread;
     let span_j = tile_span(c, tile, span);
     let j0 = span_j.x;
     let j1 = span_j.y;
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
     var s_xc = vec4<f32>(0.0);
     var j = j0;
-    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p.inner + p.inner, j1);
+    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p().inner + p().inner, j1);
         let first = (base + element_of(j, c)) / 4u;
         let last = first + (run_end - j) / 4u;
         for (var a = first; a < last; a++) {
@@ -120,7 +120,7 @@ fn backward_reduce_inner4(
         j = run_end;
     }
     let ones = vec4<f32>(1.0);
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
+    partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
 }
 
 // The shifts and mean - shift of channels 4q..4q+3.
@@ -138,9 +138,9 @@ fn backward_reduce_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let quads = p.channels / 4u;
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * quads {
+    let quads = p().channels / 4u;
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * quads {
         return;
     }
     let q = g % quads;
@@ -153,7 +153,7 @@ fn backward_reduce_channels4(
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
     var s_xc = vec4<f32>(0.0);
-    var a = p.x_base / 4u + r0 * quads + q;
+    var a = p().x_base / 4u + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
         let g4 = load_dy4(a);
         let centered = (load_x4(a) - shift) - delta;
@@ -164,7 +164,7 @@ fn backward_reduce_channels4(
         a += quads;
     }
     for (var k = 0u; k < 4u; k++) {
-        partials[(4u * q + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s_dy[k], s_dyx[k], s_xc[k], 0.0);
+        partials[(4u * q + k) * p().total_tiles + p().tile_offset + tile] = vec4<f32>(s_dy[k], s_dyx[k], s_xc[k], 0.0);
     }
 }
 
@@ -175,10 +175,10 @@ fn backward_reduce_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let quads = p.channels / 4u;
+    let quads = p().channels / 4u;
     let pairs = quads / 2u;
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * pairs {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * pairs {
         return;
     }
     let q = 2u * (g % pairs);
@@ -196,7 +196,7 @@ fn backward_reduce_channels8(
     var b_dy = vec4<f32>(0.0);
     var b_dyx = vec4<f32>(0.0);
     var b_xc = vec4<f32>(0.0);
-    var a = p.x_base / 4u + r0 * quads + q;
+    var a = p().x_base / 4u + r0 * quads + q;
     for (var r = r0; r < r1; r++) {
         let ga = load_dy4(a);
         let gb = load_dy4(a + 1u);
@@ -213,8 +213,8 @@ fn backward_reduce_channels8(
         a += quads;
     }
     for (var k = 0u; k < 4u; k++) {
-        partials[(4u * q + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(a_dy[k], a_dyx[k], a_xc[k], 0.0);
-        partials[(4u * q + 4u + k) * p.total_tiles + p.tile_offset + tile] = vec4<f32>(b_dy[k], b_dyx[k], b_xc[k], 0.0);
+        partials[(4u * q + k) * p().total_tiles + p().tile_offset + tile] = vec4<f32>(a_dy[k], a_dyx[k], a_xc[k], 0.0);
+        partials[(4u * q + 4u + k) * p().total_tiles + p().tile_offset + tile] = vec4<f32>(b_dy[k], b_dyx[k], b_xc[k], 0.0);
     }
 }
 
@@ -225,26 +225,26 @@ fn backward_reduce_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
+    let c = g % p().channels;
+    let tile = g / p().channels;
     let stats = saved[2u * c];
     let shift = stats.x;
     let delta = stats.y;
-    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let span_j = tile_span(c, tile, p().elems_per_thread);
     let j0 = span_j.x;
     let j1 = span_j.y;
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     let lane = vec4<u32>(0u, 1u, 2u, 3u);
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);
     var s_xc = vec4<f32>(0.0);
     var j = j0;
-    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p.inner + p.inner, j1);
+    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p().inner + p().inner, j1);
         let a0 = base + element_of(j, c);
         let a1 = a0 + (run_end - j);
         for (var q = a0 / 4u; q * 4u < a1; q++) {
@@ -259,5 +259,5 @@ fn backward_reduce_runs16(
         j = run_end;
     }
     let ones = vec4<f32>(1.0);
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
+    partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(dot(s_dy, ones), dot(s_dyx, ones), dot(s_xc, ones), 0.0);
 }

@@ -5,20 +5,20 @@
 // partials are the serial kernels' (backward_finalize.wgsl adds them).
 
 fn write_sums(c: u32, tile: u32, s: vec4<f32>) {
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(s.xyz, 0.0);
+    partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(s.xyz, 0.0);
 }
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.column_blocks {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().column_blocks {
         return;
     }
     let lid = lanes.lid;
     let lane = row_lane(group, lid);
     let steps = lane_steps(lane.r1 - lane.r0, lane.stride);
     // lanes past the row's quads read the last quad's (and sum nothing)
-    let quad = min(lane.col, p.channels / 4u - 1u);
+    let quad = min(lane.col, p().channels / 4u - 1u);
     let shift = quad_shift(quad);
     let delta = quad_delta(quad);
     var s_dy = vec4<f32>(0.0);
@@ -52,8 +52,8 @@ fn backward_reduce_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes:
             }
         }
     }
-    let sums = reduce_strided3(Sums3(s_dy + t_dy, s_dyx + t_dyx, s_xc + t_xc), lid, p.lane_width);
-    if lid < p.lane_width && lane.col < p.channels / 4u {
+    let sums = reduce_strided3(Sums3(s_dy + t_dy, s_dyx + t_dyx, s_xc + t_xc), lid, p().lane_width);
+    if lid < p().lane_width && lane.col < p().channels / 4u {
         for (var k = 0u; k < 4u; k++) {
             write_sums(4u * lane.col + k, lane.tile, vec4<f32>(sums.a[k], sums.b[k], sums.c[k], 0.0));
         }
@@ -75,8 +75,8 @@ fn backward_terms(e: u32, a: u32, c: u32, inside: bool) -> vec3<f32> {
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.column_blocks {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().column_blocks {
         return;
     }
     let lid = lanes.lid;
@@ -90,20 +90,20 @@ fn backward_reduce_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
         a += backward_terms(row_element_index(lane, ra), row_element(lane, ra), lane.col, row_element_valid(lane, ra));
         b += backward_terms(row_element_index(lane, rb), row_element(lane, rb), lane.col, row_element_valid(lane, rb));
     }
-    let s = reduce_strided(vec4<f32>(a + b, 0.0), lid, p.lane_width);
-    if lid < p.lane_width && lane.col < p.channels {
+    let s = reduce_strided(vec4<f32>(a + b, 0.0), lid, p().lane_width);
+    if lid < p().lane_width && lane.col < p().channels {
         write_sums(lane.col, lane.tile, s);
     }
 }
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.channels {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().channels {
         return;
     }
     let t = run_tile(group);
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     let steps = lane_steps(t.j1 - t.j0, WG);
     var a = vec3<f32>(0.0);
     var b = vec3<f32>(0.0);
@@ -128,13 +128,13 @@ fn backward_reduce_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes:
 
 @compute @workgroup_size(256)
 fn backward_reduce_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.channels {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().channels {
         return;
     }
     let t = run_tile(group);
     let stats = saved[2u * t.c];
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     let steps = lane_steps(t.j1 - t.j0, 4u * WG);
     var s_dy = vec4<f32>(0.0);
     var s_dyx = vec4<f32>(0.0);

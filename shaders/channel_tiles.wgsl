@@ -18,23 +18,23 @@ fn load_x(e: u32) -> f32 {
 // element index is at or after absolute element `a`. Element indices grow
 // with j, so a chunk's values of channel c are one interval of j.
 fn first_j_at(a: u32, c: u32) -> u32 {
-    let run = a / p.inner;
-    let o = run / p.channels;
-    let ca = run % p.channels;
+    let run = a / p().inner;
+    let o = run / p().channels;
+    let ca = run % p().channels;
     if c == ca {
-        return o * p.inner + a % p.inner;
+        return o * p().inner + a % p().inner;
     }
     if c > ca {
-        return o * p.inner;
+        return o * p().inner;
     }
-    return (o + 1u) * p.inner;
+    return (o + 1u) * p().inner;
 }
 
 // Tile `tile` of channel c in this chunk, `per_tile` positions long: the
 // positions [x, y) of j-space (empty past the channel's end).
 fn tile_span(c: u32, tile: u32, per_tile: u32) -> vec2<u32> {
-    let j_end = first_j_at(p.chunk_start + p.chunk_elems, c);
-    let j0 = min(first_j_at(p.chunk_start, c) + tile * per_tile, j_end);
+    let j_end = first_j_at(p().chunk_start + p().chunk_elems, c);
+    let j0 = min(first_j_at(p().chunk_start, c) + tile * per_tile, j_end);
     // j0 + per_tile may pass 2^32 near the end of a long channel
     return vec2<u32>(j0, j0 + min(per_tile, j_end - j0));
 }
@@ -42,11 +42,11 @@ fn tile_span(c: u32, tile: u32, per_tile: u32) -> vec2<u32> {
 // Channels last: tile `tile` of the chunk's rows, elems_per_thread rows
 // long, as rows [x, y) (empty past the end).
 fn tile_rows(tile: u32) -> vec2<u32> {
-    let rows = p.chunk_elems / p.channels;
-    let r0 = min(tile * p.elems_per_thread, rows);
-    return vec2<u32>(r0, min(r0 + p.elems_per_thread, rows));
+    let rows = p().chunk_elems / p().channels;
+    let r0 = min(tile * p().elems_per_thread, rows);
+    return vec2<u32>(r0, min(r0 + p().elems_per_thread, rows));
 }
 
 fn element_of(j: u32, c: u32) -> u32 {
-    return ((j / p.inner) * p.channels + c) * p.inner + j % p.inner;
+    return ((j / p().inner) * p().channels + c) * p().inner + j % p().inner;
 }

@@ -11,15 +11,15 @@ struct ChannelWalk {
 
 // the walk at element `e` of the chunk
 fn walk_at(e: u32) -> ChannelWalk {
-    let a = p.chunk_start + e;
-    return ChannelWalk((a / p.inner) % p.channels, a % p.inner);
+    let a = p().chunk_start + e;
+    return ChannelWalk((a / p().inner) % p().channels, a % p().inner);
 }
 
 fn walk_next(w: ChannelWalk) -> ChannelWalk {
-    if w.i + 1u < p.inner {
+    if w.i + 1u < p().inner {
         return ChannelWalk(w.c, w.i + 1u);
     }
-    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p.channels), 0u);
+    return ChannelWalk(select(w.c + 1u, 0u, w.c + 1u == p().channels), 0u);
 }
 
 // The channels of elements e .. e + 15 of the chunk when inner >= 16: the
@@ -32,9 +32,9 @@ struct TwoChannels {
 }
 
 fn two_channels(e: u32) -> TwoChannels {
-    let a = p.chunk_start + e;
-    let c0 = (a / p.inner) % p.channels;
-    return TwoChannels(c0, select(c0 + 1u, 0u, c0 + 1u == p.channels), p.inner - a % p.inner);
+    let a = p().chunk_start + e;
+    let c0 = (a / p().inner) % p().channels;
+    return TwoChannels(c0, select(c0 + 1u, 0u, c0 + 1u == p().channels), p().inner - a % p().inner);
 }
 
 // which lanes of the k-th vec4 from e lie in c1
@@ -49,7 +49,7 @@ override ROWS_PER_THREAD: u32;
 // Channels last, `lanes` invocations across a row: invocation `thread` walks
 // rows [x, y) of the chunk (empty past the end).
 fn row_band(thread: u32, lanes: u32) -> vec2<u32> {
-    let rows = p.chunk_elems / p.channels;
+    let rows = p().chunk_elems / p().channels;
     let r0 = (thread / lanes) * ROWS_PER_THREAD;
     return vec2<u32>(r0, min(r0 + ROWS_PER_THREAD, rows));
 }
@@ -62,7 +62,7 @@ fn lane_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
 
 // A walk's stride of `s` elements: whole runs (mod channels) and the rest.
 fn stride_of(s: u32) -> ChannelWalk {
-    return ChannelWalk((s / p.inner) % p.channels, s % p.inner);
+    return ChannelWalk((s / p().inner) % p().channels, s % p().inner);
 }
 
 // The walk `step` elements on (step from stride_of), with no division.
@@ -70,17 +70,17 @@ fn walk_by(w: ChannelWalk, step: ChannelWalk) -> ChannelWalk {
     var i = w.i + step.i;
     var c = w.c + step.c;
     // each part below its bound: one carry, one wrap at most
-    if i >= p.inner {
-        i -= p.inner;
+    if i >= p().inner {
+        i -= p().inner;
         c += 1u;
     }
-    if c >= p.channels {
-        c -= p.channels;
+    if c >= p().channels {
+        c -= p().channels;
     }
     return ChannelWalk(c, i);
 }
 
 // The two channels of the vec4 at the walk (inner >= 16: at most two).
 fn two_channels_at(w: ChannelWalk) -> TwoChannels {
-    return TwoChannels(w.c, select(w.c + 1u, 0u, w.c + 1u == p.channels), p.inner - w.i);
+    return TwoChannels(w.c, select(w.c + 1u, 0u, w.c + 1u == p().channels), p().inner - w.i);
 }

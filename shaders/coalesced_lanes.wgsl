@@ -75,18 +75,18 @@ struct RowLane {
 }
 
 fn row_lane(group: u32, lid: u32) -> RowLane {
-    let block = group % p.column_blocks;
-    let tile = group / p.column_blocks;
-    let rows = (p.chunk_start + p.chunk_elems - 1u) / p.channels - p.chunk_start / p.channels + 1u;
-    let r0 = min(tile * p.elems_per_thread, rows);
+    let block = group % p().column_blocks;
+    let tile = group / p().column_blocks;
+    let rows = (p().chunk_start + p().chunk_elems - 1u) / p().channels - p().chunk_start / p().channels + 1u;
+    let r0 = min(tile * p().elems_per_thread, rows);
     return RowLane(
-        block * p.lane_width + lid % p.lane_width,
+        block * p().lane_width + lid % p().lane_width,
         tile,
         r0,
-        min(r0 + p.elems_per_thread, rows),
-        lid / p.lane_width,
-        WG / p.lane_width,
-        p.chunk_start / p.channels,
+        min(r0 + p().elems_per_thread, rows),
+        lid / p().lane_width,
+        WG / p().lane_width,
+        p().chunk_start / p().channels,
     );
 }
 
@@ -98,34 +98,34 @@ fn lane_steps(span: u32, stride: u32) -> u32 {
 
 // Whether absolute element `a` (the first of a column's values) is in the chunk.
 fn in_chunk(a: u32) -> bool {
-    return a >= p.chunk_start && a < p.chunk_start + p.chunk_elems;
+    return a >= p().chunk_start && a < p().chunk_start + p().chunk_elems;
 }
 
 // Channels last, quads: the vec4 of column `col` in chunk row r, where it lies in the chunk.
 fn row_quad(lane: RowLane, r: u32) -> u32 {
-    return (lane.row0 + r) * (p.channels / 4u) + lane.col;
+    return (lane.row0 + r) * (p().channels / 4u) + lane.col;
 }
 
 fn row_quad_valid(lane: RowLane, r: u32) -> bool {
-    return r < lane.r1 && lane.col < p.channels / 4u && in_chunk(4u * row_quad(lane, r));
+    return r < lane.r1 && lane.col < p().channels / 4u && in_chunk(4u * row_quad(lane, r));
 }
 
 // its index in the x (and dy) binding
 fn row_quad_index(lane: RowLane, r: u32) -> u32 {
-    return p.x_base / 4u + row_quad(lane, r) - p.chunk_start / 4u;
+    return p().x_base / 4u + row_quad(lane, r) - p().chunk_start / 4u;
 }
 
 // Channels last, one channel per column: absolute element of column `col` in chunk row r.
 fn row_element(lane: RowLane, r: u32) -> u32 {
-    return (lane.row0 + r) * p.channels + lane.col;
+    return (lane.row0 + r) * p().channels + lane.col;
 }
 
 fn row_element_valid(lane: RowLane, r: u32) -> bool {
-    return r < lane.r1 && lane.col < p.channels && in_chunk(row_element(lane, r));
+    return r < lane.r1 && lane.col < p().channels && in_chunk(row_element(lane, r));
 }
 
 fn row_element_index(lane: RowLane, r: u32) -> u32 {
-    return p.x_base + row_element(lane, r) - p.chunk_start;
+    return p().x_base + row_element(lane, r) - p().chunk_start;
 }
 
 // Runs: the tile's positions [x, y) of channel c, and the channel.
@@ -137,9 +137,9 @@ struct RunTile {
 }
 
 fn run_tile(group: u32) -> RunTile {
-    let c = group % p.channels;
-    let tile = group / p.channels;
-    let span = tile_span(c, tile, p.elems_per_thread);
+    let c = group % p().channels;
+    let tile = group / p().channels;
+    let span = tile_span(c, tile, p().elems_per_thread);
     return RunTile(c, tile, span.x, span.y);
 }
 
@@ -153,20 +153,20 @@ struct RunWalk {
 }
 
 fn run_walk(j: u32, step: u32) -> RunWalk {
-    return RunWalk(j / p.inner, j % p.inner, step / p.inner, step % p.inner);
+    return RunWalk(j / p().inner, j % p().inner, step / p().inner, step % p().inner);
 }
 
 // the absolute element at the walk's position, of channel c
 fn walk_element(w: RunWalk, c: u32) -> u32 {
-    return (w.o * p.channels + c) * p.inner + w.i;
+    return (w.o * p().channels + c) * p().inner + w.i;
 }
 
 fn walk_advance(w: RunWalk) -> RunWalk {
     // step_i < inner: one carry at most
     var i = w.i + w.step_i;
     var o = w.o + w.step_o;
-    if i >= p.inner {
-        i -= p.inner;
+    if i >= p().inner {
+        i -= p().inner;
         o += 1u;
     }
     return RunWalk(o, i, w.step_o, w.step_i);

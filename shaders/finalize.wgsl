@@ -7,10 +7,10 @@
 // Keeping the shift (a sample of the channel) apart from the small
 // correction `mean - shift` is what keeps y exact when |mean| >> std.
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
 // [gamma | beta | moving_mean | moving_variance | moving_stddev | renorm_mean | renorm_stddev],
-// p.state_stride floats apart
+// p().state_stride floats apart
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
 // [shift | scale | offset], `channels` values each (vec4-readable by channel quads)
 @group(0) @binding(3) var<storage, read_write> affine: array<f32>;
@@ -23,8 +23,8 @@ const MASK_COUNT_EPS: f32 = 1e-7;
 
 fn write_affine(c: u32, shift: f32, scale: f32, offset: f32) {
     affine[c] = shift;
-    affine[p.channels + c] = scale;
-    affine[2u * p.channels + c] = offset;
+    affine[p().channels + c] = scale;
+    affine[2u * p().channels + c] = offset;
 }
 
 // invocations per channel: one SIMD group on lavapipe (contiguous loads,
@@ -61,11 +61,11 @@ fn finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = (wid.x + wid.y * p.finalize_groups_x) * (64u / LANES) + lid / LANES;
+    let c = (wid.x + wid.y * p().finalize_groups_x) * (64u / LANES) + lid / LANES;
     let lane = lid % LANES;
-    let nc = p.channels;
+    let nc = p().channels;
     // barriers below: no invocation leaves before them
-    let tiles = select(0u, p.total_tiles, c < nc);
+    let tiles = select(0u, p().total_tiles, c < nc);
     // the channel's merged tiles, in lane 0: workgroup memory is read only
     // where this invocation's workgroup wrote it (it starts undefined)
     var total = vec4<f32>(0.0);
@@ -73,7 +73,7 @@ fn finalize(
         // a strided share of the tiles each (at most 65535 / 8 steps)
         var acc = vec4<f32>(0.0);
         for (var t = lane; t < tiles; t += LANES) {
-            acc = merge(acc, partials[c * p.total_tiles + t]);
+            acc = merge(acc, partials[c * p().total_tiles + t]);
         }
         merged[lid] = acc;
         workgroupBarrier();
@@ -94,10 +94,10 @@ fn finalize(
         return;
     }
     let gamma = select(1.0, state[c], has_flag(FLAG_SCALE));
-    let beta = select(0.0, state[p.state_stride + c], has_flag(FLAG_CENTER));
-    let moving_mean = state[2u * p.state_stride + c];
-    let moving_variance = state[3u * p.state_stride + c];
-    let eps = p.epsilon;
+    let beta = select(0.0, state[p().state_stride + c], has_flag(FLAG_CENTER));
+    let moving_mean = state[2u * p().state_stride + c];
+    let moving_variance = state[3u * p().state_stride + c];
+    let eps = p().epsilon;
 
     if !has_flag(FLAG_TRAINING) {
         let inv = inverseSqrt(moving_variance + eps);
@@ -139,7 +139,7 @@ fn finalize(
     if beyond {
         inv = k * inverseSqrt(scaled_variance);
     }
-    let m = p.momentum;
+    let m = p().momentum;
 
     var scale = inv * gamma;
     var offset = beta - delta * scale;
@@ -147,39 +147,39 @@ fn finalize(
     var d = 0.0;
     if has_flag(FLAG_RENORM) {
         let stddev = select(sqrt(variance + eps), sqrt(scaled_variance) / k, beyond);
-        let renorm_mean = state[5u * p.state_stride + c];
-        let renorm_stddev = state[6u * p.state_stride + c];
+        let renorm_mean = state[5u * p().state_stride + c];
+        let renorm_stddev = state[6u * p().state_stride + c];
         let reference_stddev = max(renorm_stddev, sqrt(eps));
         r = stddev / reference_stddev;
         if has_flag(FLAG_RMIN) {
-            r = max(r, p.rmin);
+            r = max(r, p().rmin);
         }
         if has_flag(FLAG_RMAX) {
-            r = min(r, p.rmax);
+            r = min(r, p().rmax);
         }
         d = ((shift - renorm_mean) + delta) / reference_stddev;
         if has_flag(FLAG_DMAX) {
-            d = clamp(d, -p.dmax, p.dmax);
+            d = clamp(d, -p().dmax, p().dmax);
         }
         scale = inv * r * gamma;
         offset = d * gamma + beta - delta * scale;
 
-        let rm = p.renorm_momentum;
-        state[5u * p.state_stride + c] = stored(renorm_mean * rm + mean * (1.0 - rm));
-        state[6u * p.state_stride + c] = stored(renorm_stddev * rm + stddev * (1.0 - rm));
-        state[2u * p.state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
-        let moving_stddev = stored(state[4u * p.state_stride + c] * m + stddev * (1.0 - m));
-        state[4u * p.state_stride + c] = moving_stddev;
-        state[3u * p.state_stride + c] = stored(max(moving_stddev * moving_stddev - eps, 0.0));
+        let rm = p().renorm_momentum;
+        state[5u * p().state_stride + c] = stored(renorm_mean * rm + mean * (1.0 - rm));
+        state[6u * p().state_stride + c] = stored(renorm_stddev * rm + stddev * (1.0 - rm));
+        state[2u * p().state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
+        let moving_stddev = stored(state[4u * p().state_stride + c] * m + stddev * (1.0 - m));
+        state[4u * p().state_stride + c] = moving_stddev;
+        state[3u * p().state_stride + c] = stored(max(moving_stddev * moving_stddev - eps, 0.0));
     } else if has_flag(FLAG_PYTORCH) {
         // PyTorch: momentum weighs the new value; the running variance
         // takes the unbiased batch variance (the biased one with one value)
         let unbiased = select(variance, ((m2 / (count - 1.0)) * u) * u, count > 1.0);
-        state[2u * p.state_stride + c] = stored(moving_mean * (1.0 - m) + mean * m);
-        state[3u * p.state_stride + c] = stored(moving_variance * (1.0 - m) + unbiased * m);
+        state[2u * p().state_stride + c] = stored(moving_mean * (1.0 - m) + mean * m);
+        state[3u * p().state_stride + c] = stored(moving_variance * (1.0 - m) + unbiased * m);
     } else {
-        state[2u * p.state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
-        state[3u * p.state_stride + c] = stored(moving_variance * m + variance * (1.0 - m));
+        state[2u * p().state_stride + c] = stored(moving_mean * m + mean * (1.0 - m));
+        state[3u * p().state_stride + c] = stored(moving_variance * m + variance * (1.0 - m));
     }
     write_affine(c, shift, scale, offset);
     saved[2u * c] = vec4<f32>(shift, delta, inv, r);

@@ -8,11 +8,11 @@ fn mask_value(m: u32) -> bool {
 
 // `a` is an absolute element index
 fn masked_in(a: u32) -> bool {
-    return mask_value(a / p.last_dim);
+    return mask_value(a / p().last_dim);
 }
 
 // Channels last with the channels as the last axis, the mask holds one
 // value per row: `r` is the row's index within the chunk.
 fn row_masked_in(r: u32) -> bool {
-    return mask_value(p.chunk_start / p.channels + r);
+    return mask_value(p().chunk_start / p().channels + r);
 }

@@ -26,7 +26,7 @@ const WG: u32 = 256u;
 // (the host sets it: PlanTuning::values_per_thread)
 override PER_THREAD: u32 = 4u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(1) var<storage, read> x4: array<Quad>;
 @group(0) @binding(2) var<storage, read> affine: array<f32>;
@@ -36,8 +36,8 @@ override PER_THREAD: u32 = 4u;
 
 // the i-th group of four values of the chunk
 fn map4(i: u32, shift: vec4<f32>, scale: vec4<f32>, offset: vec4<f32>) {
-    let v = unpack_quad(x4[p.x_base / 4u + i]);
-    y4[p.y_base / 4u + i] = pack_quad(epilogue4(fma(v - shift, scale, offset)));
+    let v = unpack_quad(x4[p().x_base / 4u + i]);
+    y4[p().y_base / 4u + i] = pack_quad(epilogue4(fma(v - shift, scale, offset)));
 }
 // The start of `affine` again (64 KiB where the device allows; the host
 // prepends UNIFORM_VIEW_VEC4S), as a uniform: with UNIFORM_PARAMS the
@@ -62,7 +62,7 @@ fn affine_quad(i: u32) -> vec4<f32> {
 }
 
 fn apply(c: u32, v: f32) -> f32 {
-    return epilogue((v - affine_at(c)) * affine_at(p.channels + c) + affine_at(2u * p.channels + c));
+    return epilogue((v - affine_at(c)) * affine_at(p().channels + c) + affine_at(2u * p().channels + c));
 }
 
 @compute @workgroup_size(256)
@@ -70,21 +70,21 @@ fn normalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
     if IS_F16 {
-        let x_word = p.x_base / 2u;
-        let y_word = p.y_base / 2u;
+        let x_word = p().x_base / 2u;
+        let y_word = p().y_base / 2u;
         var walk = walk_at(2u * thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let w = thread * PER_THREAD + k;
             let e = 2u * w;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
             let pair = unpack2x16float(x[x_word + w]);
             var out = vec2<f32>(apply(walk.c, pair.x), 0.0);
             walk = walk_next(walk);
-            if e + 1u < p.chunk_elems {
+            if e + 1u < p().chunk_elems {
                 out.y = apply(walk.c, pair.y);
             }
             walk = walk_next(walk);
@@ -94,10 +94,10 @@ fn normalize(
         var walk = walk_at(thread * PER_THREAD);
         for (var k = 0u; k < PER_THREAD; k++) {
             let e = thread * PER_THREAD + k;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
-            y[p.y_base + e] = bitcast<u32>(apply(walk.c, bitcast<f32>(x[p.x_base + e])));
+            y[p().y_base + e] = bitcast<u32>(apply(walk.c, bitcast<f32>(x[p().x_base + e])));
             walk = walk_next(walk);
         }
     }
@@ -110,29 +110,29 @@ fn normalize_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;
     }
-    let e = p.chunk_start + 4u * first;
-    var c = (e / p.inner) % p.channels;
-    var i = e % p.inner;
+    let e = p().chunk_start + 4u * first;
+    var c = (e / p().inner) % p().channels;
+    var i = e % p().inner;
     // parameters are loaded once per channel the invocation meets, not per vec4
     var shift = affine_at(c);
-    var scale = affine_at(p.channels + c);
-    var offset = affine_at(2u * p.channels + c);
+    var scale = affine_at(p().channels + c);
+    var offset = affine_at(2u * p().channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         map4(v, vec4<f32>(shift), vec4<f32>(scale), vec4<f32>(offset));
         i += 4u;
-        if i == p.inner {
+        if i == p().inner {
             i = 0u;
-            c = select(c + 1u, 0u, c + 1u == p.channels);
+            c = select(c + 1u, 0u, c + 1u == p().channels);
             shift = affine_at(c);
-            scale = affine_at(p.channels + c);
-            offset = affine_at(2u * p.channels + c);
+            scale = affine_at(p().channels + c);
+            offset = affine_at(2u * p().channels + c);
         }
     }
 }
@@ -145,16 +145,16 @@ fn normalize_inner16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;
     }
-    let c = ((p.chunk_start + 4u * first) / p.inner) % p.channels;
+    let c = ((p().chunk_start + 4u * first) / p().inner) % p().channels;
     let shift = affine_at(c);
-    let scale = affine_at(p.channels + c);
-    let offset = affine_at(2u * p.channels + c);
+    let scale = affine_at(p().channels + c);
+    let offset = affine_at(2u * p().channels + c);
     let last = min(first + PER_THREAD, vecs);
     for (var v = first; v < last; v++) {
         map4(v, vec4<f32>(shift), vec4<f32>(scale), vec4<f32>(offset));
@@ -169,8 +169,8 @@ fn normalize_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let quads = p.channels / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let quads = p().channels / 4u;
     let q = thread % quads;
     let band = row_band(thread, quads);
     if band.x >= band.y {
@@ -193,8 +193,8 @@ fn normalize_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let quads = p.channels / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let quads = p().channels / 4u;
     let pairs = quads / 2u;
     let q = 2u * (thread % pairs);
     let band = row_band(thread, pairs);
@@ -222,14 +222,14 @@ fn normalize_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems / 4u;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems / 4u;
     let first = thread * PER_THREAD;
     if first >= vecs {
         return;
     }
     let two = two_channels(4u * first);
-    let c = p.channels;
+    let c = p().channels;
     let shift = vec2<f32>(affine_at(two.c0), affine_at(two.c1));
     let scale = vec2<f32>(affine_at(c + two.c0), affine_at(c + two.c1));
     let offset = vec2<f32>(affine_at(2u * c + two.c0), affine_at(2u * c + two.c1));

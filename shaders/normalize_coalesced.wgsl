@@ -14,31 +14,31 @@ fn normalize_coalesced(
 ) {
     let lane = lane_of(wid, nwg, lid);
     if IS_F16 {
-        let words = (p.chunk_elems + 1u) / 2u;
+        let words = (p().chunk_elems + 1u) / 2u;
         var walk = walk_at(2u * lane.x);
         let step = stride_of(2u * lane.y);
-        for (var k = 0u; k < p.elementwise_steps; k++) {
+        for (var k = 0u; k < p().elementwise_steps; k++) {
             let w = lane.x + k * lane.y;
             if w >= words {
                 break;
             }
-            let pair = unpack2x16float(x[p.x_base / 2u + w]);
+            let pair = unpack2x16float(x[p().x_base / 2u + w]);
             var out = vec2<f32>(apply(walk.c, pair.x), 0.0);
-            if 2u * w + 1u < p.chunk_elems {
+            if 2u * w + 1u < p().chunk_elems {
                 out.y = apply(walk_next(walk).c, pair.y);
             }
-            y[p.y_base / 2u + w] = pack_f16x2(out);
+            y[p().y_base / 2u + w] = pack_f16x2(out);
             walk = walk_by(walk, step);
         }
     } else {
         var walk = walk_at(lane.x);
         let step = stride_of(lane.y);
-        for (var k = 0u; k < p.elementwise_steps; k++) {
+        for (var k = 0u; k < p().elementwise_steps; k++) {
             let e = lane.x + k * lane.y;
-            if e >= p.chunk_elems {
+            if e >= p().chunk_elems {
                 break;
             }
-            y[p.y_base + e] = bitcast<u32>(apply(walk.c, bitcast<f32>(x[p.x_base + e])));
+            y[p().y_base + e] = bitcast<u32>(apply(walk.c, bitcast<f32>(x[p().x_base + e])));
             walk = walk_by(walk, step);
         }
     }
@@ -52,16 +52,16 @@ fn normalize_coalesced_inner4(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
+    let vecs = p().chunk_elems / 4u;
     var walk = walk_at(4u * lane.x);
     let step = stride_of(4u * lane.y);
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
         }
         let c = walk.c;
-        map4(v, vec4<f32>(affine_at(c)), vec4<f32>(affine_at(p.channels + c)), vec4<f32>(affine_at(2u * p.channels + c)));
+        map4(v, vec4<f32>(affine_at(c)), vec4<f32>(affine_at(p().channels + c)), vec4<f32>(affine_at(2u * p().channels + c)));
         walk = walk_by(walk, step);
     }
 }
@@ -74,11 +74,11 @@ fn normalize_coalesced_channels4(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
-    let quads = p.channels / 4u;
-    var q = (p.chunk_start / 4u + lane.x) % quads;
+    let vecs = p().chunk_elems / 4u;
+    let quads = p().channels / 4u;
+    var q = (p().chunk_start / 4u + lane.x) % quads;
     let step = lane.y % quads;
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;
@@ -96,11 +96,11 @@ fn normalize_coalesced_runs16(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lane = lane_of(wid, nwg, lid);
-    let vecs = p.chunk_elems / 4u;
-    let n = p.channels;
+    let vecs = p().chunk_elems / 4u;
+    let n = p().channels;
     var walk = walk_at(4u * lane.x);
     let step = stride_of(4u * lane.y);
-    for (var k = 0u; k < p.elementwise_steps; k++) {
+    for (var k = 0u; k < p().elementwise_steps; k++) {
         let v = lane.x + k * lane.y;
         if v >= vecs {
             break;

@@ -13,6 +13,8 @@ struct OptimizerParams {
     beta_constraint: vec4<f32>,
     // floats from one state slot to the next
     state_stride: u32,
+    // always 0: which block of the slot holds these (see q())
+    zero: u32,
 }
 
 const HAS_GAMMA: u32 = 1u;
@@ -23,7 +25,7 @@ const USE_MOMENTUM: u32 = 8u;
 const F16_STATE: u32 = 16u;
 
 fn stored(v: f32) -> f32 {
-    if (q.flags & F16_STATE) != 0u {
+    if (q().flags & F16_STATE) != 0u {
         return round_f16(v);
     }
     return v;
@@ -38,7 +40,14 @@ const CONSTRAINT_UNIT_NORM: f32 = 4.0;
 const NORM_EPS: f32 = 1e-7;
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> q: OptimizerParams;
+// Two blocks in the uniform binding, the first holding the parameters.
+@group(0) @binding(0) var<uniform> optimizer_slot: array<OptimizerParams, 2>;
+// The optimiser's parameters, read as params.wgsl's p() reads a layer
+// kernel's (never at a constant offset: lavapipe's uniform inlining).
+fn q() -> OptimizerParams {
+    return optimizer_slot[min(optimizer_slot[0].zero, 1u)];
+}
+
 @group(0) @binding(1) var<storage, read_write> state: array<f32>;
 @group(0) @binding(2) var<storage, read> dgamma: array<f32>;
 @group(0) @binding(3) var<storage, read> dbeta: array<f32>;
@@ -47,34 +56,38 @@ const WG: u32 = 256u;
 
 // weight `which` (0 gamma, 1 beta) of channel c
 fn sgd(which: u32, c: u32, grad: f32) {
-    let index = which * q.state_stride + c;
-    let v = which * q.channels + c;
+    let index = which * q().state_stride + c;
+    let v = which * q().channels + c;
     // Keras SGD: m = m * momentum - lr * g; w += m (or, Nesterov,
     // w += m * momentum - lr * g); without momentum w -= lr * g
-    if (q.flags & USE_MOMENTUM) != 0u {
-        let m = velocity[v] * q.momentum - q.learning_rate * grad;
+    if (q().flags & USE_MOMENTUM) != 0u {
+        let m = velocity[v] * q().momentum - q().learning_rate * grad;
         velocity[v] = m;
-        if (q.flags & NESTEROV) != 0u {
-            state[index] = stored(state[index] + (m * q.momentum - q.learning_rate * grad));
+        if (q().flags & NESTEROV) != 0u {
+            state[index] = stored(state[index] + (m * q().momentum - q().learning_rate * grad));
         } else {
             state[index] = stored(state[index] + m);
         }
     } else {
-        state[index] = stored(state[index] - q.learning_rate * grad);
+        state[index] = stored(state[index] - q().learning_rate * grad);
     }
 }
 
 @compute @workgroup_size(64)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+fn sgd_step(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+) {
     // a 2-D grid past 65535 workgroups: rows of groups.x * 64 channels
     let c = gid.x + gid.y * groups.x * 64u;
-    if c >= q.channels {
+    if c >= q().channels {
         return;
     }
-    if (q.flags & HAS_GAMMA) != 0u {
+    if (q().flags & HAS_GAMMA) != 0u {
         sgd(0u, c, dgamma[c]);
     }
-    if (q.flags & HAS_BETA) != 0u {
+    if (q().flags & HAS_BETA) != 0u {
         sgd(1u, c, dbeta[c]);
     }
 }
@@ -86,21 +99,21 @@ var<workgroup> wg_sum: array<f32, WG>;
 @compute @workgroup_size(256)
 fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let which = wid.x;
-    var constraint = q.gamma_constraint;
-    var present = (q.flags & HAS_GAMMA) != 0u;
+    var constraint = q().gamma_constraint;
+    var present = (q().flags & HAS_GAMMA) != 0u;
     if which == 1u {
-        constraint = q.beta_constraint;
-        present = (q.flags & HAS_BETA) != 0u;
+        constraint = q().beta_constraint;
+        present = (q().flags & HAS_BETA) != 0u;
     }
     // uniform across the workgroup
     if !present || constraint.x == CONSTRAINT_NONE {
         return;
     }
-    let base = which * q.state_stride;
+    let base = which * q().state_stride;
     // each invocation owns a contiguous block: ceil(channels / 256) values
-    let per = (q.channels + WG - 1u) / WG;
-    let begin = min(lid * per, q.channels);
-    let end = min(begin + per, q.channels);
+    let per = (q().channels + WG - 1u) / WG;
+    let begin = min(lid * per, q().channels);
+    let end = min(begin + per, q().channels);
     if constraint.x == CONSTRAINT_NON_NEG {
         for (var c = begin; c < end; c++) {
             state[base + c] = stored(max(state[base + c], 0.0));

@@ -1,5 +1,6 @@
-// Shared by every kernel: one 256-byte uniform slot per dispatch chunk.
-// Mirrors `kernels::Params` in Rust field for field.
+// Shared by every kernel: one 256-byte uniform slot per dispatch chunk,
+// bound as two Params blocks (see p()). The struct mirrors
+// `kernels::Params` in Rust field for field.
 struct Params {
     channels: u32,
     inner: u32,
@@ -47,7 +48,8 @@ struct Params {
     // storage offset alignment: each slot is bindable on its own)
     state_stride: u32,
     // to a multiple of 16 bytes
-    _pad0: u32,
+    // always 0: which block of the slot holds these (see p())
+    zero: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -71,8 +73,28 @@ const FLAG_MERGE_ONLY: u32 = 8192u;
 // StatePrecision::Float16: weights round to float16 when written
 const FLAG_F16_STATE: u32 = 16384u;
 
+// Binding 0 of every kernel: the chunk's slot. Only its first block holds
+// parameters; the second is the rest of the slot (never read).
+@group(0) @binding(0) var<uniform> params_slot: array<Params, 2>;
+
+// The parameters of this dispatch: every kernel and helper reads them
+// through here, at the block `zero` names (always 0, but no compiler can
+// know it), so no uniform load of any kernel has a constant offset
+// (kernels::tests::uniforms_are_never_read_at_constant_offsets). That is
+// what keeps Mesa 22.3's lavapipe from "inlining" uniform values: it picks
+// up to four values that a kernel's branches read at constant offsets of a
+// uniform buffer (after its own optimisations, whatever the WGSL says) and,
+// unless its first dispatch finds the variant not worth it, compiles a new
+// one at every dispatch and never frees it (about 200 KiB a backward call
+// on lavapipe; tests/memory.rs). A value read from the uniform buffer,
+// unlike a private copy, stays uniform for WGSL's uniformity analysis
+// (Tint refuses barriers under branches on private variables).
+fn p() -> Params {
+    return params_slot[min(params_slot[0].zero, 1u)];
+}
+
 fn has_flag(flag: u32) -> bool {
-    return (p.flags & flag) != 0u;
+    return (p().flags & flag) != 0u;
 }
 
 // A weight as the state stores it (float16-rounded under FLAG_F16_STATE).
@@ -81,16 +103,6 @@ fn stored(v: f32) -> f32 {
         return round_f16(v);
     }
     return v;
-}
-
-// Mesa 22.3's lavapipe inlines the uniform values that a kernel's branches
-// read, when there are at most four of them, into a shader variant it
-// compiles at dispatch time and never frees: 170 KiB of host memory a
-// dispatch of backward_finalize (tests/memory.rs). Branching on this at a
-// kernel's start (uniform control flow) makes its branches read more than
-// four. Never true: no chunk holds 2^32 - 1 elements.
-fn lavapipe_no_inlining() -> bool {
-    return (p.chunk_elems & p.inner & p.last_dim & p.tiles & p.tile_offset) == 0xffffffffu;
 }
 
 // The dx coefficients (c1, c2, c3 of backward_finalize.wgsl) are stored

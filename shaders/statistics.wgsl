@@ -25,7 +25,7 @@ override MASKED: bool = false;
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 // the same binding in groups of four values, by the vec4 entry points
 @group(0) @binding(1) var<storage, read> x4: array<Quad>;
@@ -62,7 +62,7 @@ fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
             m2 = 0.0;
         }
     }
-    partials[c * p.total_tiles + p.tile_offset + tile] = vec4<f32>(count, shift, mean / shift_scale(shift), m2);
+    partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(count, shift, mean / shift_scale(shift), m2);
 }
 
 @compute @workgroup_size(256)
@@ -70,28 +70,28 @@ fn partial_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
-    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let c = g % p().channels;
+    let tile = g / p().channels;
+    let span_j = tile_span(c, tile, p().elems_per_thread);
     let j0 = span_j.x;
     let j1 = span_j.y;
     var shift = 0.0;
     if j0 < j1 {
-        shift = finite_shift(load_x(p.x_base + element_of(j0, c) - p.chunk_start));
+        shift = finite_shift(load_x(p().x_base + element_of(j0, c) - p().chunk_start));
     }
     var k = shift_scale(shift);
-    var o = j0 / p.inner;
-    var i = j0 % p.inner;
+    var o = j0 / p().inner;
+    var i = j0 % p().inner;
     var s1 = 0.0;
     var s2 = 0.0;
     var count = 0.0;
     for (var j = j0; j < j1; j++) {
-        let a = (o * p.channels + c) * p.inner + i;
-        let value = load_x(p.x_base + a - p.chunk_start);
+        let a = (o * p().channels + c) * p().inner + i;
+        let value = load_x(p().x_base + a - p().chunk_start);
         if !MASKED || masked_in(a) {
             // the shift must be one of the values summed: a masked-out
             // value far from the others would cost the variance its precision
@@ -105,7 +105,7 @@ fn partial_stats(
             count += 1.0;
         }
         i += 1u;
-        if i == p.inner {
+        if i == p().inner {
             i = 0u;
             o += 1u;
         }
@@ -119,17 +119,17 @@ fn partial_stats_inner4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
-    let span = 4u * p.elems_per_thread;
+    let c = g % p().channels;
+    let tile = g / p().channels;
+    let span = 4u * p().elems_per_thread;
     let span_j = tile_span(c, tile, span);
     let j0 = span_j.x;
     let j1 = span_j.y;
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     var shift = 0.0;
     if j0 < j1 {
         shift = finite_shift(load_x4((base + element_of(j0, c)) / 4u).x);
@@ -140,8 +140,8 @@ fn partial_stats_inner4(
     // run by run: the inner loop walks contiguous vec4s with no tracking;
     // both loops together take at most elems_per_thread steps
     var j = j0;
-    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p.inner + p.inner, j1);
+    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p().inner + p().inner, j1);
         let first = (base + element_of(j, c)) / 4u;
         let last = first + (run_end - j) / 4u;
         for (var a = first; a < last; a++) {
@@ -162,9 +162,9 @@ fn partial_stats_channels4(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let quads = p.channels / 4u;
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * quads {
+    let quads = p().channels / 4u;
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * quads {
         return;
     }
     let q = g % quads;
@@ -172,7 +172,7 @@ fn partial_stats_channels4(
     let band = tile_rows(tile);
     let r0 = band.x;
     let r1 = band.y;
-    let base = p.x_base / 4u;
+    let base = p().x_base / 4u;
     var shift = vec4<f32>(0.0);
     if r0 < r1 {
         shift = finite_shift4(load_x4(base + r0 * quads + q));
@@ -212,10 +212,10 @@ fn partial_stats_channels8(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let quads = p.channels / 4u;
+    let quads = p().channels / 4u;
     let pairs = quads / 2u;
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * pairs {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * pairs {
         return;
     }
     let q = 2u * (g % pairs);
@@ -223,7 +223,7 @@ fn partial_stats_channels8(
     let band = tile_rows(tile);
     let r0 = band.x;
     let r1 = band.y;
-    let base = p.x_base / 4u;
+    let base = p().x_base / 4u;
     var shift_a = vec4<f32>(0.0);
     var shift_b = vec4<f32>(0.0);
     if r0 < r1 {
@@ -277,17 +277,17 @@ fn partial_stats_runs16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = (wid.x + wid.y * p.stats_groups_x) * WG + lid;
-    if g >= p.tiles * p.channels {
+    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
+    if g >= p().tiles * p().channels {
         return;
     }
-    let c = g % p.channels;
-    let tile = g / p.channels;
-    let span_j = tile_span(c, tile, p.elems_per_thread);
+    let c = g % p().channels;
+    let tile = g / p().channels;
+    let span_j = tile_span(c, tile, p().elems_per_thread);
     let j0 = span_j.x;
     let j1 = span_j.y;
     // element positions inside the binding
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     var shift = 0.0;
     if j0 < j1 {
         let first = base + element_of(j0, c);
@@ -298,8 +298,8 @@ fn partial_stats_runs16(
     var s1 = vec4<f32>(0.0);
     var s2 = vec4<f32>(0.0);
     var j = j0;
-    for (var runs = 0u; runs < p.elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p.inner + p.inner, j1);
+    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
+        let run_end = min(j - j % p().inner + p().inner, j1);
         let a0 = base + element_of(j, c);
         let a1 = a0 + (run_end - j);
         for (var q = a0 / 4u; q * 4u < a1; q++) {

@@ -39,8 +39,8 @@ fn take_first_kept(slot: u32) -> u32 {
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.column_blocks {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().column_blocks {
         return;
     }
     let lid = lanes.lid;
@@ -52,11 +52,11 @@ fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
         for (var k = 0u; k < steps; k++) {
             let r = lane.r0 + lane.first + k * lane.stride;
             if row_quad_valid(lane, r) && row_masked_in(r) {
-                atomicMin(&first_kept[lid % p.lane_width], r);
+                atomicMin(&first_kept[lid % p().lane_width], r);
                 break;
             }
         }
-        let r = take_first_kept(lid % p.lane_width);
+        let r = take_first_kept(lid % p().lane_width);
         if r != NONE {
             shift = finite_shift4(load_row_quad(lane, r));
         }
@@ -90,8 +90,8 @@ fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
             count += 1.0;
         }
     }
-    let sums = reduce_strided3(Sums3(s1a + s1b, s2a + s2b, vec4<f32>(count)), lid, p.lane_width);
-    if lid < p.lane_width && lane.col < p.channels / 4u {
+    let sums = reduce_strided3(Sums3(s1a + s1b, s2a + s2b, vec4<f32>(count)), lid, p().lane_width);
+    if lid < p().lane_width && lane.col < p().channels / 4u {
         for (var k = 0u; k < 4u; k++) {
             write_partial(4u * lane.col + k, lane.tile, sums.c.x, sums.a[k], sums.b[k], shift[k]);
         }
@@ -100,8 +100,8 @@ fn partial_stats_coalesced_rows4(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.column_blocks {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().column_blocks {
         return;
     }
     let lid = lanes.lid;
@@ -113,11 +113,11 @@ fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
         for (var k = 0u; k < steps; k++) {
             let r = lane.r0 + lane.first + k * lane.stride;
             if row_element_valid(lane, r) && masked_in(row_element(lane, r)) {
-                atomicMin(&first_kept[lid % p.lane_width], r);
+                atomicMin(&first_kept[lid % p().lane_width], r);
                 break;
             }
         }
-        let r = take_first_kept(lid % p.lane_width);
+        let r = take_first_kept(lid % p().lane_width);
         if r != NONE {
             shift = finite_shift(load_row_element(lane, r));
         }
@@ -143,21 +143,21 @@ fn partial_stats_coalesced_rows1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
             b += vec3<f32>(vb, vb * vb, 1.0);
         }
     }
-    let t = reduce_strided(vec4<f32>(a + b, 0.0), lid, p.lane_width);
-    if lid < p.lane_width && lane.col < p.channels {
+    let t = reduce_strided(vec4<f32>(a + b, 0.0), lid, p().lane_width);
+    if lid < p().lane_width && lane.col < p().channels {
         write_partial(lane.col, lane.tile, t.z, t.x, t.y, shift);
     }
 }
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.channels {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().channels {
         return;
     }
     let lid = lanes.lid;
     let t = run_tile(group);
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     let steps = lane_steps(t.j1 - t.j0, WG);
     var shift = 0.0;
     if MASKED {
@@ -210,13 +210,13 @@ fn partial_stats_coalesced_runs1(@builtin(workgroup_id) wid: vec3<u32>, lanes: L
 
 @compute @workgroup_size(256)
 fn partial_stats_coalesced_runs4(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let group = wid.x + wid.y * p.stats_groups_x;
-    if group >= p.tiles * p.channels {
+    let group = wid.x + wid.y * p().stats_groups_x;
+    if group >= p().tiles * p().channels {
         return;
     }
     let lid = lanes.lid;
     let t = run_tile(group);
-    let base = p.x_base - p.chunk_start;
+    let base = p().x_base - p().chunk_start;
     var shift = 0.0;
     if t.j0 < t.j1 {
         shift = finite_shift(load_x4((base + element_of(t.j0, t.c)) / 4u).x);

@@ -8,7 +8,7 @@ const PER_THREAD: u32 = 4u;
 const A: f32 = 1.5;
 const B: f32 = -0.25;
 
-@group(0) @binding(0) var<uniform> p: Params;
+// binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> y4: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> xf: array<vec4<f32>>;
@@ -19,14 +19,14 @@ fn stream_f32(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
-    let vecs = p.chunk_elems;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
+    let vecs = p().chunk_elems;
     for (var k = 0u; k < PER_THREAD; k++) {
         let v = thread * PER_THREAD + k;
         if v >= vecs {
             break;
         }
-        yf[p.y_base + v] = xf[p.x_base + v] * A + B;
+        yf[p().y_base + v] = xf[p().x_base + v] * A + B;
     }
 }
 
@@ -36,17 +36,17 @@ fn stream_f16(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let thread = (wid.x + wid.y * p.norm_groups_x) * WG + lid;
+    let thread = (wid.x + wid.y * p().norm_groups_x) * WG + lid;
     // whole 16-byte vectors: the host leaves an odd tail out
-    let vecs = p.chunk_elems;
+    let vecs = p().chunk_elems;
     for (var k = 0u; k < PER_THREAD; k++) {
         let v = thread * PER_THREAD + k;
         if v >= vecs {
             break;
         }
-        let w = x4[p.x_base + v];
+        let w = x4[p().x_base + v];
         let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)) * A + B;
         let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)) * A + B;
-        y4[p.y_base + v] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
+        y4[p().y_base + v] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
     }
 }

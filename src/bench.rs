@@ -1036,7 +1036,7 @@ impl StreamBaseline {
                         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &uniform,
                             offset: 0,
-                            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                            size: wgpu::BufferSize::new(Kernel::Stream.uniform_size()),
                         }),
                     },
                     wgpu::BindGroupEntry {

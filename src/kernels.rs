@@ -76,7 +76,10 @@ pub(crate) struct Params {
     pub column_blocks: u32,
     pub elementwise_steps: u32,
     pub state_stride: u32,
-    pub _pad: [u32; 3],
+    /// Always 0: the block of the slot the kernels read (`p()` in
+    /// `shaders/params.wgsl`).
+    pub zero: u32,
+    pub _pad: [u32; 2],
 }
 
 /// The uniform block of `shaders/optimizer.wgsl`.
@@ -91,7 +94,9 @@ pub(crate) struct OptimizerParams {
     pub gamma_constraint: [f32; 4],
     pub beta_constraint: [f32; 4],
     pub state_stride: u32,
-    pub _pad: [u32; 3],
+    /// Always 0 (`q()` in `shaders/optimizer.wgsl`).
+    pub zero: u32,
+    pub _pad: [u32; 2],
 }
 
 pub(crate) const OPT_HAS_GAMMA: u32 = 1;
@@ -238,12 +243,15 @@ impl Kernel {
         }
     }
 
-    /// Bytes of the uniform block at binding 0.
-    fn uniform_size(self) -> u64 {
-        match self {
-            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>() as u64,
-            _ => std::mem::size_of::<Params>() as u64,
-        }
+    /// Bytes of the uniform binding at 0: two blocks, of which the kernels
+    /// read the first (at an index the compiler cannot fold, see
+    /// `p()` in `shaders/params.wgsl`).
+    pub(crate) fn uniform_size(self) -> u64 {
+        let block = match self {
+            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>(),
+            _ => std::mem::size_of::<Params>(),
+        };
+        2 * block as u64
     }
 
     /// Storage bindings after the uniform at binding 0: `true` = read-only.
@@ -957,6 +965,70 @@ mod tests {
         }
     }
 
+    /// No kernel reads a uniform at an offset its compiler can fold: a
+    /// uniform binding is only ever indexed, by a runtime value (the
+    /// parameters' slot by `min(wid.z, 1u)`, the per-channel views by
+    /// channel), and every entry point loads `p` (or `q`) first. Mesa
+    /// 22.3's lavapipe "inlines" uniform values read at constant offsets,
+    /// compiling a variant per dispatch that it never frees
+    /// (`load_params` in `shaders/params.wgsl`, tests/memory.rs).
+    /// The uniform parameters are never read at a constant offset: every
+    /// kernel reads binding 0 through `p()` (or the optimiser's `q()`),
+    /// whose block index is itself read from the uniform (the one constant
+    /// read, of that index), and the per-channel parameters' uniform views
+    /// are indexed by channel. Mesa 22.3's lavapipe "inlines" uniform
+    /// values read at constant offsets, compiling a variant per dispatch
+    /// that it never frees (`p()` in `shaders/params.wgsl`,
+    /// tests/memory.rs).
+    #[test]
+    fn uniforms_are_never_read_at_constant_offsets() {
+        use naga::Expression as E;
+        let mut sources: Vec<SourceKey> = KernelKey::every_variant().iter().map(|k| k.source_key()).collect();
+        sources.dedup();
+        for source in sources {
+            let what = format!("{source:?}");
+            let module = naga::front::wgsl::parse_str(&source.source(4096)).unwrap();
+            let uniform =
+                |g: naga::Handle<naga::GlobalVariable>| module.global_variables[g].space == naga::AddressSpace::Uniform;
+            for (_, f) in module.functions.iter() {
+                let name = f.name.as_deref().unwrap_or("?");
+                let globals: Vec<_> = f
+                    .expressions
+                    .iter()
+                    .filter(|(_, e)| matches!(**e, E::GlobalVariable(g) if uniform(g)))
+                    .map(|(h, _)| h)
+                    .collect();
+                let reader = matches!(name, "p" | "q");
+                for (_, e) in f.expressions.iter() {
+                    match *e {
+                        E::Access { base, index } if globals.contains(&base) => {
+                            let folded = matches!(
+                                f.expressions[index],
+                                E::Literal(_) | E::Constant(_) | E::Override(_) | E::ZeroValue(_)
+                            );
+                            assert!(!folded, "{what}: {name} indexes a uniform by a constant");
+                        }
+                        // p() and q() read their block index at a constant offset
+                        E::AccessIndex { base, .. } | E::Load { pointer: base }
+                            if globals.contains(&base) && !reader =>
+                        {
+                            panic!("{what}: {name} reads a uniform at a constant offset")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for entry in &module.entry_points {
+                let f = &entry.function;
+                let touches = f
+                    .expressions
+                    .iter()
+                    .any(|(_, e)| matches!(*e, E::GlobalVariable(g) if uniform(g)));
+                assert!(!touches, "{what}: {} reads a uniform itself", entry.name);
+            }
+        }
+    }
+
     /// Every key the layer builds is among the precompiled variants, for
     /// both families.
     #[test]
@@ -1011,10 +1083,13 @@ mod tests {
         }
     }
 
+    /// A chunk's binding (two Params blocks) fits its slot, so the last
+    /// chunk's binding ends inside the buffer.
     #[test]
-    fn params_is_one_uniform_slot() {
-        assert!(std::mem::size_of::<Params>() as u64 <= PARAMS_SLOT);
+    fn params_binding_is_one_uniform_slot() {
+        assert!(Kernel::Normalize.uniform_size() <= PARAMS_SLOT);
         assert_eq!(std::mem::size_of::<Params>() % 16, 0);
+        assert_eq!(std::mem::size_of::<OptimizerParams>() % 16, 0);
     }
 
     #[test]

@@ -1180,7 +1180,8 @@ impl<'a> Recorder<'a> {
                 column_blocks: plan.column_blocks,
                 elementwise_steps: chunk.elementwise_steps,
                 state_stride: layer.state_stride() as u32,
-                _pad: [0; 3],
+                zero: 0,
+                _pad: [0; 2],
             })
             .collect();
         scratch.reserve(ctx, (layer.channels * plan.total_tiles * 16) as u64);
@@ -1218,7 +1219,7 @@ impl<'a> Recorder<'a> {
         let uniform = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.params,
             offset: 0,
-            size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+            size: wgpu::BufferSize::new(kernel.uniform_size()),
         });
         let entries: Vec<_> = std::iter::once(uniform)
             .chain(resources)

@@ -152,7 +152,8 @@ fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum:
         gamma_constraint: constraint_vector(cfg.gamma_constraint),
         beta_constraint: constraint_vector(cfg.beta_constraint),
         state_stride: layer.state_stride() as u32,
-        _pad: [0; 3],
+        zero: 0,
+        _pad: [0; 2],
     }
 }
 
@@ -181,9 +182,12 @@ fn record_unscoped(
     use wgpu::util::DeviceExt;
     let [dgamma, dbeta] = grads;
     let device = ctx.device();
+    // the binding holds two blocks; the kernels read the first
+    let mut contents = vec![0u8; Kernel::SgdStep.uniform_size() as usize];
+    contents[..std::mem::size_of::<OptimizerParams>()].copy_from_slice(bytemuck::bytes_of(params));
     let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("optimizer params"),
-        contents: bytemuck::bytes_of(params),
+        contents: &contents,
         usage: wgpu::BufferUsages::UNIFORM,
     });
     let kernels = &ctx.inner.kernels;
