@@ -1,6 +1,6 @@
-// Backward, pass 3: dx = (c1 * dy - m * (c2 + c3 * (x - shift))) *
-// DX_DOWNSCALE (the coefficients are stored DX_UPSCALE larger, see
-// params.wgsl), elementwise over one chunk, laid out like normalize.wgsl.
+// Backward, pass 3: dx = c1 * dy - m * (c2 + c3 * (x - shift)) *
+// DX_DOWNSCALE (c2 and c3 are stored DX_UPSCALE larger, see params.wgsl),
+// elementwise over one chunk, laid out like normalize.wgsl.
 
 override IS_F16: bool = false;
 override MASKED: bool = false;
@@ -33,9 +33,9 @@ fn grad(e: u32, c: u32, xv: f32, g: f32) -> f32 {
     let k = coeffs_of(c);
     var out = k.y * g;
     if !MASKED || masked_in(p().chunk_start + e) {
-        out -= fma(xv - k.x, k.w, k.z);
+        out = fma(-DX_DOWNSCALE, fma(xv - k.x, k.w, k.z), out);
     }
-    return out * DX_DOWNSCALE;
+    return out;
 }
 
 @compute @workgroup_size(256)
@@ -83,12 +83,12 @@ fn backward_dx(
 @group(0) @binding(2) var<storage, read> dy4: array<Quad>;
 @group(0) @binding(5) var<storage, read_write> dx4: array<Quad>;
 
-// dx = (c1 * dy - (c2 + c3 * (x - shift))) * DX_DOWNSCALE for the v-th
-// group of four values (masked out: dx = c1 * dy * DX_DOWNSCALE)
+// dx = c1 * dy - (c2 + c3 * (x - shift)) * DX_DOWNSCALE for the v-th
+// group of four values (masked out: dx = c1 * dy)
 fn grad4_kept(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>, keep: bool) {
     let a = p().x_base / 4u + v;
     let through_stats = select(vec4<f32>(0.0), fma(unpack_quad(x4[a]) - shift, c3, c2), keep);
-    dx4[p().y_base / 4u + v] = pack_quad((c1 * unpack_quad(dy4[a]) - through_stats) * DX_DOWNSCALE);
+    dx4[p().y_base / 4u + v] = pack_quad(fma(vec4<f32>(-DX_DOWNSCALE), through_stats, c1 * unpack_quad(dy4[a])));
 }
 
 fn grad4(v: u32, shift: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {

@@ -94,10 +94,10 @@ fn backward_finalize(
         grads[nc + c] = dbeta;
     }
     let gamma_eff = gamma * r;
-    // every coefficient DX_UPSCALE times larger (see params.wgsl), the
-    // factor applied first so that no product passes through a subnormal
+    // c2 and c3 DX_UPSCALE times larger (see params.wgsl), the factor
+    // applied first so that no product passes through a subnormal
     let inv_up = inv * DX_UPSCALE;
-    let c1 = inv_up * gamma_eff;
+    let c1 = inv * gamma_eff;
     var c2 = 0.0;
     var c3 = 0.0;
     if has_flag(FLAG_TRAINING) {

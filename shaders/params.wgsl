@@ -105,12 +105,13 @@ fn stored(v: f32) -> f32 {
     return v;
 }
 
-// The dx coefficients (c1, c2, c3 of backward_finalize.wgsl) are stored
-// times DX_UPSCALE and dx is their combination times DX_DOWNSCALE: c3 =
-// inv^2 * b falls below float32's normal range once the variance passes
-// about 1e37, where GPUs that flush subnormals (SwiftShader, most real
-// ones) would drop it; stored 2^24 larger it stays normal. dx up to 2e31
-// still fits. Powers of two: scaling loses nothing.
+// The dx coefficients c2 and c3 (backward_finalize.wgsl) are stored times
+// DX_UPSCALE, and their term of dx is scaled back by DX_DOWNSCALE in the
+// fma that adds it to c1 * dy: c3 = inv^2 * b falls below float32's normal
+// range once the variance passes about 1e37, where GPUs that flush
+// subnormals (SwiftShader, most real ones) would drop it; stored 2^24
+// larger it stays normal. Terms up to 2e31 still fit. Powers of two:
+// scaling loses nothing.
 const DX_UPSCALE: f32 = 16777216.0;
 const DX_DOWNSCALE: f32 = 1.0 / DX_UPSCALE;
 
