@@ -250,7 +250,7 @@ fn check_against_host(
         let agrees = match (global.space, ty) {
             (naga::AddressSpace::Uniform, wgpu::BufferBindingType::Uniform) => true,
             (naga::AddressSpace::Storage { access }, wgpu::BufferBindingType::Storage { read_only }) => {
-                read_only == !access.contains(naga::StorageAccess::STORE)
+                read_only != access.contains(naga::StorageAccess::STORE)
             }
             _ => false,
         };
