@@ -538,7 +538,8 @@ impl ReferenceLayer {
 
     /// [`ReferenceLayer::forward`] on this rank's slice of a global batch:
     /// in training the per-channel moments of every rank's slice are
-    /// all-gathered through `exchange` and merged in rank order, so the
+    /// reduced through `exchange` and merged in a fixed order (rank order,
+    /// or a fixed tree of rank ranges: [`crate::sync::Scheme`]), so the
     /// output, the moving statistics and renorm's corrections are those of
     /// the global batch (Keras's `synchronized=True`), bitwise the same on
     /// every rank. A rank's slice may be empty or fully masked out; under a
@@ -663,7 +664,8 @@ impl ReferenceLayer {
 
     /// [`ReferenceLayer::backward`] of a synchronized forward call: the
     /// per-channel sum(dy), sum(dy * (x - mean)) and masked-in sum(x -
-    /// mean) of every rank are all-gathered and added in rank order, so dx
+    /// mean) of every rank are reduced through `exchange` and added in the
+    /// same fixed order, so dx
     /// uses the global batch's statistics and count, and dgamma / dbeta are
     /// the global batch's sums, the same on every rank (PyTorch's
     /// SyncBatchNorm leaves those to its data-parallel wrapper instead).

@@ -150,9 +150,9 @@ pub trait Exchange: Send + Sync {
 /// What an exchange's collectives moved for one rank, counted by the
 /// exchange as they ran: `sent`, the bytes of this rank that other ranks
 /// receive; `received`, the bytes this rank receives from other ranks
-/// (its own never count). An all-gather of `b` bytes a rank sends `(P -
-/// 1) b` and receives the others' bytes (plus 8 bytes a rank each way for
-/// the lengths where they are not known beforehand); an all-to-all sends
+/// (its own never count). An all-gather of `b` bytes a rank sends
+/// `(P - 1) b` and receives the others' bytes (plus 8 bytes a rank each way
+/// for the lengths where they are not known beforehand); an all-to-all sends
 /// the blocks for other ranks and receives theirs; an all-reduce of `k`
 /// integers sends and receives `8 k` (the operand and the result; an MPI
 /// library may relay it through about log2(P) rounds).

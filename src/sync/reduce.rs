@@ -785,3 +785,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod model {
+    use super::*;
+
+    /// ResNet-50's 53 batch-norm layers: the stem, then per stage its
+    /// blocks' three layers and the first block's projection.
+    fn resnet50() -> Vec<usize> {
+        let mut layers = vec![64];
+        for (blocks, width) in [(3, 64), (4, 128), (6, 256), (3, 512)] {
+            for _ in 0..blocks {
+                layers.extend([width, width, 4 * width]);
+            }
+            layers.push(4 * width);
+        }
+        layers
+    }
+
+    /// The README's model figures: a training step's forward and backward
+    /// of every layer, bytes sent plus received by the busiest rank, by the
+    /// all-gather and by the scheme each call picks.
+    #[test]
+    fn resnet50_model_figures_of_the_readme() {
+        let layers = resnet50();
+        assert_eq!((layers.len(), layers.iter().sum::<usize>()), (53, 26_560));
+        let step = |scheme, ranks| -> u64 { layers.iter().map(|&c| 2 * call_cost(scheme, ranks, c).bytes).sum() };
+        for (ranks, gather, auto) in [
+            (1, 0, 0),
+            (2, 2_571_808, 2_571_808),
+            (8, 17_870_368, 4_484_128),
+            (64, 160_656_928, 5_041_888),
+            (1024, 2_608_426_528, 6_191_776),
+            (16_384, 41_772_740_128, 7_671_328),
+        ] {
+            assert_eq!(step(Scheme::AllGather, ranks), gather, "{ranks}");
+            assert_eq!(step(Scheme::Auto, ranks), auto, "{ranks}");
+        }
+        let picks = |ranks| -> Vec<Scheme> {
+            layers
+                .iter()
+                .map(|&c| call_cost(Scheme::Auto, ranks, c).scheme)
+                .collect()
+        };
+        assert_eq!(picks(1024).iter().filter(|&&s| s == Scheme::Tree).count(), 31);
+        assert!(picks(1024).iter().all(|&s| s != Scheme::AllGather));
+        assert!(picks(16_384).iter().all(|&s| s == Scheme::Tree));
+        // the tree's bound: six payloads a call, plus the agreements
+        assert_eq!(7_671_328, 2 * 6 * 24 * 26_560 + 53 * 2 * 208);
+    }
+}
