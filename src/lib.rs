@@ -41,9 +41,11 @@
 //!   global batch's statistics across the ranks of an [`Exchange`]:
 //!   [`LocalExchange`] among the devices (threads) of one process, an
 //!   MPI one across processes and machines (feature `mpi`), or the
-//!   application's own transport. Each call exchanges 24 bytes a channel
-//!   per rank. The float64 reference's `forward_synchronized` /
-//!   `backward_synchronized` give the same phases.
+//!   application's own transport, over any group of ranks. Each call
+//!   moves O(channels) bytes a rank whatever the rank count
+//!   ([`sync::Scheme`]), and every rank gets the same bits. The float64
+//!   reference's `forward_synchronized` / `backward_synchronized` give
+//!   the same phases.
 //! - **Numerics.** Statistics are float32 (float16 tensors too), shifted by
 //!   a sample of each channel and merged with Chan's formula, so inputs far
 //!   from zero keep their precision. Every kernel has a float64 mirror in

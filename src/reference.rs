@@ -6,6 +6,7 @@ use crate::config::{BatchNormConfig, ChannelView, RunningStatistics, StatePrecis
 use crate::error::{ConfigError, Error, Result};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
+    reduce_checked,
 };
 
 /// Keras's `backend.epsilon()`, added to masked counts.
@@ -50,28 +51,34 @@ pub fn merge_in_rank_order(ranks: &[Vec<ChannelMoments>]) -> Vec<ChannelMoments>
         .collect()
 }
 
-/// This rank's per-channel moments all-gathered under `header` and merged
-/// in rank order (the synchronized forward of the reference and the GPU
-/// layer alike).
+/// This rank's per-channel moments merged with every rank's under
+/// `header` (the synchronized forward of the reference and the GPU layer
+/// alike): Chan's merge of each channel, from the first rank to the last
+/// (or, under [`crate::sync::Scheme::Tree`], of contiguous ranges of ranks
+/// left to right), the same bits on every rank.
 pub(crate) fn gather_moments(
     exchange: &dyn Exchange,
     header: CallHeader,
     local: &[ChannelMoments],
 ) -> Result<Vec<ChannelMoments>> {
     let payload: Vec<f64> = local.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
-    let ranks: Vec<Vec<ChannelMoments>> = gather_checked(exchange, header, &payload)?
-        .iter()
-        .map(|r| {
-            r.chunks_exact(3)
-                .map(|m| ChannelMoments {
-                    count: m[0],
-                    mean: m[1],
-                    m2: m[2],
-                })
-                .collect()
+    let merged = reduce_checked(exchange, header, &payload, 3, |acc, x| {
+        let moments = |v: &[f64]| ChannelMoments {
+            count: v[0],
+            mean: v[1],
+            m2: v[2],
+        };
+        let m = moments(acc).merge(moments(x));
+        acc.copy_from_slice(&[m.count, m.mean, m.m2]);
+    })?;
+    Ok(merged
+        .chunks_exact(3)
+        .map(|m| ChannelMoments {
+            count: m[0],
+            mean: m[1],
+            m2: m[2],
         })
-        .collect();
-    Ok(merge_in_rank_order(&ranks))
+        .collect())
 }
 
 /// Mirror of the statistics kernel: per-channel moments over the values the
@@ -531,7 +538,8 @@ impl ReferenceLayer {
 
     /// [`ReferenceLayer::forward`] on this rank's slice of a global batch:
     /// in training the per-channel moments of every rank's slice are
-    /// all-gathered through `exchange` and merged in rank order, so the
+    /// reduced through `exchange` and merged in a fixed order (rank order,
+    /// or a fixed tree of rank ranges: [`crate::sync::Scheme`]), so the
     /// output, the moving statistics and renorm's corrections are those of
     /// the global batch (Keras's `synchronized=True`), bitwise the same on
     /// every rank. A rank's slice may be empty or fully masked out; under a
@@ -656,7 +664,8 @@ impl ReferenceLayer {
 
     /// [`ReferenceLayer::backward`] of a synchronized forward call: the
     /// per-channel sum(dy), sum(dy * (x - mean)) and masked-in sum(x -
-    /// mean) of every rank are all-gathered and added in rank order, so dx
+    /// mean) of every rank are reduced through `exchange` and added in the
+    /// same fixed order, so dx
     /// uses the global batch's statistics and count, and dgamma / dbeta are
     /// the global batch's sums, the same on every rank (PyTorch's
     /// SyncBatchNorm leaves those to its data-parallel wrapper instead).

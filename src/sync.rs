@@ -1,24 +1,68 @@
 //! Synchronized statistics, the transport-independent part: the
-//! [`Exchange`] a synchronized layer all-gathers its per-channel moments
-//! and gradient sums through, an in-process exchange for several devices
-//! (threads) of one process, and the checked message every rank sends.
-//! [`crate::BatchNorm::set_exchange`] synchronizes a GPU layer; the float64
-//! reference's synchronized calls
+//! [`Exchange`] whose collectives a synchronized layer reduces its
+//! per-channel moments and gradient sums through, an in-process exchange
+//! for several devices (threads) of one process, the checked messages, and
+//! the [`Scheme`]s of a reduction (`reduce`). [`crate::BatchNorm::set_exchange`]
+//! synchronizes a GPU layer; the float64 reference's synchronized calls
 //! ([`crate::reference::ReferenceLayer::forward_synchronized`]) take one
 //! per call. The MPI exchange is behind the `mpi` feature.
+//!
+//! A synchronized call is two steps. The ranks first *agree*: one
+//! all-reduce (maximum) of a few integers, 104 bytes each way whatever the
+//! rank count, tells every rank whether all of them make the same call
+//! (kind, sequence number, channels, config fingerprint, payload length,
+//! scheme) and whether one failed before it; if not, every rank
+//! all-gathers the calls' headers and returns an [`Error::Exchange`] naming
+//! the first rank that differs. Then they *reduce* the per-channel values
+//! by the scheme that moves the fewest bytes through the busiest rank
+//! ([`Scheme::Auto`]; the choice depends only on the rank count and the
+//! payload's length, on which every rank agrees):
+//!
+//! - [`Scheme::AllGather`], the scheme before: every rank all-gathers every
+//!   rank's values and merges them all, `2 (P - 1) n` bytes a rank for `n`
+//!   bytes of values;
+//! - [`Scheme::ReduceScatter`]: rank `r` receives the values of its range
+//!   of channels `[r n / P, (r + 1) n / P)` from every rank (an
+//!   all-to-all), merges them in rank order, and the ranks all-gather the
+//!   merged ranges: `2 (n + (P - 2) ceil(n / P))` bytes, below `4 n`
+//!   however many ranks;
+//! - [`Scheme::Tree`]: a binary tree over the ranks, each subtree a
+//!   contiguous range of ranks, merged towards its root and broadcast
+//!   back: at most `6 n` bytes a rank, for rank counts far above the
+//!   channel count, where a range would be a channel or none.
+//!
+//! The first two merge every channel in rank order from the first rank to
+//! the last: they give the same bits as each other. The tree merges
+//! contiguous ranges of ranks left to right in a fixed shape: the same bits
+//! on every rank and from run to run for a given rank count. Every rank
+//! ends with the same bits under any scheme; none leaves the order to the
+//! transport.
 
 #[cfg(feature = "mpi")]
 mod mpi_exchange;
+mod reduce;
 #[cfg(feature = "mpi")]
 pub use mpi_exchange::MpiExchange;
+pub use reduce::{CallCost, Scheme, call_cost};
+pub(crate) use reduce::{gather_checked, gather_sums, reduce_checked};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
-/// A collective all ranks of a synchronized layer call together: the
-/// application can implement it over its own transport.
+/// The collectives all ranks of a synchronized layer call together: the
+/// application can implement them over its own transport. `rank`, `size`
+/// and `all_gather` are required; the others have defaults built on
+/// `all_gather` (correct, but moving every rank's bytes to every rank:
+/// implement them over the transport's own collectives to move O(channels)
+/// bytes a rank).
+///
+/// Every rank must make the same sequence of calls with lengths every rank
+/// agrees on (the synchronized layers agree on them before calling): a
+/// rank that fails must make the others fail (an error, or a timeout),
+/// never leave them waiting for ever.
 pub trait Exchange: Send + Sync {
     /// This rank, in `0..size()`.
     fn rank(&self) -> usize;
@@ -26,18 +70,227 @@ pub trait Exchange: Send + Sync {
     fn size(&self) -> usize;
     /// Every rank's bytes, in rank order (this rank's own among them).
     /// Blocks until every rank has called it; ranks may send different
-    /// lengths. Every rank must make the same sequence of calls: a rank
-    /// that fails must make the others fail (an error, or a timeout),
-    /// never leave them waiting for ever.
+    /// lengths, which no rank knows beforehand.
     fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>>;
+
+    /// [`Exchange::all_gather`] when every rank knows every rank's length
+    /// beforehand: rank `j` sends `lengths[j]` bytes (`local` is this
+    /// rank's). MPI's `MPI_Allgatherv`.
+    fn all_gather_sized(&self, local: &[u8], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
+        check_sizes(self, lengths, local.len())?;
+        let all = self.all_gather(local)?;
+        check_received(&all, lengths)?;
+        Ok(all)
+    }
+
+    /// Personalised all-to-all: `blocks[j]` goes to rank `j` (this rank's
+    /// own comes back to it), and the result holds, in rank order, the
+    /// block each rank sent this one, of `lengths[j]` bytes from rank `j`,
+    /// as every rank knows beforehand. Empty blocks cost nothing on a
+    /// transport that skips them. MPI's `MPI_Alltoallv`.
+    fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
+        if blocks.len() != self.size() {
+            return Err(Error::Exchange(format!(
+                "an all-to-all of {} blocks among {} ranks",
+                blocks.len(),
+                self.size()
+            )));
+        }
+        check_sizes(self, lengths, blocks[self.rank()].len())?;
+        // each rank's blocks, framed: their count, their lengths, their bytes
+        let mut framed = Vec::with_capacity(8 * (blocks.len() + 1) + blocks.iter().map(|b| b.len()).sum::<usize>());
+        framed.extend_from_slice(&(blocks.len() as u64).to_le_bytes());
+        for b in blocks {
+            framed.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        }
+        for b in blocks {
+            framed.extend_from_slice(b);
+        }
+        let me = self.rank();
+        let out = self
+            .all_gather(&framed)?
+            .iter()
+            .map(|f| unframe(f, me).map(<[u8]>::to_vec))
+            .collect::<Option<Vec<Vec<u8>>>>()
+            .ok_or_else(|| Error::Exchange("a rank's all-to-all blocks came back malformed".into()))?;
+        check_received(&out, lengths)?;
+        Ok(out)
+    }
+
+    /// The element-wise maximum of every rank's `values` (every rank passes
+    /// as many). MPI's `MPI_Allreduce` with `MPI_MAX`.
+    fn all_reduce_max(&self, values: &[u64]) -> Result<Vec<u64>> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.all_gather(&bytes)?;
+        check_received(&all, &vec![bytes.len(); self.size()])?;
+        let mut max = values.to_vec();
+        for theirs in &all {
+            for (m, v) in max.iter_mut().zip(theirs.chunks_exact(8)) {
+                *m = (*m).max(u64::from_le_bytes(v.try_into().unwrap()));
+            }
+        }
+        Ok(max)
+    }
+
+    /// The reduction scheme this rank asks for ([`Scheme::Auto`]: the one
+    /// that moves the fewest bytes, per call). Every rank must ask for the
+    /// same: ranks that differ get an [`Error::Exchange`] each.
+    fn scheme(&self) -> Scheme {
+        Scheme::Auto
+    }
+
+    /// The bytes this rank's collectives have moved so far, counted as they
+    /// ran, where the exchange counts them (`LocalExchange` and
+    /// `MpiExchange` do; the default is `None`).
+    fn traffic(&self) -> Option<Traffic> {
+        None
+    }
+}
+
+/// What an exchange's collectives moved for one rank, counted by the
+/// exchange as they ran: `sent`, the bytes of this rank that other ranks
+/// receive; `received`, the bytes this rank receives from other ranks
+/// (its own never count). An all-gather of `b` bytes a rank sends
+/// `(P - 1) b` and receives the others' bytes (plus 8 bytes a rank each way
+/// for the lengths where they are not known beforehand); an all-to-all sends
+/// the blocks for other ranks and receives theirs; an all-reduce of `k`
+/// integers sends and receives `8 k` (the operand and the result; an MPI
+/// library may relay it through about log2(P) rounds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes of this rank's that other ranks received.
+    pub sent: u64,
+    /// Bytes this rank received from other ranks.
+    pub received: u64,
+    /// Collectives this rank called.
+    pub collectives: u64,
+}
+
+impl Traffic {
+    /// Bytes sent and received.
+    pub fn total(&self) -> u64 {
+        self.sent + self.received
+    }
+
+    /// What moved since `earlier` (a reading of the same exchange).
+    pub fn since(&self, earlier: Traffic) -> Traffic {
+        Traffic {
+            sent: self.sent.saturating_sub(earlier.sent),
+            received: self.received.saturating_sub(earlier.received),
+            collectives: self.collectives.saturating_sub(earlier.collectives),
+        }
+    }
+}
+
+/// An exchange's running [`Traffic`].
+#[derive(Debug, Default)]
+pub(crate) struct TrafficCounter {
+    sent: AtomicU64,
+    received: AtomicU64,
+    collectives: AtomicU64,
+}
+
+impl TrafficCounter {
+    pub(crate) fn add(&self, sent: usize, received: usize) {
+        self.sent.fetch_add(sent as u64, Ordering::Relaxed);
+        self.received.fetch_add(received as u64, Ordering::Relaxed);
+        self.collectives.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read(&self) -> Traffic {
+        Traffic {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            collectives: self.collectives.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts an all-gather of `local` among ranks that sent `lengths`.
+    pub(crate) fn all_gather(&self, rank: usize, local: usize, lengths: impl IntoIterator<Item = usize>) {
+        let (mut others, mut received) = (0, 0);
+        for (r, n) in lengths.into_iter().enumerate() {
+            if r != rank {
+                others += 1;
+                received += n;
+            }
+        }
+        self.add(others * local, received);
+    }
+
+    /// Counts an all-to-all that sent `sent[j]` bytes to and received
+    /// `received[j]` bytes from rank `j`.
+    pub(crate) fn all_to_all(&self, rank: usize, sent: &[usize], received: &[usize]) {
+        let others = |v: &[usize]| -> usize { v.iter().enumerate().filter(|&(r, _)| r != rank).map(|(_, n)| n).sum() };
+        self.add(others(sent), others(received));
+    }
+
+    /// Counts an all-reduce of `values` integers among `size` ranks.
+    pub(crate) fn all_reduce(&self, size: usize, values: usize) {
+        let bytes = if size > 1 { 8 * values } else { 0 };
+        self.add(bytes, bytes);
+    }
+}
+
+/// The block for rank `me` in an all-to-all frame of the default
+/// `all_to_all`.
+fn unframe(frame: &[u8], me: usize) -> Option<&[u8]> {
+    let u64_at = |i: usize| -> Option<usize> {
+        Some(u64::from_le_bytes(frame.get(8 * i..8 * i + 8)?.try_into().ok()?) as usize)
+    };
+    let count = u64_at(0)?;
+    if me >= count {
+        return None;
+    }
+    let mut at = 8 * (count + 1);
+    for j in 0..me {
+        at = at.checked_add(u64_at(1 + j)?)?;
+    }
+    frame.get(at..at.checked_add(u64_at(1 + me)?)?)
+}
+
+/// A collective's lengths: one a rank, this rank's its own.
+fn check_sizes<E: Exchange + ?Sized>(exchange: &E, lengths: &[usize], mine: usize) -> Result<()> {
+    if lengths.len() != exchange.size() || lengths.get(exchange.rank()) != Some(&mine) {
+        return Err(Error::Exchange(format!(
+            "a collective among {} ranks given {} lengths (this rank's {:?}, it has {mine} bytes)",
+            exchange.size(),
+            lengths.len(),
+            lengths.get(exchange.rank())
+        )));
+    }
+    Ok(())
+}
+
+/// What came back has the lengths every rank expected.
+fn check_received(all: &[Vec<u8>], lengths: &[usize]) -> Result<()> {
+    if all.len() != lengths.len() {
+        return Err(Error::Exchange(format!(
+            "the exchange returned {} ranks' bytes, it has {} ranks",
+            all.len(),
+            lengths.len()
+        )));
+    }
+    for (rank, (got, &want)) in all.iter().zip(lengths).enumerate() {
+        if got.len() != want {
+            return Err(Error::Exchange(format!(
+                "rank {rank} sent {} bytes where {want} were agreed",
+                got.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An [`Exchange`] among threads of one process (one rank a device, say).
 /// A rank that waits longer than the group's timeout for the others gets
 /// an error, and so does every later call of the group: one failing rank
-/// ends the group's collectives instead of hanging them.
+/// ends the group's collectives instead of hanging them. Each collective
+/// copies to a rank only what that rank receives, and counts it
+/// ([`Exchange::traffic`]) as a transport between devices would move it.
 pub struct LocalExchange {
     rank: usize,
+    scheme: Scheme,
+    traffic: TrafficCounter,
     shared: Arc<Shared>,
 }
 
@@ -48,14 +301,35 @@ struct Shared {
     done: Condvar,
 }
 
+/// One rank's part of a collective.
+#[derive(Clone)]
+enum Deposit {
+    /// The same bytes for every rank (an all-gather).
+    Gather(Vec<u8>),
+    /// A block for each rank (an all-to-all).
+    Scatter(Vec<Vec<u8>>),
+    /// Integers to take the maximum of.
+    Max(Vec<u64>),
+}
+
+impl Deposit {
+    fn name(&self) -> &'static str {
+        match self {
+            Deposit::Gather(_) => "an all-gather",
+            Deposit::Scatter(_) => "an all-to-all",
+            Deposit::Max(_) => "an all-reduce",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Round {
     /// Completed rounds so far.
     generation: u64,
     /// This round's deposits.
-    slots: Vec<Option<Vec<u8>>>,
-    /// The last completed round's bytes, in rank order.
-    last: Arc<Vec<Vec<u8>>>,
+    slots: Vec<Option<Deposit>>,
+    /// The last completed round's deposits, in rank order.
+    last: Arc<Vec<Deposit>>,
     /// Why the group stopped, once a rank timed out.
     failed: Option<String>,
 }
@@ -76,22 +350,46 @@ impl LocalExchange {
         (0..size)
             .map(|rank| LocalExchange {
                 rank,
+                scheme: Scheme::Auto,
+                traffic: TrafficCounter::default(),
                 shared: shared.clone(),
             })
             .collect()
     }
-}
 
-impl Exchange for LocalExchange {
-    fn rank(&self) -> usize {
-        self.rank
+    /// Groups of any sizes out of a world of `colors.len()` ranks, as
+    /// `MPI_Comm_split` makes them (PyTorch's `process_group`): world rank
+    /// `i` joins the group of every rank of color `colors[i]`, ranked by
+    /// world rank. The result is indexed by world rank.
+    pub fn split(colors: &[usize], timeout: Duration) -> Vec<LocalExchange> {
+        let mut distinct: Vec<usize> = colors.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut out: Vec<Option<LocalExchange>> = (0..colors.len()).map(|_| None).collect();
+        for color in distinct {
+            let members: Vec<usize> = (0..colors.len()).filter(|&i| colors[i] == color).collect();
+            for (world, exchange) in members.into_iter().zip(LocalExchange::group(
+                colors.iter().filter(|&&c| c == color).count(),
+                timeout,
+            )) {
+                out[world] = Some(exchange);
+            }
+        }
+        out.into_iter()
+            .map(|e| e.expect("every world rank has a color"))
+            .collect()
     }
 
-    fn size(&self) -> usize {
-        self.shared.size
+    /// This rank asks for `scheme` (every rank of the group must ask for
+    /// the same one).
+    pub fn with_scheme(mut self, scheme: Scheme) -> Self {
+        self.scheme = scheme;
+        self
     }
 
-    fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Deposits this rank's part of a collective and returns every rank's,
+    /// once all have deposited theirs.
+    fn collective(&self, deposit: Deposit) -> Result<Arc<Vec<Deposit>>> {
         let shared = &*self.shared;
         let deadline = Instant::now() + shared.timeout;
         let mut round = shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -105,9 +403,10 @@ impl Exchange for LocalExchange {
             round = wait(shared, round, deadline, self.rank)?;
         }
         let generation = round.generation;
-        round.slots[self.rank] = Some(local.to_vec());
+        let mine = deposit.name();
+        round.slots[self.rank] = Some(deposit);
         if round.slots.iter().all(Option::is_some) {
-            round.last = Arc::new(round.slots.iter_mut().map(|s| s.take().unwrap_or_default()).collect());
+            round.last = Arc::new(round.slots.iter_mut().map(|s| s.take().expect("every slot")).collect());
             round.generation += 1;
             shared.done.notify_all();
         }
@@ -115,7 +414,102 @@ impl Exchange for LocalExchange {
             round = wait(shared, round, deadline, self.rank)?;
         }
         // at most one round completes without this rank: this one
-        Ok(round.last.as_ref().clone())
+        let all = round.last.clone();
+        drop(round);
+        if let Some((r, other)) = all.iter().enumerate().find(|(_, d)| d.name() != mine) {
+            return Err(Error::Exchange(format!(
+                "rank {r} called {} where rank {} called {mine}",
+                other.name(),
+                self.rank
+            )));
+        }
+        Ok(all)
+    }
+}
+
+impl Exchange for LocalExchange {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let all = self.collective(Deposit::Gather(local.to_vec()))?;
+        let out: Vec<Vec<u8>> = all
+            .iter()
+            .map(|d| match d {
+                Deposit::Gather(b) => b.clone(),
+                _ => unreachable!("checked by collective"),
+            })
+            .collect();
+        self.traffic
+            .all_gather(self.rank, local.len(), out.iter().map(Vec::len));
+        Ok(out)
+    }
+
+    fn all_gather_sized(&self, local: &[u8], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
+        check_sizes(self, lengths, local.len())?;
+        let all = self.all_gather(local)?;
+        check_received(&all, lengths)?;
+        Ok(all)
+    }
+
+    fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
+        if blocks.len() != self.size() {
+            return Err(Error::Exchange(format!(
+                "an all-to-all of {} blocks among {} ranks",
+                blocks.len(),
+                self.size()
+            )));
+        }
+        check_sizes(self, lengths, blocks[self.rank].len())?;
+        let all = self.collective(Deposit::Scatter(blocks.iter().map(|b| b.to_vec()).collect()))?;
+        let out: Vec<Vec<u8>> = all
+            .iter()
+            .map(|d| match d {
+                Deposit::Scatter(b) => b.get(self.rank).cloned().unwrap_or_default(),
+                _ => unreachable!("checked by collective"),
+            })
+            .collect();
+        let sent: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
+        let received: Vec<usize> = out.iter().map(Vec::len).collect();
+        self.traffic.all_to_all(self.rank, &sent, &received);
+        check_received(&out, lengths)?;
+        Ok(out)
+    }
+
+    fn all_reduce_max(&self, values: &[u64]) -> Result<Vec<u64>> {
+        let all = self.collective(Deposit::Max(values.to_vec()))?;
+        let mut max = values.to_vec();
+        for (rank, d) in all.iter().enumerate() {
+            let Deposit::Max(theirs) = d else {
+                unreachable!("checked by collective")
+            };
+            if theirs.len() != values.len() {
+                return Err(Error::Exchange(format!(
+                    "rank {rank} reduced {} values, rank {} {}",
+                    theirs.len(),
+                    self.rank,
+                    values.len()
+                )));
+            }
+            for (m, &v) in max.iter_mut().zip(theirs) {
+                *m = (*m).max(v);
+            }
+        }
+        self.traffic.all_reduce(self.size(), values.len());
+        Ok(max)
+    }
+
+    fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    fn traffic(&self) -> Option<Traffic> {
+        Some(self.traffic.read())
     }
 }
 
@@ -157,12 +551,14 @@ pub(crate) struct CallHeader {
     pub fingerprint: u64,
 }
 
-const MAGIC: u32 = 0x314e_4257; // "WBN1"
-const HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 8;
+const MAGIC: u32 = 0x324e_4257; // "WBN2"
+/// A header's message: magic, kind, sequence, channels, fingerprint, then
+/// the call's count of values and the scheme it asks for.
+const MESSAGE_BYTES: usize = 4 + 4 + 8 + 4 + 8 + 8 + 4;
 
 impl CallHeader {
     /// The call in words, for error messages.
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let kind = match self.kind {
             KIND_FORWARD => "a training forward",
             KIND_FORWARD_MASKED => "a masked training forward",
@@ -176,21 +572,22 @@ impl CallHeader {
         )
     }
 
-    fn encode(&self, payload: &[f64]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_BYTES + 8 * payload.len());
+    /// The header, the call's count of values and its scheme as one
+    /// message (what the ranks all-gather when they disagree).
+    pub(crate) fn encode(&self, values: u64, scheme: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MESSAGE_BYTES);
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&self.kind.to_le_bytes());
         out.extend_from_slice(&self.sequence.to_le_bytes());
         out.extend_from_slice(&self.channels.to_le_bytes());
         out.extend_from_slice(&self.fingerprint.to_le_bytes());
-        for v in payload {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        out.extend_from_slice(&values.to_le_bytes());
+        out.extend_from_slice(&scheme.to_le_bytes());
         out
     }
 
-    fn decode(bytes: &[u8]) -> Option<(CallHeader, Vec<f64>)> {
-        if bytes.len() < HEADER_BYTES || !(bytes.len() - HEADER_BYTES).is_multiple_of(8) {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<(CallHeader, u64, u32)> {
+        if bytes.len() != MESSAGE_BYTES {
             return None;
         }
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
@@ -204,69 +601,8 @@ impl CallHeader {
             channels: u32_at(16),
             fingerprint: u64_at(20),
         };
-        let payload = bytes[HEADER_BYTES..]
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Some((header, payload))
+        Some((header, u64_at(28), u32_at(36)))
     }
-}
-
-/// All-gathers `payload` under `header` and returns every rank's payload
-/// in rank order, after checking that every rank made the same call with
-/// payloads of the same length. Every rank sees every header, so a
-/// mismatch is an error on every rank.
-pub(crate) fn gather_checked(exchange: &dyn Exchange, header: CallHeader, payload: &[f64]) -> Result<Vec<Vec<f64>>> {
-    if exchange.size() == 0 || exchange.rank() >= exchange.size() {
-        return Err(Error::Exchange(format!(
-            "the exchange says this is rank {} of {}: a rank must be below a size of one or more",
-            exchange.rank(),
-            exchange.size()
-        )));
-    }
-    let all = exchange.all_gather(&header.encode(payload))?;
-    if all.len() != exchange.size() {
-        return Err(Error::Exchange(format!(
-            "the exchange returned {} ranks' bytes, it has {} ranks",
-            all.len(),
-            exchange.size()
-        )));
-    }
-    let mut out = Vec::with_capacity(all.len());
-    for (rank, bytes) in all.iter().enumerate() {
-        let Some((theirs, values)) = CallHeader::decode(bytes) else {
-            return Err(Error::Exchange(format!(
-                "rank {rank} sent no synchronized-layer message"
-            )));
-        };
-        if theirs.kind == KIND_FAILED && header.kind != KIND_FAILED {
-            return Err(Error::Exchange(format!(
-                "rank {rank}'s call failed before the exchange (its own error says why)"
-            )));
-        }
-        if theirs != header || values.len() != payload.len() {
-            return Err(Error::Exchange(format!(
-                "rank {rank} made another call ({}, {} values) than rank {} ({}, {} values): \
-                 every rank must call the same layers in the same order, with the same channels, dtype and config",
-                theirs.describe(),
-                values.len(),
-                exchange.rank(),
-                header.describe(),
-                payload.len()
-            )));
-        }
-        out.push(values);
-    }
-    Ok(out)
-}
-
-/// Every rank's `local` values gathered under `header` and added element
-/// by element in rank order: every rank gets the same bits.
-pub(crate) fn gather_sums(exchange: &dyn Exchange, header: CallHeader, local: &[f64]) -> Result<Vec<f64>> {
-    let ranks = gather_checked(exchange, header, local)?;
-    Ok((0..local.len())
-        .map(|i| ranks.iter().fold(0.0, |sum, r| sum + r[i]))
-        .collect())
 }
 
 /// The collective of a training forward, with a mask or without.
@@ -317,6 +653,134 @@ mod tests {
         }
     }
 
+    /// What the default collectives (built on `all_gather`) and the local
+    /// ones give: the same blocks, the same maxima.
+    struct GatherOnly(LocalExchange);
+
+    impl Exchange for GatherOnly {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn size(&self) -> usize {
+            self.0.size()
+        }
+        fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+            self.0.all_gather(local)
+        }
+    }
+
+    fn collectives_agree(ex: &dyn Exchange) {
+        let (me, size) = (ex.rank(), ex.size());
+        // rank r sends j + r + 1 bytes of value 10 r + j to rank j
+        let blocks: Vec<Vec<u8>> = (0..size).map(|j| vec![(10 * me + j) as u8; j + me + 1]).collect();
+        let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+        let lengths: Vec<usize> = (0..size).map(|r| me + r + 1).collect();
+        let got = ex.all_to_all(&refs, &lengths).unwrap();
+        for (r, block) in got.iter().enumerate() {
+            assert_eq!(block, &vec![(10 * r + me) as u8; me + r + 1]);
+        }
+        let mine = vec![me as u8; 2 * me];
+        let sizes: Vec<usize> = (0..size).map(|r| 2 * r).collect();
+        let all = ex.all_gather_sized(&mine, &sizes).unwrap();
+        for (r, bytes) in all.iter().enumerate() {
+            assert_eq!(bytes, &vec![r as u8; 2 * r]);
+        }
+        let max = ex.all_reduce_max(&[me as u64, u64::MAX - me as u64, 7]).unwrap();
+        assert_eq!(max, vec![size as u64 - 1, u64::MAX, 7]);
+        // a length no rank agreed to is an error, not a hang (every rank checks)
+        assert!(ex.all_gather_sized(&mine, &vec![2 * me; size + 1]).is_err());
+    }
+
+    #[test]
+    fn local_and_default_collectives_deliver_each_rank_its_blocks() {
+        for size in [1, 2, 3, 5] {
+            let handles: Vec<_> = LocalExchange::group(size, Duration::from_secs(20))
+                .into_iter()
+                .map(|ex| {
+                    std::thread::spawn(move || {
+                        collectives_agree(&ex);
+                        let traffic = ex.traffic().unwrap();
+                        assert_eq!(traffic.collectives, 3);
+                        let gathered = GatherOnly(ex);
+                        collectives_agree(&gathered);
+                        assert!(gathered.traffic().is_none());
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_local_exchange_counts_what_each_rank_sends_and_receives() {
+        let handles: Vec<_> = LocalExchange::group(3, Duration::from_secs(20))
+            .into_iter()
+            .map(|ex| {
+                std::thread::spawn(move || {
+                    let me = ex.rank();
+                    // rank r gathers r + 1 bytes: sends 2 (r + 1), receives the others'
+                    ex.all_gather(&vec![0; me + 1]).unwrap();
+                    let t = ex.traffic().unwrap();
+                    assert_eq!((t.sent, t.received), (2 * (me as u64 + 1), 6 - (me as u64 + 1)));
+                    // an all-to-all of 4 bytes to each rank
+                    let blocks = [[1u8; 4].as_slice(); 3];
+                    ex.all_to_all(&blocks, &[4; 3]).unwrap();
+                    let u = ex.traffic().unwrap().since(t);
+                    assert_eq!((u.sent, u.received, u.collectives), (8, 8, 1));
+                    ex.all_reduce_max(&[1, 2]).unwrap();
+                    let v = ex.traffic().unwrap().since(t).since(u);
+                    assert_eq!((v.sent, v.received, v.collectives), (16, 16, 1));
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn split_makes_groups_of_any_size_ranked_by_world_rank() {
+        let world = LocalExchange::split(&[1, 0, 1, 1, 0], Duration::from_secs(20));
+        let seen: Vec<(usize, usize)> = world.iter().map(|e| (e.rank(), e.size())).collect();
+        assert_eq!(seen, [(0, 3), (0, 2), (1, 3), (2, 3), (1, 2)]);
+        let handles: Vec<_> = world
+            .into_iter()
+            .enumerate()
+            .map(|(w, ex)| std::thread::spawn(move || (w, ex.all_gather(&[w as u8]).unwrap())))
+            .collect();
+        for h in handles {
+            let (w, all) = h.join().unwrap();
+            let want: Vec<Vec<u8>> = if [1, 4].contains(&w) {
+                vec![vec![1], vec![4]]
+            } else {
+                vec![vec![0], vec![2], vec![3]]
+            };
+            assert_eq!(all, want, "world rank {w}");
+        }
+    }
+
+    #[test]
+    fn ranks_that_call_different_collectives_all_get_an_error() {
+        let handles: Vec<_> = LocalExchange::group(2, Duration::from_secs(20))
+            .into_iter()
+            .map(|ex| {
+                std::thread::spawn(move || {
+                    if ex.rank() == 0 {
+                        ex.all_gather(b"x").unwrap_err()
+                    } else {
+                        ex.all_reduce_max(&[1]).unwrap_err()
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            let err = h.join().unwrap();
+            assert!(err.to_string().contains("where rank"), "{err}");
+        }
+    }
+
     #[test]
     fn a_rank_that_stops_calling_fails_the_others_in_time() {
         let mut group = LocalExchange::group(3, Duration::from_millis(300));
@@ -333,29 +797,5 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
         // the group stays failed
         assert!(silent.all_gather(b"late").is_err());
-    }
-
-    #[test]
-    fn ranks_that_make_different_calls_all_get_an_error() {
-        let group = LocalExchange::group(2, Duration::from_secs(20));
-        let handles: Vec<_> = group
-            .into_iter()
-            .map(|ex| {
-                std::thread::spawn(move || {
-                    let header = CallHeader {
-                        kind: 1,
-                        sequence: 0,
-                        // rank 1 has another channel count
-                        channels: 4 + ex.rank() as u32,
-                        fingerprint: 7,
-                    };
-                    gather_checked(&ex, header, &[1.0; 12])
-                })
-            })
-            .collect();
-        for h in handles {
-            let err = h.join().unwrap().unwrap_err();
-            assert!(err.to_string().contains("another call"), "{err}");
-        }
     }
 }

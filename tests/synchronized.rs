@@ -1,13 +1,15 @@
-//! Synchronized statistics in the float64 reference (issue 11, first
-//! part): ranks holding uneven slices of a global batch, one of them
-//! empty, exchanging through `LocalExchange`, give the outputs, moving
-//! statistics and gradients of one layer over the whole batch, bitwise the
-//! same state on every rank; ranks that disagree get an error each.
+//! Synchronized statistics in the float64 reference (issues 11 and 20):
+//! ranks holding uneven slices of a global batch, one of them empty,
+//! exchanging through `LocalExchange` under every reduction scheme, give
+//! the outputs, moving statistics and gradients of one layer over the
+//! whole batch, bitwise the same state on every rank; groups split from a
+//! world each match one layer over their own batch; ranks that disagree
+//! get an error each.
 
 use std::time::Duration;
 
 use wgpu_batchnorm::reference::ReferenceLayer;
-use wgpu_batchnorm::sync::{Exchange, LocalExchange};
+use wgpu_batchnorm::sync::{Exchange, LocalExchange, Scheme};
 use wgpu_batchnorm::{BatchNormConfig, Error, RenormClipping};
 
 /// Deterministic values around `offset`, never all equal.
@@ -29,7 +31,16 @@ struct Case {
     masked: bool,
 }
 
-fn run(case: &Case) {
+/// One rank's results: per step (y, gradients), then its state and rank.
+type RankResult = (
+    Vec<(Vec<f64>, wgpu_batchnorm::reference::ReferenceGradients)>,
+    wgpu_batchnorm::reference::ReferenceState,
+    usize,
+);
+
+/// Runs `case` under `scheme` and returns the state every rank ended with
+/// (the same bits on every rank).
+fn run(case: &Case, scheme: Scheme) -> wgpu_batchnorm::reference::ReferenceState {
     let rows: usize = case.split.iter().sum();
     assert_eq!(rows, case.shape[0]);
     let row_len: usize = case.shape[1..].iter().product();
@@ -53,14 +64,15 @@ fn run(case: &Case) {
         want.push((y, g));
     }
 
-    let exchanges = LocalExchange::group(case.split.len(), Duration::from_secs(30));
+    let exchanges = LocalExchange::group(case.split.len(), Duration::from_secs(30))
+        .into_iter()
+        .map(|ex| ex.with_scheme(scheme));
     let mut starts = vec![0];
     for s in &case.split {
         starts.push(starts.last().unwrap() + s);
     }
-    let results: Vec<_> = std::thread::scope(|scope| {
+    let results: Vec<RankResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = exchanges
-            .into_iter()
             .enumerate()
             .map(|(rank, ex)| {
                 let (a, b) = (starts[rank] * row_len, starts[rank + 1] * row_len);
@@ -111,6 +123,7 @@ fn run(case: &Case) {
         // every rank merged the same moments in the same order: the same bits
         assert_eq!(state, &results[0].1, "rank {rank} state");
     }
+    results[0].1.clone()
 }
 
 #[test]
@@ -155,8 +168,69 @@ fn uneven_ranks_match_one_layer_over_the_global_batch() {
             masked: false,
         },
     ] {
-        run(&case);
+        // the all-gather and the reduce-scatter merge in rank order alike:
+        // the same bits; the tree in its own order, close to them
+        let states: Vec<_> = Scheme::ALL.into_iter().map(|scheme| run(&case, scheme)).collect();
+        assert_eq!(states[1], states[2], "{:?}: all-gather vs reduce-scatter", case.shape);
     }
+}
+
+/// A world of five ranks split into groups of three and two
+/// (`LocalExchange::split`): each group synchronizes over its own ranks,
+/// and matches one layer over its own batch, not the other group's.
+#[test]
+fn groups_split_from_a_world_each_match_their_own_batch() {
+    let colors = [0, 1, 0, 1, 0];
+    let world = LocalExchange::split(&colors, Duration::from_secs(30));
+    let shape = [4, 3];
+    let results: Vec<(usize, Vec<f64>, Vec<f64>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = world
+            .into_iter()
+            .zip(colors)
+            .map(|(ex, group)| {
+                scope.spawn(move || {
+                    let mut layer = ReferenceLayer::new(BatchNormConfig::default(), 3).unwrap();
+                    // each rank's slice of its group's batch
+                    let x = values(12, 10 * group as u64 + ex.rank() as u64, 3.0 + group as f64);
+                    let y = layer.forward_synchronized(&x, &shape, Some(true), None, &ex).unwrap();
+                    (group, x, y)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for group in 0..2 {
+        let members: Vec<&(usize, Vec<f64>, Vec<f64>)> = results.iter().filter(|r| r.0 == group).collect();
+        let batch: Vec<f64> = members.iter().flat_map(|r| r.1.clone()).collect();
+        let mut whole = ReferenceLayer::new(BatchNormConfig::default(), 3).unwrap();
+        let want = whole
+            .forward(&batch, &[4 * members.len(), 3], Some(true), None)
+            .unwrap();
+        let got: Vec<f64> = members.iter().flat_map(|r| r.2.clone()).collect();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-9 * (1.0 + w.abs()),
+                "group {group} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+}
+
+/// With far more ranks than channels, the tree (which `Auto` picks) still
+/// gives one layer over the global batch, bitwise the same on every rank.
+#[test]
+fn many_ranks_of_few_channels_match_through_the_tree() {
+    let case = Case {
+        config: BatchNormConfig::default(),
+        shape: vec![40, 2],
+        split: (0..19).map(|r| [1, 3, 0, 2][r % 4]).chain([12]).collect(),
+        masked: false,
+    };
+    assert_eq!(
+        wgpu_batchnorm::sync::call_cost(Scheme::Auto, 20, 2).scheme,
+        Scheme::Tree
+    );
+    run(&case, Scheme::Auto);
 }
 
 #[test]

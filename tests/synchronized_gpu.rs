@@ -3,7 +3,8 @@
 //! slices of a global batch (one empty, one fully masked out), and run
 //! training steps through a `LocalExchange`; their outputs, gradients and
 //! moving statistics must be those of the float64 reference over the whole
-//! batch, and ranks on one adapter must hold bitwise the same state.
+//! batch, and ranks on one adapter must hold bitwise the same state, under
+//! every reduction scheme (issue 20).
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::{gl, gpu, tolerance};
 use wgpu_batchnorm::keras::{KerasLayerConfig, error_measure};
 use wgpu_batchnorm::reference::ReferenceLayer;
+use wgpu_batchnorm::sync::Scheme;
 use wgpu_batchnorm::{
     BatchNorm, BatchNormConfig, DType, Error, Exchange, GpuContext, LocalExchange, Mask, RenormClipping, StateSlot,
     Tensor,
@@ -42,6 +44,8 @@ struct Case {
     /// Inputs of this size around 0, rows in pairs of opposite values (a
     /// global mean near 0 with values far past it); 0: around 3.
     magnitude: f32,
+    /// The reduction every rank asks for.
+    scheme: Scheme,
 }
 
 /// What one rank ends with: per step (y, dx, dgamma, dbeta), then its state.
@@ -58,8 +62,8 @@ fn contexts(ranks: usize) -> Vec<GpuContext> {
 
 fn run(case: &Case) {
     let what = format!(
-        "{:?} split {:?} axis {} masked {} {}",
-        case.shape, case.split, case.config.axis, case.masked, case.dtype
+        "{:?} split {:?} axis {} masked {} {} {}",
+        case.shape, case.split, case.config.axis, case.masked, case.dtype, case.scheme
     );
     let rows: usize = case.split.iter().sum();
     assert_eq!(rows, case.shape[0]);
@@ -116,7 +120,7 @@ fn run(case: &Case) {
                 let steps = &steps;
                 scope.spawn(move || {
                     let mut layer = BatchNorm::new(&ctx, case.config.clone(), channels).unwrap();
-                    layer.set_exchange(Arc::new(ex));
+                    layer.set_exchange(Arc::new(ex.with_scheme(case.scheme)));
                     let mut out = Vec::new();
                     for (x, dy, mask) in steps {
                         let x = Tensor::from_f32_as(&ctx, &shape, &x[a..b], case.dtype).unwrap();
@@ -218,6 +222,7 @@ fn vulkan_and_gl_ranks_match_one_layer_over_the_global_batch() {
         masked,
         dtype,
         magnitude: 0.0,
+        scheme: Scheme::Auto,
     };
     let pytorch = BatchNormConfig {
         running_statistics: wgpu_batchnorm::RunningStatistics::PyTorch,
@@ -244,6 +249,25 @@ fn vulkan_and_gl_ranks_match_one_layer_over_the_global_batch() {
         },
         // rows wider than a workgroup, uneven
         case(&plain, &[1031, 300], &[17, 1014], true, DType::F32),
+        // the schemes Auto does not pick for these: an empty rank, a rank
+        // fully masked out
+        Case {
+            scheme: Scheme::Tree,
+            ..case(&plain, &[12, 3, 4], &[3, 4, 1, 4], true, DType::F32)
+        },
+        Case {
+            scheme: Scheme::Tree,
+            ..case(&renorm(), &[12, 3, 4], &[5, 0, 7], true, DType::F32)
+        },
+        Case {
+            scheme: Scheme::AllGather,
+            ..case(&plain, &[9, 5], &[2, 0, 7], false, DType::F32)
+        },
+        // more ranks than channels: ranks with no range of their own
+        Case {
+            scheme: Scheme::ReduceScatter,
+            ..case(&plain, &[10, 2], &[3, 0, 2, 4, 1], true, DType::F32)
+        },
     ] {
         run(&case);
     }

@@ -1,5 +1,5 @@
 //! A synchronized layer's calls (Keras's `synchronized=True`): each runs in
-//! two submissions around one all-gather. The first reduces this rank's
+//! two submissions around one exchange (`crate::sync`). The first reduces this rank's
 //! values to one partial a channel on the GPU (the finalize kernels under
 //! `FLAG_MERGE_ONLY`) and reads it back, 16 bytes a channel; the ranks'
 //! partials are merged on the host in float64 and rank order; the second
@@ -24,14 +24,14 @@ impl BatchNorm {
     ///
     /// Every training forward then uses the statistics of the global batch,
     /// the union of every rank's slice: each rank reduces its slice to
-    /// per-channel moments (count, mean, M2), all-gathers them and merges
-    /// them with Chan's formula in rank order, so every rank gets bitwise
-    /// the same statistics and moving statistics. Every backward adds the
+    /// per-channel moments (count, mean, M2), and the ranks merge them with
+    /// Chan's formula in a fixed order ([`crate::sync::Scheme`]), so every
+    /// rank gets bitwise the same statistics and moving statistics. Every backward adds the
     /// ranks' per-channel sums (dy, dy * (x - mean), masked-in x - mean) in
-    /// rank order, so dx uses the global count and dgamma / dbeta are the
+    /// the same order, so dx uses the global count and dgamma / dbeta are the
     /// global batch's sums, the same on every rank (PyTorch's SyncBatchNorm
-    /// leaves those to its data-parallel wrapper). Each call exchanges 24
-    /// bytes a channel per rank plus a 28-byte header, whatever the batch.
+    /// leaves those to its data-parallel wrapper). Each call moves O(channels)
+    /// bytes a rank, whatever the batch and the rank count.
     /// Inference calls and `trainable = false` exchange nothing.
     ///
     /// A rank's slice may be empty (a dimension of 0) or fully masked out;
