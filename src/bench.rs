@@ -10,13 +10,15 @@ use serde::Serialize;
 
 use crate::config::{BatchNormConfig, ChannelView};
 use crate::context::GpuContext;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::keras::error_measure;
-use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
 use crate::layer::{BatchNorm, Gradients, SavedForward};
+use crate::params::{PARAMS_SLOT, Params};
 use crate::reference::{ReferenceGradients, ReferenceLayer};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::tuning::{self, AdapterKey, PlanTuning, Strategy, TunedEntry, shape_class};
+use crate::variants::{Kernel, KernelKey};
 
 /// One benchmarked input: a shape and its feature axis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -434,7 +436,7 @@ impl Setup {
                 || Ok(()),
                 |encoder| match op {
                     Op::Copy => {
-                        let size = crate::tensor::padded_bytes(self.len, self.dtype);
+                        let size = crate::dtype::padded_bytes(self.len, self.dtype);
                         encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
                         Ok(())
                     }
@@ -1003,8 +1005,8 @@ impl StreamBaseline {
         while start < vecs {
             let count = chunk_vecs.min(vecs - start);
             let threads = count.div_ceil(4);
-            let grid = kernels::grid(
-                threads.div_ceil(u64::from(kernels::WORKGROUP)),
+            let grid = crate::plan::grid(
+                threads.div_ceil(u64::from(crate::variants::WORKGROUP)),
                 ctx.max_workgroups_per_dimension(),
             )?;
             let params = Params {

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::ChannelView;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
-use crate::tensor::DType;
 use crate::tuning::{AdapterKey, KernelChoice, Op, PlanTuning, Strategy, TuningCache, shape_class};
 
 /// Which adapter [`GpuContext::new`] should open.
@@ -440,7 +440,7 @@ impl GpuContext {
     /// Returns whether such a kernel exists.
     #[doc(hidden)]
     pub fn break_kernel_for_tests(&self, entry: &str) -> bool {
-        let kernel = crate::kernels::Kernel::ALL
+        let kernel = crate::variants::Kernel::ALL
             .into_iter()
             .find(|k| k.entry_point() == entry);
         if let Some(kernel) = kernel {

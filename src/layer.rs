@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex};
 pub use crate::config::StateSlot;
 use crate::config::{BatchNormConfig, ChannelView, Regularizer, RunningStatistics, StatePrecision};
 use crate::context::GpuContext;
+use crate::dtype::DType;
 use crate::error::{ConfigError, Error, Result};
-use crate::kernels::{self, Kernel, KernelKey, PARAMS_SLOT, Params};
+use crate::params::{self, PARAMS_SLOT, Params};
 use crate::plan::{Chunk, DispatchPlan, MaskUse};
 use crate::sync::Exchange;
-use crate::tensor::{DType, Mask, Tensor, read_buffer};
+use crate::tensor::{Mask, Tensor, read_buffer};
 use crate::tuning::{Op, PlanTuning};
+use crate::variants::{Kernel, KernelKey};
 
 /// Keras's `BatchNormalization` on the GPU.
 ///
@@ -597,7 +599,7 @@ impl BatchNorm {
         let tuning = self.ctx.plan_tuning(planned, x.dtype(), op);
         let plan = DispatchPlan::new(planned, x.dtype(), mask_use, self.ctx.plan_limits(), &tuning)?;
         let flags =
-            self.config_flags() | flag(masked, kernels::FLAG_MASKED) | flag(batch_statistics, kernels::FLAG_TRAINING);
+            self.config_flags() | flag(masked, params::FLAG_MASKED) | flag(batch_statistics, params::FLAG_TRAINING);
         Ok(ForwardCall {
             keys: CallKeys::new(self, x.dtype(), masked, tuning),
             plan,
@@ -925,10 +927,10 @@ impl BatchNorm {
             _ => 0,
         };
         let flags = self.config_flags()
-            | flag(masked, kernels::FLAG_MASKED)
-            | flag(saved.batch_statistics, kernels::FLAG_TRAINING)
-            | reg(cfg.gamma_regularizer, kernels::FLAG_GAMMA_L1, kernels::FLAG_GAMMA_L2)
-            | reg(cfg.beta_regularizer, kernels::FLAG_BETA_L1, kernels::FLAG_BETA_L2);
+            | flag(masked, params::FLAG_MASKED)
+            | flag(saved.batch_statistics, params::FLAG_TRAINING)
+            | reg(cfg.gamma_regularizer, params::FLAG_GAMMA_L1, params::FLAG_GAMMA_L2)
+            | reg(cfg.beta_regularizer, params::FLAG_BETA_L1, params::FLAG_BETA_L2);
         Ok(BackwardCall {
             keys: CallKeys::new(self, x.dtype(), masked, tuning),
             plan,
@@ -1068,17 +1070,17 @@ impl BatchNorm {
     fn config_flags(&self) -> u32 {
         let cfg = &self.config;
         let clip = cfg.renorm_clipping;
-        flag(cfg.renorm, kernels::FLAG_RENORM)
+        flag(cfg.renorm, params::FLAG_RENORM)
             | flag(
                 cfg.running_statistics == RunningStatistics::PyTorch,
-                kernels::FLAG_PYTORCH,
+                params::FLAG_PYTORCH,
             )
-            | flag(cfg.center, kernels::FLAG_CENTER)
-            | flag(cfg.scale, kernels::FLAG_SCALE)
-            | flag(clip.rmin.is_some(), kernels::FLAG_RMIN)
-            | flag(clip.rmax.is_some(), kernels::FLAG_RMAX)
-            | flag(clip.dmax.is_some(), kernels::FLAG_DMAX)
-            | flag(cfg.state_precision == StatePrecision::Float16, kernels::FLAG_F16_STATE)
+            | flag(cfg.center, params::FLAG_CENTER)
+            | flag(cfg.scale, params::FLAG_SCALE)
+            | flag(clip.rmin.is_some(), params::FLAG_RMIN)
+            | flag(clip.rmax.is_some(), params::FLAG_RMAX)
+            | flag(clip.dmax.is_some(), params::FLAG_DMAX)
+            | flag(cfg.state_precision == StatePrecision::Float16, params::FLAG_F16_STATE)
     }
 
     /// Marks the weights as replaced: the saved forward no longer matches.

@@ -74,30 +74,34 @@ pub mod bench;
 pub mod config;
 pub mod context;
 pub(crate) mod device;
+pub(crate) mod dtype;
 pub mod error;
 pub mod guide;
 pub mod keras;
 pub(crate) mod kernels;
 pub mod layer;
 pub mod optimizer;
+pub(crate) mod params;
 pub(crate) mod plan;
 pub mod reference;
 pub mod sync;
 pub mod tensor;
 pub mod tuning;
+pub(crate) mod variants;
 
 pub use config::{
     BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping, RunningStatistics,
     StatePrecision,
 };
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
+pub use dtype::DType;
 pub use error::{ConfigError, Error, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
 #[cfg(feature = "mpi")]
 pub use sync::MpiExchange;
 pub use sync::{Exchange, LocalExchange};
-pub use tensor::{DType, Mask, Tensor};
+pub use tensor::{Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};
 
 /// This crate's version, as `bench --json` files record it.

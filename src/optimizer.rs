@@ -5,10 +5,12 @@
 
 use crate::config::Constraint;
 use crate::context::GpuContext;
+use crate::dtype::DType;
 use crate::error::{ConfigError, Error, Result};
-use crate::kernels::{self, Kernel, KernelKey, OptimizerParams};
 use crate::layer::{BatchNorm, Gradients};
-use crate::tensor::{DType, Tensor};
+use crate::params::{self, OptimizerParams};
+use crate::tensor::Tensor;
+use crate::variants::{Kernel, KernelKey};
 
 /// Keras's `SGD(learning_rate, momentum, nesterov)` for one layer's gamma
 /// and beta. Keeps its velocity on the GPU; use one per layer.
@@ -91,12 +93,12 @@ impl Sgd {
             }
         }
         let mut flags =
-            if cfg.scale { kernels::OPT_HAS_GAMMA } else { 0 } | if cfg.center { kernels::OPT_HAS_BETA } else { 0 };
+            if cfg.scale { params::OPT_HAS_GAMMA } else { 0 } | if cfg.center { params::OPT_HAS_BETA } else { 0 };
         if self.momentum != 0.0 {
-            flags |= kernels::OPT_USE_MOMENTUM;
+            flags |= params::OPT_USE_MOMENTUM;
         }
         if self.nesterov {
-            flags |= kernels::OPT_NESTEROV;
+            flags |= params::OPT_NESTEROV;
         }
         fn binding<'a>(t: &'a Option<Tensor>, placeholder: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
             match t {
@@ -140,7 +142,7 @@ fn constraint_vector(c: Option<Constraint>) -> [f32; 4] {
 fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum: f32) -> OptimizerParams {
     let cfg = layer.config();
     let f16_state = if cfg.state_precision == crate::config::StatePrecision::Float16 {
-        kernels::OPT_F16_STATE
+        params::OPT_F16_STATE
     } else {
         0
     };
@@ -219,7 +221,7 @@ fn record_unscoped(
     });
     let key = |kernel| KernelKey::new(kernel, DType::F32, false);
     let groups = (layer.channels() as u64).div_ceil(u64::from(Kernel::SgdStep.workgroup_size()));
-    let grid = kernels::grid(groups, ctx.max_workgroups_per_dimension())?;
+    let grid = crate::plan::grid(groups, ctx.max_workgroups_per_dimension())?;
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("optimizer"),
     });
@@ -243,7 +245,7 @@ impl BatchNorm {
     pub fn apply_constraints(&self) -> Result<()> {
         let cfg = self.config();
         let flags =
-            if cfg.scale { kernels::OPT_HAS_GAMMA } else { 0 } | if cfg.center { kernels::OPT_HAS_BETA } else { 0 };
+            if cfg.scale { params::OPT_HAS_GAMMA } else { 0 } | if cfg.center { params::OPT_HAS_BETA } else { 0 };
         let params = optimizer_params(self, flags, 0.0, 0.0);
         let ctx = self.context();
         let scratch = ctx.device().create_buffer(&wgpu::BufferDescriptor {

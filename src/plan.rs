@@ -2,10 +2,10 @@
 //! binding, and into statistics tiles.
 
 use crate::config::ChannelView;
+use crate::dtype::{DType, padded_bytes};
 use crate::error::{Error, Result};
-use crate::kernels::{WORKGROUP, finalize_groups, grid};
-use crate::tensor::{DType, padded_bytes};
 use crate::tuning::{PlanTuning, Strategy};
+use crate::variants::{Layout, WORKGROUP};
 
 /// The shortest tile worth an invocation of its own.
 const STATS_MIN_PER_THREAD: usize = 16;
@@ -57,39 +57,6 @@ pub(crate) struct Chunk {
     /// Coalesced elementwise kernels: how many times each invocation
     /// strides over the chunk (the grid's invocations apart).
     pub elementwise_steps: u32,
-}
-
-/// How the kernels walk an input: one scalar at a time anywhere, or four
-/// values at a time (a vec4 of float32, a vec2<u32> of float16) when the
-/// layout lets four neighbours share a channel (`Inner4`:
-/// inner % 4 == 0, e.g. NCHW) or be four consecutive channels (`Channels4`:
-/// inner == 1 and channels % 4 == 0, e.g. NHWC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Layout {
-    Generic,
-    Inner4,
-    /// Inner4 with inner % 16 == 0, and a multiple of a serial
-    /// invocation's 4 x values_per_thread values (a power of two, so an
-    /// invocation starts on such a multiple: the elementwise kernels need no
-    /// channel tracking); statistics treat it as Inner4.
-    Inner16,
-    Channels4,
-    /// Channels4 with channels % 8 == 0: an invocation takes two
-    /// neighbouring quads, so a SIMD group of eight reads 256 contiguous
-    /// bytes of a row per step (10-30% faster on lavapipe than one quad,
-    /// see benches/NOTES.md).
-    Channels8,
-    /// inner >= 16 but not a multiple of 4 (7x7 feature maps), length %
-    /// 4 == 0: vec4s over the flat tensor. An elementwise invocation's
-    /// sixteen values meet at most two channels, whose parameters it loads
-    /// once and selects per lane; statistics read each run in the vec4s
-    /// that cover it and mask the lanes outside (tiles sized in values, as
-    /// Generic).
-    Runs16,
-    /// Coalesced statistics only: inner == 1 with any channel count,
-    /// scalar lanes across a row (Generic reads one channel's values
-    /// `channels` apart).
-    Rows1,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,18 +117,6 @@ fn longest_channel_run(view: ChannelView, start: usize, end: usize) -> usize {
     .map(|c| first_j_at(view, end, c) - first_j_at(view, start, c))
     .max()
     .unwrap_or(0)
-}
-
-impl Layout {
-    pub(crate) const ALL: [Layout; 7] = [
-        Layout::Generic,
-        Layout::Inner4,
-        Layout::Inner16,
-        Layout::Channels4,
-        Layout::Channels8,
-        Layout::Runs16,
-        Layout::Rows1,
-    ];
 }
 
 /// Which of a call's kernels read its mask, and its shape. Of the vec4
@@ -552,9 +507,70 @@ fn lcm(a: usize, b: usize) -> usize {
     a / gcd(a, b) * b
 }
 
+/// Workgroups of the finalize kernels: eight invocations per channel,
+/// eight channels per workgroup (`LANES` in finalize.wgsl).
+pub(crate) fn finalize_groups(channels: usize) -> u64 {
+    channels.div_ceil(8) as u64
+}
+
+/// A 2-D grid of at least `groups` workgroups with neither dimension above
+/// `max` (the device's `max_compute_workgroups_per_dimension`, 65535 in
+/// WebGPU); the kernels number workgroups `wid.x + wid.y * x` and skip
+/// those past their work. Checked here, on the host: a grid the device
+/// cannot run is an error, never a dispatch.
+pub(crate) fn grid(groups: u64, max: u32) -> Result<(u32, u32)> {
+    // Plain divisions, no clamp: rustc 1.95's LLVM miscompiles
+    // `if g <= 65535 { g.max(1) } else { 65535 }` (65536 for 65536).
+    let max = u64::from(max);
+    let y = groups.saturating_sub(1) / max + 1;
+    let x = groups.saturating_sub(1) / y + 1;
+    if x > max || y > max || x * y < groups {
+        return Err(Error::TooLarge(format!(
+            "{groups} workgroups do not fit a grid of {max} x {max} (max_compute_workgroups_per_dimension)"
+        )));
+    }
+    Ok((x as u32, y as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grids_cover_every_workgroup() {
+        // the unit tests build at opt-level 1, where the old clamp shape
+        // returned 65536 for 65536
+        for max in [65535, 1000, 1] {
+            for groups in [
+                0,
+                1,
+                2,
+                999,
+                1000,
+                1001,
+                65534,
+                65535,
+                65536,
+                65537,
+                200_000,
+                524_281 / 8 + 1,
+            ] {
+                let Ok((x, y)) = grid(std::hint::black_box(groups), std::hint::black_box(max)) else {
+                    assert!(groups > u64::from(max) * u64::from(max), "{groups} in {max}");
+                    continue;
+                };
+                let (x, y) = (u64::from(x), u64::from(y));
+                assert!(x >= 1 && y >= 1, "{groups}: {x} x {y}");
+                assert!(
+                    x <= u64::from(max) && y <= u64::from(max),
+                    "{groups} in {max}: {x} x {y}"
+                );
+                assert!(x * y >= groups, "{groups}: {x} x {y}");
+            }
+        }
+        assert!(grid(65535 * 65535 + 1, 65535).is_err());
+        assert_eq!(grid(65536, 65535).unwrap(), (32768, 2));
+    }
 
     fn serial() -> PlanTuning {
         PlanTuning::default_for(Strategy::Serial)

@@ -12,10 +12,11 @@ use serde_json::Value;
 use super::config::config_from_case_json;
 use crate::config::BatchNormConfig;
 use crate::context::GpuContext;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::layer::{BatchNorm, StateSlot};
 use crate::reference::ReferenceLayer;
-use crate::tensor::{DType, Mask, Tensor};
+use crate::tensor::{Mask, Tensor};
 
 /// One tensor of a case file, widened to float64.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,14 +9,15 @@
 use std::sync::Arc;
 
 use super::{BackwardCall, BatchNorm, ForwardCall, Gradients, Recorder, SavedForward, storage_buffer};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::FLAG_MERGE_ONLY;
+use crate::params::FLAG_MERGE_ONLY;
 use crate::plan::DispatchPlan;
 use crate::reference::{ChannelMoments, gather_moments};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
 };
-use crate::tensor::{DType, Mask, Tensor, read_buffer};
+use crate::tensor::{Mask, Tensor, read_buffer};
 
 impl BatchNorm {
     /// Makes the layer synchronized over `exchange` (Keras's

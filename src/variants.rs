@@ -1,0 +1,665 @@
+//! The kernel variants: which kernels exist, the layouts and families they
+//! come in, the key that names one compiled variant, its entry point and
+//! override constants, its bindings and what it needs of a device. Plain
+//! data, shared by the plan (which picks variants) and the pipeline cache
+//! (which compiles them); nothing here touches a device.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::params::{OptimizerParams, Params};
+use crate::tuning::{PlanTuning, Strategy};
+
+/// Workgroup size of the statistics and normalise kernels (`WG` in WGSL).
+pub(crate) const WORKGROUP: u32 = 256;
+/// Workgroup size of the finalize kernel.
+pub(crate) const FINALIZE_WORKGROUP: u32 = 64;
+/// A kernel family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    PartialStats,
+    Finalize,
+    Normalize,
+    BackwardReduce,
+    BackwardFinalize,
+    BackwardDx,
+    SgdStep,
+    Constrain,
+    /// The benchmark's streaming baseline.
+    Stream,
+}
+
+impl Kernel {
+    pub(crate) const ALL: [Kernel; 9] = [
+        Kernel::PartialStats,
+        Kernel::Finalize,
+        Kernel::Normalize,
+        Kernel::BackwardReduce,
+        Kernel::BackwardFinalize,
+        Kernel::BackwardDx,
+        Kernel::SgdStep,
+        Kernel::Constrain,
+        Kernel::Stream,
+    ];
+    /// Whether the kernel comes in both families (the finalize kernels,
+    /// the optimiser and the stream are one for both).
+    pub(crate) fn has_families(self) -> bool {
+        matches!(
+            self,
+            Kernel::PartialStats | Kernel::Normalize | Kernel::BackwardReduce | Kernel::BackwardDx
+        )
+    }
+
+    /// Whether the coalesced form sums over its workgroup (and so differs
+    /// with and without subgroup operations).
+    fn reduces(self) -> bool {
+        matches!(self, Kernel::PartialStats | Kernel::BackwardReduce)
+    }
+
+    pub(crate) fn entry_point(self) -> &'static str {
+        match self {
+            Kernel::PartialStats => "partial_stats",
+            Kernel::Finalize => "finalize",
+            Kernel::Normalize => "normalize",
+            Kernel::BackwardReduce => "backward_reduce",
+            Kernel::BackwardFinalize => "backward_finalize",
+            Kernel::BackwardDx => "backward_dx",
+            Kernel::SgdStep => "sgd_step",
+            Kernel::Constrain => "constrain",
+            Kernel::Stream => "stream_f16",
+        }
+    }
+
+    /// The binding of the uniform view of the per-channel parameters, for
+    /// the kernels that can read them that way (see `KernelKey::uniform_params`).
+    pub(crate) fn uniform_params_binding(self) -> Option<u32> {
+        match self {
+            // after x, affine, y
+            Kernel::Normalize => Some(4),
+            // after x, dy, mask, coeffs, dx
+            Kernel::BackwardDx => Some(6),
+            _ => None,
+        }
+    }
+
+    /// Bytes of the uniform binding at 0: two blocks, of which the kernels
+    /// read the first (at an index the compiler cannot fold, see
+    /// `p()` in `shaders/params.wgsl`).
+    pub(crate) fn uniform_size(self) -> u64 {
+        let block = match self {
+            Kernel::SgdStep | Kernel::Constrain => std::mem::size_of::<OptimizerParams>(),
+            _ => std::mem::size_of::<Params>(),
+        };
+        2 * block as u64
+    }
+
+    /// Storage bindings after the uniform at binding 0: `true` = read-only.
+    fn storage_bindings(self) -> &'static [bool] {
+        match self {
+            // x, mask, partials
+            Kernel::PartialStats => &[true, true, false],
+            // partials, state, affine, saved
+            Kernel::Finalize => &[true, false, false, false],
+            // x, affine, y
+            Kernel::Normalize => &[true, true, false],
+            // x, dy, saved, mask, partials
+            Kernel::BackwardReduce => &[true, true, true, true, false],
+            // partials, state, saved, grads, coeffs
+            Kernel::BackwardFinalize => &[true, true, true, false, false],
+            // x, dy, mask, coeffs, dx
+            Kernel::BackwardDx => &[true, true, true, true, false],
+            // state, dgamma, dbeta, velocity
+            Kernel::SgdStep | Kernel::Constrain => &[false, true, true, false],
+            // x, y
+            Kernel::Stream => &[true, false],
+        }
+    }
+
+    /// The bind group layout: the uniform block at binding 0 (a dynamic
+    /// offset per chunk), the storage bindings, and where the kernel has
+    /// one, the per-channel parameters' uniform view of `uniform_view` bytes.
+    pub(crate) fn layout_entries(self, uniform_view: u64) -> Vec<wgpu::BindGroupLayoutEntry> {
+        let entry =
+            |binding: u32, ty: wgpu::BufferBindingType, dynamic: bool, min: Option<u64>| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: dynamic,
+                    min_binding_size: min.and_then(wgpu::BufferSize::new),
+                },
+                count: None,
+            };
+        let mut entries = vec![entry(
+            0,
+            wgpu::BufferBindingType::Uniform,
+            true,
+            Some(self.uniform_size()),
+        )];
+        for (i, &read_only) in self.storage_bindings().iter().enumerate() {
+            entries.push(entry(
+                i as u32 + 1,
+                wgpu::BufferBindingType::Storage { read_only },
+                false,
+                None,
+            ));
+        }
+        if let Some(binding) = self.uniform_params_binding() {
+            entries.push(entry(
+                binding,
+                wgpu::BufferBindingType::Uniform,
+                false,
+                Some(uniform_view),
+            ));
+        }
+        entries
+    }
+
+    /// What the kernel's entry points need of the device at most (the
+    /// portability test reflects every entry point and holds them to it).
+    pub(crate) fn needs(self, strategy: Strategy) -> KernelNeeds {
+        let coalesced = strategy == Strategy::Coalesced && self.has_families();
+        let vec4s = |n: u32| n * 16;
+        let workgroup_bytes = match self {
+            // three sums of a vec4 a lane, and the first kept position a lane
+            Kernel::PartialStats if coalesced => 3 * vec4s(WORKGROUP) + 4 * WORKGROUP,
+            Kernel::BackwardReduce if coalesced => 3 * vec4s(WORKGROUP),
+            Kernel::Finalize | Kernel::BackwardFinalize => vec4s(FINALIZE_WORKGROUP),
+            Kernel::SgdStep | Kernel::Constrain => 4 * WORKGROUP,
+            _ => 0,
+        };
+        KernelNeeds {
+            storage_buffers: self.storage_bindings().len() as u32,
+            uniform_buffers: 1 + self.uniform_params_binding().is_some() as u32,
+            invocations: self.workgroup_size(),
+            workgroup_bytes,
+        }
+    }
+
+    /// Whether the device lets the kernel's bind group layout exist.
+    pub(crate) fn bindings_fit(self, limits: &wgpu::Limits) -> Result<()> {
+        KernelNeeds {
+            invocations: 0,
+            workgroup_bytes: 0,
+            ..self.needs(Strategy::Serial)
+        }
+        .check(self.entry_point(), limits)
+    }
+
+    pub(crate) fn workgroup_size(self) -> u32 {
+        match self {
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep => FINALIZE_WORKGROUP,
+            _ => WORKGROUP,
+        }
+    }
+}
+
+/// One compiled variant: the family plus what its entry point and override
+/// constants fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct KernelKey {
+    pub kernel: Kernel,
+    pub dtype: DType,
+    pub masked: bool,
+    pub layout: Layout,
+    /// The normalise pass's fused ReLU epilogue.
+    pub relu: bool,
+    /// Per-channel parameters read through a uniform binding instead of a
+    /// storage one (normalise and dx only). On llvmpipe a storage load is a
+    /// per-lane loop while a uniform load is one vector gather: the
+    /// parameters then cost next to nothing.
+    pub uniform_params: bool,
+    /// The kernel family (Serial for the kernels that have one form).
+    pub strategy: Strategy,
+    /// Coalesced reductions: subgroup operations for the workgroup sum.
+    pub subgroups: bool,
+    /// Serial normalise and dx: values and channels-last rows per invocation
+    /// (the `PER_THREAD` and `ROWS_PER_THREAD` overrides).
+    pub per_thread: u32,
+    pub rows_per_thread: u32,
+}
+
+/// What one shader module is made of: the variants of a module differ by
+/// entry point and override constants only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SourceKey {
+    pub kernel: Kernel,
+    pub dtype: DType,
+    pub strategy: Strategy,
+    pub subgroups: bool,
+}
+
+/// The serial elementwise kernels' knobs where a key does not use them.
+const DEFAULT_PER_THREAD: u32 = 4;
+const DEFAULT_ROWS_PER_THREAD: u32 = 8;
+
+impl KernelKey {
+    /// The key with only the fields the kernel's source depends on: equal
+    /// variants share one pipeline.
+    pub(crate) fn new(kernel: Kernel, dtype: DType, masked: bool) -> Self {
+        let (dtype, masked) = match kernel {
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => (DType::F32, false),
+            Kernel::Normalize | Kernel::Stream => (dtype, false),
+            Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx => (dtype, masked),
+        };
+        KernelKey {
+            kernel,
+            dtype,
+            masked,
+            layout: Layout::Generic,
+            relu: false,
+            uniform_params: false,
+            strategy: Strategy::Serial,
+            subgroups: false,
+            per_thread: DEFAULT_PER_THREAD,
+            rows_per_thread: DEFAULT_ROWS_PER_THREAD,
+        }
+    }
+
+    /// The kernel of a plan made with `tuning`, on a device with (or
+    /// without) subgroup operations. Only the fields its source and
+    /// constants depend on are set, so equal variants share a pipeline.
+    pub(crate) fn with_tuning(self, tuning: &PlanTuning, subgroups: bool) -> Self {
+        if !self.kernel.has_families() {
+            return self;
+        }
+        let strategy = tuning.strategy;
+        let elementwise = matches!(self.kernel, Kernel::Normalize | Kernel::BackwardDx);
+        let serial_elementwise = elementwise && strategy == Strategy::Serial;
+        let key = KernelKey {
+            strategy,
+            subgroups: subgroups && strategy == Strategy::Coalesced && self.kernel.reduces(),
+            per_thread: if serial_elementwise {
+                tuning.values_per_thread
+            } else {
+                DEFAULT_PER_THREAD
+            },
+            rows_per_thread: if serial_elementwise {
+                tuning.rows_per_thread
+            } else {
+                DEFAULT_ROWS_PER_THREAD
+            },
+            ..self
+        };
+        // a layout the family reads like another shares its pipeline
+        key.with_layout(self.layout)
+    }
+
+    /// The kernel reading its per-channel parameters through the uniform
+    /// binding (where it has one).
+    pub(crate) fn with_uniform_params(self, on: bool) -> Self {
+        KernelKey {
+            uniform_params: on && self.kernel.uniform_params_binding().is_some(),
+            ..self
+        }
+    }
+
+    /// The normalise kernel with (or without) its ReLU epilogue.
+    pub(crate) fn with_relu(self, relu: bool) -> Self {
+        KernelKey {
+            relu: relu && self.kernel == Kernel::Normalize,
+            ..self
+        }
+    }
+
+    /// Every variant a layer's forward, backward or optimiser step can ask
+    /// for with plans of `tuning` (the vec4 layouts exist for unmasked
+    /// inputs only, but for a mask per row in channels-last kernels).
+    pub(crate) fn layer_variants(tuning: &PlanTuning, subgroups: bool, uniform_params: bool) -> Vec<KernelKey> {
+        let coalesced = tuning.strategy == Strategy::Coalesced;
+        let mut keys = Vec::new();
+        for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
+            for dtype in [DType::F32, DType::F16] {
+                for masked in [false, true] {
+                    let key = KernelKey::new(kernel, dtype, masked);
+                    for layout in Layout::ALL {
+                        let reducing = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
+                        let exists = match (kernel, layout) {
+                            (_, Layout::Generic) => true,
+                            // coalesced statistics only, masked or not
+                            (_, Layout::Rows1) => reducing && coalesced,
+                            // the statistics kernels treat Inner16 as Inner4
+                            (Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => false,
+                            // a mask per row suits the channels-last kernels
+                            (
+                                Kernel::PartialStats | Kernel::BackwardReduce | Kernel::BackwardDx,
+                                Layout::Channels4 | Layout::Channels8,
+                            ) => true,
+                            (
+                                Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
+                                _,
+                            ) => !key.masked,
+                            _ => false,
+                        };
+                        if !exists {
+                            continue;
+                        }
+                        for relu in [false, true] {
+                            let key = key
+                                .with_layout(layout)
+                                .with_relu(relu)
+                                .with_uniform_params(uniform_params)
+                                .with_tuning(tuning, subgroups);
+                            if !keys.contains(&key) {
+                                keys.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// The kernel for `layout`; the coalesced family reads some layouts
+    /// with one entry point (see `entry_point`), whose keys are made equal,
+    /// and an override the entry point does not read keeps its default.
+    pub(crate) fn with_layout(self, layout: Layout) -> Self {
+        let layout = match (self.strategy, self.kernel, layout) {
+            (Strategy::Coalesced, Kernel::PartialStats | Kernel::BackwardReduce, Layout::Runs16) => Layout::Generic,
+            (Strategy::Coalesced, Kernel::PartialStats | Kernel::BackwardReduce, Layout::Inner16) => Layout::Inner4,
+            (Strategy::Coalesced, _, Layout::Channels8) => Layout::Channels4,
+            (Strategy::Coalesced, Kernel::Normalize | Kernel::BackwardDx, Layout::Inner16) => Layout::Inner4,
+            _ => layout,
+        };
+        // serial channels-last entry points walk ROWS_PER_THREAD rows, the
+        // other serial elementwise ones PER_THREAD values
+        let serial_elementwise =
+            self.strategy == Strategy::Serial && matches!(self.kernel, Kernel::Normalize | Kernel::BackwardDx);
+        let by_rows = matches!(layout, Layout::Channels4 | Layout::Channels8);
+        KernelKey {
+            layout,
+            per_thread: if serial_elementwise && !by_rows {
+                self.per_thread
+            } else {
+                DEFAULT_PER_THREAD
+            },
+            rows_per_thread: if serial_elementwise && by_rows {
+                self.rows_per_thread
+            } else {
+                DEFAULT_ROWS_PER_THREAD
+            },
+            ..self
+        }
+    }
+
+    /// Every pipeline the crate can create on any device: every kernel,
+    /// family, dtype, mask use, layout, ReLU epilogue, parameter binding
+    /// and workgroup sum (subgroups or workgroup memory), with the
+    /// override values at the ends of each knob's range and at its default
+    /// (`PlanTuning::override_extremes`), and the benchmark's stream. The
+    /// portability checks (Tint, naga's MSL, HLSL and SPIR-V backends)
+    /// take their variants from here and nowhere else.
+    #[cfg(test)]
+    pub(crate) fn every_variant() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for tuning in PlanTuning::override_extremes() {
+            for subgroups in [false, true] {
+                for uniform_params in [false, true] {
+                    for key in KernelKey::layer_variants(&tuning, subgroups, uniform_params) {
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        keys.extend([DType::F32, DType::F16].map(|dtype| KernelKey::new(Kernel::Stream, dtype, false)));
+        keys
+    }
+
+    /// What the module of this key is compiled from: variants with equal
+    /// sources share one shader module.
+    pub(crate) fn source_key(&self) -> SourceKey {
+        SourceKey {
+            kernel: self.kernel,
+            dtype: self.dtype,
+            strategy: self.strategy,
+            subgroups: self.subgroups,
+        }
+    }
+
+    pub(crate) fn entry_point(&self) -> &'static str {
+        if self.strategy == Strategy::Coalesced {
+            return self.coalesced_entry_point();
+        }
+        match (self.kernel, self.layout) {
+            (Kernel::PartialStats, Layout::Inner4) => "partial_stats_inner4",
+            (Kernel::PartialStats, Layout::Channels4) => "partial_stats_channels4",
+            (Kernel::PartialStats, Layout::Channels8) => "partial_stats_channels8",
+            (Kernel::PartialStats, Layout::Runs16) => "partial_stats_runs16",
+            (Kernel::Normalize, Layout::Inner4) => "normalize_inner4",
+            (Kernel::Normalize, Layout::Inner16) => "normalize_inner16",
+            (Kernel::Normalize, Layout::Channels4) => "normalize_channels4",
+            (Kernel::Normalize, Layout::Channels8) => "normalize_channels8",
+            (Kernel::Normalize, Layout::Runs16) => "normalize_runs16",
+            (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_inner4",
+            (Kernel::BackwardReduce, Layout::Channels4) => "backward_reduce_channels4",
+            (Kernel::BackwardReduce, Layout::Channels8) => "backward_reduce_channels8",
+            (Kernel::BackwardReduce, Layout::Runs16) => "backward_reduce_runs16",
+            (Kernel::BackwardDx, Layout::Inner4) => "backward_dx_inner4",
+            (Kernel::BackwardDx, Layout::Inner16) => "backward_dx_inner16",
+            (Kernel::BackwardDx, Layout::Channels4) => "backward_dx_channels4",
+            (Kernel::BackwardDx, Layout::Channels8) => "backward_dx_channels8",
+            (Kernel::BackwardDx, Layout::Runs16) => "backward_dx_runs16",
+            (Kernel::Stream, _) if self.dtype == DType::F32 => "stream_f32",
+            (kernel, _) => kernel.entry_point(),
+        }
+    }
+
+    /// Entry points of the coalesced family: the reductions by rows
+    /// (channels last) or runs, four values a lane or one.
+    fn coalesced_entry_point(&self) -> &'static str {
+        match (self.kernel, self.layout) {
+            (Kernel::PartialStats, Layout::Rows1) => "partial_stats_coalesced_rows1",
+            (Kernel::PartialStats, Layout::Channels4 | Layout::Channels8) => "partial_stats_coalesced_rows4",
+            (Kernel::PartialStats, Layout::Inner4 | Layout::Inner16) => "partial_stats_coalesced_runs4",
+            (Kernel::PartialStats, Layout::Generic | Layout::Runs16) => "partial_stats_coalesced_runs1",
+            (Kernel::BackwardReduce, Layout::Rows1) => "backward_reduce_coalesced_rows1",
+            (Kernel::BackwardReduce, Layout::Channels4 | Layout::Channels8) => "backward_reduce_coalesced_rows4",
+            (Kernel::BackwardReduce, Layout::Inner4 | Layout::Inner16) => "backward_reduce_coalesced_runs4",
+            (Kernel::BackwardReduce, Layout::Generic | Layout::Runs16) => "backward_reduce_coalesced_runs1",
+            (Kernel::Normalize, Layout::Inner4 | Layout::Inner16) => "normalize_coalesced_inner4",
+            (Kernel::Normalize, Layout::Channels4 | Layout::Channels8) => "normalize_coalesced_channels4",
+            (Kernel::Normalize, Layout::Runs16) => "normalize_coalesced_runs16",
+            (Kernel::Normalize, Layout::Generic | Layout::Rows1) => "normalize_coalesced",
+            (Kernel::BackwardDx, Layout::Inner4 | Layout::Inner16) => "backward_dx_coalesced_inner4",
+            (Kernel::BackwardDx, Layout::Channels4 | Layout::Channels8) => "backward_dx_coalesced_channels4",
+            (Kernel::BackwardDx, Layout::Runs16) => "backward_dx_coalesced_runs16",
+            (Kernel::BackwardDx, Layout::Generic | Layout::Rows1) => "backward_dx_coalesced",
+            (kernel, _) => kernel.entry_point(),
+        }
+    }
+
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let f16 = if self.dtype == DType::F16 { 1.0 } else { 0.0 };
+        let masked = self.masked as u8 as f64;
+        let rows = self.rows_per_thread as f64;
+        let per = self.per_thread as f64;
+        let uniform = self.uniform_params as u8 as f64;
+        match self.kernel {
+            Kernel::PartialStats | Kernel::BackwardReduce => vec![("IS_F16", f16), ("MASKED", masked)],
+            Kernel::BackwardDx => vec![
+                ("IS_F16", f16),
+                ("MASKED", masked),
+                ("ROWS_PER_THREAD", rows),
+                ("PER_THREAD", per),
+                ("UNIFORM_PARAMS", uniform),
+            ],
+            Kernel::Normalize => vec![
+                ("IS_F16", f16),
+                ("RELU", self.relu as u8 as f64),
+                ("ROWS_PER_THREAD", rows),
+                ("PER_THREAD", per),
+                ("UNIFORM_PARAMS", uniform),
+            ],
+            Kernel::Stream => vec![],
+            Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => vec![],
+        }
+    }
+}
+
+/// How the kernels walk an input: one scalar at a time anywhere, or four
+/// values at a time (a vec4 of float32, a vec2<u32> of float16) when the
+/// layout lets four neighbours share a channel (`Inner4`:
+/// inner % 4 == 0, e.g. NCHW) or be four consecutive channels (`Channels4`:
+/// inner == 1 and channels % 4 == 0, e.g. NHWC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Layout {
+    Generic,
+    Inner4,
+    /// Inner4 with inner % 16 == 0, and a multiple of a serial
+    /// invocation's 4 x values_per_thread values (a power of two, so an
+    /// invocation starts on such a multiple: the elementwise kernels need no
+    /// channel tracking); statistics treat it as Inner4.
+    Inner16,
+    Channels4,
+    /// Channels4 with channels % 8 == 0: an invocation takes two
+    /// neighbouring quads, so a SIMD group of eight reads 256 contiguous
+    /// bytes of a row per step (10-30% faster on lavapipe than one quad,
+    /// see benches/NOTES.md).
+    Channels8,
+    /// inner >= 16 but not a multiple of 4 (7x7 feature maps), length %
+    /// 4 == 0: vec4s over the flat tensor. An elementwise invocation's
+    /// sixteen values meet at most two channels, whose parameters it loads
+    /// once and selects per lane; statistics read each run in the vec4s
+    /// that cover it and mask the lanes outside (tiles sized in values, as
+    /// Generic).
+    Runs16,
+    /// Coalesced statistics only: inner == 1 with any channel count,
+    /// scalar lanes across a row (Generic reads one channel's values
+    /// `channels` apart).
+    Rows1,
+}
+
+impl Layout {
+    pub(crate) const ALL: [Layout; 7] = [
+        Layout::Generic,
+        Layout::Inner4,
+        Layout::Inner16,
+        Layout::Channels4,
+        Layout::Channels8,
+        Layout::Runs16,
+        Layout::Rows1,
+    ];
+}
+
+/// What one kernel needs of a device beyond WebGPU's core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KernelNeeds {
+    pub storage_buffers: u32,
+    pub uniform_buffers: u32,
+    pub invocations: u32,
+    pub workgroup_bytes: u32,
+}
+
+impl KernelNeeds {
+    /// The first limit of `limits` these needs exceed, as
+    /// [`Error::DeviceLimit`] naming `kernel`.
+    pub(crate) fn check(&self, kernel: &'static str, limits: &wgpu::Limits) -> Result<()> {
+        let checks = [
+            (
+                "max_storage_buffers_per_shader_stage",
+                self.storage_buffers,
+                limits.max_storage_buffers_per_shader_stage,
+            ),
+            (
+                "max_uniform_buffers_per_shader_stage",
+                self.uniform_buffers,
+                limits.max_uniform_buffers_per_shader_stage,
+            ),
+            (
+                "max_compute_invocations_per_workgroup",
+                self.invocations,
+                limits.max_compute_invocations_per_workgroup,
+            ),
+            (
+                "max_compute_workgroup_size_x",
+                self.invocations,
+                limits.max_compute_workgroup_size_x,
+            ),
+            (
+                "max_compute_workgroup_storage_size",
+                self.workgroup_bytes,
+                limits.max_compute_workgroup_storage_size,
+            ),
+        ];
+        for (limit, needs, allows) in checks {
+            if needs > allows {
+                return Err(Error::DeviceLimit {
+                    kernel,
+                    limit,
+                    needs: needs.into(),
+                    allows: allows.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::PARAMS_SLOT;
+
+    #[test]
+    fn params_binding_is_one_uniform_slot() {
+        assert!(Kernel::Normalize.uniform_size() <= PARAMS_SLOT);
+        assert_eq!(std::mem::size_of::<Params>() % 16, 0);
+        assert_eq!(std::mem::size_of::<OptimizerParams>() % 16, 0);
+    }
+
+    /// Every key the layer builds is among the precompiled variants, for
+    /// both families.
+    #[test]
+    fn layer_keys_are_all_precompiled_variants() {
+        for strategy in [Strategy::Serial, Strategy::Coalesced] {
+            let tuning = PlanTuning::default_for(strategy);
+            for subgroups in [false, true] {
+                for uniform in [false, true] {
+                    let variants = KernelKey::layer_variants(&tuning, subgroups, uniform);
+                    for kernel in [Kernel::Normalize, Kernel::BackwardDx] {
+                        let key = KernelKey::new(kernel, DType::F32, false)
+                            .with_uniform_params(uniform)
+                            .with_tuning(&tuning, subgroups);
+                        assert_eq!(key.uniform_params, uniform);
+                        assert!(variants.contains(&key), "{key:?}");
+                    }
+                }
+                let variants = KernelKey::layer_variants(&tuning, subgroups, false);
+                let families = [
+                    Kernel::PartialStats,
+                    Kernel::BackwardReduce,
+                    Kernel::BackwardDx,
+                    Kernel::Normalize,
+                ];
+                for kernel in families {
+                    for dtype in [DType::F32, DType::F16] {
+                        for masked in [false, true] {
+                            let key = KernelKey::new(kernel, dtype, masked).with_tuning(&tuning, subgroups);
+                            assert!(variants.contains(&key), "{key:?}");
+                        }
+                    }
+                }
+                for layout in Layout::ALL.into_iter().skip(1) {
+                    for kernel in families {
+                        let reducing = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
+                        // the statistics kernels read Inner16 as Inner4; Rows1 is coalesced statistics only
+                        if reducing && layout == Layout::Inner16
+                            || layout == Layout::Rows1 && !(reducing && strategy == Strategy::Coalesced)
+                        {
+                            continue;
+                        }
+                        for dtype in [DType::F32, DType::F16] {
+                            let key = KernelKey::new(kernel, dtype, false)
+                                .with_layout(layout)
+                                .with_tuning(&tuning, subgroups);
+                            assert!(variants.contains(&key), "{key:?}");
+                        }
+                    }
+                }
+                assert!(variants.contains(&KernelKey::new(Kernel::Finalize, DType::F16, true)));
+            }
+        }
+    }
+}
