@@ -2,45 +2,16 @@
 //! application), the adapter they came from, and the kernel cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::ChannelView;
+use crate::device::Device;
+pub use crate::device::{AdapterReport, AdapterSelection, list_adapters};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::Kernels;
 use crate::tuning::{AdapterKey, KernelChoice, Op, PlanTuning, Strategy, TuningCache, shape_class};
-
-/// Which adapter [`GpuContext::new`] should open.
-#[derive(Debug, Clone, Default)]
-pub struct AdapterSelection {
-    /// Backends to search; `None` searches all of them.
-    pub backends: Option<wgpu::Backends>,
-    /// A case-insensitive substring of the adapter's name.
-    pub name: Option<String>,
-    /// The kernel choice of the new context; `None` reads
-    /// `WGPU_BATCHNORM_KERNELS` (and `Auto` where it is unset).
-    pub kernels: Option<KernelChoice>,
-}
-
-impl AdapterSelection {
-    /// Reads `WGPU_BACKEND` (e.g. `vulkan`, `gl`, `metal,dx12`) and
-    /// `WGPU_ADAPTER_NAME` (a substring of the adapter name), as wgpu's own
-    /// helpers do.
-    pub fn from_env() -> Self {
-        AdapterSelection {
-            backends: wgpu::Backends::from_env(),
-            name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
-            kernels: None,
-        }
-    }
-
-    /// Parses a backend name as the CLI and `WGPU_BACKEND` accept it.
-    pub fn parse_backend(name: &str) -> Option<wgpu::Backends> {
-        let backends = wgpu::Backends::from_comma_list(name);
-        (!backends.is_empty()).then_some(backends)
-    }
-}
 
 /// A handle on one wgpu device. Cloning is cheap and shares the device,
 /// the queue and the compiled kernels.
@@ -50,25 +21,13 @@ pub struct GpuContext {
 }
 
 pub(crate) struct ContextInner {
-    pub(crate) device: wgpu::Device,
-    pub(crate) queue: wgpu::Queue,
-    pub(crate) adapter_info: Option<wgpu::AdapterInfo>,
+    pub(crate) device: Device,
     pub(crate) kernels: Kernels,
-    /// Bytes one storage binding may cover (the device limit unless capped).
-    max_binding: AtomicU64,
-    /// A 4-byte buffer bound where a kernel's optional input is absent.
-    pub(crate) placeholder: wgpu::Buffer,
     /// Whether the elementwise kernels read per-channel parameters through
     /// a uniform binding (see [`GpuContext::set_uniform_parameters`]).
     uniform_params: AtomicBool,
-    /// Tells this context's tensors from other contexts': wgpu compares
-    /// devices by an id that two identically built instances share.
-    pub(crate) id: u64,
     /// Which kernels calls run (see [`GpuContext::plan_tuning`]).
     plans: Mutex<Plans>,
-    /// Why the device was lost, once it is (only for devices this crate
-    /// requested: an application's device keeps its own callback).
-    lost: Arc<Mutex<Option<String>>>,
 }
 
 /// What decides a call's plan: the choice, a plan forced on every call,
@@ -101,56 +60,6 @@ impl Plans {
     }
 }
 
-static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// One adapter as the `adapters` command reports it.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct AdapterReport {
-    /// What the adapter says of itself.
-    pub info: wgpu::AdapterInfo,
-    /// The adapter's limits.
-    pub limits: wgpu::Limits,
-    /// The adapter's optional features.
-    pub features: wgpu::Features,
-}
-
-/// Every adapter wgpu finds on `backends` (all when `None`).
-pub fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterReport> {
-    let instance = new_instance(backends);
-    pollster::block_on(instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())))
-        .into_iter()
-        .map(|a| AdapterReport {
-            info: a.get_info(),
-            limits: a.limits(),
-            features: a.features(),
-        })
-        .collect()
-}
-
-fn new_instance(backends: Option<wgpu::Backends>) -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-    desc.backends = backends.unwrap_or(wgpu::Backends::all());
-    desc.backend_options = wgpu::BackendOptions::from_env_or_default();
-    wgpu::Instance::new(desc)
-}
-
-/// Hardware first, then native APIs before GL.
-fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
-    let device = match info.device_type {
-        wgpu::DeviceType::DiscreteGpu => 0,
-        wgpu::DeviceType::IntegratedGpu => 1,
-        wgpu::DeviceType::VirtualGpu => 2,
-        wgpu::DeviceType::Cpu => 3,
-        wgpu::DeviceType::Other => 4,
-    };
-    let backend = match info.backend {
-        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
-        _ => 1,
-    };
-    (device, backend)
-}
-
 impl GpuContext {
     /// Opens the adapter chosen by `WGPU_BACKEND` / `WGPU_ADAPTER_NAME`, or
     /// the best one found (discrete, integrated, virtual, then CPU).
@@ -170,51 +79,12 @@ impl GpuContext {
     /// variable that is none of `serial`, `coalesced`, `auto` is an
     /// [`Error::Kernels`].
     pub async fn new_async(selection: &AdapterSelection) -> Result<Self> {
-        let instance = new_instance(selection.backends);
-        let backends = selection.backends.unwrap_or(wgpu::Backends::all());
-        let mut adapters = instance.enumerate_adapters(backends).await;
-        let wanted = selection.name.as_ref().map(|n| n.to_lowercase());
-        if let Some(name) = &wanted {
-            adapters.retain(|a| a.get_info().name.to_lowercase().contains(name));
-        }
-        adapters.sort_by_key(|a| preference(&a.get_info()));
-        let Some(adapter) = adapters.into_iter().next() else {
-            let what = match (&selection.name, selection.backends) {
-                (Some(n), Some(b)) => format!("no adapter named like {n:?} on backends {b:?}"),
-                (Some(n), None) => format!("no adapter named like {n:?}"),
-                (None, Some(b)) => format!("none on backends {b:?}"),
-                (None, None) => "wgpu sees no adapter at all".to_string(),
-            };
-            return Err(Error::NoAdapter(what));
-        };
-        let info = adapter.get_info();
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("wgpu-batchnorm"),
-                // timestamps let the benchmark time on the device's own
-                // clock; subgroups speed up the coalesced reductions
-                required_features: adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP),
-                required_limits: adapter.limits(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|source| Error::RequestDevice {
-                adapter: info.name.clone(),
-                source,
-            })?;
+        let device = Device::open(selection).await?;
         let choice = match selection.kernels {
             Some(choice) => choice,
             None => KernelChoice::from_env()?,
         };
-        let ctx = Self::build(device, queue, Some(info), choice);
-        let lost = ctx.inner.lost.clone();
-        ctx.device().set_device_lost_callback(move |reason, message| {
-            // dropping the context destroys the device: no one is left to tell
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                *lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{reason:?}: {message}"));
-            }
-        });
-        Ok(ctx)
+        Ok(Self::build(device, choice))
     }
 
     /// Wraps a device and queue the application already has. The layer then
@@ -228,64 +98,44 @@ impl GpuContext {
     /// use subgroup operations.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let choice = KernelChoice::from_env().unwrap_or_else(|e| {
-            eprintln!("wgpu-batchnorm: {e}; using auto");
+            log::warn!("{e}; using auto");
             KernelChoice::Auto
         });
-        Self::build(device, queue, None, choice)
+        Self::build(Device::wrap(device, queue), choice)
     }
 
-    fn build(
-        device: wgpu::Device,
-        queue: wgpu::Queue,
-        adapter_info: Option<wgpu::AdapterInfo>,
-        choice: KernelChoice,
-    ) -> Self {
-        let kernels = Kernels::new(&device);
-        let limits = device.limits();
-        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("placeholder"),
-            size: 4,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+    fn build(device: Device, choice: KernelChoice) -> Self {
+        let kernels = Kernels::new(&device.device);
         // a CPU adapter (llvmpipe, WARP, SwiftShader) runs each storage
         // load as a loop over SIMD lanes but a uniform load as one gather
-        let uniform_params = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
-        let tuned = tuned_plans(&device.adapter_info());
+        let uniform_params = device.device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         GpuContext {
             inner: Arc::new(ContextInner {
                 device,
-                queue,
-                adapter_info,
                 kernels,
-                max_binding: AtomicU64::new(max_binding),
-                placeholder,
                 uniform_params: AtomicBool::new(uniform_params),
-                id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
                 plans: Mutex::new(Plans {
                     choice,
                     forced: None,
-                    tuned,
+                    tuned: HashMap::new(),
                 }),
-                lost: Arc::new(Mutex::new(None)),
             }),
         }
     }
 
     /// The wgpu device.
     pub fn device(&self) -> &wgpu::Device {
-        &self.inner.device
+        &self.inner.device.device
     }
 
     /// The wgpu queue.
     pub fn queue(&self) -> &wgpu::Queue {
-        &self.inner.queue
+        &self.inner.device.queue
     }
 
     /// The adapter this context opened; `None` for a wrapped device.
     pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
-        self.inner.adapter_info.as_ref()
+        self.inner.device.adapter_info.as_ref()
     }
 
     /// `NAME (BACKEND)`, or a note that the device was handed in.
@@ -299,15 +149,14 @@ impl GpuContext {
     /// Bytes one storage binding may cover; tensors larger than this are
     /// processed in chunks.
     pub fn max_binding_size(&self) -> u64 {
-        self.inner.max_binding.load(Ordering::Relaxed)
+        self.inner.device.max_binding_size()
     }
 
     /// Caps the bytes bound per dispatch below the device limit (never
     /// above it). Chunked binding is then used for smaller tensors too,
     /// which is how the tests exercise it cheaply.
     pub fn set_max_binding_size(&self, bytes: u64) {
-        let cap = self.device_binding_size();
-        self.inner.max_binding.store(bytes.clamp(1024, cap), Ordering::Relaxed);
+        self.inner.device.set_max_binding_size(bytes);
     }
 
     /// Whether the normalise and dx kernels read the per-channel
@@ -360,7 +209,7 @@ impl GpuContext {
     /// The family `Auto` runs where no plan was tuned: `Serial` on CPU
     /// adapters, `Coalesced` on every other device type.
     pub fn default_strategy(&self) -> Strategy {
-        Strategy::default_for(self.inner.device.adapter_info().device_type)
+        Strategy::default_for(self.device().adapter_info().device_type)
     }
 
     /// The plan a call of `op` on an input of `view` and `dtype` runs: the
@@ -386,15 +235,26 @@ impl GpuContext {
         }
     }
 
-    /// Reads the tuning cache again (after `bench --tune` rewrote it);
-    /// returns how many plans it holds for this adapter. A corrupt cache is
-    /// an error here and leaves the plans as they were.
+    /// Reads the tuning cache file that `bench --tune` writes (see
+    /// [`crate::tuning::cache_path`]) and runs its plans for this adapter
+    /// where the choice is `Auto`; returns how many it holds for this
+    /// adapter. A context starts with none: a file in the user's cache
+    /// folder changes which kernels run only once the application calls
+    /// this (the command-line tool does). A corrupt file is an error here
+    /// and leaves the plans as they were.
     pub fn reload_tuning_cache(&self) -> Result<usize> {
-        let tuned = TuningCache::load()?.for_adapter(&AdapterKey::of(&self.inner.device.adapter_info()));
+        Ok(self.use_tuning_cache(&TuningCache::load()?))
+    }
+
+    /// Runs the plans `cache` holds for this adapter (a cache the
+    /// application read itself, e.g. with [`TuningCache::from_json`] where
+    /// there is no file system); returns how many there are.
+    pub fn use_tuning_cache(&self, cache: &TuningCache) -> usize {
+        let tuned = cache.for_adapter(&AdapterKey::of(&self.device().adapter_info()));
         let n = tuned.len();
         self.lock_plans().tuned = tuned;
         self.precompile();
-        Ok(n)
+        n
     }
 
     /// Compiles the layer kernels of every plan this context may run
@@ -412,7 +272,7 @@ impl GpuContext {
         };
         for tuning in tunings {
             let uniform = tuning.uniform_parameters.unwrap_or(self.uniform_parameters());
-            self.inner.kernels.precompile(&self.inner.device, &tuning, uniform);
+            self.inner.kernels.precompile(self.device(), &tuning, uniform);
         }
     }
 
@@ -424,14 +284,7 @@ impl GpuContext {
     /// scopes: anything the device refuses in it, and a lost device, is an
     /// [`Error::Gpu`] naming `what`.
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let result = crate::device::scoped(self.device(), || what.to_string(), work);
-        if let Some(reason) = self.inner.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Err(Error::Gpu {
-                what: what.to_string(),
-                message: format!("the device was lost ({reason})"),
-            });
-        }
-        result
+        self.inner.device.scoped(what, work)
     }
 
     /// Test hook, not part of the API: every shader module of the kernel
@@ -463,39 +316,30 @@ impl GpuContext {
 
     /// What a dispatch plan needs of this device.
     pub(crate) fn plan_limits(&self) -> crate::plan::PlanLimits {
+        let device = &self.inner.device;
         crate::plan::PlanLimits {
-            max_binding: self.max_binding_size(),
-            device_binding: self.device_binding_size(),
-            alignment: self.storage_alignment(),
-            max_groups: self.max_workgroups_per_dimension(),
+            max_binding: device.max_binding_size(),
+            device_binding: device.binding_size(),
+            alignment: device.storage_alignment(),
+            max_groups: device.max_workgroups_per_dimension(),
         }
     }
 
-    /// The most bytes the device lets one storage binding cover.
-    pub(crate) fn device_binding_size(&self) -> u64 {
-        let limits = self.inner.device.limits();
-        limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+    /// The device floor of this context.
+    pub(crate) fn gpu(&self) -> &Device {
+        &self.inner.device
     }
 
-    /// The device's `max_compute_workgroups_per_dimension`.
+    pub(crate) fn device_binding_size(&self) -> u64 {
+        self.inner.device.binding_size()
+    }
+
     pub(crate) fn max_workgroups_per_dimension(&self) -> u32 {
-        self.inner.device.limits().max_compute_workgroups_per_dimension
+        self.inner.device.max_workgroups_per_dimension()
     }
 
     pub(crate) fn storage_alignment(&self) -> u64 {
-        self.inner.device.limits().min_storage_buffer_offset_alignment as u64
-    }
-}
-
-/// The plans the tuning cache holds for this adapter; a corrupt cache is
-/// reported on stderr and ignored (the defaults run).
-fn tuned_plans(info: &wgpu::AdapterInfo) -> HashMap<(String, Op), PlanTuning> {
-    match TuningCache::load() {
-        Ok(cache) => cache.for_adapter(&AdapterKey::of(info)),
-        Err(e) => {
-            eprintln!("wgpu-batchnorm: ignoring the tuning cache ({e}); the default plans run");
-            HashMap::new()
-        }
+        self.inner.device.storage_alignment()
     }
 }
 

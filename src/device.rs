@@ -2,9 +2,14 @@
 //! around its own work, so that a shader module, pipeline, allocation or
 //! command the device rejects is an error of the call that caused it, never
 //! a silent zero, and never a message to an application's own
-//! uncaptured-error handler.
+//! uncaptured-error handler. Below the kernels: adapters, the device and
+//! its queue, limits and error scopes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::tuning::KernelChoice;
 
 /// The error filters every scope catches.
 const FILTERS: [wgpu::ErrorFilter; 3] = [
@@ -55,4 +60,219 @@ fn message_of(error: &wgpu::Error) -> String {
         .trim_start_matches("Caused by:")
         .trim();
     format!("{kind} error: {causes}")
+}
+
+/// Which adapter [`crate::GpuContext::new`] should open.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSelection {
+    /// Backends to search; `None` searches all of them.
+    pub backends: Option<wgpu::Backends>,
+    /// A case-insensitive substring of the adapter's name.
+    pub name: Option<String>,
+    /// The kernel choice of the new context; `None` reads
+    /// `WGPU_BATCHNORM_KERNELS` (and `Auto` where it is unset).
+    pub kernels: Option<KernelChoice>,
+}
+
+impl AdapterSelection {
+    /// Reads `WGPU_BACKEND` (e.g. `vulkan`, `gl`, `metal,dx12`) and
+    /// `WGPU_ADAPTER_NAME` (a substring of the adapter name), as wgpu's own
+    /// helpers do.
+    pub fn from_env() -> Self {
+        AdapterSelection {
+            backends: wgpu::Backends::from_env(),
+            name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            kernels: None,
+        }
+    }
+
+    /// Parses a backend name as the CLI and `WGPU_BACKEND` accept it.
+    pub fn parse_backend(name: &str) -> Option<wgpu::Backends> {
+        let backends = wgpu::Backends::from_comma_list(name);
+        (!backends.is_empty()).then_some(backends)
+    }
+}
+
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One adapter as the `adapters` command reports it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AdapterReport {
+    /// What the adapter says of itself.
+    pub info: wgpu::AdapterInfo,
+    /// The adapter's limits.
+    pub limits: wgpu::Limits,
+    /// The adapter's optional features.
+    pub features: wgpu::Features,
+}
+
+/// Every adapter wgpu finds on `backends` (all when `None`).
+pub fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterReport> {
+    let instance = new_instance(backends);
+    pollster::block_on(instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())))
+        .into_iter()
+        .map(|a| AdapterReport {
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect()
+}
+
+fn new_instance(backends: Option<wgpu::Backends>) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends.unwrap_or(wgpu::Backends::all());
+    desc.backend_options = wgpu::BackendOptions::from_env_or_default();
+    wgpu::Instance::new(desc)
+}
+
+/// Hardware first, then native APIs before GL.
+fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+/// One opened device and what the crate keeps of it: its queue, the
+/// adapter it came from, limits it may cap, a placeholder binding, and
+/// whether it was lost. Knows nothing of kernels.
+pub(crate) struct Device {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    /// The adapter it was opened on; `None` for an application's device.
+    pub(crate) adapter_info: Option<wgpu::AdapterInfo>,
+    /// Tells this device's tensors from other devices': wgpu compares
+    /// devices by an id that two identically built instances share.
+    pub(crate) id: u64,
+    /// Bytes one storage binding may cover (the device limit unless capped).
+    max_binding: AtomicU64,
+    /// A 4-byte buffer bound where a kernel's optional input is absent.
+    pub(crate) placeholder: wgpu::Buffer,
+    /// Why the device was lost, once it is (only for devices this crate
+    /// requested: an application's device keeps its own callback).
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl Device {
+    /// Opens the adapter `selection` names (or the best one) and requests a
+    /// device with the adapter's own limits (storage bindings may exceed
+    /// wgpu's 128 MiB default) and, where it has them, timestamps and
+    /// subgroup operations.
+    pub(crate) async fn open(selection: &AdapterSelection) -> Result<Device> {
+        let instance = new_instance(selection.backends);
+        let backends = selection.backends.unwrap_or(wgpu::Backends::all());
+        let mut adapters = instance.enumerate_adapters(backends).await;
+        let wanted = selection.name.as_ref().map(|n| n.to_lowercase());
+        if let Some(name) = &wanted {
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(name));
+        }
+        adapters.sort_by_key(|a| preference(&a.get_info()));
+        let Some(adapter) = adapters.into_iter().next() else {
+            let what = match (&selection.name, selection.backends) {
+                (Some(n), Some(b)) => format!("no adapter named like {n:?} on backends {b:?}"),
+                (Some(n), None) => format!("no adapter named like {n:?}"),
+                (None, Some(b)) => format!("none on backends {b:?}"),
+                (None, None) => "wgpu sees no adapter at all".to_string(),
+            };
+            return Err(Error::NoAdapter(what));
+        };
+        let info = adapter.get_info();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-batchnorm"),
+                // timestamps let the benchmark time on the device's own
+                // clock; subgroups speed up the coalesced reductions
+                required_features: adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| Error::RequestDevice {
+                adapter: info.name.clone(),
+                source,
+            })?;
+        let opened = Device::new(device, queue, Some(info));
+        let lost = opened.lost.clone();
+        opened.device.set_device_lost_callback(move |reason, message| {
+            // dropping the context destroys the device: no one is left to tell
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        Ok(opened)
+    }
+
+    /// An application's device and queue, its callbacks left as they are.
+    pub(crate) fn wrap(device: wgpu::Device, queue: wgpu::Queue) -> Device {
+        Device::new(device, queue, None)
+    }
+
+    fn new(device: wgpu::Device, queue: wgpu::Queue, adapter_info: Option<wgpu::AdapterInfo>) -> Device {
+        let limits = device.limits();
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("placeholder"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Device {
+            device,
+            queue,
+            adapter_info,
+            id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+            max_binding: AtomicU64::new(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)),
+            placeholder,
+            lost: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Runs `work` inside error scopes (see [`scoped`]); a lost device
+    /// fails it too.
+    pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let result = scoped(&self.device, || what.to_string(), work);
+        if let Some(reason) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(Error::Gpu {
+                what: what.to_string(),
+                message: format!("the device was lost ({reason})"),
+            });
+        }
+        result
+    }
+
+    /// Bytes one storage binding may cover.
+    pub(crate) fn max_binding_size(&self) -> u64 {
+        self.max_binding.load(Ordering::Relaxed)
+    }
+
+    /// Caps the bytes bound per dispatch (1 KiB up to the device's limit).
+    pub(crate) fn set_max_binding_size(&self, bytes: u64) {
+        self.max_binding
+            .store(bytes.clamp(1024, self.binding_size()), Ordering::Relaxed);
+    }
+
+    /// The most bytes the device lets one storage binding cover.
+    pub(crate) fn binding_size(&self) -> u64 {
+        let limits = self.device.limits();
+        limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+    }
+
+    /// The device's `max_compute_workgroups_per_dimension`.
+    pub(crate) fn max_workgroups_per_dimension(&self) -> u32 {
+        self.device.limits().max_compute_workgroups_per_dimension
+    }
+
+    /// `min_storage_buffer_offset_alignment`.
+    pub(crate) fn storage_alignment(&self) -> u64 {
+        self.device.limits().min_storage_buffer_offset_alignment as u64
+    }
 }

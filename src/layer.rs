@@ -665,7 +665,7 @@ impl BatchNorm {
         x: &Tensor,
         mask: Option<&Mask>,
     ) -> Result<()> {
-        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.inner.placeholder);
+        let mask_buffer = mask.map(|m| &m.buffer).unwrap_or(&self.ctx.gpu().placeholder);
         rec.per_chunk(
             pass,
             call.keys.key(Kernel::PartialStats).with_layout(call.plan.stats),
@@ -944,7 +944,7 @@ impl BatchNorm {
             .mask
             .as_ref()
             .map(|m| &m.buffer)
-            .unwrap_or(&self.ctx.inner.placeholder)
+            .unwrap_or(&self.ctx.gpu().placeholder)
     }
 
     /// Backward, pass 1 over every chunk: the tile sums into the recorder's partials.

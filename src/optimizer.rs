@@ -49,14 +49,14 @@ impl Sgd {
             nesterov,
             channels: layer.channels(),
             velocity,
-            context: layer.context().inner.id,
+            context: layer.context().gpu().id,
         })
     }
 
     /// One update of gamma and beta from `grads`, then the layer's
     /// constraints, in one submission.
     pub fn step(&mut self, layer: &BatchNorm, grads: &Gradients) -> Result<()> {
-        if layer.context().inner.id != self.context {
+        if layer.context().gpu().id != self.context {
             return Err(Error::Device {
                 what: "the optimiser (its velocity)",
             });
@@ -110,7 +110,7 @@ impl Sgd {
                 None => placeholder.as_entire_binding(),
             }
         }
-        let placeholder = &ctx.inner.placeholder;
+        let placeholder = &ctx.gpu().placeholder;
         let params = optimizer_params(layer, flags, self.learning_rate, self.momentum);
         record(
             ctx,
@@ -254,7 +254,7 @@ impl BatchNorm {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let placeholder = || ctx.inner.placeholder.as_entire_binding();
+        let placeholder = || ctx.gpu().placeholder.as_entire_binding();
         record(ctx, self, &params, [placeholder(), placeholder()], &scratch, false)?;
         self.weights_replaced();
         Ok(())

@@ -125,7 +125,7 @@ impl Tensor {
         })?;
         Ok(Tensor {
             buffer,
-            context: ctx.inner.id,
+            context: ctx.gpu().id,
             offset: 0,
             shape: shape.to_vec(),
             dtype,
@@ -151,7 +151,7 @@ impl Tensor {
         })?;
         Ok(Tensor {
             buffer,
-            context: ctx.inner.id,
+            context: ctx.gpu().id,
             offset: 0,
             shape: shape.to_vec(),
             dtype,
@@ -196,7 +196,7 @@ impl Tensor {
         }
         Ok(Tensor {
             buffer,
-            context: ctx.inner.id,
+            context: ctx.gpu().id,
             offset,
             shape: shape.to_vec(),
             dtype,
@@ -248,7 +248,7 @@ impl Tensor {
     /// Checks that the tensor may play `role` in a call on `device`: made
     /// on that device, its buffer with every usage in `needs`.
     pub(crate) fn check_role(&self, role: &'static str, ctx: &GpuContext, needs: wgpu::BufferUsages) -> Result<()> {
-        if self.context != ctx.inner.id {
+        if self.context != ctx.gpu().id {
             return Err(Error::Device { what: role });
         }
         if !self.buffer.usage().contains(needs) {
@@ -332,7 +332,7 @@ impl Mask {
         })?;
         Ok(Mask {
             buffer,
-            context: ctx.inner.id,
+            context: ctx.gpu().id,
             shape: shape.to_vec(),
         })
     }
@@ -363,7 +363,7 @@ impl Mask {
     }
 
     pub(crate) fn check_device(&self, ctx: &GpuContext) -> Result<()> {
-        if self.context != ctx.inner.id {
+        if self.context != ctx.gpu().id {
             return Err(Error::Device { what: "the mask" });
         }
         Ok(())

@@ -4,7 +4,6 @@
 //! contexts read.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -293,6 +292,9 @@ pub struct TunedEntry {
     pub speedup: f64,
 }
 
+/// The format version of `tuning.json` this build reads and writes.
+const CACHE_VERSION: u32 = 1;
+
 /// The tuning cache: the JSON file `bench --tune` writes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TuningCache {
@@ -302,85 +304,29 @@ pub struct TuningCache {
     pub entries: Vec<TunedEntry>,
 }
 
-const CACHE_VERSION: u32 = 1;
-const CACHE_FILE: &str = "tuning.json";
-
-/// The folder of the tuning cache: `WGPU_BATCHNORM_CACHE_DIR`, else the
-/// platform's cache folder (`$XDG_CACHE_HOME` or `~/.cache` on Linux,
-/// `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows) with
-/// `wgpu-batchnorm` below it. `None` where none is known.
-pub fn cache_dir() -> Option<PathBuf> {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(dir) = env(CACHE_DIR_ENV) {
-        return Some(dir);
-    }
-    // three well-known variables: not worth a dependency
-    let base = if cfg!(windows) {
-        env("LOCALAPPDATA")
-    } else if cfg!(target_os = "macos") {
-        env("HOME").map(|h| h.join("Library/Caches"))
-    } else {
-        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
-    };
-    base.map(|b| b.join("wgpu-batchnorm"))
-}
-
-/// The tuning cache's file, in [`cache_dir`].
-pub fn cache_path() -> Option<PathBuf> {
-    cache_dir().map(|d| d.join(CACHE_FILE))
-}
-
-fn file_error(path: &std::path::Path, message: impl std::fmt::Display) -> Error {
-    Error::File {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
-}
-
 impl TuningCache {
-    /// Reads the cache file. A missing file is an empty cache; an unreadable
-    /// or corrupt one is an error (contexts turn it into a warning).
-    pub fn load() -> Result<Self> {
-        let Some(path) = cache_path() else {
-            return Ok(TuningCache::default());
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TuningCache::default()),
-            Err(e) => return Err(file_error(&path, e)),
-        };
+    /// Parses a cache as `bench --tune` writes it (the JSON of
+    /// `tuning.json`); refuses another format version and invalid knobs.
+    pub fn from_json(text: &str) -> Result<Self> {
         let cache: TuningCache =
-            serde_json::from_str(&text).map_err(|e| file_error(&path, format!("not a tuning cache: {e}")))?;
+            serde_json::from_str(text).map_err(|e| Error::Kernels(format!("not a tuning cache: {e}")))?;
         if cache.version != CACHE_VERSION {
-            return Err(file_error(
-                &path,
-                format!(
-                    "tuning cache version {} (this build reads {CACHE_VERSION})",
-                    cache.version
-                ),
-            ));
+            return Err(Error::Kernels(format!(
+                "tuning cache version {} (this build reads {CACHE_VERSION})",
+                cache.version
+            )));
         }
         for entry in &cache.entries {
-            entry.tuning.validate().map_err(|e| file_error(&path, e))?;
+            entry.tuning.validate()?;
         }
         Ok(cache)
     }
 
-    /// Writes the cache file (creating its folder), replacing it whole.
-    pub fn save(&self) -> Result<PathBuf> {
-        let path =
-            cache_path().ok_or_else(|| Error::Kernels(format!("no cache folder: set {CACHE_DIR_ENV} or HOME")))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
-        }
+    /// The cache as `tuning.json` holds it.
+    pub fn to_json(&self) -> String {
         let mut cache = self.clone();
         cache.version = CACHE_VERSION;
-        let text = serde_json::to_string_pretty(&cache).expect("a cache serialises");
-        // write then rename: a reader never sees half a file
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| file_error(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| file_error(&path, e))?;
-        Ok(path)
+        serde_json::to_string_pretty(&cache).expect("a cache serialises")
     }
 
     /// Adds or replaces the entry for (adapter, class, op).
@@ -399,6 +345,11 @@ impl TuningCache {
             .collect()
     }
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+mod file;
+#[cfg(not(target_arch = "wasm32"))]
+pub use file::{cache_dir, cache_path};
 
 #[cfg(test)]
 mod tests {

@@ -152,14 +152,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Opens the selected adapter, with the error text as the message, and
-/// applies `--kernels` (which beats `WGPU_BATCHNORM_KERNELS`).
+/// Opens the selected adapter, with the error text as the message, applies
+/// `--kernels` (which beats `WGPU_BATCHNORM_KERNELS`), and runs the plans
+/// `bench --tune` cached for it (a corrupt cache is a warning; the default
+/// plans run).
 pub(crate) fn open(target: &Target) -> Result<GpuContext, String> {
     let selection = AdapterSelection {
         kernels: target.kernels,
         ..target.selection.clone()
     };
-    GpuContext::new(&selection).map_err(|e| e.to_string())
+    let ctx = GpuContext::new(&selection).map_err(|e| e.to_string())?;
+    if let Err(e) = ctx.reload_tuning_cache() {
+        eprintln!("wgpu-batchnorm: ignoring the tuning cache ({e}); the default plans run");
+    }
+    Ok(ctx)
 }
 
 /// Milliseconds, three significant digits.
