@@ -302,6 +302,13 @@ impl GpuContext {
         kernel.is_some()
     }
 
+    /// Test hook, not part of the API: how many buffers and bind groups the
+    /// crate has created on this context's device so far.
+    #[doc(hidden)]
+    pub fn created_objects_for_tests(&self) -> (u64, u64) {
+        self.inner.device.created()
+    }
+
     /// How many compute pipelines this context has compiled (they are
     /// shared by every layer of the context).
     pub fn compiled_pipelines(&self) -> usize {

@@ -161,6 +161,10 @@ pub(crate) struct Device {
     /// Why the device was lost, once it is (only for devices this crate
     /// requested: an application's device keeps its own callback).
     lost: Arc<Mutex<Option<String>>>,
+    /// Buffers and bind groups the crate has created on this device: a
+    /// training loop's calls create none once warm (tests/memory.rs).
+    buffers_created: AtomicU64,
+    bind_groups_created: AtomicU64,
 }
 
 impl Device {
@@ -233,7 +237,45 @@ impl Device {
             max_binding: AtomicU64::new(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)),
             placeholder,
             lost: Arc::new(Mutex::new(None)),
+            buffers_created: AtomicU64::new(0),
+            bind_groups_created: AtomicU64::new(0),
         }
+    }
+
+    /// A buffer of the crate's (counted).
+    pub(crate) fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.buffers_created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A buffer of the crate's holding `contents` (counted).
+    pub(crate) fn create_buffer_init(&self, label: &str, contents: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        self.buffers_created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage,
+        })
+    }
+
+    /// A bind group of the crate's (counted).
+    pub(crate) fn create_bind_group(&self, desc: &wgpu::BindGroupDescriptor) -> wgpu::BindGroup {
+        self.bind_groups_created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_bind_group(desc)
+    }
+
+    /// (buffers, bind groups) the crate has created on this device so far.
+    pub(crate) fn created(&self) -> (u64, u64) {
+        (
+            self.buffers_created.load(Ordering::Relaxed),
+            self.bind_groups_created.load(Ordering::Relaxed),
+        )
     }
 
     /// Runs `work` inside error scopes (see [`scoped`]); a lost device

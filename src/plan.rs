@@ -5,7 +5,7 @@ use crate::config::ChannelView;
 use crate::dtype::{DType, padded_bytes};
 use crate::error::{Error, Result};
 use crate::tuning::{PlanTuning, Strategy};
-use crate::variants::{Layout, WORKGROUP};
+use crate::variants::{Kernel, KernelKey, Layout, Variant, WORKGROUP};
 
 /// The shortest tile worth an invocation of its own.
 const STATS_MIN_PER_THREAD: usize = 16;
@@ -389,6 +389,104 @@ impl DispatchPlan {
             (Strategy::Serial, _) => units.div_ceil(per),
         };
         (invocations as u64).div_ceil(u64::from(WORKGROUP))
+    }
+}
+
+/// What one dispatch of a call runs over: each chunk of the input (with
+/// the chunk's own uniform slot and grid) or every channel once (the
+/// finalize kernels, with the first slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    Chunks,
+    Channels,
+}
+
+/// One dispatch of a call: the kernel variant and what it runs over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Dispatch {
+    pub key: KernelKey,
+    pub over: Over,
+}
+
+/// Which part of a call a plan records: the whole call in one submission,
+/// or a synchronized call's two submissions around its exchange: the first
+/// reduces this rank's values to one partial a channel (`FLAG_MERGE_ONLY`),
+/// the second runs from the merged partials (one tile a channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Whole,
+    Reduce,
+    FromMerged,
+}
+
+/// A call planned as data, before anything is recorded: how its input is
+/// cut (chunks, tiles, layouts, grids) and every dispatch, in order. The
+/// layer's recorder turns it into passes, bind groups and dispatches.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CallPlan {
+    pub cut: DispatchPlan,
+    pub dispatches: Vec<Dispatch>,
+}
+
+impl CallPlan {
+    /// A forward call: statistics and finalize where the call normalises
+    /// with batch statistics, finalize alone for inference, then the
+    /// normalise pass (none for an empty synchronized batch).
+    pub(crate) fn forward(
+        cut: DispatchPlan,
+        variant: &Variant,
+        batch_statistics: bool,
+        empty: bool,
+        phase: Phase,
+    ) -> Self {
+        let kernels: &[Kernel] = match phase {
+            Phase::Whole if batch_statistics => &[Kernel::PartialStats, Kernel::Finalize, Kernel::Normalize],
+            Phase::Whole | Phase::FromMerged => &[Kernel::Finalize, Kernel::Normalize],
+            Phase::Reduce => &[Kernel::PartialStats, Kernel::Finalize],
+        };
+        CallPlan::of(cut, variant, kernels, empty, phase)
+    }
+
+    /// A backward call: the reduction, its finalize, then dx.
+    pub(crate) fn backward(cut: DispatchPlan, variant: &Variant, empty: bool, phase: Phase) -> Self {
+        let kernels: &[Kernel] = match phase {
+            Phase::Whole => &[Kernel::BackwardReduce, Kernel::BackwardFinalize, Kernel::BackwardDx],
+            Phase::Reduce => &[Kernel::BackwardReduce, Kernel::BackwardFinalize],
+            Phase::FromMerged => &[Kernel::BackwardFinalize, Kernel::BackwardDx],
+        };
+        CallPlan::of(cut, variant, kernels, empty, phase)
+    }
+
+    fn of(mut cut: DispatchPlan, variant: &Variant, kernels: &[Kernel], empty: bool, phase: Phase) -> Self {
+        if phase == Phase::FromMerged {
+            // the finalize kernels read one merged partial a channel
+            cut.total_tiles = 1;
+        }
+        let dispatches = kernels
+            .iter()
+            .filter(|k| !(empty && k.is_elementwise()))
+            .map(|&kernel| {
+                let (layout, over) = match kernel {
+                    Kernel::PartialStats | Kernel::BackwardReduce => (cut.stats, Over::Chunks),
+                    Kernel::Normalize | Kernel::BackwardDx => (cut.elementwise, Over::Chunks),
+                    _ => (Layout::Generic, Over::Channels),
+                };
+                Dispatch {
+                    key: KernelKey::of(kernel, layout, variant),
+                    over,
+                }
+            })
+            .collect();
+        CallPlan { cut, dispatches }
+    }
+
+    /// The grid of one dispatch over one chunk (or over the channels).
+    pub(crate) fn grid(&self, dispatch: &Dispatch, chunk: &Chunk) -> (u32, u32) {
+        match (dispatch.over, dispatch.key.kernel) {
+            (Over::Channels, _) => self.cut.finalize_grid,
+            (Over::Chunks, Kernel::PartialStats | Kernel::BackwardReduce) => chunk.stats_grid,
+            (Over::Chunks, _) => chunk.normalize_grid,
+        }
     }
 }
 

@@ -92,26 +92,55 @@ impl Kernel {
         2 * block as u64
     }
 
-    /// Storage bindings after the uniform at binding 0: `true` = read-only.
-    fn storage_bindings(self) -> &'static [bool] {
+    /// What the kernel binds after its uniform block at binding 0, in
+    /// binding order: each buffer's role and whether the kernel writes it.
+    /// The one table of the kernels' bindings (the portability test
+    /// reflects every entry point against it).
+    pub(crate) fn bindings(self) -> &'static [(Role, Access)] {
+        use Access::{Read, Write};
         match self {
-            // x, mask, partials
-            Kernel::PartialStats => &[true, true, false],
-            // partials, state, affine, saved
-            Kernel::Finalize => &[true, false, false, false],
-            // x, affine, y
-            Kernel::Normalize => &[true, true, false],
-            // x, dy, saved, mask, partials
-            Kernel::BackwardReduce => &[true, true, true, true, false],
-            // partials, state, saved, grads, coeffs
-            Kernel::BackwardFinalize => &[true, true, true, false, false],
-            // x, dy, mask, coeffs, dx
-            Kernel::BackwardDx => &[true, true, true, true, false],
-            // state, dgamma, dbeta, velocity
-            Kernel::SgdStep | Kernel::Constrain => &[false, true, true, false],
-            // x, y
-            Kernel::Stream => &[true, false],
+            Kernel::PartialStats => &[(Role::X, Read), (Role::Mask, Read), (Role::Partials, Write)],
+            Kernel::Finalize => &[
+                (Role::Partials, Read),
+                (Role::State, Write),
+                (Role::Affine, Write),
+                (Role::Saved, Write),
+            ],
+            Kernel::Normalize => &[(Role::X, Read), (Role::Affine, Read), (Role::Y, Write)],
+            Kernel::BackwardReduce => &[
+                (Role::X, Read),
+                (Role::Dy, Read),
+                (Role::Saved, Read),
+                (Role::Mask, Read),
+                (Role::Partials, Write),
+            ],
+            Kernel::BackwardFinalize => &[
+                (Role::Partials, Read),
+                (Role::State, Read),
+                (Role::Saved, Read),
+                (Role::Grads, Write),
+                (Role::Coeffs, Write),
+            ],
+            Kernel::BackwardDx => &[
+                (Role::X, Read),
+                (Role::Dy, Read),
+                (Role::Mask, Read),
+                (Role::Coeffs, Read),
+                (Role::Dx, Write),
+            ],
+            Kernel::SgdStep | Kernel::Constrain => &[
+                (Role::State, Write),
+                (Role::Dgamma, Read),
+                (Role::Dbeta, Read),
+                (Role::Velocity, Write),
+            ],
+            Kernel::Stream => &[(Role::X, Read), (Role::Y, Write)],
         }
+    }
+
+    /// Storage bindings after the uniform at binding 0: `true` = read-only.
+    fn storage_bindings(self) -> impl Iterator<Item = bool> {
+        self.bindings().iter().map(|&(_, access)| access == Access::Read)
     }
 
     /// The bind group layout: the uniform block at binding 0 (a dynamic
@@ -135,7 +164,7 @@ impl Kernel {
             true,
             Some(self.uniform_size()),
         )];
-        for (i, &read_only) in self.storage_bindings().iter().enumerate() {
+        for (i, read_only) in self.storage_bindings().enumerate() {
             entries.push(entry(
                 i as u32 + 1,
                 wgpu::BufferBindingType::Storage { read_only },
@@ -168,7 +197,7 @@ impl Kernel {
             _ => 0,
         };
         KernelNeeds {
-            storage_buffers: self.storage_bindings().len() as u32,
+            storage_buffers: self.bindings().len() as u32,
             uniform_buffers: 1 + self.uniform_params_binding().is_some() as u32,
             invocations: self.workgroup_size(),
             workgroup_bytes,
@@ -183,6 +212,12 @@ impl Kernel {
             ..self.needs(Strategy::Serial)
         }
         .check(self.entry_point(), limits)
+    }
+
+    /// The per-value passes (normalise, dx): nothing to run over an empty
+    /// batch.
+    pub(crate) fn is_elementwise(self) -> bool {
+        matches!(self, Kernel::Normalize | Kernel::BackwardDx)
     }
 
     pub(crate) fn workgroup_size(self) -> u32 {
@@ -232,9 +267,77 @@ pub(crate) struct SourceKey {
 const DEFAULT_PER_THREAD: u32 = 4;
 const DEFAULT_ROWS_PER_THREAD: u32 = 8;
 
+/// The buffer a binding holds, in the kernels' names (see
+/// `Kernel::bindings`): the call's tensors (per chunk where the kernel runs
+/// over chunks), its mask, and the layer's or call's per-channel buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Role {
+    X,
+    Y,
+    Dy,
+    Dx,
+    Mask,
+    /// Statistics tiles (or a synchronized call's merged partials).
+    Partials,
+    /// The layer's weights, slot by slot.
+    State,
+    /// [shift | scale | offset] a channel, for the normalise pass.
+    Affine,
+    /// A forward call's own statistics, for its backward.
+    Saved,
+    /// dx's coefficients a channel.
+    Coeffs,
+    /// [dgamma | dbeta].
+    Grads,
+    Dgamma,
+    Dbeta,
+    Velocity,
+}
+
+/// Whether a kernel reads a binding only, or writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write,
+}
+
+/// What a call decides about its kernels beyond their layout: the dtype,
+/// whether its reductions (and dx) read a mask, its plan's knobs, the
+/// device's subgroups, how the elementwise kernels read their per-channel
+/// parameters, and the fused ReLU. `KernelKey::of` settles it into one
+/// kernel's key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Variant {
+    pub dtype: DType,
+    pub masked: bool,
+    pub tuning: PlanTuning,
+    pub subgroups: bool,
+    /// Normalise reads [shift | scale | offset] through the uniform view.
+    pub uniform_affine: bool,
+    /// dx reads its coefficients through the uniform view.
+    pub uniform_coeffs: bool,
+    pub relu: bool,
+}
+
 impl KernelKey {
     /// The key with only the fields the kernel's source depends on: equal
     /// variants share one pipeline.
+    /// The key of `kernel` in `layout` for a call of `variant`, with only
+    /// the fields its source, entry point and constants depend on: equal
+    /// variants share one pipeline, whatever the call.
+    pub(crate) fn of(kernel: Kernel, layout: Layout, variant: &Variant) -> Self {
+        let uniform = match kernel {
+            Kernel::Normalize => variant.uniform_affine,
+            Kernel::BackwardDx => variant.uniform_coeffs,
+            _ => false,
+        };
+        KernelKey::new(kernel, variant.dtype, variant.masked)
+            .with_tuning(&variant.tuning, variant.subgroups)
+            .with_layout(layout)
+            .with_relu(variant.relu)
+            .with_uniform_params(uniform)
+    }
+
     pub(crate) fn new(kernel: Kernel, dtype: DType, masked: bool) -> Self {
         let (dtype, masked) = match kernel {
             Kernel::Finalize | Kernel::BackwardFinalize | Kernel::SgdStep | Kernel::Constrain => (DType::F32, false),
@@ -310,7 +413,6 @@ impl KernelKey {
         for kernel in Kernel::ALL.into_iter().filter(|k| *k != Kernel::Stream) {
             for dtype in [DType::F32, DType::F16] {
                 for masked in [false, true] {
-                    let key = KernelKey::new(kernel, dtype, masked);
                     for layout in Layout::ALL {
                         let reducing = matches!(kernel, Kernel::PartialStats | Kernel::BackwardReduce);
                         let exists = match (kernel, layout) {
@@ -327,18 +429,23 @@ impl KernelKey {
                             (
                                 Kernel::PartialStats | Kernel::BackwardReduce | Kernel::Normalize | Kernel::BackwardDx,
                                 _,
-                            ) => !key.masked,
+                            ) => !masked,
                             _ => false,
                         };
                         if !exists {
                             continue;
                         }
                         for relu in [false, true] {
-                            let key = key
-                                .with_layout(layout)
-                                .with_relu(relu)
-                                .with_uniform_params(uniform_params)
-                                .with_tuning(tuning, subgroups);
+                            let variant = Variant {
+                                dtype,
+                                masked,
+                                tuning: *tuning,
+                                subgroups,
+                                uniform_affine: uniform_params,
+                                uniform_coeffs: uniform_params,
+                                relu,
+                            };
+                            let key = KernelKey::of(kernel, layout, &variant);
                             if !keys.contains(&key) {
                                 keys.push(key);
                             }

@@ -8,11 +8,12 @@
 
 use std::sync::Arc;
 
-use super::{BackwardCall, BatchNorm, ForwardCall, Gradients, Recorder, SavedForward, storage_buffer};
+use super::recorder::{CallBuffers, storage_buffer};
+use super::{BatchNorm, Call, Gradients, SavedForward, SavedStatistics};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::FLAG_MERGE_ONLY;
-use crate::plan::DispatchPlan;
+use crate::plan::Phase;
 use crate::reference::{ChannelMoments, gather_moments};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
@@ -91,11 +92,11 @@ impl BatchNorm {
         training: Option<bool>,
         mask: Option<&Mask>,
         y: &Tensor,
-        statistics: wgpu::Buffer,
+        statistics: SavedStatistics,
     ) -> Result<SavedForward> {
         if !self.batch_statistics(training) {
             // the moving statistics alone: nothing to exchange
-            let call = self.plan_forward(x, training, mask, y, true)?;
+            let call = self.plan_forward(x, training, mask, y, true, Phase::Whole)?;
             return self.submit_global_forward(&call, x, mask, y, statistics, None);
         }
         let exchange = self.require_exchange()?;
@@ -104,20 +105,21 @@ impl BatchNorm {
         let header = self.next_header(&mut sequence, kind, x.dtype());
         // an error return or a panic before the gather tells the others
         let guard = FailUntilGathered::new(exchange, header);
-        let call = self.plan_forward(x, training, mask, y, true)?;
-        let local = self.local_moments(&call, x, mask)?;
+        let local_call = self.plan_forward(x, training, mask, y, true, Phase::Reduce)?;
+        let local = self.local_moments(&local_call, x, mask)?;
         guard.gathering();
         let merged: Vec<[f32; 4]> = gather_moments(exchange, header, &local)?
             .into_iter()
             .map(moments_to_partial)
             .collect();
+        let call = self.plan_forward(x, training, mask, y, true, Phase::FromMerged)?;
         self.submit_global_forward(&call, x, mask, y, statistics, Some(&merged))
     }
 
     /// This rank's moments per channel: the statistics kernel, then the
     /// finalize kernel merging each channel's tiles into one partial, read
     /// back (16 bytes a channel).
-    fn local_moments(&self, call: &ForwardCall, x: &Tensor, mask: Option<&Mask>) -> Result<Vec<ChannelMoments>> {
+    fn local_moments(&self, call: &Call, x: &Tensor, mask: Option<&Mask>) -> Result<Vec<ChannelMoments>> {
         if call.empty {
             return Ok(vec![ChannelMoments::default(); self.channels]);
         }
@@ -125,11 +127,18 @@ impl BatchNorm {
             let merged = self.merge_only_buffer();
             let mut encoder = self.encoder("synchronized forward, local moments");
             {
-                let mut scratch = self.lock_scratch();
-                let rec = Recorder::new(self, &mut scratch, &call.plan, x.shape(), call.flags | FLAG_MERGE_ONLY);
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.dispatch_statistics(&mut pass, &rec, call, x, mask)?;
-                self.dispatch_finalize(&mut pass, &rec, call, &merged)?;
+                let buffers = CallBuffers {
+                    x,
+                    y: None,
+                    dy: None,
+                    dx: None,
+                    mask: mask.filter(|_| call.masked).map(|m| &m.buffer),
+                    saved: &merged,
+                    coeffs: &self.coeffs,
+                    partials: None,
+                };
+                self.record_plan(&mut pass, &call.plan, call.flags | FLAG_MERGE_ONLY, x.shape(), &buffers)?;
             }
             self.ctx.queue().submit([encoder.finish()]);
             Ok(self
@@ -145,25 +154,29 @@ impl BatchNorm {
     /// statistics, then normalise.
     fn submit_global_forward(
         &self,
-        call: &ForwardCall,
+        call: &Call,
         x: &Tensor,
         mask: Option<&Mask>,
         y: &Tensor,
-        statistics: wgpu::Buffer,
+        statistics: SavedStatistics,
         merged: Option<&[[f32; 4]]>,
     ) -> Result<SavedForward> {
         self.ctx.scoped("a synchronized forward", || {
+            let uploaded = merged.map(|m| self.upload_partials(m));
             let mut encoder = self.encoder("synchronized forward");
             {
-                let mut scratch = self.lock_scratch();
-                let plan = single_tile(&call.plan);
-                let mut rec = Recorder::new(self, &mut scratch, &plan, x.shape(), call.flags);
-                if let Some(merged) = merged {
-                    rec = rec.with_partials(self.upload_partials(merged));
-                }
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.dispatch_finalize(&mut pass, &rec, call, &statistics)?;
-                self.dispatch_normalize(&mut pass, &rec, call, x, y)?;
+                let buffers = CallBuffers {
+                    x,
+                    y: Some(y),
+                    dy: None,
+                    dx: None,
+                    mask: None,
+                    saved: statistics.buffer(),
+                    coeffs: &self.coeffs,
+                    partials: uploaded.as_ref(),
+                };
+                self.record_plan(&mut pass, &call.plan, call.flags, x.shape(), &buffers)?;
             }
             self.ctx.queue().submit([encoder.finish()]);
             Ok(self.saved_forward(call, x, mask, statistics, true))
@@ -186,8 +199,8 @@ impl BatchNorm {
                 "this forward call ran before the layer was synchronized: its backward cannot be".into(),
             ));
         }
-        let call = self.plan_backward(saved, dy, regularization, grads, true)?;
-        let local = self.local_sums(&call, saved, dy)?;
+        let local_call = self.plan_backward(saved, dy, regularization, grads, true, Phase::Reduce)?;
+        let local = self.local_sums(&local_call, saved, dy)?;
         guard.gathering();
         let payload: Vec<f64> = local
             .iter()
@@ -197,16 +210,23 @@ impl BatchNorm {
             .chunks_exact(3)
             .map(|s| [s[0] as f32, s[1] as f32, s[2] as f32, 0.0])
             .collect();
+        let call = self.plan_backward(saved, dy, regularization, grads, true, Phase::FromMerged)?;
         self.ctx.scoped("a synchronized backward", || {
+            let uploaded = self.upload_partials(&global);
             let mut encoder = self.encoder("synchronized backward");
             {
-                let mut scratch = self.lock_scratch();
-                let plan = single_tile(&call.plan);
-                let rec = Recorder::new(self, &mut scratch, &plan, saved.x.shape(), call.flags)
-                    .with_partials(self.upload_partials(&global));
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.dispatch_backward_finalize(&mut pass, &rec, &call, saved, &self.coeffs)?;
-                self.dispatch_dx(&mut pass, &rec, &call, saved, dy, grads)?;
+                let buffers = CallBuffers {
+                    x: &saved.x,
+                    y: None,
+                    dy: Some(dy),
+                    dx: Some(&grads.dx),
+                    mask: saved.mask.as_ref().map(|m| &m.buffer),
+                    saved: saved.statistics.buffer(),
+                    coeffs: &self.coeffs,
+                    partials: Some(&uploaded),
+                };
+                self.record_plan(&mut pass, &call.plan, call.flags, saved.x.shape(), &buffers)?;
             }
             self.copy_parameter_gradients(&mut encoder, grads);
             self.ctx.queue().submit([encoder.finish()]);
@@ -216,7 +236,7 @@ impl BatchNorm {
 
     /// This rank's backward sums per channel (sum dy, sum dy * (x - mean),
     /// masked-in sum of x - mean, 0), read back.
-    fn local_sums(&self, call: &BackwardCall, saved: &SavedForward, dy: &Tensor) -> Result<Vec<[f32; 4]>> {
+    fn local_sums(&self, call: &Call, saved: &SavedForward, dy: &Tensor) -> Result<Vec<[f32; 4]>> {
         if call.empty {
             return Ok(vec![[0.0; 4]; self.channels]);
         }
@@ -224,31 +244,45 @@ impl BatchNorm {
             let sums = self.merge_only_buffer();
             let mut encoder = self.encoder("synchronized backward, local sums");
             {
-                let mut scratch = self.lock_scratch();
-                let rec = Recorder::new(
-                    self,
-                    &mut scratch,
-                    &call.plan,
-                    saved.x.shape(),
-                    call.flags | FLAG_MERGE_ONLY,
-                );
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.dispatch_backward_reduce(&mut pass, &rec, call, saved, dy)?;
-                self.dispatch_backward_finalize(&mut pass, &rec, call, saved, &sums)?;
+                let buffers = CallBuffers {
+                    x: &saved.x,
+                    y: None,
+                    dy: Some(dy),
+                    dx: None,
+                    mask: saved.mask.as_ref().map(|m| &m.buffer),
+                    saved: saved.statistics.buffer(),
+                    coeffs: &sums,
+                    partials: None,
+                };
+                self.record_plan(
+                    &mut pass,
+                    &call.plan,
+                    call.flags | FLAG_MERGE_ONLY,
+                    saved.x.shape(),
+                    &buffers,
+                )?;
             }
             self.ctx.queue().submit([encoder.finish()]);
             self.read_partials(&sums)
         })
     }
 
-    /// Where the finalize kernels write one partial a channel under `FLAG_MERGE_ONLY`.
+    /// Where the finalize kernels write one partial a channel under
+    /// `FLAG_MERGE_ONLY` (the layer's, made once).
     fn merge_only_buffer(&self) -> wgpu::Buffer {
-        storage_buffer(
-            &self.ctx,
-            "synchronized partials",
-            self.channels as u64 * 16,
-            wgpu::BufferUsages::COPY_SRC,
-        )
+        let mut scratch = self.lock_scratch();
+        scratch
+            .merge_only
+            .get_or_insert_with(|| {
+                storage_buffer(
+                    &self.ctx,
+                    "synchronized partials",
+                    self.channels as u64 * 16,
+                    wgpu::BufferUsages::COPY_SRC,
+                )
+            })
+            .clone()
     }
 
     fn read_partials(&self, buffer: &wgpu::Buffer) -> Result<Vec<[f32; 4]>> {
@@ -259,13 +293,27 @@ impl BatchNorm {
             .collect())
     }
 
+    /// The merged partials as the second phase reads them (the layer's
+    /// buffer, written on the queue before the submission that reads it).
     fn upload_partials(&self, partials: &[[f32; 4]]) -> wgpu::Buffer {
-        use wgpu::util::DeviceExt;
-        self.ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("merged partials"),
-            contents: bytemuck::cast_slice(partials),
-            usage: wgpu::BufferUsages::STORAGE,
-        })
+        let buffer = {
+            let mut scratch = self.lock_scratch();
+            scratch
+                .merged
+                .get_or_insert_with(|| {
+                    storage_buffer(
+                        &self.ctx,
+                        "merged partials",
+                        self.channels as u64 * 16,
+                        wgpu::BufferUsages::COPY_DST,
+                    )
+                })
+                .clone()
+        };
+        self.ctx
+            .queue()
+            .write_buffer(&buffer, 0, bytemuck::cast_slice(partials));
+        buffer
     }
 }
 
@@ -296,15 +344,6 @@ impl Drop for FailUntilGathered<'_> {
             ..self.header
         };
         let _ = gather_checked(self.exchange, failed, &[]);
-    }
-}
-
-/// A call's plan for its second submission: its finalize reads one
-/// (merged) partial a channel.
-fn single_tile(plan: &DispatchPlan) -> DispatchPlan {
-    DispatchPlan {
-        total_tiles: 1,
-        ..plan.clone()
     }
 }
 
