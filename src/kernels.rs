@@ -158,6 +158,10 @@ type Layouts = (wgpu::BindGroupLayout, wgpu::PipelineLayout);
 pub(crate) struct Kernels {
     /// Bytes of the per-channel parameters' uniform view on this device.
     pub(crate) uniform_view: u64,
+    /// Bound as the uniform view by kernels that read their parameters
+    /// from storage (the layout has the binding either way), so that a
+    /// layer's parameter buffers need not be padded to the view.
+    pub(crate) uniform_view_placeholder: wgpu::Buffer,
     /// Whether the coalesced reductions use subgroup operations: the device
     /// has `Features::SUBGROUP` and is not DX12. (wgpu 30's WebGPU backend
     /// never offers the feature: browsers run the workgroup-memory sums.)
@@ -200,6 +204,12 @@ impl Kernels {
             .collect();
         Kernels {
             uniform_view,
+            uniform_view_placeholder: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("uniform view placeholder"),
+                size: uniform_view,
+                usage: wgpu::BufferUsages::UNIFORM,
+                mapped_at_creation: false,
+            }),
             // naga's HLSL derives the subgroup id from the lane count, which
             // D3D12 does not promise: DX12 takes the workgroup-memory sum
             subgroups: device.features().contains(wgpu::Features::SUBGROUP)

@@ -24,6 +24,10 @@ pub struct Sgd {
     pub nesterov: bool,
     channels: usize,
     velocity: wgpu::Buffer,
+    /// This optimiser's uniform block, rewritten before each step.
+    uniform: wgpu::Buffer,
+    /// The bind group of the last step, and what it binds.
+    group: Option<(GroupKey, wgpu::BindGroup)>,
     /// The context the velocity lives in (see `GpuContext`'s id).
     context: u64,
 }
@@ -37,18 +41,25 @@ impl Sgd {
         if !(0.0..=1.0).contains(&momentum) {
             return Err(ConfigError::Momentum(momentum as f64).into());
         }
-        let velocity = layer.context().device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("sgd velocity"),
-            size: (2 * layer.channels() * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let gpu = layer.context().gpu();
+        let velocity = gpu.create_buffer(
+            "sgd velocity",
+            (2 * layer.channels() * 4) as u64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        let uniform = gpu.create_buffer(
+            "optimizer params",
+            Kernel::SgdStep.uniform_size(),
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
         Ok(Sgd {
             learning_rate,
             momentum,
             nesterov,
             channels: layer.channels(),
             velocity,
+            uniform,
+            group: None,
             context: layer.context().gpu().id,
         })
     }
@@ -100,26 +111,28 @@ impl Sgd {
         if self.nesterov {
             flags |= params::OPT_NESTEROV;
         }
-        fn binding<'a>(t: &'a Option<Tensor>, placeholder: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
-            match t {
-                Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: t.buffer(),
-                    offset: t.offset(),
-                    size: wgpu::BufferSize::new(t.byte_len()),
-                }),
-                None => placeholder.as_entire_binding(),
-            }
-        }
-        let placeholder = &ctx.gpu().placeholder;
         let params = optimizer_params(layer, flags, self.learning_rate, self.momentum);
-        record(
-            ctx,
-            layer,
-            &params,
-            [binding(&grads.dgamma, placeholder), binding(&grads.dbeta, placeholder)],
-            &self.velocity,
-            true,
-        )?;
+        // written on the queue before this step's submission
+        ctx.queue().write_buffer(&self.uniform, 0, &uniform_block(&params));
+        let range = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map(|t| (t.buffer().clone(), t.offset(), t.byte_len()))
+                .unwrap_or_else(|| (ctx.gpu().placeholder.clone(), 0, 4))
+        };
+        let key = GroupKey {
+            state: layer.state_buffer().clone(),
+            dgamma: range(&grads.dgamma),
+            dbeta: range(&grads.dbeta),
+        };
+        let group = match &self.group {
+            Some((cached, group)) if *cached == key => group.clone(),
+            _ => {
+                let group = bind(ctx, layer, &self.uniform, [&key.dgamma, &key.dbeta], &self.velocity)?;
+                self.group = Some((key, group.clone()));
+                group
+            }
+        };
+        record(ctx, layer, &group, true)?;
         layer.weights_replaced();
         Ok(())
     }
@@ -159,84 +172,82 @@ fn optimizer_params(layer: &BatchNorm, flags: u32, learning_rate: f32, momentum:
     }
 }
 
-/// Records the SGD step (when `step`) and the constraints, and submits.
-fn record(
-    ctx: &GpuContext,
-    layer: &BatchNorm,
-    params: &OptimizerParams,
-    grads: [wgpu::BindingResource; 2],
-    velocity: &wgpu::Buffer,
-    step: bool,
-) -> Result<()> {
-    ctx.scoped(if step { "an SGD step" } else { "applying constraints" }, || {
-        record_unscoped(ctx, layer, params, grads, velocity, step)
-    })
+/// What an optimiser's bind group binds besides its own buffers.
+#[derive(Debug, PartialEq)]
+struct GroupKey {
+    state: wgpu::Buffer,
+    dgamma: (wgpu::Buffer, u64, u64),
+    dbeta: (wgpu::Buffer, u64, u64),
 }
 
-fn record_unscoped(
-    ctx: &GpuContext,
-    layer: &BatchNorm,
-    params: &OptimizerParams,
-    grads: [wgpu::BindingResource; 2],
-    velocity: &wgpu::Buffer,
-    step: bool,
-) -> Result<()> {
-    use wgpu::util::DeviceExt;
-    let [dgamma, dbeta] = grads;
-    let device = ctx.device();
-    // the binding holds two blocks; the kernels read the first
+/// The binding's two blocks, the kernels reading the first.
+fn uniform_block(params: &OptimizerParams) -> Vec<u8> {
     let mut contents = vec![0u8; Kernel::SgdStep.uniform_size() as usize];
     contents[..std::mem::size_of::<OptimizerParams>()].copy_from_slice(bytemuck::bytes_of(params));
-    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("optimizer params"),
-        contents: &contents,
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
-    let kernels = &ctx.inner.kernels;
-    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("optimizer"),
-        layout: kernels.bind_group_layout(Kernel::SgdStep)?,
-        entries: &[
-            wgpu::BindGroupEntry {
-                binding: 0,
-                resource: uniform.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 1,
-                resource: layer.state_buffer().as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 2,
-                resource: dgamma,
-            },
-            wgpu::BindGroupEntry {
-                binding: 3,
-                resource: dbeta,
-            },
-            wgpu::BindGroupEntry {
-                binding: 4,
-                resource: velocity.as_entire_binding(),
-            },
-        ],
-    });
-    let key = |kernel| KernelKey::new(kernel, DType::F32, false);
-    let groups = (layer.channels() as u64).div_ceil(u64::from(Kernel::SgdStep.workgroup_size()));
-    let grid = crate::plan::grid(groups, ctx.max_workgroups_per_dimension())?;
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("optimizer"),
-    });
-    {
-        let mut pass = encoder.begin_compute_pass(&Default::default());
-        pass.set_bind_group(0, &group, &[0]);
-        if step {
-            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep))?);
-            pass.dispatch_workgroups(grid.0, grid.1, 1);
-        }
-        pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain))?);
-        pass.dispatch_workgroups(2, 1, 1);
+    contents
+}
+
+fn bind(
+    ctx: &GpuContext,
+    layer: &BatchNorm,
+    uniform: &wgpu::Buffer,
+    grads: [&(wgpu::Buffer, u64, u64); 2],
+    velocity: &wgpu::Buffer,
+) -> Result<wgpu::BindGroup> {
+    fn range((buffer, offset, size): &(wgpu::Buffer, u64, u64)) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset: *offset,
+            size: wgpu::BufferSize::new(*size),
+        })
     }
-    ctx.queue().submit([encoder.finish()]);
-    Ok(())
+    let resources = [
+        uniform.as_entire_binding(),
+        layer.state_buffer().as_entire_binding(),
+        range(grads[0]),
+        range(grads[1]),
+        velocity.as_entire_binding(),
+    ];
+    let entries: Vec<_> = resources
+        .into_iter()
+        .enumerate()
+        .map(|(i, resource)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource,
+        })
+        .collect();
+    Ok(ctx.gpu().create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("optimizer"),
+        layout: ctx.inner.kernels.bind_group_layout(Kernel::SgdStep)?,
+        entries: &entries,
+    }))
+}
+
+/// Records the SGD step (when `step`) and the constraints over `group`,
+/// and submits.
+fn record(ctx: &GpuContext, layer: &BatchNorm, group: &wgpu::BindGroup, step: bool) -> Result<()> {
+    ctx.scoped(if step { "an SGD step" } else { "applying constraints" }, || {
+        let device = ctx.device();
+        let kernels = &ctx.inner.kernels;
+        let key = |kernel| KernelKey::new(kernel, DType::F32, false);
+        let groups = (layer.channels() as u64).div_ceil(u64::from(Kernel::SgdStep.workgroup_size()));
+        let grid = crate::plan::grid(groups, ctx.max_workgroups_per_dimension())?;
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("optimizer"),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_bind_group(0, group, &[0]);
+            if step {
+                pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep))?);
+                pass.dispatch_workgroups(grid.0, grid.1, 1);
+            }
+            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain))?);
+            pass.dispatch_workgroups(2, 1, 1);
+        }
+        ctx.queue().submit([encoder.finish()]);
+        Ok(())
+    })
 }
 
 impl BatchNorm {
@@ -248,14 +259,15 @@ impl BatchNorm {
             if cfg.scale { params::OPT_HAS_GAMMA } else { 0 } | if cfg.center { params::OPT_HAS_BETA } else { 0 };
         let params = optimizer_params(self, flags, 0.0, 0.0);
         let ctx = self.context();
-        let scratch = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("no velocity"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let placeholder = || ctx.gpu().placeholder.as_entire_binding();
-        record(ctx, self, &params, [placeholder(), placeholder()], &scratch, false)?;
+        let group = ctx.scoped("applying constraints", || {
+            let gpu = ctx.gpu();
+            let uniform =
+                gpu.create_buffer_init("optimizer params", &uniform_block(&params), wgpu::BufferUsages::UNIFORM);
+            let no_velocity = gpu.create_buffer("no velocity", 16, wgpu::BufferUsages::STORAGE);
+            let placeholder = (gpu.placeholder.clone(), 0, 4);
+            bind(ctx, self, &uniform, [&placeholder, &placeholder], &no_velocity)
+        })?;
+        record(ctx, self, &group, false)?;
         self.weights_replaced();
         Ok(())
     }

@@ -678,6 +678,75 @@ mod tests {
         PlanTuning::default_for(Strategy::Coalesced)
     }
 
+    /// A call is planned as data without a device: its dispatches, their
+    /// variants (among those every context precompiles) and grids.
+    #[test]
+    fn calls_are_planned_without_a_device() {
+        use crate::variants::Kernel as K;
+        for strategy in [Strategy::Serial, Strategy::Coalesced] {
+            let tuning = PlanTuning::default_for(strategy);
+            for (shape, axis, masked) in [
+                (&[300usize, 12][..], 1, false),
+                (&[4, 6, 49][..], 1, true),
+                (&[64, 6][..], 1, true),
+            ] {
+                let view = ChannelView::new(shape, axis);
+                let mask = MaskUse {
+                    statistics: masked,
+                    elementwise: masked,
+                    by_row: view.inner == 1,
+                };
+                let variant = Variant {
+                    dtype: DType::F32,
+                    masked,
+                    tuning,
+                    subgroups: true,
+                    uniform_affine: false,
+                    uniform_coeffs: false,
+                    relu: false,
+                };
+                let cut = DispatchPlan::new(view, DType::F32, mask, limits(1 << 27), &tuning).unwrap();
+                let kernels = |plan: &CallPlan| plan.dispatches.iter().map(|d| d.key.kernel).collect::<Vec<_>>();
+                let known = KernelKey::layer_variants(&tuning, true, false);
+                let training = CallPlan::forward(cut.clone(), &variant, true, false, Phase::Whole);
+                assert_eq!(kernels(&training), [K::PartialStats, K::Finalize, K::Normalize]);
+                let inference = CallPlan::forward(cut.clone(), &variant, false, false, Phase::Whole);
+                assert_eq!(kernels(&inference), [K::Finalize, K::Normalize]);
+                let backward = CallPlan::backward(cut.clone(), &variant, false, Phase::Whole);
+                assert_eq!(
+                    kernels(&backward),
+                    [K::BackwardReduce, K::BackwardFinalize, K::BackwardDx]
+                );
+                for plan in [&training, &inference, &backward] {
+                    for d in &plan.dispatches {
+                        assert!(
+                            known.contains(&d.key),
+                            "{shape:?} {strategy}: {:?} is never precompiled",
+                            d.key
+                        );
+                        for chunk in &plan.cut.chunks {
+                            let (x, y) = plan.grid(d, chunk);
+                            assert!(x >= 1 && y >= 1, "{:?}", d.key);
+                        }
+                    }
+                }
+                assert_eq!(
+                    training.dispatches[0].key.layout,
+                    KernelKey::of(K::PartialStats, cut.stats, &variant).layout
+                );
+                // a synchronized call: reduce, then from one merged tile a channel
+                let reduce = CallPlan::forward(cut.clone(), &variant, true, false, Phase::Reduce);
+                assert_eq!(kernels(&reduce), [K::PartialStats, K::Finalize]);
+                let merged = CallPlan::backward(cut.clone(), &variant, false, Phase::FromMerged);
+                assert_eq!(kernels(&merged), [K::BackwardFinalize, K::BackwardDx]);
+                assert_eq!(merged.cut.total_tiles, 1);
+                // an empty rank runs its per-channel kernels only
+                let empty = CallPlan::forward(cut, &variant, true, true, Phase::FromMerged);
+                assert_eq!(kernels(&empty), [K::Finalize]);
+            }
+        }
+    }
+
     fn limits(max_binding: u64) -> PlanLimits {
         PlanLimits {
             max_binding,

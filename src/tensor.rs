@@ -2,7 +2,6 @@
 //! upload and readback helpers.
 
 use half::f16;
-use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 pub use crate::dtype::DType;
@@ -117,11 +116,7 @@ impl Tensor {
         check_shape(shape, len)?;
         check_size(ctx, padded_bytes(len, dtype))?;
         let buffer = ctx.scoped("uploading a tensor", || {
-            Ok(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("tensor"),
-                contents: bytes,
-                usage: Self::USAGE,
-            }))
+            Ok(ctx.gpu().create_buffer_init("tensor", bytes, Self::USAGE))
         })?;
         Ok(Tensor {
             buffer,
@@ -142,12 +137,7 @@ impl Tensor {
         let size = padded_bytes(len, dtype);
         check_size(ctx, size)?;
         let buffer = ctx.scoped("allocating a tensor", || {
-            Ok(ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("tensor"),
-                size,
-                usage: Self::USAGE,
-                mapped_at_creation: false,
-            }))
+            Ok(ctx.gpu().create_buffer("tensor", size, Self::USAGE))
         })?;
         Ok(Tensor {
             buffer,
@@ -324,11 +314,11 @@ impl Mask {
         }
         check_size(ctx, (len as u64).div_ceil(4) * 4)?;
         let buffer = ctx.scoped("uploading a mask", || {
-            Ok(ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("mask"),
-                contents: flags,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            }))
+            Ok(ctx.gpu().create_buffer_init(
+                "mask",
+                flags,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            ))
         })?;
         Ok(Mask {
             buffer,
@@ -429,12 +419,11 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset:
     // the scope ends before the await: wgpu's scopes belong to a thread
     let (staging, receiver) = ctx.scoped("reading a buffer back", || {
         let device = ctx.device();
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
+        let staging = ctx.gpu().create_buffer(
+            "readback",
             size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
         let mut encoder = device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         ctx.queue().submit([encoder.finish()]);

@@ -192,3 +192,60 @@ fn every_layout_keeps_memory_flat_synchronized() {
         every_layout_stays_flat(&ctx, &format!("{}, synchronized", ctx.describe()), true);
     }
 }
+
+/// A warm training loop of `forward_into`, `backward_into` and an SGD step
+/// on tensors the application keeps creates no GPU buffer and no bind
+/// group: uniform slots, bind groups, statistics and scratch are reused.
+/// Channels last and NCHW, float32 and float16, masked and not, whole and
+/// cut into chunks, both families (WGPU_BATCHNORM_KERNELS), every driver.
+#[test]
+fn a_warm_training_loop_creates_no_gpu_objects() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut contexts = common::drivers();
+    let chunked = common::fresh(wgpu::Backends::VULKAN, None);
+    chunked.set_max_binding_size(4096);
+    contexts.push(chunked);
+    for ctx in contexts {
+        for (i, &(shape, axis, masked, dtype)) in [
+            (&[64usize, 12][..], -1i64, false, DType::F32),
+            (&[4, 6, 7, 7][..], 1, true, DType::F32),
+            (&[300, 24][..], -1, true, DType::F16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let len: usize = shape.iter().product();
+            let tensor =
+                |seed| Tensor::from_f32_as(&ctx, shape, &random_input(&mut rng(seed), len, 1.0), dtype).unwrap();
+            let (x, y, dy) = (tensor(1), tensor(2), tensor(3));
+            let mask_shape = &shape[..shape.len() - 1];
+            let mask = masked.then(|| {
+                Mask::from_u8(&ctx, mask_shape, &random_mask(&mut rng(4), mask_shape.iter().product())).unwrap()
+            });
+            let channels = shape[axis.rem_euclid(shape.len() as i64) as usize];
+            let layer = layer(&ctx, channels, axis, false);
+            let grads = layer.gradient_tensors(&dy).unwrap();
+            let mut sgd = Sgd::new(&layer, 0.001, 0.9, false).unwrap();
+            let mut step = || {
+                let saved = layer.forward_into(&x, Some(true), mask.as_ref(), &y).unwrap();
+                layer.backward_into(&saved, &dy, false, &grads).unwrap();
+                sgd.step(&layer, &grads).unwrap();
+            };
+            for _ in 0..3 {
+                step();
+            }
+            let before = ctx.created_objects_for_tests();
+            for _ in 0..50 {
+                step();
+            }
+            ctx.device().poll(wgpu::PollType::wait_indefinitely()).unwrap();
+            let after = ctx.created_objects_for_tests();
+            assert_eq!(
+                before,
+                after,
+                "{} case {i} {shape:?}: (buffers, bind groups) created before and after 50 warm steps",
+                ctx.describe()
+            );
+        }
+    }
+}

@@ -157,9 +157,16 @@ fn state_stride(ctx: &GpuContext, channels: usize) -> usize {
     channels.div_ceil(align) * align
 }
 
-/// A per-channel parameter buffer is at least as large as its uniform view.
+/// A per-channel parameter buffer: padded to the uniform view where the
+/// context reads parameters through it when the layer is made (a CPU
+/// adapter), else only as large as its values.
 fn params_buffer_size(ctx: &GpuContext, bytes: u64) -> u64 {
-    bytes.max(ctx.inner.kernels.uniform_view).div_ceil(16) * 16
+    let view = if ctx.uniform_parameters() {
+        ctx.inner.kernels.uniform_view
+    } else {
+        0
+    };
+    bytes.max(view).div_ceil(16) * 16
 }
 
 impl BatchNorm {
@@ -343,9 +350,13 @@ impl BatchNorm {
     /// Whether the elementwise kernels read this layer's parameters (`floats`
     /// per channel) through the uniform view: the context asks for it and
     /// they fit in it.
+    /// (The layer's buffers must also cover the view: a layer made while
+    /// the context read parameters from storage keeps doing so.)
     fn uniform_params(&self, floats: u64, tuning: &PlanTuning) -> bool {
+        let view = self.ctx.inner.kernels.uniform_view;
         tuning.uniform_parameters.unwrap_or(self.ctx.uniform_parameters())
-            && self.channels as u64 * floats * 4 <= self.ctx.inner.kernels.uniform_view
+            && self.channels as u64 * floats * 4 <= view
+            && self.affine.size().min(self.coeffs.size()) >= view
     }
 
     fn lock_scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {

@@ -157,14 +157,15 @@ impl BatchNorm {
                 }
                 if let Some(binding) = kernel.uniform_params_binding() {
                     // the per-channel parameters again, as a uniform view
-                    let view = Some(ctx.inner.kernels.uniform_view);
-                    let buffer = if kernel == Kernel::Normalize {
-                        &self.affine
-                    } else {
-                        buffers.coeffs
+                    // (a placeholder where the kernel reads them from storage)
+                    let kernels = &ctx.inner.kernels;
+                    let buffer = match (dispatch.key.uniform_params, kernel) {
+                        (false, _) => &kernels.uniform_view_placeholder,
+                        (true, Kernel::Normalize) => &self.affine,
+                        (true, _) => buffers.coeffs,
                     };
                     debug_assert_eq!(binding as usize, ranges.len());
-                    ranges.push((buffer.clone(), 0, view));
+                    ranges.push((buffer.clone(), 0, Some(kernels.uniform_view)));
                 }
                 let group = scratch.bind_group(ctx, kernel, ranges, now)?;
                 let slot = match dispatch.over {
