@@ -11,4 +11,6 @@ pub use cases::{
     write_outputs, write_outputs_as,
 };
 pub use config::{KerasLayerConfig, config_from_case_json};
-pub use weights::{load_layer, load_weights, save_weights};
+pub use weights::{
+    load_layer, load_layer_from_bytes, load_weights, load_weights_from_bytes, save_weights, weights_to_bytes,
+};

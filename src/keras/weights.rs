@@ -21,15 +21,26 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layer::{BatchNorm, StateSlot};
 
-fn file_error(path: &Path, message: String) -> Error {
+fn file_error(path: &Path, error: Error) -> Error {
+    let message = match error {
+        Error::Weights(message) => message,
+        other => other.to_string(),
+    };
     Error::File {
         path: path.to_path_buf(),
         message,
     }
 }
 
-/// Writes every weight the layer has under its Keras name.
-pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Every weight the layer has under its Keras name, as safetensors bytes.
+pub fn weights_to_bytes(layer: &BatchNorm) -> Result<Vec<u8>> {
     let weights: Vec<(StateSlot, Vec<u8>)> = layer
         .named_weights()?
         .into_iter()
@@ -40,30 +51,39 @@ pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
         .map(|(slot, bytes)| {
             safetensors::tensor::TensorView::new(Dtype::F32, vec![layer.channels()], bytes)
                 .map(|view| (slot.keras_name().to_string(), view))
-                .map_err(|e| file_error(path, e.to_string()))
+                .map_err(|e| Error::Weights(e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| file_error(path, e.to_string()))?;
-    std::fs::write(path, bytes).map_err(|e| file_error(path, e.to_string()))
+    safetensors::serialize(views, None).map_err(|e| Error::Weights(e.to_string()))
+}
+
+/// Writes every weight the layer has under its Keras name
+/// ([`weights_to_bytes`] to a file).
+pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
+    let bytes = weights_to_bytes(layer).map_err(|e| file_error(path, e))?;
+    std::fs::write(path, bytes).map_err(|e| io_error(path, e))
 }
 
 /// Reads a weight file (as [`save_weights`] or the Python snippet above
-/// writes it) into the layer. Every weight the layer has must be there, of
-/// its channel count; a name the layer does not know is an error. Nothing is
-/// written unless the whole file fits.
+/// writes it) into the layer ([`load_weights_from_bytes`] of a file).
 pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
-    let file =
-        SafeTensors::deserialize(&bytes).map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    load_weights_from_bytes(layer, &bytes).map_err(|e| file_error(path, e))
+}
+
+/// Reads safetensors bytes (as [`weights_to_bytes`] or the Python snippet
+/// above makes them) into the layer. Every weight the layer has must be
+/// there, of its channel count; a name the layer does not know is an error
+/// ([`Error::Weights`]). Nothing is written unless the whole file fits.
+pub fn load_weights_from_bytes(layer: &BatchNorm, bytes: &[u8]) -> Result<()> {
+    let bad = |message: String| Error::Weights(message);
+    let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let slots = layer.weight_slots();
     for name in file.names() {
         // Keras 3 may prefix a variable's path; its last part is the name
         let short = name.rsplit('/').next().unwrap_or(name);
         if !StateSlot::from_keras_name(short).is_some_and(|s| slots.contains(&s)) {
-            return Err(file_error(
-                path,
-                format!("tensor {name:?} is not a weight of this layer"),
-            ));
+            return Err(bad(format!("tensor {name:?} is not a weight of this layer")));
         }
     }
     let mut values = Vec::new();
@@ -73,7 +93,7 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
             .into_iter()
             .find(|n| n.rsplit('/').next() == Some(slot.keras_name()))
             .and_then(|n| file.tensor(n).ok())
-            .ok_or_else(|| file_error(path, format!("no {} tensor", slot.keras_name())))?;
+            .ok_or_else(|| bad(format!("no {} tensor", slot.keras_name())))?;
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => view
                 .data()
@@ -85,23 +105,15 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
                 .collect(),
-            other => {
-                return Err(file_error(
-                    path,
-                    format!("{} is {other:?}, not float32", slot.keras_name()),
-                ));
-            }
+            other => return Err(bad(format!("{} is {other:?}, not float32", slot.keras_name()))),
         };
         if view.shape() != [layer.channels()] {
-            return Err(file_error(
-                path,
-                format!(
-                    "{} has shape {:?}, the layer has {} channels",
-                    slot.keras_name(),
-                    view.shape(),
-                    layer.channels()
-                ),
-            ));
+            return Err(bad(format!(
+                "{} has shape {:?}, the layer has {} channels",
+                slot.keras_name(),
+                view.shape(),
+                layer.channels()
+            )));
         }
         values.push((slot, data));
     }
@@ -115,7 +127,8 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
 /// `get_config()` JSON (or the `{"class_name": "BatchNormalization",
 /// "config": ...}` form), `weights` its weight file (as [`save_weights`] or
 /// the Python snippet above writes it). The channel count is read from the
-/// weights; every weight is then loaded as [`load_weights`] does.
+/// weights; every weight is then loaded as [`load_weights`] does
+/// ([`load_layer_from_bytes`] of two files).
 ///
 /// The state is float32 whatever the config's dtype policy: for a Keras
 /// layer of `dtype="float16"`'s rounding, set
@@ -127,29 +140,38 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
 /// need an HDF5 library; export the layer's weights to safetensors with
 /// the snippet above and its `layer.get_config()` to JSON instead.
 pub fn load_layer(ctx: &GpuContext, config: &Path, weights: &Path) -> Result<BatchNorm> {
-    let text = std::fs::read_to_string(config).map_err(|e| file_error(config, e.to_string()))?;
-    let keras = KerasLayerConfig::from_json(&text).map_err(|e| file_error(config, e.to_string()))?;
-    let channels = weight_channels(weights)?;
+    let text = std::fs::read_to_string(config).map_err(|e| io_error(config, e))?;
+    let keras = KerasLayerConfig::from_json(&text).map_err(|e| file_error(config, e))?;
+    let bytes = std::fs::read(weights).map_err(|e| io_error(weights, e))?;
+    let channels = weight_channels(&bytes).map_err(|e| file_error(weights, e))?;
     let layer = BatchNorm::new(ctx, keras.config, channels)?;
-    load_weights(&layer, weights)?;
+    load_weights_from_bytes(&layer, &bytes).map_err(|e| file_error(weights, e))?;
+    Ok(layer)
+}
+
+/// [`load_layer`] from the config JSON's text and the weights' bytes (no
+/// file system: the web, or files the application read itself).
+pub fn load_layer_from_bytes(ctx: &GpuContext, config_json: &str, weights: &[u8]) -> Result<BatchNorm> {
+    let keras = KerasLayerConfig::from_json(config_json)?;
+    let layer = BatchNorm::new(ctx, keras.config, weight_channels(weights)?)?;
+    load_weights_from_bytes(&layer, weights)?;
     Ok(layer)
 }
 
 /// The channel count of a weight file: the length of its `moving_mean`
 /// (every Keras BatchNormalization has one).
-fn weight_channels(path: &Path) -> Result<usize> {
-    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
-    let file =
-        SafeTensors::deserialize(&bytes).map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
+fn weight_channels(bytes: &[u8]) -> Result<usize> {
+    let bad = |message: String| Error::Weights(message);
+    let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let name = StateSlot::MovingMean.keras_name();
     let view = file
         .names()
         .into_iter()
         .find(|n| n.rsplit('/').next() == Some(name))
         .and_then(|n| file.tensor(n).ok())
-        .ok_or_else(|| file_error(path, format!("no {name} tensor: cannot tell the channel count")))?;
+        .ok_or_else(|| bad(format!("no {name} tensor: cannot tell the channel count")))?;
     match view.shape() {
         &[channels] if channels > 0 => Ok(channels),
-        shape => Err(file_error(path, format!("{name} has shape {shape:?}, not [channels]"))),
+        shape => Err(bad(format!("{name} has shape {shape:?}, not [channels]"))),
     }
 }
