@@ -19,10 +19,7 @@ fn layer_passes(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("batchnorm on {}", ctx.describe()));
     group.sample_size(10);
     for bench in default_shapes() {
-        let config = BatchNormConfig {
-            axis: bench.axis,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(bench.axis);
         let channels = bench.shape[config.resolve_axis(bench.shape.len()).unwrap()];
         let layer = BatchNorm::new(&ctx, config, channels).unwrap();
         let len: usize = bench.shape.iter().product();

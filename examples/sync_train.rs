@@ -146,10 +146,7 @@ fn values(n: usize, seed: u64, offset: f32) -> Vec<f32> {
 }
 
 fn config() -> BatchNormConfig {
-    BatchNormConfig {
-        momentum: 0.9,
-        ..Default::default()
-    }
+    BatchNormConfig::default().with_momentum(0.9)
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -351,17 +348,14 @@ fn overhead_percent(
 fn mismatched(exchange: Arc<MpiExchange>, args: &Args) -> Result<i32, Error> {
     let rank = exchange.rank();
     let ctx = GpuContext::from_env()?;
-    let config = BatchNormConfig {
-        epsilon: if rank == 1 { 2e-3 } else { 1e-3 },
-        ..config()
-    };
+    let config = config().with_epsilon(if rank == 1 { 2e-3 } else { 1e-3 });
     let channels = args.channels;
     let mut layer = BatchNorm::new(&ctx, config, channels)?;
     layer.set_exchange(exchange);
     let x = Tensor::from_f32(&ctx, &[2, channels], &values(2 * channels, 1, 0.0))?;
     let start = Instant::now();
     match layer.forward(&x, Some(true), None) {
-        Err(Error::Exchange(why)) => {
+        Err(Error::Exchange { message: why, .. }) => {
             println!(
                 "sync_train: rank {rank}: refused in {:.1} s: {why}",
                 start.elapsed().as_secs_f64()

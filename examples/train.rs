@@ -31,10 +31,7 @@ fn normal(rng: &mut StdRng) -> f32 {
 }
 
 pub fn train(ctx: &GpuContext, steps: usize) -> Result<TrainingRun, wgpu_batchnorm::Error> {
-    let config = BatchNormConfig {
-        momentum: 0.95,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_momentum(0.95);
     let layer = BatchNorm::new(ctx, config, CHANNELS)?;
     let mut sgd = Sgd::new(&layer, 0.02, 0.5, false)?;
     let mut rng = StdRng::seed_from_u64(1);

@@ -231,8 +231,8 @@ pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result
     };
     config.resolve_axis(shape.shape.len())?;
     let dims = &shape.shape;
-    let too_large = |why: String| Error::TooLarge(format!("shape {dims:?}: {why}"));
-    let overflows = || too_large("its size in bytes overflows".into());
+    let too_large = |limit: &'static str, why: String| Error::too_large(limit, format!("shape {dims:?}: {why}"));
+    let overflows = || too_large("addressable elements", "its size in bytes overflows".into());
     let len = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
@@ -244,20 +244,26 @@ pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result
         .ok_or_else(overflows)?;
     let max = ctx.device().limits().max_buffer_size;
     if bytes > max {
-        return Err(too_large(format!(
-            "one {} tensor is {bytes} bytes, above the device's max_buffer_size of {max}",
-            dtype_name(dtype)
-        )));
+        return Err(too_large(
+            "max_buffer_size",
+            format!(
+                "one {} tensor is {bytes} bytes, above the device's max_buffer_size of {max}",
+                dtype_name(dtype)
+            ),
+        ));
     }
     let host = (len as u64).checked_mul(HOST_BYTES_PER_ELEMENT).ok_or_else(overflows)?;
     if let Some(available) = available_host_memory()
         && host > available
     {
-        return Err(too_large(format!(
-            "measuring it needs about {:.1} GiB of host memory and {:.1} GiB is available",
-            host as f64 / (1u64 << 30) as f64,
-            available as f64 / (1u64 << 30) as f64
-        )));
+        return Err(too_large(
+            "host memory",
+            format!(
+                "measuring it needs about {:.1} GiB of host memory and {:.1} GiB is available",
+                host as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            ),
+        ));
     }
     Ok(())
 }
@@ -441,7 +447,7 @@ impl Setup {
                         Ok(())
                     }
                     Op::Stream => {
-                        let stream = stream.ok_or_else(|| Error::Readback("no streaming baseline".into()))?;
+                        let stream = stream.ok_or_else(|| Error::readback("no streaming baseline"))?;
                         stream.record(encoder);
                         Ok(())
                     }
@@ -478,7 +484,7 @@ fn measure_shape(
     let tol = crate::keras::tolerance(dtype, false);
     let grad_tol = crate::keras::tolerance(dtype, true);
     if !(errors.train <= tol && errors.inference <= tol && errors.backward <= grad_tol) {
-        return Err(Error::Readback(format!(
+        return Err(Error::readback(format!(
             "{label}: the GPU disagrees with the float64 reference (train {:.2e}, \
              inference {:.2e}, backward {:.2e}); not timing it",
             errors.train, errors.inference, errors.backward
@@ -956,12 +962,12 @@ fn read_timestamps(ctx: &GpuContext, readback: &wgpu::Buffer) -> Result<[u64; 2]
     ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
     receiver
         .recv()
-        .map_err(|_| Error::Readback("the timestamp readback was dropped".into()))?
-        .map_err(|e| Error::Readback(format!("timestamp readback: {e}")))?;
+        .map_err(|_| Error::readback("the timestamp readback was dropped"))?
+        .map_err(|e| Error::readback(format!("timestamp readback: {e}")))?;
     let ticks = {
         let mapped = slice
             .get_mapped_range()
-            .map_err(|e| Error::Readback(format!("timestamp readback: {e}")))?;
+            .map_err(|e| Error::readback(format!("timestamp readback: {e}")))?;
         let words: &[u64] = bytemuck::cast_slice(&mapped);
         [words[0], words[1]]
     };

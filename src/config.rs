@@ -228,14 +228,24 @@ pub enum StatePrecision {
     /// float16 variables are, so that the moving statistics drift as a
     /// Keras model's do. Not bit-for-bit: the updates are computed in
     /// float32 (Keras computes `moving * momentum` in float16), WGSL's
-    /// float16 packing need not round to nearest nor give Inf past 65504,
-    /// and the SGD velocity stays float32 (Keras's takes the weight's
+    /// float16 packing need not round to nearest (past 65504 the kernels
+    /// store Inf, as Keras does), and the SGD velocity stays float32 (Keras's takes the weight's
     /// dtype). Expect agreement within a float16 step or so.
     Float16,
 }
 
 /// The fields of Keras's `BatchNormalization(...)` that shape the forward pass.
+///
+/// Start from the defaults (Keras's) and set what differs, so that a field
+/// added later is not a breaking change:
+///
+/// ```
+/// use wgpu_batchnorm::BatchNormConfig;
+/// let config = BatchNormConfig::default().with_axis(1).with_momentum(0.9);
+/// assert_eq!(config.axis, 1);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct BatchNormConfig {
     /// The feature axis; negative values count from the end, as in Keras.
     pub axis: i64,
@@ -315,6 +325,47 @@ impl Default for BatchNormConfig {
         }
     }
 }
+
+/// `with_field(value)` for each field: the value with that field replaced.
+macro_rules! with_fields {
+    ($ty:ident { $($with:ident => $field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("This with `", stringify!($field), "` set to `value`.")]
+                #[must_use]
+                pub fn $with(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use with_fields;
+
+with_fields!(BatchNormConfig {
+    with_axis => axis: i64,
+    with_momentum => momentum: f32,
+    with_epsilon => epsilon: f32,
+    with_center => center: bool,
+    with_scale => scale: bool,
+    with_beta_initializer => beta_initializer: Initializer,
+    with_gamma_initializer => gamma_initializer: Initializer,
+    with_moving_mean_initializer => moving_mean_initializer: Initializer,
+    with_moving_variance_initializer => moving_variance_initializer: Initializer,
+    with_renorm => renorm: bool,
+    with_renorm_clipping => renorm_clipping: RenormClipping,
+    with_renorm_momentum => renorm_momentum: f32,
+    with_trainable => trainable: bool,
+    with_gamma_regularizer => gamma_regularizer: Option<Regularizer>,
+    with_beta_regularizer => beta_regularizer: Option<Regularizer>,
+    with_gamma_constraint => gamma_constraint: Option<Constraint>,
+    with_beta_constraint => beta_constraint: Option<Constraint>,
+    with_running_statistics => running_statistics: RunningStatistics,
+    with_fused_relu => fused_relu: bool,
+    with_synchronized => synchronized: bool,
+    with_state_precision => state_precision: StatePrecision,
+});
 
 impl BatchNormConfig {
     /// Checks every field the way Keras's constructor does (and a little

@@ -3,6 +3,7 @@
 
 /// Element type of a tensor. Statistics are always computed in float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DType {
     /// 32-bit float.
     F32,
@@ -16,6 +17,15 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 => 2,
+        }
+    }
+
+    /// `v` as a tensor of this dtype holds it (float16 rounds to nearest,
+    /// past 65504 to infinity).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
         }
     }
 

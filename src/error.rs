@@ -25,8 +25,14 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A tensor, mask or weight whose shape does not fit.
-    #[error("shape mismatch: {0}")]
-    Shape(String),
+    #[error("shape mismatch ({argument}): {message}")]
+    Shape {
+        /// The argument: `x`, `y`, `dy`, `dx`, `dgamma`, `dbeta`, `mask`,
+        /// `shape` (of a tensor being made), `buffer` (of a view).
+        argument: &'static str,
+        /// What does not fit.
+        message: String,
+    },
     /// A tensor of the wrong dtype for the operation.
     #[error("dtype mismatch: expected {expected}, got {got}")]
     DType {
@@ -62,14 +68,34 @@ pub enum Error {
         alignment: u64,
     },
     /// An output sharing a buffer with an input of the same dispatch.
-    #[error("{0}")]
-    Aliasing(String),
-    /// A tensor that the adapter's limits cannot bind.
-    #[error("tensor too large for this adapter: {0}")]
-    TooLarge(String),
+    #[error(
+        "{output} must live in another buffer than {input}: WebGPU forbids binding one buffer read-only and \
+         read-write in the same dispatch"
+    )]
+    Aliasing {
+        /// The output (`y`, `dx`).
+        output: &'static str,
+        /// The input it shares a buffer with (`x`, `dy`).
+        input: &'static str,
+    },
+    /// A tensor that the adapter's (or the kernels') limits cannot bind.
+    #[error("too large ({limit}): {message}")]
+    TooLarge {
+        /// What it exceeds: a `wgpu::Limits` field (`max_buffer_size`,
+        /// `max_storage_buffer_binding_size`,
+        /// `max_compute_workgroups_per_dimension`), `kernel indices` (2^32
+        /// elements), `statistics tiles`, `loop bound`, `addressable
+        /// elements` or `host memory`.
+        limit: &'static str,
+        /// By how much.
+        message: String,
+    },
     /// Reading a buffer back from the GPU failed.
-    #[error("GPU readback failed: {0}")]
-    Readback(String),
+    #[error("GPU readback failed: {message}")]
+    Readback {
+        /// What wgpu said.
+        message: String,
+    },
     /// Waiting on the GPU failed (device lost or timeout).
     #[error("GPU poll failed: {0}")]
     Poll(#[from] wgpu::PollError),
@@ -111,19 +137,38 @@ pub enum Error {
     ForeignSaved,
     /// A synchronized layer's exchange failed: a rank timed out or stopped,
     /// or the ranks made different calls.
-    #[error("exchange: {0}")]
-    Exchange(String),
-    /// A kernel choice or plan knobs that do not exist (see
-    /// [`crate::tuning::PlanTuning`]).
-    #[error("kernels: {0}")]
-    Kernels(String),
+    #[error("exchange: {message}")]
+    Exchange {
+        /// Why, in a word.
+        failure: ExchangeFailure,
+        /// In words.
+        message: String,
+    },
+    /// A kernel choice, plan knobs or a tuning cache that cannot be used
+    /// (see [`crate::tuning::PlanTuning`]).
+    #[error("kernels ({setting}): {message}")]
+    Kernels {
+        /// The setting: a knob's name, `WGPU_BATCHNORM_KERNELS`, `kernel
+        /// choice` or `tuning cache`.
+        setting: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Keras `get_config()` JSON this crate cannot build a layer from: not
     /// JSON, another layer, an unknown key, or a feature the crate lacks.
-    #[error("Keras config: {0}")]
-    KerasConfig(String),
-    /// Weights given to `set_weights` that do not fit the layer.
-    #[error("weights: {0}")]
-    Weights(String),
+    #[error("Keras config: {message}")]
+    KerasConfig {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Weights that do not fit the layer (`set_weights`, a weight file).
+    #[error("weights: {message}")]
+    Weights {
+        /// The weight (its Keras name) where one is at fault.
+        weight: Option<&'static str>,
+        /// What is wrong.
+        message: String,
+    },
     /// A Keras case or weight file that cannot be used.
     #[error("{path}: {message}")]
     File {
@@ -132,6 +177,68 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+}
+
+/// Why a synchronized call's exchange failed ([`Error::Exchange`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExchangeFailure {
+    /// The layer is synchronized but has no exchange.
+    NoExchange,
+    /// The call cannot run synchronized as asked: recorded into an
+    /// encoder, or the backward of a forward from before the layer was
+    /// synchronized.
+    Unsupported,
+    /// The ranks made different calls (kind, order, channels, config,
+    /// dtype or scheme).
+    Mismatch,
+    /// Another rank's call failed, or a rank stopped answering (timeout).
+    RankFailed,
+    /// The transport failed or returned what was not agreed.
+    Transport,
+}
+
+impl Error {
+    pub(crate) fn shape(argument: &'static str, message: impl Into<String>) -> Self {
+        Error::Shape {
+            argument,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn too_large(limit: &'static str, message: impl Into<String>) -> Self {
+        Error::TooLarge {
+            limit,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn exchange(failure: ExchangeFailure, message: impl Into<String>) -> Self {
+        Error::Exchange {
+            failure,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn kernels(setting: &'static str, message: impl Into<String>) -> Self {
+        Error::Kernels {
+            setting,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn weights(weight: Option<&'static str>, message: impl Into<String>) -> Self {
+        Error::Weights {
+            weight,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn readback(message: impl Into<String>) -> Self {
+        Error::Readback {
+            message: message.into(),
+        }
+    }
 }
 
 /// Invalid `BatchNormalization` arguments, one variant per Keras check.

@@ -95,7 +95,7 @@ pub use config::{
 };
 pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
 pub use dtype::DType;
-pub use error::{ConfigError, Error, Result};
+pub use error::{ConfigError, Error, ExchangeFailure, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
 #[cfg(feature = "mpi")]

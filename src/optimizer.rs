@@ -73,25 +73,31 @@ impl Sgd {
             });
         }
         if layer.channels() != self.channels {
-            return Err(Error::Weights(format!(
-                "this optimiser was made for a layer of {} channels, not {}",
-                self.channels,
-                layer.channels()
-            )));
+            return Err(Error::weights(
+                None,
+                format!(
+                    "this optimiser was made for a layer of {} channels, not {}",
+                    self.channels,
+                    layer.channels()
+                ),
+            ));
         }
         let cfg = layer.config();
         if !cfg.trainable || !(cfg.scale || cfg.center) {
-            return Err(Error::Weights("the layer has no trainable weights to update".into()));
+            return Err(Error::weights(None, "the layer has no trainable weights to update"));
         }
-        let check = |g: &Option<Tensor>, present: bool, name: &str| -> Result<()> {
+        let check = |g: &Option<Tensor>, present: bool, name: &'static str| -> Result<()> {
             match g {
-                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => Err(Error::Shape(format!(
-                    "{name} must be float32 of shape [{}], got {} {:?}",
-                    self.channels,
-                    t.dtype(),
-                    t.shape()
-                ))),
-                None if present => Err(Error::Weights(format!("the gradients have no {name}"))),
+                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => Err(Error::shape(
+                    name,
+                    format!(
+                        "{name} must be float32 of shape [{}], got {} {:?}",
+                        self.channels,
+                        t.dtype(),
+                        t.shape()
+                    ),
+                )),
+                None if present => Err(Error::weights(Some(name), format!("the gradients have no {name}"))),
                 _ => Ok(()),
             }
         };

@@ -148,9 +148,10 @@ impl DispatchPlan {
         let len = view.len();
         // element indices (and one past the end) are u32 in the kernels
         if len >= u32::MAX as usize {
-            return Err(Error::TooLarge(format!(
-                "{len} elements exceed the 2^32 a kernel can index"
-            )));
+            return Err(Error::too_large(
+                "kernel indices",
+                format!("{len} elements exceed the 2^32 a kernel can index"),
+            ));
         }
         let size = dtype.size() as u64;
         let fits = padded_bytes(len, dtype) <= max_binding;
@@ -208,9 +209,10 @@ impl DispatchPlan {
         } else {
             let elems = room / block * block;
             if elems == 0 {
-                return Err(Error::TooLarge(format!(
-                    "a storage binding of {max_binding} bytes is too small to chunk"
-                )));
+                return Err(Error::too_large(
+                    "max_storage_buffer_binding_size",
+                    format!("a storage binding of {max_binding} bytes is too small to chunk"),
+                ));
             }
             elems
         };
@@ -249,19 +251,25 @@ impl DispatchPlan {
             tile_offset += c.tiles;
         }
         if tile_offset > MAX_TILES {
-            return Err(Error::TooLarge(format!(
-                "{} values per channel need more than {MAX_TILES} statistics tiles",
-                view.per_channel()
-            )));
+            return Err(Error::too_large(
+                "statistics tiles",
+                format!(
+                    "{} values per channel need more than {MAX_TILES} statistics tiles",
+                    view.per_channel()
+                ),
+            ));
         }
         // the finalize kernels bind every channel's tiles at once
         let partial_bytes = (view.channels as u64).saturating_mul(tile_offset as u64 * 16);
         if partial_bytes > limits.device_binding {
-            return Err(Error::TooLarge(format!(
-                "{} channels of {tile_offset} statistics tiles need {partial_bytes} bytes of partial sums, \
+            return Err(Error::too_large(
+                "max_storage_buffer_binding_size",
+                format!(
+                    "{} channels of {tile_offset} statistics tiles need {partial_bytes} bytes of partial sums, \
                  more than one binding of {} bytes",
-                view.channels, limits.device_binding
-            )));
+                    view.channels, limits.device_binding
+                ),
+            ));
         }
         let mut plan = DispatchPlan {
             view,
@@ -284,9 +292,10 @@ impl DispatchPlan {
             let grid_invocations = u64::from(normalize_grid.0) * u64::from(normalize_grid.1) * u64::from(WORKGROUP);
             let steps = (plan.elementwise_units(chunk) as u64).div_ceil(grid_invocations);
             if coalesced && steps > MAX_LOOP as u64 {
-                return Err(Error::TooLarge(format!(
-                    "{steps} elementwise steps per invocation exceed the loop bound {MAX_LOOP}"
-                )));
+                return Err(Error::too_large(
+                    "loop bound",
+                    format!("{steps} elementwise steps per invocation exceed the loop bound {MAX_LOOP}"),
+                ));
             }
             plan.chunks[i].stats_grid = stats_grid;
             plan.chunks[i].normalize_grid = normalize_grid;
@@ -623,9 +632,10 @@ pub(crate) fn grid(groups: u64, max: u32) -> Result<(u32, u32)> {
     let y = groups.saturating_sub(1) / max + 1;
     let x = groups.saturating_sub(1) / y + 1;
     if x > max || y > max || x * y < groups {
-        return Err(Error::TooLarge(format!(
-            "{groups} workgroups do not fit a grid of {max} x {max} (max_compute_workgroups_per_dimension)"
-        )));
+        return Err(Error::too_large(
+            "max_compute_workgroups_per_dimension",
+            format!("{groups} workgroups do not fit a grid of {max} x {max} (max_compute_workgroups_per_dimension)"),
+        ));
     }
     Ok((x as u32, y as u32))
 }
@@ -926,7 +936,7 @@ mod tests {
         };
         assert!(matches!(
             DispatchPlan::new(view, DType::F32, MaskUse::default(), limits(256), &serial()),
-            Err(Error::TooLarge(_))
+            Err(Error::TooLarge { .. })
         ));
     }
 
@@ -1173,7 +1183,7 @@ mod tests {
         };
         assert!(matches!(
             DispatchPlan::new(v, DType::F32, MaskUse::default(), tiny, &serial()),
-            Err(Error::TooLarge(_))
+            Err(Error::TooLarge { .. })
         ));
     }
 }

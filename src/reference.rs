@@ -582,28 +582,34 @@ impl ReferenceLayer {
         let axis = self.config.resolve_axis(shape.len())?;
         let view = ChannelView::new(shape, axis);
         if view.len() != x.len() || (shape.contains(&0) && !empty_ok) {
-            return Err(Error::Shape(format!(
-                "shape {shape:?} does not hold {} values",
-                x.len()
-            )));
+            return Err(Error::shape(
+                "x",
+                format!("shape {shape:?} does not hold {} values", x.len()),
+            ));
         }
         if view.channels != self.channels() {
-            return Err(Error::Shape(format!(
-                "input shape {shape:?} has {} features on axis {}, the layer was built for {}",
-                view.channels,
-                self.config.axis,
-                self.channels()
-            )));
+            return Err(Error::shape(
+                "x",
+                format!(
+                    "input shape {shape:?} has {} features on axis {}, the layer was built for {}",
+                    view.channels,
+                    self.config.axis,
+                    self.channels()
+                ),
+            ));
         }
         let last_dim = *shape.last().unwrap_or(&1);
         if let Some(m) = mask
             && m.len() * last_dim != x.len()
         {
-            return Err(Error::Shape(format!(
-                "the mask should be the input shape without its last axis ({} flags), got {}",
-                x.len() / last_dim,
-                m.len()
-            )));
+            return Err(Error::shape(
+                "mask",
+                format!(
+                    "the mask should be the input shape without its last axis ({} flags), got {}",
+                    x.len() / last_dim,
+                    m.len()
+                ),
+            ));
         }
         Ok((view, last_dim))
     }
@@ -705,11 +711,14 @@ impl ReferenceLayer {
             return refuse(ConfigError::Unsupported("backward through the fused ReLU epilogue".into()).into());
         }
         if dy.len() != saved.x.len() {
-            return refuse(Error::Shape(format!(
-                "dy has {} values, the forward input had shape {:?}",
-                dy.len(),
-                saved.shape
-            )));
+            return refuse(Error::shape(
+                "dy",
+                format!(
+                    "dy has {} values, the forward input had shape {:?}",
+                    dy.len(),
+                    saved.shape
+                ),
+            ));
         }
         let axis = self.config.resolve_axis(saved.shape.len())?;
         let view = ChannelView::new(&saved.shape, axis);

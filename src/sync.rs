@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ExchangeFailure, Result};
 
 /// The collectives all ranks of a synchronized layer call together: the
 /// application can implement them over its own transport. `rank`, `size`
@@ -90,11 +90,10 @@ pub trait Exchange: Send + Sync {
     /// transport that skips them. MPI's `MPI_Alltoallv`.
     fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
         if blocks.len() != self.size() {
-            return Err(Error::Exchange(format!(
-                "an all-to-all of {} blocks among {} ranks",
-                blocks.len(),
-                self.size()
-            )));
+            return Err(Error::exchange(
+                ExchangeFailure::Transport,
+                format!("an all-to-all of {} blocks among {} ranks", blocks.len(), self.size()),
+            ));
         }
         check_sizes(self, lengths, blocks[self.rank()].len())?;
         // each rank's blocks, framed: their count, their lengths, their bytes
@@ -112,7 +111,12 @@ pub trait Exchange: Send + Sync {
             .iter()
             .map(|f| unframe(f, me).map(<[u8]>::to_vec))
             .collect::<Option<Vec<Vec<u8>>>>()
-            .ok_or_else(|| Error::Exchange("a rank's all-to-all blocks came back malformed".into()))?;
+            .ok_or_else(|| {
+                Error::exchange(
+                    ExchangeFailure::Transport,
+                    "a rank's all-to-all blocks came back malformed",
+                )
+            })?;
         check_received(&out, lengths)?;
         Ok(out)
     }
@@ -251,12 +255,15 @@ fn unframe(frame: &[u8], me: usize) -> Option<&[u8]> {
 /// A collective's lengths: one a rank, this rank's its own.
 fn check_sizes<E: Exchange + ?Sized>(exchange: &E, lengths: &[usize], mine: usize) -> Result<()> {
     if lengths.len() != exchange.size() || lengths.get(exchange.rank()) != Some(&mine) {
-        return Err(Error::Exchange(format!(
-            "a collective among {} ranks given {} lengths (this rank's {:?}, it has {mine} bytes)",
-            exchange.size(),
-            lengths.len(),
-            lengths.get(exchange.rank())
-        )));
+        return Err(Error::exchange(
+            ExchangeFailure::Transport,
+            format!(
+                "a collective among {} ranks given {} lengths (this rank's {:?}, it has {mine} bytes)",
+                exchange.size(),
+                lengths.len(),
+                lengths.get(exchange.rank())
+            ),
+        ));
     }
     Ok(())
 }
@@ -264,18 +271,21 @@ fn check_sizes<E: Exchange + ?Sized>(exchange: &E, lengths: &[usize], mine: usiz
 /// What came back has the lengths every rank expected.
 fn check_received(all: &[Vec<u8>], lengths: &[usize]) -> Result<()> {
     if all.len() != lengths.len() {
-        return Err(Error::Exchange(format!(
-            "the exchange returned {} ranks' bytes, it has {} ranks",
-            all.len(),
-            lengths.len()
-        )));
+        return Err(Error::exchange(
+            ExchangeFailure::Transport,
+            format!(
+                "the exchange returned {} ranks' bytes, it has {} ranks",
+                all.len(),
+                lengths.len()
+            ),
+        ));
     }
     for (rank, (got, &want)) in all.iter().zip(lengths).enumerate() {
         if got.len() != want {
-            return Err(Error::Exchange(format!(
-                "rank {rank} sent {} bytes where {want} were agreed",
-                got.len()
-            )));
+            return Err(Error::exchange(
+                ExchangeFailure::Transport,
+                format!("rank {rank} sent {} bytes where {want} were agreed", got.len()),
+            ));
         }
     }
     Ok(())
@@ -393,7 +403,8 @@ impl LocalExchange {
         let shared = &*self.shared;
         let deadline = Instant::now() + shared.timeout;
         let mut round = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        let fail = |round: &Round| Error::Exchange(round.failed.clone().unwrap_or_default());
+        let fail =
+            |round: &Round| Error::exchange(ExchangeFailure::RankFailed, round.failed.clone().unwrap_or_default());
         if round.failed.is_some() {
             return Err(fail(&round));
         }
@@ -417,11 +428,14 @@ impl LocalExchange {
         let all = round.last.clone();
         drop(round);
         if let Some((r, other)) = all.iter().enumerate().find(|(_, d)| d.name() != mine) {
-            return Err(Error::Exchange(format!(
-                "rank {r} called {} where rank {} called {mine}",
-                other.name(),
-                self.rank
-            )));
+            return Err(Error::exchange(
+                ExchangeFailure::Mismatch,
+                format!(
+                    "rank {r} called {} where rank {} called {mine}",
+                    other.name(),
+                    self.rank
+                ),
+            ));
         }
         Ok(all)
     }
@@ -459,11 +473,10 @@ impl Exchange for LocalExchange {
 
     fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
         if blocks.len() != self.size() {
-            return Err(Error::Exchange(format!(
-                "an all-to-all of {} blocks among {} ranks",
-                blocks.len(),
-                self.size()
-            )));
+            return Err(Error::exchange(
+                ExchangeFailure::Transport,
+                format!("an all-to-all of {} blocks among {} ranks", blocks.len(), self.size()),
+            ));
         }
         check_sizes(self, lengths, blocks[self.rank].len())?;
         let all = self.collective(Deposit::Scatter(blocks.iter().map(|b| b.to_vec()).collect()))?;
@@ -489,12 +502,15 @@ impl Exchange for LocalExchange {
                 unreachable!("checked by collective")
             };
             if theirs.len() != values.len() {
-                return Err(Error::Exchange(format!(
-                    "rank {rank} reduced {} values, rank {} {}",
-                    theirs.len(),
-                    self.rank,
-                    values.len()
-                )));
+                return Err(Error::exchange(
+                    ExchangeFailure::Mismatch,
+                    format!(
+                        "rank {rank} reduced {} values, rank {} {}",
+                        theirs.len(),
+                        self.rank,
+                        values.len()
+                    ),
+                ));
             }
             for (m, &v) in max.iter_mut().zip(theirs) {
                 *m = (*m).max(v);
@@ -523,7 +539,7 @@ fn wait<'a>(
     let left = deadline.saturating_duration_since(Instant::now());
     let (mut round, _) = shared.done.wait_timeout(round, left).unwrap_or_else(|e| e.into_inner());
     if let Some(why) = &round.failed {
-        return Err(Error::Exchange(why.clone()));
+        return Err(Error::exchange(ExchangeFailure::RankFailed, why.clone()));
     }
     if Instant::now() >= deadline {
         let missing: Vec<usize> = (0..shared.size).filter(|&r| round.slots[r].is_none()).collect();
@@ -533,7 +549,7 @@ fn wait<'a>(
         );
         round.failed = Some(why.clone());
         shared.done.notify_all();
-        return Err(Error::Exchange(why));
+        return Err(Error::exchange(ExchangeFailure::RankFailed, why));
     }
     Ok(round)
 }
@@ -792,7 +808,7 @@ mod tests {
             .collect();
         for h in handles {
             let err = h.join().unwrap().unwrap_err();
-            assert!(matches!(err, Error::Exchange(_)), "{err}");
+            assert!(matches!(err, Error::Exchange { .. }), "{err}");
         }
         assert!(start.elapsed() < Duration::from_secs(5));
         // the group stays failed

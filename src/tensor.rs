@@ -14,7 +14,10 @@ use crate::error::{Error, Result};
 /// rank's empty slice of a batch); the layers refuse such inputs otherwise.
 pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     if shape.is_empty() || shape.len() > 8 {
-        return Err(Error::Shape(format!("rank {} is not supported (1 to 8)", shape.len())));
+        return Err(Error::shape(
+            "shape",
+            format!("rank {} is not supported (1 to 8)", shape.len()),
+        ));
     }
     checked_product(shape)
 }
@@ -23,10 +26,13 @@ pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
 /// flag for a whole rank-1 input, as Keras takes it) to 7.
 pub(crate) fn mask_flag_count(shape: &[usize]) -> Result<usize> {
     if shape.len() > 7 {
-        return Err(Error::Shape(format!(
-            "a mask of rank {} is not supported (0 to 7: an input's rank less one)",
-            shape.len()
-        )));
+        return Err(Error::shape(
+            "mask",
+            format!(
+                "a mask of rank {} is not supported (0 to 7: an input's rank less one)",
+                shape.len()
+            ),
+        ));
     }
     checked_product(shape)
 }
@@ -38,13 +44,21 @@ fn checked_product(shape: &[usize]) -> Result<usize> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .filter(|n| n.checked_mul(4).is_some())
-        .ok_or_else(|| Error::TooLarge(format!("shape {shape:?} holds more elements than can be addressed")))
+        .ok_or_else(|| {
+            Error::too_large(
+                "addressable elements",
+                format!("shape {shape:?} holds more elements than can be addressed"),
+            )
+        })
 }
 
 fn check_shape(shape: &[usize], len: usize) -> Result<()> {
     let n = element_count(shape)?;
     if n != len {
-        return Err(Error::Shape(format!("shape {shape:?} does not hold {len} values")));
+        return Err(Error::shape(
+            "shape",
+            format!("shape {shape:?} does not hold {len} values"),
+        ));
     }
     Ok(())
 }
@@ -52,9 +66,10 @@ fn check_shape(shape: &[usize], len: usize) -> Result<()> {
 fn check_size(ctx: &GpuContext, bytes: u64) -> Result<()> {
     let max = ctx.device().limits().max_buffer_size;
     if bytes > max {
-        return Err(Error::TooLarge(format!(
-            "{bytes} bytes exceed the device's max_buffer_size of {max}"
-        )));
+        return Err(Error::too_large(
+            "max_buffer_size",
+            format!("{bytes} bytes exceed the device's max_buffer_size of {max}"),
+        ));
     }
     Ok(())
 }
@@ -179,10 +194,13 @@ impl Tensor {
         }
         let need = padded_bytes(len, dtype);
         if buffer.size() < offset.saturating_add(need) {
-            return Err(Error::Shape(format!(
-                "buffer of {} bytes is too small for shape {shape:?} of {dtype} at offset {offset} ({need} bytes)",
-                buffer.size()
-            )));
+            return Err(Error::shape(
+                "buffer",
+                format!(
+                    "buffer of {} bytes is too small for shape {shape:?} of {dtype} at offset {offset} ({need} bytes)",
+                    buffer.size()
+                ),
+            ));
         }
         Ok(Tensor {
             buffer,
@@ -307,10 +325,10 @@ impl Mask {
     pub fn from_u8(ctx: &GpuContext, shape: &[usize], flags: &[u8]) -> Result<Self> {
         let len = mask_flag_count(shape)?;
         if len != flags.len() {
-            return Err(Error::Shape(format!(
-                "mask shape {shape:?} does not hold {} flags",
-                flags.len()
-            )));
+            return Err(Error::shape(
+                "mask",
+                format!("mask shape {shape:?} does not hold {} flags", flags.len()),
+            ));
         }
         check_size(ctx, (len as u64).div_ceil(4) * 4)?;
         let buffer = ctx.scoped("uploading a mask", || {
@@ -336,7 +354,7 @@ impl Mask {
         let to = input_shape
             .split_last()
             .map(|(_, rest)| rest)
-            .ok_or_else(|| Error::Shape("a masked input needs at least one axis".into()))?;
+            .ok_or_else(|| Error::shape("mask", "a masked input needs at least one axis"))?;
         let spread = broadcast_mask(flags, shape, to)?;
         Self::from_u8(ctx, to, &spread)
     }
@@ -369,10 +387,13 @@ impl Mask {
 /// the input's rank less one); this crate takes them.
 pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec<u8>> {
     if !mask_broadcasts(shape, to) {
-        return Err(Error::Shape(format!(
-            "a mask of shape {shape:?} does not broadcast to {to:?} (the input shape without its last axis): \
+        return Err(Error::shape(
+            "mask",
+            format!(
+                "a mask of shape {shape:?} does not broadcast to {to:?} (the input shape without its last axis): \
              aligned from the right, each of its axes must be that size or 1"
-        )));
+            ),
+        ));
     }
     // leading axes of 1 where the mask has fewer
     let shape: Vec<usize> = std::iter::repeat_n(1, to.len() - shape.len())
@@ -380,10 +401,10 @@ pub fn broadcast_mask(flags: &[u8], shape: &[usize], to: &[usize]) -> Result<Vec
         .collect();
     let shape = &shape[..];
     if mask_flag_count(shape)? != flags.len() {
-        return Err(Error::Shape(format!(
-            "mask shape {shape:?} does not hold {} flags",
-            flags.len()
-        )));
+        return Err(Error::shape(
+            "mask",
+            format!("mask shape {shape:?} does not hold {} flags", flags.len()),
+        ));
     }
     let len = mask_flag_count(to)?;
     let mut out = Vec::with_capacity(len);
@@ -438,11 +459,11 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset:
     receiver
         .receive()
         .await
-        .ok_or_else(|| Error::Readback("the map callback never ran".into()))?
-        .map_err(|e| Error::Readback(e.to_string()))?;
+        .ok_or_else(|| Error::readback("the map callback never ran"))?
+        .map_err(|e| Error::readback(e.to_string()))?;
     let bytes = slice
         .get_mapped_range()
-        .map_err(|e| Error::Readback(e.to_string()))?
+        .map_err(|e| Error::readback(e.to_string()))?
         .to_vec();
     staging.unmap();
     Ok(bytes)

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 /// A kernel family: how invocations map onto the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Strategy {
     /// Each invocation walks its own contiguous run: about 16K statistics
     /// invocations, no workgroup reductions. Right for CPU adapters
@@ -53,6 +54,7 @@ impl std::fmt::Display for Strategy {
 /// where `bench --tune` wrote one, else `Serial` on CPU adapters and
 /// `Coalesced` on every other device type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum KernelChoice {
     /// The cache's plan, or the device type's family.
     #[default]
@@ -76,7 +78,10 @@ impl std::str::FromStr for KernelChoice {
             "auto" => Ok(KernelChoice::Auto),
             "serial" => Ok(KernelChoice::Serial),
             "coalesced" => Ok(KernelChoice::Coalesced),
-            other => Err(Error::Kernels(format!("{other:?}: expected serial, coalesced or auto"))),
+            other => Err(Error::kernels(
+                "kernel choice",
+                format!("{other:?}: expected serial, coalesced or auto"),
+            )),
         }
     }
 }
@@ -85,7 +90,9 @@ impl KernelChoice {
     /// `WGPU_BATCHNORM_KERNELS`, or `Auto` where it is unset or empty.
     pub fn from_env() -> Result<Self> {
         match std::env::var(KERNELS_ENV) {
-            Ok(v) if !v.trim().is_empty() => v.parse().map_err(|e| Error::Kernels(format!("{KERNELS_ENV}: {e}"))),
+            Ok(v) if !v.trim().is_empty() => v
+                .parse()
+                .map_err(|e| Error::kernels(KERNELS_ENV, format!("{KERNELS_ENV}: {e}"))),
             _ => Ok(KernelChoice::Auto),
         }
     }
@@ -96,6 +103,7 @@ impl KernelChoice {
 /// another order; the tests hold every family and knob to the Keras
 /// tolerances); only speed differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PlanTuning {
     /// The kernel family.
     pub strategy: Strategy,
@@ -118,6 +126,16 @@ pub struct PlanTuning {
     /// context's setting.
     pub uniform_parameters: Option<bool>,
 }
+
+crate::config::with_fields!(PlanTuning {
+    with_strategy => strategy: Strategy,
+    with_reduce_invocations => reduce_invocations: u32,
+    with_values_per_thread => values_per_thread: u32,
+    with_rows_per_thread => rows_per_thread: u32,
+    with_elementwise_invocations => elementwise_invocations: u32,
+    with_lane_width => lane_width: u32,
+    with_uniform_parameters => uniform_parameters: Option<bool>,
+});
 
 impl PlanTuning {
     /// The family's default knobs.
@@ -160,35 +178,44 @@ impl PlanTuning {
 
     /// Refuses knobs outside the ranges the kernels are written for.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::Kernels(what));
+        let bad = |setting: &'static str, what: String| Err(Error::kernels(setting, what));
         if !(256..=1 << 24).contains(&self.reduce_invocations) {
-            return bad(format!(
-                "reduce_invocations {} outside 256..=2^24",
-                self.reduce_invocations
-            ));
+            return bad(
+                "reduce_invocations",
+                format!("reduce_invocations {} outside 256..=2^24", self.reduce_invocations),
+            );
         }
         if !(256..=1 << 24).contains(&self.elementwise_invocations) {
-            return bad(format!(
-                "elementwise_invocations {} outside 256..=2^24",
-                self.elementwise_invocations
-            ));
+            return bad(
+                "elementwise_invocations",
+                format!(
+                    "elementwise_invocations {} outside 256..=2^24",
+                    self.elementwise_invocations
+                ),
+            );
         }
         // a power of two: an invocation's values then never straddle a
         // chunk's 64-element start (the vec4 layouts rely on it)
         if !self.values_per_thread.is_power_of_two() || self.values_per_thread > 16 {
-            return bad(format!(
-                "values_per_thread {} is not a power of two up to 16",
-                self.values_per_thread
-            ));
+            return bad(
+                "values_per_thread",
+                format!(
+                    "values_per_thread {} is not a power of two up to 16",
+                    self.values_per_thread
+                ),
+            );
         }
         if !(1..=64).contains(&self.rows_per_thread) {
-            return bad(format!("rows_per_thread {} outside 1..=64", self.rows_per_thread));
+            return bad(
+                "rows_per_thread",
+                format!("rows_per_thread {} outside 1..=64", self.rows_per_thread),
+            );
         }
         if !self.lane_width.is_power_of_two() || self.lane_width > 256 {
-            return bad(format!(
-                "lane_width {} is not a power of two up to 256",
-                self.lane_width
-            ));
+            return bad(
+                "lane_width",
+                format!("lane_width {} is not a power of two up to 256", self.lane_width),
+            );
         }
         Ok(())
     }
@@ -308,13 +335,16 @@ impl TuningCache {
     /// Parses a cache as `bench --tune` writes it (the JSON of
     /// `tuning.json`); refuses another format version and invalid knobs.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cache: TuningCache =
-            serde_json::from_str(text).map_err(|e| Error::Kernels(format!("not a tuning cache: {e}")))?;
+        let cache: TuningCache = serde_json::from_str(text)
+            .map_err(|e| Error::kernels("tuning cache", format!("not a tuning cache: {e}")))?;
         if cache.version != CACHE_VERSION {
-            return Err(Error::Kernels(format!(
-                "tuning cache version {} (this build reads {CACHE_VERSION})",
-                cache.version
-            )));
+            return Err(Error::kernels(
+                "tuning cache",
+                format!(
+                    "tuning cache version {} (this build reads {CACHE_VERSION})",
+                    cache.version
+                ),
+            ));
         }
         for entry in &cache.entries {
             entry.tuning.validate()?;

@@ -7,11 +7,7 @@ use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, ConfigError, Error, Mask, RenormClipping, StateSlot, Tensor};
 
 fn renorm(clip: RenormClipping) -> BatchNormConfig {
-    BatchNormConfig {
-        renorm: true,
-        renorm_clipping: clip,
-        ..Default::default()
-    }
+    BatchNormConfig::default().with_renorm(true).with_renorm_clipping(clip)
 }
 
 type IsExpected = fn(&ConfigError) -> bool;
@@ -43,47 +39,23 @@ fn invalid_configs_are_refused_like_keras() {
             }),
             |e| matches!(e, ConfigError::RenormClippingValue { .. }),
         ),
+        (BatchNormConfig::default().with_epsilon(0.0), |e| {
+            matches!(e, ConfigError::Epsilon(_))
+        }),
+        (BatchNormConfig::default().with_epsilon(-1e-3), |e| {
+            matches!(e, ConfigError::Epsilon(_))
+        }),
+        (BatchNormConfig::default().with_epsilon(f32::NAN), |e| {
+            matches!(e, ConfigError::Epsilon(_))
+        }),
+        (BatchNormConfig::default().with_momentum(1.5), |e| {
+            matches!(e, ConfigError::Momentum(_))
+        }),
+        (BatchNormConfig::default().with_momentum(-0.1), |e| {
+            matches!(e, ConfigError::Momentum(_))
+        }),
         (
-            BatchNormConfig {
-                epsilon: 0.0,
-                ..Default::default()
-            },
-            |e| matches!(e, ConfigError::Epsilon(_)),
-        ),
-        (
-            BatchNormConfig {
-                epsilon: -1e-3,
-                ..Default::default()
-            },
-            |e| matches!(e, ConfigError::Epsilon(_)),
-        ),
-        (
-            BatchNormConfig {
-                epsilon: f32::NAN,
-                ..Default::default()
-            },
-            |e| matches!(e, ConfigError::Epsilon(_)),
-        ),
-        (
-            BatchNormConfig {
-                momentum: 1.5,
-                ..Default::default()
-            },
-            |e| matches!(e, ConfigError::Momentum(_)),
-        ),
-        (
-            BatchNormConfig {
-                momentum: -0.1,
-                ..Default::default()
-            },
-            |e| matches!(e, ConfigError::Momentum(_)),
-        ),
-        (
-            BatchNormConfig {
-                renorm: true,
-                renorm_momentum: 2.0,
-                ..Default::default()
-            },
+            BatchNormConfig::default().with_renorm(true).with_renorm_momentum(2.0),
             |e| matches!(e, ConfigError::RenormMomentum(_)),
         ),
     ];
@@ -99,14 +71,12 @@ fn invalid_configs_are_refused_like_keras() {
         }
     }
     // renorm clipping is only checked when renorm is on, as in Keras
-    let off = BatchNormConfig {
-        renorm: false,
-        ..renorm(RenormClipping {
-            rmax: Some(0.5),
-            rmin: Some(2.0),
-            dmax: Some(-1.0),
-        })
-    };
+    let off = (renorm(RenormClipping {
+        rmax: Some(0.5),
+        rmin: Some(2.0),
+        dmax: Some(-1.0),
+    }))
+    .with_renorm(false);
     assert!(BatchNorm::new(&ctx, off, 3).is_ok());
 }
 
@@ -114,10 +84,7 @@ fn invalid_configs_are_refused_like_keras() {
 fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
     let ctx = gpu();
     for (axis, shape) in [(2i64, vec![4usize, 3]), (-3, vec![4, 3]), (1, vec![3])] {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis);
         let layer = BatchNorm::new(&ctx, config.clone(), 3).unwrap();
         let x = Tensor::from_f32(&ctx, &shape, &vec![1.0; shape.iter().product()]).unwrap();
         assert!(
@@ -134,7 +101,10 @@ fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
         ));
     }
     let nine = [1usize; 9];
-    assert!(matches!(Tensor::from_f32(&ctx, &nine, &[1.0]), Err(Error::Shape(_))));
+    assert!(matches!(
+        Tensor::from_f32(&ctx, &nine, &[1.0]),
+        Err(Error::Shape { .. })
+    ));
     assert!(matches!(
         BatchNormConfig::default().resolve_axis(9),
         Err(ConfigError::Rank(9))
@@ -147,7 +117,7 @@ fn axis_out_of_range_and_bad_ranks_are_typed_errors() {
     for channels in [1usize << 40, usize::MAX] {
         assert!(matches!(
             BatchNorm::new(&ctx, BatchNormConfig::default(), channels),
-            Err(Error::TooLarge(_))
+            Err(Error::TooLarge { .. })
         ));
     }
 }
@@ -159,14 +129,14 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
     let before = layer.get_weights().unwrap();
     // wrong channel count
     let x = Tensor::from_f32(&ctx, &[2, 4], &[1.0; 8]).unwrap();
-    assert!(matches!(layer.forward(&x, Some(true), None), Err(Error::Shape(_))));
+    assert!(matches!(layer.forward(&x, Some(true), None), Err(Error::Shape { .. })));
     // a mask of the wrong shape
     let x = Tensor::from_f32(&ctx, &[2, 5, 3], &common::random_input(&mut common::rng(3), 30, 0.0)).unwrap();
     for shape in [vec![2usize], vec![2, 3], vec![5, 2], vec![2, 5, 3]] {
         let n = shape.iter().product();
         let mask = Mask::from_u8(&ctx, &shape, &vec![1; n]).unwrap();
         assert!(
-            matches!(layer.forward(&x, Some(true), Some(&mask)), Err(Error::Shape(_))),
+            matches!(layer.forward(&x, Some(true), Some(&mask)), Err(Error::Shape { .. })),
             "{shape:?}"
         );
     }
@@ -174,14 +144,17 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
     // tensors whose data does not fit their shape
     assert!(matches!(
         Tensor::from_f32(&ctx, &[2, 2], &[1.0; 3]),
-        Err(Error::Shape(_))
+        Err(Error::Shape { .. })
     ));
     // an empty batch is a tensor (a synchronized rank's slice), not an input of a plain layer
     let empty = Tensor::from_f32(&ctx, &[0, 3], &[]).unwrap();
-    assert!(matches!(layer.forward(&empty, Some(true), None), Err(Error::Shape(_))));
-    assert!(matches!(layer.forward(&empty, None, None), Err(Error::Shape(_))));
-    assert!(matches!(Tensor::from_f32(&ctx, &[], &[1.0]), Err(Error::Shape(_))));
-    assert!(matches!(Mask::from_u8(&ctx, &[3], &[1, 0]), Err(Error::Shape(_))));
+    assert!(matches!(
+        layer.forward(&empty, Some(true), None),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(layer.forward(&empty, None, None), Err(Error::Shape { .. })));
+    assert!(matches!(Tensor::from_f32(&ctx, &[], &[1.0]), Err(Error::Shape { .. })));
+    assert!(matches!(Mask::from_u8(&ctx, &[3], &[1, 0]), Err(Error::Shape { .. })));
     // a buffer too small for the shape it is said to hold
     let small = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,
@@ -191,35 +164,32 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
     });
     assert!(matches!(
         Tensor::from_buffer(&ctx, small, &[5], wgpu_batchnorm::DType::F32),
-        Err(Error::Shape(_))
+        Err(Error::Shape { .. })
     ));
 }
 
 #[test]
 fn weights_of_the_wrong_count_length_or_kind_are_refused() {
     let ctx = gpu();
-    let config = BatchNormConfig {
-        scale: false,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_scale(false);
     let layer = BatchNorm::new(&ctx, config, 2).unwrap();
     let before = layer.get_weights().unwrap();
     assert_eq!(before.len(), 3, "beta, moving_mean, moving_variance");
     assert!(matches!(
         layer.set_weights(&vec![vec![0.0; 2]; 4]),
-        Err(Error::Weights(_))
+        Err(Error::Weights { .. })
     ));
     assert!(matches!(
         layer.set_weights(&[vec![0.0; 2], vec![0.0; 3], vec![1.0; 2]]),
-        Err(Error::Weights(_))
+        Err(Error::Weights { .. })
     ));
     assert!(matches!(
         layer.set_weight(StateSlot::Gamma, &[1.0, 1.0]),
-        Err(Error::Weights(_))
+        Err(Error::Weights { .. })
     ));
     assert!(matches!(
         layer.set_weight(StateSlot::RenormMean, &[1.0, 1.0]),
-        Err(Error::Weights(_))
+        Err(Error::Weights { .. })
     ));
     assert_eq!(
         layer.get_weights().unwrap(),
@@ -336,7 +306,7 @@ fn buffer_roles_are_validated() {
     grads.dx = x.clone();
     assert!(matches!(
         layer.backward_into(&saved, &x, false, &grads),
-        Err(Error::Aliasing(_))
+        Err(Error::Aliasing { .. })
     ));
 }
 
@@ -355,9 +325,9 @@ fn shapes_whose_size_overflows_are_refused() {
     for shape in [&huge[..], &[1 << 32, 1 << 32][..], &[1 << 62, 2][..]] {
         assert!(matches!(
             Tensor::view_of(&ctx, buffer.clone(), 0, shape, wgpu_batchnorm::DType::F32),
-            Err(Error::TooLarge(_))
+            Err(Error::TooLarge { .. })
         ));
-        assert!(matches!(Mask::from_u8(&ctx, shape, &[1]), Err(Error::TooLarge(_))));
+        assert!(matches!(Mask::from_u8(&ctx, shape, &[1]), Err(Error::TooLarge { .. })));
     }
 }
 
@@ -395,7 +365,7 @@ fn a_broadcastable_mask_spreads_over_the_input() {
         assert!(
             matches!(
                 Mask::from_u8_broadcast(&ctx, bad, &vec![1; n], &shape),
-                Err(Error::Shape(_))
+                Err(Error::Shape { .. })
             ),
             "{bad:?}"
         );

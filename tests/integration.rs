@@ -38,15 +38,7 @@ fn an_application_device_and_encoder_run_several_layers_in_one_submission() {
     let ctx = GpuContext::from_device(app.device().clone(), app.queue().clone());
     assert!(ctx.adapter_info().is_none());
     let first = BatchNorm::new(&ctx, BatchNormConfig::default(), 6).unwrap();
-    let second = BatchNorm::new(
-        &ctx,
-        BatchNormConfig {
-            axis: 1,
-            ..Default::default()
-        },
-        5,
-    )
-    .unwrap();
+    let second = BatchNorm::new(&ctx, BatchNormConfig::default().with_axis(1), 5).unwrap();
     let x32 = random_input(&mut rng(5), 5 * 6, 2.0);
     let x = Tensor::from_f32(&ctx, &[5, 6], &x32).unwrap();
     let middle = Tensor::from_f32(&ctx, &[5, 6], &[0.0; 30]).unwrap();
@@ -65,14 +57,7 @@ fn an_application_device_and_encoder_run_several_layers_in_one_submission() {
     ctx.queue().submit([encoder.finish()]);
 
     let mut r1 = ReferenceLayer::new(BatchNormConfig::default(), 6).unwrap();
-    let mut r2 = ReferenceLayer::new(
-        BatchNormConfig {
-            axis: 1,
-            ..Default::default()
-        },
-        5,
-    )
-    .unwrap();
+    let mut r2 = ReferenceLayer::new(BatchNormConfig::default().with_axis(1), 5).unwrap();
     let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
     let m = r1.forward(&x64, &[5, 6], Some(true), None).unwrap();
     let want = r2.forward(&m, &[6, 5], Some(true), None).unwrap();
@@ -82,21 +67,18 @@ fn an_application_device_and_encoder_run_several_layers_in_one_submission() {
     // outputs must fit and must not alias the input
     assert!(matches!(
         first.forward_into(&x, None, None, &x),
-        Err(Error::Aliasing(_))
+        Err(Error::Aliasing { .. })
     ));
     assert!(matches!(
         first.forward_into(&x, None, None, &middle_t),
-        Err(Error::Shape(_))
+        Err(Error::Shape { .. })
     ));
 }
 
 #[test]
 fn weights_round_trip_through_a_keras_named_file() {
     let ctx = gpu();
-    let config = BatchNormConfig {
-        renorm: true,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_renorm(true);
     let layer = BatchNorm::new(&ctx, config.clone(), 3).unwrap();
     for (i, slot) in layer.weight_slots().into_iter().enumerate() {
         layer.set_weight(slot, &[i as f32 + 0.5, 1.25, 2.0 + i as f32]).unwrap();
@@ -136,15 +118,7 @@ fn weights_round_trip_through_a_keras_named_file() {
     // a layer without renorm refuses the renorm tensors; a wider one the shapes
     let plain = BatchNorm::new(&ctx, BatchNormConfig::default(), 3).unwrap();
     assert!(matches!(load_weights(&plain, &path), Err(Error::File { .. })));
-    let wide = BatchNorm::new(
-        &ctx,
-        BatchNormConfig {
-            renorm: true,
-            ..Default::default()
-        },
-        4,
-    )
-    .unwrap();
+    let wide = BatchNorm::new(&ctx, BatchNormConfig::default().with_renorm(true), 4).unwrap();
     let before = wide.get_weights().unwrap();
     assert!(matches!(load_weights(&wide, &path), Err(Error::File { .. })));
     assert_eq!(wide.get_weights().unwrap(), before, "nothing written on error");
@@ -157,15 +131,7 @@ fn weights_round_trip_through_a_keras_named_file() {
 #[test]
 fn inference_folding_matches_inference() {
     let ctx = gpu();
-    let layer = BatchNorm::new(
-        &ctx,
-        BatchNormConfig {
-            axis: 1,
-            ..Default::default()
-        },
-        3,
-    )
-    .unwrap();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default().with_axis(1), 3).unwrap();
     layer.set_weight(StateSlot::Gamma, &[0.5, 2.0, -1.0]).unwrap();
     layer.set_weight(StateSlot::Beta, &[0.1, 0.2, 0.3]).unwrap();
     layer.set_weight(StateSlot::MovingMean, &[1.0, -2.0, 3.0]).unwrap();
@@ -230,15 +196,7 @@ fn a_layer_exported_from_keras_gives_keras_outputs() {
 #[test]
 fn forward_and_backward_never_compile_a_pipeline() {
     let ctx = GpuContext::new(&wgpu_batchnorm::AdapterSelection::from_env()).unwrap();
-    let layer = BatchNorm::new(
-        &ctx,
-        BatchNormConfig {
-            renorm: true,
-            ..Default::default()
-        },
-        4,
-    )
-    .unwrap();
+    let layer = BatchNorm::new(&ctx, BatchNormConfig::default().with_renorm(true), 4).unwrap();
     let compiled = ctx.compiled_pipelines();
     assert!(compiled > 10);
     for (shape, axis) in [
@@ -247,10 +205,7 @@ fn forward_and_backward_never_compile_a_pipeline() {
         (vec![2, 4, 12], 1),
         (vec![3, 4, 5], 1),
     ] {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis);
         let layer = BatchNorm::new(&ctx, config, 4).unwrap();
         for dtype in [wgpu_batchnorm::DType::F32, wgpu_batchnorm::DType::F16] {
             let len: usize = shape.iter().product();
@@ -325,11 +280,11 @@ fn views_at_offsets_inside_application_buffers() {
     ));
     assert!(matches!(
         Tensor::view_of(&ctx, inputs.clone(), 2 * slot, &shape, f32_),
-        Err(Error::Shape(_))
+        Err(Error::Shape { .. })
     ));
     assert!(matches!(
         layer.forward_into(&x, None, None, &dy),
-        Err(Error::Aliasing(_))
+        Err(Error::Aliasing { .. })
     ));
     assert!(x.overlaps(&Tensor::view_of(&ctx, inputs.clone(), 0, &[2, 12], f32_).unwrap()));
     assert!(!x.overlaps(&dy));
@@ -343,11 +298,7 @@ fn the_fused_relu_epilogue_matches_the_reference_and_refuses_backward() {
         (vec![2, 4, 16], 1, wgpu_batchnorm::DType::F32),
         (vec![3, 5, 7], 1, wgpu_batchnorm::DType::F16),
     ] {
-        let config = BatchNormConfig {
-            axis,
-            fused_relu: true,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis).with_fused_relu(true);
         let channels = shape[config.resolve_axis(shape.len()).unwrap()];
         let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
         let mut reference = ReferenceLayer::new(config, channels).unwrap();
@@ -396,10 +347,7 @@ fn every_state_slot_is_bindable_at_its_own_range() {
     let ctx = gpu();
     let align = ctx.storage_offset_alignment();
     for channels in [1usize, 3, 65, 1000] {
-        let config = BatchNormConfig {
-            renorm: true,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_renorm(true);
         let layer = BatchNorm::new(&ctx, config, channels).unwrap();
         let mut r = rng(channels as u64);
         for slot in layer.weight_slots() {

@@ -120,7 +120,10 @@ fn unknown_or_invalid_entries_are_reported() {
         (r#"{"axis": "#, "JSON"),
     ] {
         let err = KerasLayerConfig::from_json(json).unwrap_err();
-        assert!(matches!(err, wgpu_batchnorm::Error::KerasConfig(_)), "{json}: {err}");
+        assert!(
+            matches!(err, wgpu_batchnorm::Error::KerasConfig { .. }),
+            "{json}: {err}"
+        );
         assert!(err.to_string().contains(mentions), "{json}: {err}");
     }
 }

@@ -43,10 +43,7 @@ fn train(
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn layer(ctx: &GpuContext, channels: usize, axis: i64, synchronized: bool) -> BatchNorm {
-    let config = BatchNormConfig {
-        axis,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_axis(axis);
     let mut layer = BatchNorm::new(ctx, config, channels).unwrap();
     if synchronized {
         // a group of one: every call still reads back and exchanges

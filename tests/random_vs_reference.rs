@@ -32,14 +32,12 @@ const SHAPES: &[&[usize]] = &[
 
 /// A config variant per index: every flag on and off across the sweep.
 fn variant(i: usize, axis: i64) -> (BatchNormConfig, DType) {
-    let mut c = BatchNormConfig {
-        axis,
-        center: i.is_multiple_of(2),
-        scale: i % 3 != 1,
-        momentum: [0.99, 0.9, 0.0, 1.0][i % 4],
-        epsilon: [1e-3, 1e-5][i % 2],
-        ..Default::default()
-    };
+    let mut c = BatchNormConfig::default()
+        .with_axis(axis)
+        .with_center(i.is_multiple_of(2))
+        .with_scale(i % 3 != 1)
+        .with_momentum([0.99, 0.9, 0.0, 1.0][i % 4])
+        .with_epsilon([1e-3, 1e-5][i % 2]);
     if i % 5 == 2 {
         c.renorm = true;
         c.renorm_momentum = 0.9;
@@ -96,10 +94,7 @@ fn assert_within(
 
 /// The default arguments on `axis`.
 fn on_axis(axis: i64) -> BatchNormConfig {
-    BatchNormConfig {
-        axis,
-        ..Default::default()
-    }
+    BatchNormConfig::default().with_axis(axis)
 }
 
 /// float32 with default arguments on `axis`: y and the state within 2e-5.
@@ -321,10 +316,7 @@ fn tensor_larger_than_one_binding() {
 
 #[test]
 fn trainable_false_is_inference_and_changes_nothing() {
-    let config = BatchNormConfig {
-        trainable: false,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_trainable(false);
     let ctx = gpu();
     let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 3).unwrap();
     let before = layer.get_weights().unwrap();
@@ -391,11 +383,7 @@ fn a_rank_1_input_takes_a_rank_0_mask() {
             ctx.set_max_binding_size(4096);
         }
         for (n, axis) in [(1usize, -1i64), (7, 0), (300, -1), (4099, 0)] {
-            let config = BatchNormConfig {
-                axis,
-                momentum: 0.5,
-                ..Default::default()
-            };
+            let config = BatchNormConfig::default().with_axis(axis).with_momentum(0.5);
             for (flag, broadcast) in [(1u8, false), (0, false), (7, true), (0, true)] {
                 let what = format!(
                     "{} {kernels:?} chunked {chunked} [{n}] axis {axis} flag {flag}",
@@ -468,12 +456,10 @@ fn a_rank_1_input_takes_a_rank_0_mask() {
 #[test]
 fn pytorch_running_statistics() {
     let ctx = gpu();
-    let config = BatchNormConfig {
-        momentum: 0.1,
-        epsilon: 1e-5,
-        running_statistics: wgpu_batchnorm::RunningStatistics::PyTorch,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default()
+        .with_momentum(0.1)
+        .with_epsilon(1e-5)
+        .with_running_statistics(wgpu_batchnorm::RunningStatistics::PyTorch);
     let layer = wgpu_batchnorm::BatchNorm::new(&ctx, config.clone(), 2).unwrap();
     let x = wgpu_batchnorm::Tensor::from_f32(&ctx, &[3, 2], &[1.0, 2.0, 3.0, 6.0, 5.0, 10.0]).unwrap();
     let y = layer.forward(&x, Some(true), None).unwrap().read_f32(&ctx).unwrap();
@@ -485,10 +471,7 @@ fn pytorch_running_statistics() {
     assert!((y[0] - (1.0 - 3.0) / (biased[0] + 1e-5).sqrt()).abs() < 1e-5);
     // the random sweep's flags under PyTorch statistics, masks included
     for (i, shape) in [&[7usize, 3][..], &[2, 5, 8], &[4, 4, 16]].into_iter().enumerate() {
-        let config = BatchNormConfig {
-            axis: 1,
-            ..config.clone()
-        };
+        let config = config.clone().with_axis(1);
         let o = compare_with_reference(&ctx, &config, shape, DType::F32, &calls(shape.len()), 300 + i as u64);
         assert!(
             o.y_error <= 2e-5 && o.state_error <= 2e-5,
@@ -497,7 +480,7 @@ fn pytorch_running_statistics() {
             o.state_error
         );
     }
-    let renorm = BatchNormConfig { renorm: true, ..config };
+    let renorm = config.with_renorm(true);
     assert!(wgpu_batchnorm::BatchNorm::new(&ctx, renorm, 2).is_err());
 }
 

@@ -46,11 +46,7 @@ const LAYOUTS: &[(&[usize], i64)] = &[(&[9, 5], -1), (&[6, 8], -1), (&[3, 4, 8],
 
 fn check(ctx: &GpuContext, special: f32, masked: bool) {
     for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
-        let config = BatchNormConfig {
-            axis,
-            momentum: 0.5,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis).with_momentum(0.5);
         let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
         let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
         let mut reference = ReferenceLayer::new(config, channels).unwrap();
@@ -128,10 +124,7 @@ fn large_magnitudes_normalise(ctx: &GpuContext) {
             .chain([(&[4096usize, 8][..], -1i64), (&[300, 3, 5][..], 1)].iter())
             .enumerate()
         {
-            let config = BatchNormConfig {
-                axis,
-                ..Default::default()
-            };
+            let config = BatchNormConfig::default().with_axis(axis);
             let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
             let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
             let mut reference = ReferenceLayer::new(config, channels).unwrap();
@@ -206,12 +199,10 @@ fn float16_saturates_to_infinity_and_keeps_nan() {
     for ctx in common::drivers() {
         for (i, &(shape, axis)) in LAYOUTS.iter().enumerate() {
             let channels = shape[(axis.rem_euclid(shape.len() as i64)) as usize];
-            let config = BatchNormConfig {
-                axis,
-                momentum: 0.5,
-                state_precision: wgpu_batchnorm::StatePrecision::Float16,
-                ..Default::default()
-            };
+            let config = BatchNormConfig::default()
+                .with_axis(axis)
+                .with_momentum(0.5)
+                .with_state_precision(wgpu_batchnorm::StatePrecision::Float16);
             let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
             let mut reference = ReferenceLayer::new(config, channels).unwrap();
             // gamma pushes outputs past 65504 on every channel but the first
@@ -290,11 +281,7 @@ fn far_from_zero(ctx: &GpuContext, masked: bool) -> [KindErrors; 4] {
         .chain([(&[4096usize, 8][..], -1i64), (&[300, 3, 5][..], 1)].iter())
         .enumerate()
     {
-        let config = BatchNormConfig {
-            axis,
-            momentum: 0.5,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis).with_momentum(0.5);
         let axis = config.resolve_axis(shape.len()).unwrap();
         let view = ChannelView::new(shape, axis);
         let channels = view.channels;

@@ -45,10 +45,7 @@ const CASES: &[(&[usize], i64, bool)] = &[
 
 fn sweep(ctx: &GpuContext, strategy: Strategy) {
     for (i, &(shape, axis, masked)) in CASES.iter().enumerate() {
-        let config = BatchNormConfig {
-            axis,
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default().with_axis(axis);
         let view = ChannelView::new(shape, config.resolve_axis(shape.len()).unwrap());
         for dtype in [DType::F32, DType::F16] {
             for op in Op::ALL {
@@ -95,12 +92,10 @@ fn coalesced_kernels_on_every_driver() {
 /// times (channel walks wrap), rows split into many column blocks.
 #[test]
 fn coalesced_kernels_with_small_grids_on_every_driver() {
-    let tuning = PlanTuning {
-        reduce_invocations: 256,
-        elementwise_invocations: 256,
-        lane_width: 4,
-        ..PlanTuning::default_for(Strategy::Coalesced)
-    };
+    let tuning = PlanTuning::default_for(Strategy::Coalesced)
+        .with_reduce_invocations(256)
+        .with_elementwise_invocations(256)
+        .with_lane_width(4);
     for ctx in contexts(KernelChoice::Coalesced) {
         ctx.set_plan_tuning(Some(tuning)).unwrap();
         sweep(&ctx, Strategy::Coalesced);
@@ -114,13 +109,11 @@ fn coalesced_kernels_with_small_grids_on_every_driver() {
 fn serial_kernels_with_other_knobs() {
     for ctx in contexts(KernelChoice::Serial) {
         for values_per_thread in [1, 8, 16] {
-            let tuning = PlanTuning {
-                values_per_thread,
-                rows_per_thread: 3,
-                reduce_invocations: 256,
-                uniform_parameters: Some(values_per_thread != 8),
-                ..PlanTuning::default_for(Strategy::Serial)
-            };
+            let tuning = PlanTuning::default_for(Strategy::Serial)
+                .with_values_per_thread(values_per_thread)
+                .with_rows_per_thread(3)
+                .with_reduce_invocations(256)
+                .with_uniform_parameters(Some(values_per_thread != 8));
             ctx.set_plan_tuning(Some(tuning)).unwrap();
             sweep(&ctx, Strategy::Serial);
         }
@@ -140,10 +133,7 @@ fn both_families_in_chunked_bindings() {
                 (&[30, 5, 17][..], 1, false),
                 (&[7, 2, 400][..], 1, true),
             ] {
-                let config = BatchNormConfig {
-                    axis,
-                    ..Default::default()
-                };
+                let config = BatchNormConfig::default().with_axis(axis);
                 for dtype in [DType::F32, DType::F16] {
                     let what = format!("{} {choice:?} {shape:?} {dtype} masked {masked}", ctx.describe());
                     let out =

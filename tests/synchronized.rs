@@ -129,19 +129,14 @@ fn run(case: &Case, scheme: Scheme) -> wgpu_batchnorm::reference::ReferenceState
 #[test]
 fn uneven_ranks_match_one_layer_over_the_global_batch() {
     let channels_last = BatchNormConfig::default();
-    let nchw = BatchNormConfig {
-        axis: 1,
-        ..Default::default()
-    };
-    let renorm = BatchNormConfig {
-        renorm: true,
-        renorm_clipping: RenormClipping {
+    let nchw = BatchNormConfig::default().with_axis(1);
+    let renorm = BatchNormConfig::default()
+        .with_renorm(true)
+        .with_renorm_clipping(RenormClipping {
             rmax: Some(1.5),
             rmin: Some(0.7),
             dmax: Some(0.3),
-        },
-        ..Default::default()
-    };
+        });
     for case in [
         Case {
             config: channels_last.clone(),
@@ -242,10 +237,7 @@ fn ranks_with_another_layer_or_call_get_an_error_each() {
             .map(|ex| {
                 scope.spawn(move || {
                     // rank 1's layer has another epsilon
-                    let config = BatchNormConfig {
-                        epsilon: 1e-3 * (1.0 + ex.rank() as f32),
-                        ..Default::default()
-                    };
+                    let config = BatchNormConfig::default().with_epsilon(1e-3 * (1.0 + ex.rank() as f32));
                     let mut layer = ReferenceLayer::new(config, 2).unwrap();
                     layer
                         .forward_synchronized(&values(8, 3, 0.0), &[4, 2], Some(true), None, &ex)
@@ -256,7 +248,7 @@ fn ranks_with_another_layer_or_call_get_an_error_each() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for e in errors {
-        assert!(matches!(e, Error::Exchange(_)), "{e}");
+        assert!(matches!(e, Error::Exchange { .. }), "{e}");
     }
 }
 
@@ -284,7 +276,7 @@ fn a_failing_rank_fails_the_others_at_once() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
-    assert!(matches!(errors[2], Error::Shape(_)), "{}", errors[2]);
+    assert!(matches!(errors[2], Error::Shape { .. }), "{}", errors[2]);
     for e in &errors[..2] {
         assert!(e.to_string().contains("rank 2"), "{e}");
     }

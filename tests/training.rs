@@ -73,21 +73,12 @@ fn sgd_steps_match_keras_formulas() {
     sgd_matches_reference(0.0, false, BatchNormConfig::default());
     sgd_matches_reference(0.9, false, BatchNormConfig::default());
     sgd_matches_reference(0.9, true, BatchNormConfig::default());
-    let constrained = BatchNormConfig {
-        gamma_constraint: Some(Constraint::MaxNorm { max_value: 1.5 }),
-        beta_constraint: Some(Constraint::NonNeg),
-        gamma_regularizer: Some(Regularizer::l2()),
-        ..Default::default()
-    };
+    let constrained = BatchNormConfig::default()
+        .with_gamma_constraint(Some(Constraint::MaxNorm { max_value: 1.5 }))
+        .with_beta_constraint(Some(Constraint::NonNeg))
+        .with_gamma_regularizer(Some(Regularizer::l2()));
     sgd_matches_reference(0.5, false, constrained);
-    sgd_matches_reference(
-        0.0,
-        false,
-        BatchNormConfig {
-            center: false,
-            ..Default::default()
-        },
-    );
+    sgd_matches_reference(0.0, false, BatchNormConfig::default().with_center(false));
 }
 
 #[test]
@@ -110,11 +101,9 @@ fn constraints_match_keras_formulas() {
         },
         Constraint::UnitNorm,
     ] {
-        let config = BatchNormConfig {
-            gamma_constraint: Some(constraint),
-            beta_constraint: Some(constraint),
-            ..Default::default()
-        };
+        let config = BatchNormConfig::default()
+            .with_gamma_constraint(Some(constraint))
+            .with_beta_constraint(Some(constraint));
         let layer = BatchNorm::new(&ctx, config, values.len()).unwrap();
         layer.set_weight(StateSlot::Gamma, &values).unwrap();
         layer.set_weight(StateSlot::Beta, &values).unwrap();
@@ -130,10 +119,7 @@ fn constraints_match_keras_formulas() {
     }
     // more channels than one workgroup has invocations
     let many: Vec<f32> = random_input(&mut rng(4), 1000, 0.0);
-    let config = BatchNormConfig {
-        gamma_constraint: Some(Constraint::UnitNorm),
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default().with_gamma_constraint(Some(Constraint::UnitNorm));
     let layer = BatchNorm::new(&ctx, config, many.len()).unwrap();
     layer.set_weight(StateSlot::Gamma, &many).unwrap();
     layer.apply_constraints().unwrap();
@@ -148,11 +134,9 @@ fn constraints_match_keras_formulas() {
 #[test]
 fn regularization_loss_and_gradient() {
     let ctx = gpu();
-    let config = BatchNormConfig {
-        gamma_regularizer: Some(Regularizer { l1: 0.02, l2: 0.05 }),
-        beta_regularizer: Some(Regularizer::l1()),
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default()
+        .with_gamma_regularizer(Some(Regularizer { l1: 0.02, l2: 0.05 }))
+        .with_beta_regularizer(Some(Regularizer::l1()));
     let layer = BatchNorm::new(&ctx, config, 3).unwrap();
     layer.set_weight(StateSlot::Gamma, &[1.0, -2.0, 0.5]).unwrap();
     layer.set_weight(StateSlot::Beta, &[0.5, 0.0, -1.5]).unwrap();
@@ -201,12 +185,10 @@ fn random_initializers_are_seeded_and_keep_keras_ranges() {
     };
     assert!(truncated.values(5000).iter().all(|v| v.abs() <= 0.1 + 1e-7));
 
-    let config = BatchNormConfig {
-        gamma_initializer: uniform,
-        moving_variance_initializer: Initializer::Constant(4.0),
-        renorm: true,
-        ..Default::default()
-    };
+    let config = BatchNormConfig::default()
+        .with_gamma_initializer(uniform)
+        .with_moving_variance_initializer(Initializer::Constant(4.0))
+        .with_renorm(true);
     let layer = BatchNorm::new(&gpu(), config, 5).unwrap();
     let w = layer.get_weights().unwrap();
     assert_eq!(w[0], uniform.values(5));
@@ -226,22 +208,11 @@ fn optimiser_errors_are_typed() {
     let (_, saved) = other.forward_saved(&x, Some(true), None).unwrap();
     let g = other.backward(&saved, &x, false).unwrap();
     let mut sgd = Sgd::new(&layer, 0.1, 0.0, false).unwrap();
-    assert!(matches!(sgd.step(&other, &g), Err(Error::Weights(_))));
-    let frozen = BatchNorm::new(
-        &ctx,
-        BatchNormConfig {
-            trainable: false,
-            ..Default::default()
-        },
-        4,
-    )
-    .unwrap();
+    assert!(matches!(sgd.step(&other, &g), Err(Error::Weights { .. })));
+    let frozen = BatchNorm::new(&ctx, BatchNormConfig::default().with_trainable(false), 4).unwrap();
     let mut frozen_sgd = Sgd::new(&frozen, 0.1, 0.0, false).unwrap();
-    assert!(matches!(frozen_sgd.step(&frozen, &g), Err(Error::Weights(_))));
-    let bad = BatchNormConfig {
-        gamma_regularizer: Some(Regularizer { l1: -0.1, l2: 0.0 }),
-        ..Default::default()
-    };
+    assert!(matches!(frozen_sgd.step(&frozen, &g), Err(Error::Weights { .. })));
+    let bad = BatchNormConfig::default().with_gamma_regularizer(Some(Regularizer { l1: -0.1, l2: 0.0 }));
     assert!(matches!(BatchNorm::new(&ctx, bad, 3), Err(Error::Config(_))));
 }
 
@@ -256,25 +227,19 @@ fn float16_state_rounds_every_weight_as_keras_float16_variables() {
     let is_half = |v: f32| half::f16::from_f32(v).to_f32() == v;
     for base in [
         BatchNormConfig::default(),
-        BatchNormConfig {
-            renorm: true,
-            ..Default::default()
-        },
-        BatchNormConfig {
-            running_statistics: RunningStatistics::PyTorch,
-            momentum: 0.1,
-            ..Default::default()
-        },
+        BatchNormConfig::default().with_renorm(true),
+        BatchNormConfig::default()
+            .with_running_statistics(RunningStatistics::PyTorch)
+            .with_momentum(0.1),
     ] {
-        let config = BatchNormConfig {
-            state_precision: StatePrecision::Float16,
-            momentum: if base.running_statistics == RunningStatistics::PyTorch {
-                0.1
-            } else {
-                0.9
-            },
-            ..base
+        let momentum = if base.running_statistics == RunningStatistics::PyTorch {
+            0.1
+        } else {
+            0.9
         };
+        let config = base
+            .with_state_precision(StatePrecision::Float16)
+            .with_momentum(momentum);
         let channels = 6;
         let layer = BatchNorm::new(&ctx, config.clone(), channels).unwrap();
         let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();

@@ -25,13 +25,15 @@ impl KerasLayerConfig {
     /// Parses `layer.get_config()` JSON, or the `{"class_name":
     /// "BatchNormalization", "config": {...}}` form Keras saves models in.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::KerasConfig(format!("not JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::KerasConfig {
+            message: format!("not JSON: {e}"),
+        })?;
         Self::from_value(&value)
     }
 
     /// [`KerasLayerConfig::from_json`] on parsed JSON.
     pub fn from_value(value: &Value) -> Result<Self> {
-        Self::parse(value).map_err(Error::KerasConfig)
+        Self::parse(value).map_err(|message| Error::KerasConfig { message })
     }
 
     fn parse(value: &Value) -> Parsed<Self> {
@@ -120,7 +122,7 @@ impl KerasLayerConfig {
 /// Builds a config from a reference case's `config` object (a subset of
 /// `get_config()`); the case gives `trainable` beside it.
 pub fn config_from_case_json(config: &Value, trainable: bool) -> Result<BatchNormConfig> {
-    case_config(config, trainable).map_err(Error::KerasConfig)
+    case_config(config, trainable).map_err(|message| Error::KerasConfig { message })
 }
 
 fn case_config(config: &Value, trainable: bool) -> Parsed<BatchNormConfig> {

@@ -23,7 +23,7 @@ use crate::layer::{BatchNorm, StateSlot};
 
 fn file_error(path: &Path, error: Error) -> Error {
     let message = match error {
-        Error::Weights(message) => message,
+        Error::Weights { message, .. } => message,
         other => other.to_string(),
     };
     Error::File {
@@ -51,10 +51,10 @@ pub fn weights_to_bytes(layer: &BatchNorm) -> Result<Vec<u8>> {
         .map(|(slot, bytes)| {
             safetensors::tensor::TensorView::new(Dtype::F32, vec![layer.channels()], bytes)
                 .map(|view| (slot.keras_name().to_string(), view))
-                .map_err(|e| Error::Weights(e.to_string()))
+                .map_err(|e| Error::weights(None, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None).map_err(|e| Error::Weights(e.to_string()))
+    safetensors::serialize(views, None).map_err(|e| Error::weights(None, e.to_string()))
 }
 
 /// Writes every weight the layer has under its Keras name
@@ -76,7 +76,7 @@ pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
 /// there, of its channel count; a name the layer does not know is an error
 /// ([`Error::Weights`]). Nothing is written unless the whole file fits.
 pub fn load_weights_from_bytes(layer: &BatchNorm, bytes: &[u8]) -> Result<()> {
-    let bad = |message: String| Error::Weights(message);
+    let bad = |message: String| Error::weights(None, message);
     let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let slots = layer.weight_slots();
     for name in file.names() {
@@ -161,7 +161,7 @@ pub fn load_layer_from_bytes(ctx: &GpuContext, config_json: &str, weights: &[u8]
 /// The channel count of a weight file: the length of its `moving_mean`
 /// (every Keras BatchNormalization has one).
 fn weight_channels(bytes: &[u8]) -> Result<usize> {
-    let bad = |message: String| Error::Weights(message);
+    let bad = |message: String| Error::weights(None, message);
     let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let name = StateSlot::MovingMean.keras_name();
     let view = file

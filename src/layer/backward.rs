@@ -7,7 +7,7 @@ use super::recorder::CallBuffers;
 use super::{BatchNorm, Call, Gradients, SavedForward, check_output, flag, mask_by_row};
 use crate::config::Regularizer;
 use crate::dtype::DType;
-use crate::error::{ConfigError, Error, Result};
+use crate::error::{ConfigError, Error, ExchangeFailure, Result};
 use crate::params;
 use crate::plan::{CallPlan, DispatchPlan, MaskUse, Phase};
 use crate::tensor::Tensor;
@@ -83,10 +83,10 @@ impl BatchNorm {
         grads: &Gradients,
     ) -> Result<()> {
         if self.config.synchronized {
-            return Err(Error::Exchange(
+            return Err(Error::exchange(
+                ExchangeFailure::Unsupported,
                 "a synchronized layer's backward all-gathers its sums between its dispatches and cannot be \
-                 recorded into an encoder: call backward or backward_into"
-                    .into(),
+                 recorded into an encoder: call backward or backward_into",
             ));
         }
         self.ctx.scoped("a backward", || {
@@ -148,11 +148,10 @@ impl BatchNorm {
         }
         let x = &saved.x;
         if dy.shape() != x.shape() {
-            return Err(Error::Shape(format!(
-                "dy has shape {:?}, the forward input had {:?}",
-                dy.shape(),
-                x.shape()
-            )));
+            return Err(Error::shape(
+                "dy",
+                format!("dy has shape {:?}, the forward input had {:?}", dy.shape(), x.shape()),
+            ));
         }
         if dy.dtype() != x.dtype() {
             return Err(Error::DType {
@@ -165,11 +164,10 @@ impl BatchNorm {
         grads.dx.check_role("dx", ctx, wgpu::BufferUsages::STORAGE)?;
         check_output("dx", x, &grads.dx)?;
         if grads.dx.buffer() == dy.buffer() {
-            return Err(Error::Aliasing(
-                "dx must live in another buffer than dy: WebGPU forbids binding one buffer read-only and \
-                 read-write in the same dispatch"
-                    .into(),
-            ));
+            return Err(Error::Aliasing {
+                output: "dx",
+                input: "dy",
+            });
         }
         let cfg = &self.config;
         for (name, t, present) in [
@@ -178,14 +176,17 @@ impl BatchNorm {
         ] {
             match t {
                 Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => {
-                    return Err(Error::Shape(format!(
-                        "{name} must be float32 of shape [{}], got {} {:?}",
-                        self.channels,
-                        t.dtype(),
-                        t.shape()
-                    )));
+                    return Err(Error::shape(
+                        name,
+                        format!(
+                            "{name} must be float32 of shape [{}], got {} {:?}",
+                            self.channels,
+                            t.dtype(),
+                            t.shape()
+                        ),
+                    ));
                 }
-                None if present => return Err(Error::Shape(format!("no {name} tensor to write"))),
+                None if present => return Err(Error::shape(name, format!("no {name} tensor to write"))),
                 // written by a buffer copy
                 Some(t) => t.check_role(name, ctx, wgpu::BufferUsages::COPY_DST)?,
                 None => {}

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::recorder::CallBuffers;
 use super::{BatchNorm, Call, SavedForward, check_output, flag, mask_by_row};
-use crate::error::{Error, Result};
+use crate::error::{Error, ExchangeFailure, Result};
 use crate::params;
 use crate::plan::{CallPlan, DispatchPlan, MaskUse, Phase};
 use crate::tensor::{Mask, Tensor};
@@ -119,10 +119,10 @@ impl BatchNorm {
         y: &Tensor,
     ) -> Result<SavedForward> {
         if self.config.synchronized && self.batch_statistics(training) {
-            return Err(Error::Exchange(
+            return Err(Error::exchange(
+                ExchangeFailure::Unsupported,
                 "a synchronized layer's training call all-gathers its moments between its dispatches and \
-                 cannot be recorded into an encoder: call forward, forward_saved or forward_into"
-                    .into(),
+                 cannot be recorded into an encoder: call forward, forward_saved or forward_into",
             ));
         }
         self.ctx.scoped(self.forward_name(training), || {
@@ -162,11 +162,14 @@ impl BatchNorm {
             mask.check_device(ctx)?;
             let expected = &x.shape()[..x.shape().len() - 1];
             if mask.shape() != expected {
-                return Err(Error::Shape(format!(
-                    "the mask should be the input shape without its last axis: expected {expected:?}, got {:?} \
+                return Err(Error::shape(
+                    "mask",
+                    format!(
+                        "the mask should be the input shape without its last axis: expected {expected:?}, got {:?} \
                      (Mask::from_u8_broadcast spreads a broadcastable one)",
-                    mask.shape()
-                )));
+                        mask.shape()
+                    ),
+                ));
             }
         }
         let batch_statistics = self.batch_statistics(training);

@@ -185,12 +185,15 @@ impl BatchNorm {
             .checked_mul(32)
             .filter(|&b| b <= ctx.device_binding_size())
             .ok_or_else(|| {
-                Error::TooLarge(format!(
-                    "{channels} channels need {} bytes of per-channel statistics (8 float32 a channel), \
+                Error::too_large(
+                    "max_storage_buffer_binding_size",
+                    format!(
+                        "{channels} channels need {} bytes of per-channel statistics (8 float32 a channel), \
                      more than one binding of {} bytes on this device",
-                    (channels as u128) * 32,
-                    ctx.device_binding_size()
-                ))
+                        (channels as u128) * 32,
+                        ctx.device_binding_size()
+                    ),
+                )
             })?;
         ctx.precompile();
         ctx.scoped("building a layer", || {
@@ -330,19 +333,25 @@ impl BatchNorm {
         let axis = self.config.resolve_axis(x.shape().len())?;
         let view = ChannelView::new(x.shape(), axis);
         if x.is_empty() && !empty_ok {
-            return Err(Error::Shape(format!(
-                "input shape {:?} has an empty dimension: only a synchronized layer takes an empty batch",
-                x.shape()
-            )));
+            return Err(Error::shape(
+                "x",
+                format!(
+                    "input shape {:?} has an empty dimension: only a synchronized layer takes an empty batch",
+                    x.shape()
+                ),
+            ));
         }
         if view.channels != self.channels {
-            return Err(Error::Shape(format!(
-                "input shape {:?} has {} features on axis {}, the layer was built for {}",
-                x.shape(),
-                view.channels,
-                self.config.axis,
-                self.channels
-            )));
+            return Err(Error::shape(
+                "x",
+                format!(
+                    "input shape {:?} has {} features on axis {}, the layer was built for {}",
+                    x.shape(),
+                    view.channels,
+                    self.config.axis,
+                    self.channels
+                ),
+            ));
         }
         Ok(view)
     }
@@ -393,21 +402,24 @@ pub struct Gradients {
 }
 
 /// An output tensor must match its input and not alias it.
-fn check_output(name: &str, x: &Tensor, out: &Tensor) -> Result<()> {
+fn check_output(name: &'static str, x: &Tensor, out: &Tensor) -> Result<()> {
     if out.shape() != x.shape() || out.dtype() != x.dtype() {
-        return Err(Error::Shape(format!(
-            "{name} must be {} of shape {:?}, got {} {:?}",
-            x.dtype(),
-            x.shape(),
-            out.dtype(),
-            out.shape()
-        )));
+        return Err(Error::shape(
+            name,
+            format!(
+                "{name} must be {} of shape {:?}, got {} {:?}",
+                x.dtype(),
+                x.shape(),
+                out.dtype(),
+                out.shape()
+            ),
+        ));
     }
     if out.buffer() == x.buffer() {
-        return Err(Error::Aliasing(format!(
-            "{name} must live in another buffer than the input: WebGPU forbids binding one buffer \
-             read-only and read-write in the same dispatch"
-        )));
+        return Err(Error::Aliasing {
+            output: name,
+            input: "x",
+        });
     }
     Ok(())
 }

@@ -93,12 +93,15 @@ impl BatchNorm {
     pub fn set_weights(&self, weights: &[Vec<f32>]) -> Result<()> {
         let slots = self.weight_slots();
         if weights.len() != slots.len() {
-            return Err(Error::Weights(format!(
-                "expected {} weights ({}), got {}",
-                slots.len(),
-                slots.iter().map(|s| s.keras_name()).collect::<Vec<_>>().join(", "),
-                weights.len()
-            )));
+            return Err(Error::weights(
+                None,
+                format!(
+                    "expected {} weights ({}), got {}",
+                    slots.len(),
+                    slots.iter().map(|s| s.keras_name()).collect::<Vec<_>>().join(", "),
+                    weights.len()
+                ),
+            ));
         }
         for (slot, w) in slots.iter().zip(weights) {
             self.check_weight(*slot, w)?;
@@ -118,21 +121,27 @@ impl BatchNorm {
 
     fn check_weight(&self, slot: StateSlot, values: &[f32]) -> Result<()> {
         if !slot.present(&self.config) {
-            return Err(Error::Weights(format!(
-                "this layer has no {} (center={}, scale={}, renorm={})",
-                slot.keras_name(),
-                self.config.center,
-                self.config.scale,
-                self.config.renorm
-            )));
+            return Err(Error::weights(
+                Some(slot.keras_name()),
+                format!(
+                    "this layer has no {} (center={}, scale={}, renorm={})",
+                    slot.keras_name(),
+                    self.config.center,
+                    self.config.scale,
+                    self.config.renorm
+                ),
+            ));
         }
         if values.len() != self.channels {
-            return Err(Error::Weights(format!(
-                "{} needs {} values, got {}",
-                slot.keras_name(),
-                self.channels,
-                values.len()
-            )));
+            return Err(Error::weights(
+                Some(slot.keras_name()),
+                format!(
+                    "{} needs {} values, got {}",
+                    slot.keras_name(),
+                    self.channels,
+                    values.len()
+                ),
+            ));
         }
         Ok(())
     }

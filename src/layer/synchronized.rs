@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::recorder::{CallBuffers, storage_buffer};
 use super::{BatchNorm, Call, Gradients, SavedForward, SavedStatistics};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExchangeFailure, Result};
 use crate::params::FLAG_MERGE_ONLY;
 use crate::plan::Phase;
 use crate::reference::{ChannelMoments, gather_moments};
@@ -65,11 +65,11 @@ impl BatchNorm {
 
     fn require_exchange(&self) -> Result<&dyn Exchange> {
         self.exchange.as_deref().ok_or_else(|| {
-            Error::Exchange(
+            Error::exchange(
+                ExchangeFailure::NoExchange,
                 "the layer is synchronized (synchronized: true) but has no exchange: give it one with \
                  BatchNorm::set_exchange (a LocalExchange across the devices of one process, an MpiExchange \
-                 across processes, or your own)"
-                    .into(),
+                 across processes, or your own)",
             )
         })
     }
@@ -195,8 +195,9 @@ impl BatchNorm {
         let header = self.next_header(&mut sequence, KIND_BACKWARD, saved.x.dtype());
         let guard = FailUntilGathered::new(exchange, header);
         if !saved.synchronized {
-            return Err(Error::Exchange(
-                "this forward call ran before the layer was synchronized: its backward cannot be".into(),
+            return Err(Error::exchange(
+                ExchangeFailure::Unsupported,
+                "this forward call ran before the layer was synchronized: its backward cannot be",
             ));
         }
         let local_call = self.plan_backward(saved, dy, regularization, grads, true, Phase::Reduce)?;

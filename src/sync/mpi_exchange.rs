@@ -10,7 +10,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives};
 
 use super::{Exchange, Scheme, Traffic, TrafficCounter, check_received, check_sizes};
-use crate::error::{Error, Result};
+use crate::error::{Error, ExchangeFailure, Result};
 
 /// An [`Exchange`] over an MPI communicator: the world of
 /// `mpi::initialize()`, or any group of its ranks split from it
@@ -73,15 +73,18 @@ impl MpiExchange {
     /// The communicator, once MPI may be called from this thread.
     fn comm(&self) -> Result<MutexGuard<'_, SimpleCommunicator>> {
         if !mpi::environment::is_initialized() || mpi::environment::is_finalized() {
-            return Err(Error::Exchange("MPI is not initialised, or already finalised".into()));
+            return Err(Error::exchange(
+                ExchangeFailure::Transport,
+                "MPI is not initialised, or already finalised",
+            ));
         }
         if std::thread::current().id() != self.home
             && mpi::environment::threading_support() < mpi::Threading::Serialized
         {
-            return Err(Error::Exchange(
+            return Err(Error::exchange(
+                ExchangeFailure::Unsupported,
                 "MPI was initialised below Serialized threading: call the layer from the thread that made \
-                 the MpiExchange, or initialise MPI with mpi::initialize_with_threading(Threading::Serialized)"
-                    .into(),
+                 the MpiExchange, or initialise MPI with mpi::initialize_with_threading(Threading::Serialized)",
             ));
         }
         Ok(self.comm.lock().unwrap_or_else(|e| e.into_inner()))
@@ -92,7 +95,12 @@ impl MpiExchange {
 /// another, and their total.
 fn layout(lengths: &[usize]) -> Result<(Vec<mpi::Count>, Vec<mpi::Count>, usize)> {
     let count = |n: usize| {
-        mpi::Count::try_from(n).map_err(|_| Error::Exchange(format!("{n} bytes are more than one MPI message holds")))
+        mpi::Count::try_from(n).map_err(|_| {
+            Error::exchange(
+                ExchangeFailure::Transport,
+                format!("{n} bytes are more than one MPI message holds"),
+            )
+        })
     };
     let mut counts = Vec::with_capacity(lengths.len());
     let mut displs = Vec::with_capacity(lengths.len());
@@ -169,11 +177,10 @@ impl Exchange for MpiExchange {
 
     fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
         if blocks.len() != self.size {
-            return Err(Error::Exchange(format!(
-                "an all-to-all of {} blocks among {} ranks",
-                blocks.len(),
-                self.size
-            )));
+            return Err(Error::exchange(
+                ExchangeFailure::Transport,
+                format!("an all-to-all of {} blocks among {} ranks", blocks.len(), self.size),
+            ));
         }
         check_sizes(self, lengths, blocks[self.rank].len())?;
         let sent: Vec<usize> = blocks.iter().map(|b| b.len()).collect();

@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::{CallHeader, Exchange, KIND_FAILED};
-use crate::error::{Error, Result};
+use crate::error::{Error, ExchangeFailure, Result};
 
 /// How the ranks of a synchronized call reduce their per-channel values
 /// (see [the module](super)). [`Exchange::scheme`] says which one a rank
@@ -175,9 +175,10 @@ impl Plan {
 fn check_rank(exchange: &dyn Exchange) -> Result<(usize, usize)> {
     let (rank, size) = (exchange.rank(), exchange.size());
     if size == 0 || rank >= size {
-        return Err(Error::Exchange(format!(
-            "the exchange says this is rank {rank} of {size}: a rank must be below a size of one or more"
-        )));
+        return Err(Error::exchange(
+            ExchangeFailure::Transport,
+            format!("the exchange says this is rank {rank} of {size}: a rank must be below a size of one or more"),
+        ));
     }
     Ok((rank, size))
 }
@@ -225,10 +226,13 @@ fn agree(exchange: &dyn Exchange, header: CallHeader, values: usize, width: usiz
     });
     let max = exchange.all_reduce_max(&mine)?;
     if max.len() != AGREEMENT_VALUES {
-        return Err(Error::Exchange(format!(
-            "the exchange's all-reduce returned {} values of {AGREEMENT_VALUES}",
-            max.len()
-        )));
+        return Err(Error::exchange(
+            ExchangeFailure::Transport,
+            format!(
+                "the exchange's all-reduce returned {} values of {AGREEMENT_VALUES}",
+                max.len()
+            ),
+        ));
     }
     let same = (0..FIELDS).all(|i| max[i] == !max[FIELDS + i]);
     match (same, max[2 * FIELDS]) {
@@ -246,32 +250,45 @@ fn explain(exchange: &dyn Exchange, header: CallHeader, values: usize, asked: Sc
     };
     for (rank, bytes) in all.iter().enumerate() {
         let Some((theirs, their_values, their_scheme)) = CallHeader::decode(bytes) else {
-            return Error::Exchange(format!("rank {rank} sent no synchronized-layer message"));
+            return Error::exchange(
+                ExchangeFailure::RankFailed,
+                format!("rank {rank} sent no synchronized-layer message"),
+            );
         };
         if theirs.kind == KIND_FAILED && header.kind != KIND_FAILED {
-            return Error::Exchange(format!(
-                "rank {rank}'s call failed before the exchange (its own error says why)"
-            ));
+            return Error::exchange(
+                ExchangeFailure::RankFailed,
+                format!("rank {rank}'s call failed before the exchange (its own error says why)"),
+            );
         }
         if theirs != header || their_values != values as u64 {
-            return Error::Exchange(format!(
-                "rank {rank} made another call ({}, {their_values} values) than rank {} ({}, {values} values): \
+            return Error::exchange(
+                ExchangeFailure::Mismatch,
+                format!(
+                    "rank {rank} made another call ({}, {their_values} values) than rank {} ({}, {values} values): \
                  every rank must call the same layers in the same order, with the same channels, dtype and config",
-                theirs.describe(),
-                exchange.rank(),
-                header.describe(),
-            ));
+                    theirs.describe(),
+                    exchange.rank(),
+                    header.describe(),
+                ),
+            );
         }
         if their_scheme != asked.id() {
             let name = Scheme::from_id(their_scheme).map_or("an unknown", Scheme::name);
-            return Error::Exchange(format!(
-                "rank {rank}'s exchange asks for the {name} scheme, rank {}'s for the {asked} scheme: \
+            return Error::exchange(
+                ExchangeFailure::Mismatch,
+                format!(
+                    "rank {rank}'s exchange asks for the {name} scheme, rank {}'s for the {asked} scheme: \
                  every rank's exchange must ask for the same",
-                exchange.rank()
-            ));
+                    exchange.rank()
+                ),
+            );
         }
     }
-    Error::Exchange("the ranks' calls differ (their all-reduce said so, their headers do not)".into())
+    Error::exchange(
+        ExchangeFailure::Mismatch,
+        "the ranks' calls differ (their all-reduce said so, their headers do not)",
+    )
 }
 
 /// All-gathers `payload` under `header` and returns every rank's payload
@@ -318,14 +335,17 @@ pub(crate) fn reduce_checked(
     combine: fn(&mut [f64], &[f64]),
 ) -> Result<Vec<f64>> {
     let Agreed::Reduce(plan) = agree(exchange, header, local.len(), width)? else {
-        return Err(Error::Exchange("every rank's call failed before the exchange".into()));
+        return Err(Error::exchange(
+            ExchangeFailure::RankFailed,
+            "every rank's call failed before the exchange",
+        ));
     };
     // every rank agreed on the length: every rank refuses alike
     if !local.len().is_multiple_of(width) {
-        return Err(Error::Exchange(format!(
-            "{} values are not {width} a channel",
-            local.len()
-        )));
+        return Err(Error::exchange(
+            ExchangeFailure::Mismatch,
+            format!("{} values are not {width} a channel", local.len()),
+        ));
     }
     let reduce = Reduce { width, combine };
     if plan.ranks == 1 || plan.units == 0 {
@@ -450,7 +470,8 @@ impl Reduce {
                 result = Some(got[p].clone());
             }
         }
-        let result = result.ok_or_else(|| Error::Exchange("the tree's broadcast missed this rank".into()))?;
+        let result = result
+            .ok_or_else(|| Error::exchange(ExchangeFailure::Transport, "the tree's broadcast missed this rank"))?;
         Ok(from_bytes(&result))
     }
 }

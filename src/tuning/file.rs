@@ -57,8 +57,8 @@ impl TuningCache {
 
     /// Writes the cache file (creating its folder), replacing it whole.
     pub fn save(&self) -> Result<PathBuf> {
-        let path =
-            cache_path().ok_or_else(|| Error::Kernels(format!("no cache folder: set {CACHE_DIR_ENV} or HOME")))?;
+        let path = cache_path()
+            .ok_or_else(|| Error::kernels("tuning cache", format!("no cache folder: set {CACHE_DIR_ENV} or HOME")))?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
         }

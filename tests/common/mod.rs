@@ -163,10 +163,7 @@ pub fn compare_with_reference(
         let x32 = random_input(&mut rng, len, offset);
         let x = Tensor::from_f32_as(ctx, shape, &x32, dtype).unwrap();
         // what the GPU really sees (float16 rounds)
-        let x64: Vec<f64> = match dtype {
-            DType::F32 => x32.iter().map(|&v| v as f64).collect(),
-            DType::F16 => x32.iter().map(|&v| half::f16::from_f32(v).to_f64()).collect(),
-        };
+        let x64: Vec<f64> = x32.iter().map(|&v| f64::from(dtype.round(v))).collect();
         let flags = masked.then(|| random_mask(&mut rng, len / shape[shape.len() - 1]));
         let mask = flags.as_ref().map(|f| Mask::from_u8(ctx, mask_shape, f).unwrap());
         let y = layer.forward(&x, training, mask.as_ref()).unwrap();
@@ -205,10 +202,7 @@ pub fn compare_gradients(
     }
     let len: usize = shape.iter().product();
     let round = |v: Vec<f32>| -> (Vec<f32>, Vec<f64>) {
-        let v: Vec<f32> = match dtype {
-            DType::F32 => v,
-            DType::F16 => v.into_iter().map(|a| half::f16::from_f32(a).to_f32()).collect(),
-        };
+        let v: Vec<f32> = v.into_iter().map(|a| dtype.round(a)).collect();
         let w = v.iter().map(|&a| a as f64).collect();
         (v, w)
     };
