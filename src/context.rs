@@ -227,6 +227,7 @@ impl GpuContext {
     /// The cached plan that [`GpuContext::plan_tuning`] returns for these
     /// calls, if it comes from the tuning cache (choice `Auto`, no forced
     /// plan, an entry for this adapter and shape class); `None` otherwise.
+    #[cfg(feature = "bench")]
     pub fn tuned_plan(&self, view: ChannelView, dtype: DType, op: Op) -> Option<PlanTuning> {
         let plans = self.lock_plans();
         match plans.fixed() {

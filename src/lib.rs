@@ -31,8 +31,8 @@
 //!   (a WebGPU rule).
 //! - **Keras in and out.** [`keras::KerasLayerConfig`] reads and writes
 //!   `get_config()` JSON; [`keras::load_weights`] / [`keras::save_weights`]
-//!   use Keras's weight names; [`keras::KerasCase`] runs Keras reference
-//!   cases (the `conform` command).
+//!   use Keras's weight names (files or bytes); the `conform` command of the
+//!   command-line tool runs Keras reference cases.
 //! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
 //!   `Send + Sync`; each call's dispatches run together on the queue, and
 //!   each backward reads the [`SavedForward`] of its own forward call.
