@@ -30,16 +30,8 @@ if have_adapters; then
 fi
 
 packages="mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri"
-if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "ensure-driver: no Vulkan and GL adapter found; installing Mesa's software drivers ($packages)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq $packages >/dev/null
-else
-  echo "ensure-driver: wgpu finds no Vulkan/Metal/DX12 adapter (and, on Linux, no GL one)." >&2
-  echo "Install a GPU driver, or on Debian/Ubuntu as root: apt-get install -y $packages" >&2
-  exit 1
-fi
+. scripts/apt-install.sh
+apt_install ensure-driver "wgpu finds no Vulkan/Metal/DX12 adapter (and, on Linux, no GL one): install a GPU driver, or Mesa's software drivers" $packages
 
 if ! have_adapters; then
   echo "ensure-driver: still no adapter after installing $packages; '$bin adapters' says:" >&2

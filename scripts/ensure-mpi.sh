@@ -15,16 +15,8 @@ if have_mpi; then
 fi
 
 packages="mpich libmpich-dev libclang-dev pkgconf"
-if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "ensure-mpi: MPICH or libclang missing; installing $packages" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq $packages >/dev/null
-else
-  echo "ensure-mpi: the mpi feature needs MPICH (mpiexec, mpicc) and libclang." >&2
-  echo "On Debian/Ubuntu as root: apt-get install -y $packages (or Open MPI and libclang elsewhere)" >&2
-  exit 1
-fi
+. "$(dirname "$0")/apt-install.sh"
+apt_install ensure-mpi "the mpi feature needs MPICH (mpiexec, mpicc) and libclang (or Open MPI and libclang elsewhere)" $packages
 
 if ! have_mpi; then
   echo "ensure-mpi: still no mpiexec, mpicc or libclang after installing $packages" >&2

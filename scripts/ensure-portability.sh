@@ -16,16 +16,8 @@ command -v spirv-val >/dev/null || packages+=(spirv-tools)
 [ -e "$icd" ] || packages+=(chromium)
 
 if [ ${#packages[@]} -gt 0 ]; then
-  if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "ensure-portability: installing ${packages[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${packages[@]}" >/dev/null
-  else
-    echo "ensure-portability: missing ${packages[*]} (Node.js and npm, SPIRV-Tools, chromium for SwiftShader's" >&2
-    echo "Vulkan driver at $icd). On Debian/Ubuntu as root: apt-get install -y ${packages[*]}" >&2
-    exit 1
-  fi
+  . scripts/apt-install.sh
+  apt_install ensure-portability "missing Node.js and npm, SPIRV-Tools, or chromium (SwiftShader's Vulkan driver at $icd)" "${packages[@]}"
 fi
 
 if [ ! -e scripts/tint/node_modules/webgpu/package.json ]; then

@@ -129,9 +129,18 @@ impl Tensor {
 
     fn from_bytes(ctx: &GpuContext, shape: &[usize], dtype: DType, len: usize, bytes: &[u8]) -> Result<Self> {
         check_shape(shape, len)?;
-        check_size(ctx, padded_bytes(len, dtype))?;
-        let buffer = ctx.scoped("uploading a tensor", || {
-            Ok(ctx.gpu().create_buffer_init("tensor", bytes, Self::USAGE))
+        Self::new_buffer(ctx, shape, dtype, Some(bytes))
+    }
+
+    /// A tensor in a new buffer of its own, holding `bytes` where given.
+    fn new_buffer(ctx: &GpuContext, shape: &[usize], dtype: DType, bytes: Option<&[u8]>) -> Result<Self> {
+        let size = padded_bytes(element_count(shape)?, dtype);
+        check_size(ctx, size)?;
+        let buffer = ctx.scoped("allocating a tensor", || {
+            Ok(match bytes {
+                Some(bytes) => ctx.gpu().create_buffer_init("tensor", bytes, Self::USAGE),
+                None => ctx.gpu().create_buffer("tensor", size, Self::USAGE),
+            })
         })?;
         Ok(Tensor {
             buffer,
@@ -148,19 +157,7 @@ impl Tensor {
 
     /// An uninitialised tensor (the output of a kernel).
     pub(crate) fn uninit(ctx: &GpuContext, shape: &[usize], dtype: DType) -> Result<Self> {
-        let len = element_count(shape)?;
-        let size = padded_bytes(len, dtype);
-        check_size(ctx, size)?;
-        let buffer = ctx.scoped("allocating a tensor", || {
-            Ok(ctx.gpu().create_buffer("tensor", size, Self::USAGE))
-        })?;
-        Ok(Tensor {
-            buffer,
-            context: ctx.gpu().id,
-            offset: 0,
-            shape: shape.to_vec(),
-            dtype,
-        })
+        Self::new_buffer(ctx, shape, dtype, None)
     }
 
     /// Wraps an application's buffer, made on `ctx`'s device, holding a

@@ -434,12 +434,7 @@ fn wide_layer_gradients_match(ctx: &GpuContext) {
 
 #[test]
 fn gradients_of_layers_wider_than_2_pow_19_channels() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         wide_layer_gradients_match(&ctx);
     }
-}
-
-#[test]
-fn gradients_of_layers_wider_than_2_pow_19_channels_on_gl() {
-    wide_layer_gradients_match(&common::gl());
 }

@@ -74,42 +74,23 @@ fn large_offset_beats_keras_own_float32() {
 /// reference.
 #[test]
 fn integer_and_float_masks_in_a_case_file_pass() {
-    use safetensors::{Dtype, SafeTensors};
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keras/masked_sequence.safetensors");
-    let bytes = std::fs::read(&source).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
+    use common::case_files::{Tensors, keras_fixtures, read_case, write_case};
+    use safetensors::Dtype;
+    let (meta, tensors) = read_case(&keras_fixtures().join("masked_sequence.safetensors"));
     // every mask byte rewritten as `dtype` by `value(position, in)`
-    let rewrite = |dtype: Dtype, value: &dyn Fn(usize, bool) -> Vec<u8>| {
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (key, view) in st.tensors() {
-            if key.starts_with("mask.") {
-                let wide = view
-                    .data()
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, &b)| value(i, b != 0))
-                    .collect();
-                owned.push((key, dtype, view.shape().to_vec(), wide));
-            } else {
-                owned.push((key, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
-            }
-        }
-        owned
+    let rewrite = |dtype: Dtype, value: &dyn Fn(usize, bool) -> Vec<u8>| -> Tensors {
+        tensors
+            .iter()
+            .map(|(key, d, shape, data)| match key.starts_with("mask.") {
+                true => {
+                    let wide = data.iter().enumerate().flat_map(|(i, &b)| value(i, b != 0)).collect();
+                    (key.clone(), dtype, shape.clone(), wide)
+                }
+                false => (key.clone(), *d, shape.clone(), data.clone()),
+            })
+            .collect()
     };
     let out = std::env::temp_dir().join(format!("wgpu-batchnorm-int-mask-{}.safetensors", std::process::id()));
-    let write = |tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]| {
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(k, d, s, b)| {
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        std::fs::write(&out, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
-    };
     let ints = [1i32, 2, -3, i32::MAX];
     let floats = [1.0f32, 0.5, -2.0, f32::NAN, f32::INFINITY, 1e-30];
     let variants = [
@@ -134,7 +115,7 @@ fn integer_and_float_masks_in_a_case_file_pass() {
     let mut masks = 0;
     for (what, tensors) in &variants {
         masks += tensors.iter().filter(|t| t.0.starts_with("mask.")).count();
-        write(tensors);
+        write_case(&out, &meta, tensors.clone());
         let case = keras::KerasCase::load(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(case.unsupported, None, "{what}");
         for device in [Device::Cpu, Device::Gpu(common::gpu())] {

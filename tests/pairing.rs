@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gl, random_input, rng};
+use common::{random_input, rng};
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, SavedForward, Tensor};
@@ -55,14 +55,9 @@ fn threads_get_their_own_gradients(ctx: &GpuContext) {
 
 #[test]
 fn threads_sharing_a_layer_get_the_gradients_of_their_own_input() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         threads_get_their_own_gradients(&ctx);
     }
-}
-
-#[test]
-fn threads_sharing_a_layer_get_the_gradients_of_their_own_input_on_gl() {
-    threads_get_their_own_gradients(&gl());
 }
 
 /// A forward recorded into an application's encoder, an immediate forward
@@ -112,12 +107,7 @@ fn interleaved_calls_keep_their_pairing(ctx: &GpuContext) {
 
 #[test]
 fn interleaved_and_recorded_forward_calls_keep_their_pairing() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         interleaved_calls_keep_their_pairing(&ctx);
     }
-}
-
-#[test]
-fn interleaved_and_recorded_forward_calls_keep_their_pairing_on_gl() {
-    interleaved_calls_keep_their_pairing(&gl());
 }

@@ -131,15 +131,9 @@ fn sweep(ctx: &GpuContext) {
 
 #[test]
 fn every_rank_axis_and_flag_matches_the_reference() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         sweep(&ctx);
     }
-}
-
-#[cfg(target_os = "linux")]
-#[test]
-fn every_rank_axis_and_flag_matches_the_reference_on_gl() {
-    sweep(&common::gl());
 }
 
 /// The normalise kernels reading their parameters through a storage
@@ -514,12 +508,7 @@ fn wide_layers_match(ctx: &GpuContext) {
 
 #[test]
 fn layers_wider_than_2_pow_19_channels() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         wide_layers_match(&ctx);
     }
-}
-
-#[test]
-fn layers_wider_than_2_pow_19_channels_on_gl() {
-    wide_layers_match(&common::gl());
 }

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{gl, random_input, rng};
+use common::{random_input, rng};
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, Mask, StateSlot, Tensor};
 
@@ -101,14 +101,9 @@ fn specials_follow_the_reference(ctx: &GpuContext) {
 
 #[test]
 fn nan_and_inf_follow_the_reference() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         specials_follow_the_reference(&ctx);
     }
-}
-
-#[test]
-fn nan_and_inf_follow_the_reference_on_gl() {
-    specials_follow_the_reference(&gl());
 }
 
 /// Inputs far from zero with a spread to match (values around 1e18 and
@@ -178,14 +173,9 @@ fn large_magnitudes_normalise(ctx: &GpuContext) {
 
 #[test]
 fn inputs_far_beyond_the_square_root_of_float32_normalise() {
-    for ctx in common::vulkan() {
+    for ctx in common::drivers() {
         large_magnitudes_normalise(&ctx);
     }
-}
-
-#[test]
-fn inputs_far_beyond_the_square_root_of_float32_normalise_on_gl() {
-    large_magnitudes_normalise(&gl());
 }
 
 /// Float16 where WGSL leaves the conversion open (pack2x16float of a value
@@ -417,9 +407,5 @@ fn constant_and_huge_variance_channels_far_from_zero_match_the_reference() {
     for name in common::vulkan_adapters() {
         far_from_zero_in_both_families(wgpu::Backends::VULKAN, Some(&name));
     }
-}
-
-#[test]
-fn constant_and_huge_variance_channels_far_from_zero_match_the_reference_on_gl() {
     far_from_zero_in_both_families(wgpu::Backends::GL, None);
 }

@@ -6,6 +6,8 @@
 //! world each match one layer over their own batch; ranks that disagree
 //! get an error each.
 
+mod common;
+
 use std::time::Duration;
 
 use wgpu_batchnorm::reference::ReferenceLayer;
@@ -14,12 +16,7 @@ use wgpu_batchnorm::{BatchNormConfig, Error, RenormClipping};
 
 /// Deterministic values around `offset`, never all equal.
 fn values(n: usize, seed: u64, offset: f64) -> Vec<f64> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            offset + (h >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-        })
-        .collect()
+    common::hashed_unit(n, seed).map(|u| offset + u * 4.0 - 2.0).collect()
 }
 
 struct Case {

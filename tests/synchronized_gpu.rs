@@ -22,12 +22,8 @@ use wgpu_batchnorm::{
 
 /// Deterministic values around `offset`, never all equal, as `dtype` holds them.
 fn values(n: usize, seed: u64, offset: f32, dtype: DType) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            let v = offset + (h >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0;
-            dtype.round(v)
-        })
+    common::hashed_unit(n, seed)
+        .map(|u| dtype.round(offset + u as f32 * 4.0 - 2.0))
         .collect()
 }
 

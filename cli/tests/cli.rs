@@ -53,41 +53,18 @@ impl AsRef<Path> for TempDir {
     }
 }
 
-/// A case file's tensors: key, dtype, shape, bytes.
-type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+#[path = "../../tests/common/case_files.rs"]
+mod case_files;
+use case_files::{Tensors, read_case};
 
 /// A fixture's `case` metadata and tensors.
 fn fixture_case(source: &str) -> (serde_json::Value, Tensors) {
-    let bytes = std::fs::read(fixtures().join(format!("{source}.safetensors"))).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let case: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    (case, tensors)
+    read_case(&fixtures().join(format!("{source}.safetensors")))
 }
 
 /// Writes `dir/<name>.safetensors` with the `case` metadata and tensors.
-fn write_case(dir: &Path, name: &str, case: &serde_json::Value, mut tensors: Tensors) {
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta = std::collections::HashMap::from([("case".to_string(), case.to_string())]);
-    std::fs::write(
-        dir.join(format!("{name}.safetensors")),
-        safetensors::serialize(views, Some(meta)).unwrap(),
-    )
-    .unwrap();
+fn write_case(dir: &Path, name: &str, case: &serde_json::Value, tensors: Tensors) {
+    case_files::write_case(&dir.join(format!("{name}.safetensors")), case, tensors);
 }
 
 /// Copies a fixture with its `case` metadata and tensors edited.
@@ -563,35 +540,16 @@ fn conform_out_names_outputs_after_the_input_files_and_stays_inside_out() {
     let out = root.join("out");
     std::fs::create_dir_all(&cases).unwrap();
     let absolute = root.join("abs_escaped").to_str().unwrap().to_string();
-    edited_case(
-        &cases,
-        "dense_default",
-        "dotdot",
-        |c| c["name"] = "../escaped".into(),
-        |_, _, _| {},
-    );
-    edited_case(
-        &cases,
-        "dense_default",
-        "abs",
-        |c| c["name"] = absolute.into(),
-        |_, _, _| {},
-    );
-    // one metadata name for two files: each still gets its own output
-    edited_case(
-        &cases,
-        "inference_only",
-        "first",
-        |c| c["name"] = "same".into(),
-        |_, _, _| {},
-    );
-    edited_case(
-        &cases,
-        "inference_only",
-        "second",
-        |c| c["name"] = "same".into(),
-        |_, _, _| {},
-    );
+    // metadata names that would escape OUT, and one name for two files:
+    // each file still gets its own output, named after it
+    for (case, file, name) in [
+        ("dense_default", "dotdot", "../escaped"),
+        ("dense_default", "abs", absolute.as_str()),
+        ("inference_only", "first", "same"),
+        ("inference_only", "second", "same"),
+    ] {
+        edited_case(&cases, case, file, |c| c["name"] = name.into(), |_, _, _| {});
+    }
     let o = run(&[
         "conform",
         cases.to_str().unwrap(),

@@ -108,16 +108,7 @@ impl BatchNorm {
                 label: Some("batchnorm backward"),
                 timestamp_writes: None,
             });
-            let buffers = CallBuffers {
-                x: &saved.x,
-                y: None,
-                dy: Some(dy),
-                dx: Some(&grads.dx),
-                mask: saved.mask.as_ref().map(|m| &m.buffer),
-                saved: saved.statistics.buffer(),
-                coeffs: &self.coeffs,
-                partials: None,
-            };
+            let buffers = CallBuffers::backward(saved, dy, Some(&grads.dx), &self.coeffs);
             self.record_plan(&mut pass, &call.plan, call.flags, saved.x.shape(), &buffers)?;
         }
         self.copy_parameter_gradients(encoder, grads);

@@ -213,16 +213,7 @@ impl BatchNorm {
                 label: Some("batchnorm forward"),
                 timestamp_writes: None,
             });
-            let buffers = CallBuffers {
-                x,
-                y: Some(y),
-                dy: None,
-                dx: None,
-                mask: mask.filter(|_| call.masked).map(|m| &m.buffer),
-                saved: statistics.buffer(),
-                coeffs: &self.coeffs,
-                partials: None,
-            };
+            let buffers = CallBuffers::forward(self, x, Some(y), mask.filter(|_| call.masked), statistics.buffer());
             self.record_plan(&mut pass, &call.plan, call.flags, x.shape(), &buffers)?;
         }
         Ok(self.saved_forward(&call, x, mask, statistics, self.config.synchronized))

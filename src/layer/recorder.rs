@@ -7,13 +7,13 @@
 //! one encoder never share a slot that changes), bind groups by what they
 //! bind, and the scratch buffers grow and stay.
 
-use super::BatchNorm;
+use super::{BatchNorm, SavedForward};
 use crate::config::Regularizer;
 use crate::context::GpuContext;
 use crate::error::Result;
 use crate::params::{PARAMS_SLOT, Params};
 use crate::plan::{CallPlan, Chunk, Over};
-use crate::tensor::Tensor;
+use crate::tensor::{Mask, Tensor};
 use crate::variants::{Kernel, Role};
 
 /// Uniform blocks kept per layer: a loop's forward, backward and
@@ -113,6 +113,54 @@ pub(super) struct CallBuffers<'a> {
     pub coeffs: &'a wgpu::Buffer,
     /// A synchronized call's merged partials instead of the scratch tiles.
     pub partials: Option<&'a wgpu::Buffer>,
+}
+
+impl<'a> CallBuffers<'a> {
+    /// A forward call's: its input, its output where it normalises, the
+    /// mask its reductions read, and where its statistics go.
+    pub(super) fn forward(
+        layer: &'a BatchNorm,
+        x: &'a Tensor,
+        y: Option<&'a Tensor>,
+        mask: Option<&'a Mask>,
+        saved: &'a wgpu::Buffer,
+    ) -> Self {
+        CallBuffers {
+            x,
+            y,
+            dy: None,
+            dx: None,
+            mask: mask.map(|m| &m.buffer),
+            saved,
+            coeffs: &layer.coeffs,
+            partials: None,
+        }
+    }
+
+    /// A backward call's: its forward's input, mask and statistics, dy,
+    /// dx where it runs the dx pass, and where the coefficients go.
+    pub(super) fn backward(
+        saved: &'a SavedForward,
+        dy: &'a Tensor,
+        dx: Option<&'a Tensor>,
+        coeffs: &'a wgpu::Buffer,
+    ) -> Self {
+        CallBuffers {
+            x: &saved.x,
+            y: None,
+            dy: Some(dy),
+            dx,
+            mask: saved.mask.as_ref().map(|m| &m.buffer),
+            saved: saved.statistics.buffer(),
+            coeffs,
+            partials: None,
+        }
+    }
+
+    /// Reading a synchronized call's merged partials (`None`: the tiles).
+    pub(super) fn with_partials(self, partials: Option<&'a wgpu::Buffer>) -> Self {
+        CallBuffers { partials, ..self }
+    }
 }
 
 /// A buffer range as a bind group entry's resource.

@@ -128,16 +128,7 @@ impl BatchNorm {
             let mut encoder = self.encoder("synchronized forward, local moments");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers {
-                    x,
-                    y: None,
-                    dy: None,
-                    dx: None,
-                    mask: mask.filter(|_| call.masked).map(|m| &m.buffer),
-                    saved: &merged,
-                    coeffs: &self.coeffs,
-                    partials: None,
-                };
+                let buffers = CallBuffers::forward(self, x, None, mask.filter(|_| call.masked), &merged);
                 self.record_plan(&mut pass, &call.plan, call.flags | FLAG_MERGE_ONLY, x.shape(), &buffers)?;
             }
             self.ctx.queue().submit([encoder.finish()]);
@@ -166,16 +157,8 @@ impl BatchNorm {
             let mut encoder = self.encoder("synchronized forward");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers {
-                    x,
-                    y: Some(y),
-                    dy: None,
-                    dx: None,
-                    mask: None,
-                    saved: statistics.buffer(),
-                    coeffs: &self.coeffs,
-                    partials: uploaded.as_ref(),
-                };
+                let buffers =
+                    CallBuffers::forward(self, x, Some(y), None, statistics.buffer()).with_partials(uploaded.as_ref());
                 self.record_plan(&mut pass, &call.plan, call.flags, x.shape(), &buffers)?;
             }
             self.ctx.queue().submit([encoder.finish()]);
@@ -217,16 +200,8 @@ impl BatchNorm {
             let mut encoder = self.encoder("synchronized backward");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers {
-                    x: &saved.x,
-                    y: None,
-                    dy: Some(dy),
-                    dx: Some(&grads.dx),
-                    mask: saved.mask.as_ref().map(|m| &m.buffer),
-                    saved: saved.statistics.buffer(),
-                    coeffs: &self.coeffs,
-                    partials: Some(&uploaded),
-                };
+                let buffers =
+                    CallBuffers::backward(saved, dy, Some(&grads.dx), &self.coeffs).with_partials(Some(&uploaded));
                 self.record_plan(&mut pass, &call.plan, call.flags, saved.x.shape(), &buffers)?;
             }
             self.copy_parameter_gradients(&mut encoder, grads);
@@ -246,16 +221,7 @@ impl BatchNorm {
             let mut encoder = self.encoder("synchronized backward, local sums");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers {
-                    x: &saved.x,
-                    y: None,
-                    dy: Some(dy),
-                    dx: None,
-                    mask: saved.mask.as_ref().map(|m| &m.buffer),
-                    saved: saved.statistics.buffer(),
-                    coeffs: &sums,
-                    partials: None,
-                };
+                let buffers = CallBuffers::backward(saved, dy, None, &sums);
                 self.record_plan(
                     &mut pass,
                     &call.plan,

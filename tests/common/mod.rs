@@ -2,6 +2,8 @@
 //! the GPU-vs-reference comparison.
 #![allow(dead_code)]
 
+pub mod case_files;
+
 use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
@@ -81,10 +83,13 @@ pub fn fresh_vulkan() -> Vec<GpuContext> {
         .collect()
 }
 
-/// Every driver the suite runs on: each Vulkan driver, then GL.
+/// Every driver the suite runs on: each Vulkan driver, then GL (on Linux:
+/// Mesa's llvmpipe through EGL; elsewhere GL is not among wgpu's adapters).
 pub fn drivers() -> Vec<GpuContext> {
     let mut ctxs = vulkan();
-    ctxs.push(gl());
+    if cfg!(target_os = "linux") {
+        ctxs.push(gl());
+    }
     ctxs
 }
 
@@ -107,6 +112,15 @@ pub fn small_uniform_device() -> GpuContext {
     let ctx = GpuContext::from_device(device, queue);
     ctx.set_uniform_parameters(true);
     ctx
+}
+
+/// `n` values in [0, 1) from a hash of their index and `seed`: the same on
+/// every rank and thread that asks (no random state to share).
+pub fn hashed_unit(n: usize, seed: u64) -> impl Iterator<Item = f64> {
+    (0..n).map(move |i| {
+        let h = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        (h >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 /// Values around `offset` with per-channel spread, never all equal.
