@@ -1005,7 +1005,7 @@ impl StreamBaseline {
         // whole 256-byte blocks per chunk keep every binding offset aligned
         let chunk_vecs = ((ctx.max_binding_size() - 256) / 256 * 16).max(16);
         let kernels = &ctx.inner.kernels;
-        let pipeline = kernels.pipeline(device, KernelKey::new(Kernel::Stream, dtype, false))?;
+        let pipeline = kernels.pipeline(ctx.gpu(), KernelKey::new(Kernel::Stream, dtype, false))?;
         let mut groups = Vec::new();
         let mut start = 0;
         while start < vecs {

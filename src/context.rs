@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ChannelView;
 use crate::device::Device;
-pub use crate::device::{AdapterReport, AdapterSelection, list_adapters};
+#[cfg(not(target_arch = "wasm32"))]
+pub use crate::device::list_adapters;
+pub use crate::device::{AdapterReport, AdapterSelection, list_adapters_async};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::kernels::Kernels;
@@ -62,12 +64,15 @@ impl Plans {
 
 impl GpuContext {
     /// Opens the adapter chosen by `WGPU_BACKEND` / `WGPU_ADAPTER_NAME`, or
-    /// the best one found (discrete, integrated, virtual, then CPU).
+    /// the best one found (discrete, integrated, virtual, then CPU). Not on
+    /// the web, where nothing may block: use [`GpuContext::new_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_env() -> Result<Self> {
         Self::new(&AdapterSelection::from_env())
     }
 
-    /// Blocking form of [`GpuContext::new_async`].
+    /// Blocking form of [`GpuContext::new_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(selection: &AdapterSelection) -> Result<Self> {
         pollster::block_on(Self::new_async(selection))
     }
@@ -77,7 +82,7 @@ impl GpuContext {
     /// it has them, subgroup operations. The kernel choice is
     /// `selection.kernels`, else `WGPU_BATCHNORM_KERNELS`: a value of the
     /// variable that is none of `serial`, `coalesced`, `auto` is an
-    /// [`Error::Kernels`].
+    /// [`crate::Error::Kernels`].
     pub async fn new_async(selection: &AdapterSelection) -> Result<Self> {
         let device = Device::open(selection).await?;
         let choice = match selection.kernels {
@@ -105,7 +110,7 @@ impl GpuContext {
     }
 
     fn build(device: Device, choice: KernelChoice) -> Self {
-        let kernels = Kernels::new(&device.device);
+        let kernels = Kernels::new(&device);
         // a CPU adapter (llvmpipe, WARP, SwiftShader) runs each storage
         // load as a loop over SIMD lanes but a uniform load as one gather
         let uniform_params = device.device.adapter_info().device_type == wgpu::DeviceType::Cpu;
@@ -243,6 +248,7 @@ impl GpuContext {
     /// folder changes which kernels run only once the application calls
     /// this (the command-line tool does). A corrupt file is an error here
     /// and leaves the plans as they were.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn reload_tuning_cache(&self) -> Result<usize> {
         Ok(self.use_tuning_cache(&TuningCache::load()?))
     }
@@ -273,12 +279,22 @@ impl GpuContext {
         };
         for tuning in tunings {
             let uniform = tuning.uniform_parameters.unwrap_or(self.uniform_parameters());
-            self.inner.kernels.precompile(self.device(), &tuning, uniform);
+            self.inner.kernels.precompile(self.gpu(), &tuning, uniform);
         }
     }
 
     fn lock_plans(&self) -> std::sync::MutexGuard<'_, Plans> {
         self.inner.plans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every GPU error the crate's own work so far could raise
+    /// is known, and returns the first. On native backends each call
+    /// reports its own errors before it returns, so this is `Ok` at once.
+    /// In a browser the device answers later: a call reports what earlier
+    /// calls caused as soon as it is known, and this waits for all of it
+    /// (a test's, or a page's, way of seeing a rejected pipeline).
+    pub async fn gpu_errors(&self) -> Result<()> {
+        self.inner.device.settle().await
     }
 
     /// Runs `work` (the crate's own device work for one call) inside error

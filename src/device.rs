@@ -18,30 +18,11 @@ const FILTERS: [wgpu::ErrorFilter; 3] = [
     wgpu::ErrorFilter::Internal,
 ];
 
-/// Runs `work` inside this thread's error scopes on `device` (wgpu's
-/// scopes are per thread, so calls on other threads are not caught here):
-/// the first error they catch becomes [`Error::Gpu`] naming `what`, and
-/// wins over `work`'s own result.
-pub(crate) fn scoped<T>(
-    device: &wgpu::Device,
-    what: impl FnOnce() -> String,
-    work: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let scopes = FILTERS.map(|filter| device.push_error_scope(filter));
-    let result = work();
-    let mut caught = None;
-    // innermost first; on native the futures are ready at once
-    for scope in scopes.into_iter().rev() {
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            caught.get_or_insert(error);
-        }
-    }
-    match caught {
-        Some(error) => Err(Error::Gpu {
-            what: what(),
-            message: message_of(&error),
-        }),
-        None => result,
+/// What an error scope caught, as the crate reports it.
+fn gpu_error(what: String, error: &wgpu::Error) -> Error {
+    Error::Gpu {
+        what,
+        message: message_of(error),
     }
 }
 
@@ -107,10 +88,19 @@ pub struct AdapterReport {
     pub features: wgpu::Features,
 }
 
-/// Every adapter wgpu finds on `backends` (all when `None`).
+/// Every adapter wgpu finds on `backends` (all when `None`). Not on the
+/// web: use [`list_adapters_async`].
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters(backends: Option<wgpu::Backends>) -> Vec<AdapterReport> {
+    pollster::block_on(list_adapters_async(backends))
+}
+
+/// Every adapter wgpu finds on `backends` (all when `None`).
+pub async fn list_adapters_async(backends: Option<wgpu::Backends>) -> Vec<AdapterReport> {
     let instance = new_instance(backends);
-    pollster::block_on(instance.enumerate_adapters(backends.unwrap_or(wgpu::Backends::all())))
+    instance
+        .enumerate_adapters(backends.unwrap_or(wgpu::Backends::all()))
+        .await
         .into_iter()
         .map(|a| AdapterReport {
             info: a.get_info(),
@@ -165,7 +155,18 @@ pub(crate) struct Device {
     /// training loop's calls create none once warm (tests/memory.rs).
     buffers_created: AtomicU64,
     bind_groups_created: AtomicU64,
+    /// The web: the scopes of earlier calls whose answers the browser has
+    /// not given yet, with what each call was doing.
+    #[cfg(target_arch = "wasm32")]
+    pending: Mutex<Vec<PendingScope>>,
 }
+
+/// An error scope's answer still to come (the web), and its call.
+#[cfg(target_arch = "wasm32")]
+type PendingScope = (
+    String,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>,
+);
 
 impl Device {
     /// Opens the adapter `selection` names (or the best one) and requests a
@@ -239,6 +240,8 @@ impl Device {
             lost: Arc::new(Mutex::new(None)),
             buffers_created: AtomicU64::new(0),
             bind_groups_created: AtomicU64::new(0),
+            #[cfg(target_arch = "wasm32")]
+            pending: Mutex::new(Vec::new()),
         }
     }
 
@@ -278,10 +281,41 @@ impl Device {
         )
     }
 
-    /// Runs `work` inside error scopes (see [`scoped`]); a lost device
-    /// fails it too.
+    /// Runs `work` (the crate's own device work for one call) inside this
+    /// thread's error scopes (validation, out of memory, internal; wgpu's
+    /// scopes are per thread): what they catch is an [`Error::Gpu`] naming
+    /// `what`, winning over `work`'s own result, and so is a lost device.
+    ///
+    /// On native backends the scopes answer at once. In a browser they
+    /// answer later, and a call cannot wait: each call first reports what
+    /// earlier calls' scopes have answered since ([`Device::settle`] waits
+    /// for every answer).
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let result = scoped(&self.device, || what.to_string(), work);
+        #[cfg(target_arch = "wasm32")]
+        self.answered()?;
+        let scopes = FILTERS.map(|filter| self.device.push_error_scope(filter));
+        let result = work();
+        #[cfg(not(target_arch = "wasm32"))]
+        let result = {
+            let mut caught = None;
+            // innermost first; on native the futures are ready at once
+            for scope in scopes.into_iter().rev() {
+                if let Some(error) = pollster::block_on(scope.pop()) {
+                    caught.get_or_insert(error);
+                }
+            }
+            match caught {
+                Some(error) => Err(gpu_error(what.to_string(), &error)),
+                None => result,
+            }
+        };
+        #[cfg(target_arch = "wasm32")]
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for scope in scopes.into_iter().rev() {
+                pending.push((what.to_string(), Box::pin(scope.pop())));
+            }
+        }
         if let Some(reason) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(Error::Gpu {
                 what: what.to_string(),
@@ -289,6 +323,45 @@ impl Device {
             });
         }
         result
+    }
+
+    /// The web: the first error among the scopes that have answered
+    /// (polled once each, never waited on).
+    #[cfg(target_arch = "wasm32")]
+    fn answered(&self) -> Result<()> {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = None;
+        pending.retain_mut(|(what, scope)| match scope.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(caught) => {
+                if let Some(error) = caught {
+                    first.get_or_insert_with(|| gpu_error(std::mem::take(what), &error));
+                }
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Waits until every error scope of the crate's work so far has
+    /// answered; the first error among them. Native backends answer each
+    /// call's scopes before it returns: nothing is left to wait for.
+    pub(crate) async fn settle(&self) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut first = None;
+            for (what, scope) in pending {
+                if let Some(error) = scope.await {
+                    first.get_or_insert_with(|| gpu_error(what, &error));
+                }
+            }
+            if let Some(error) = first {
+                return Err(error);
+            }
+        }
+        Ok(())
     }
 
     /// Bytes one storage binding may cover.

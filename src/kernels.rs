@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::uniform_view_bytes;
@@ -175,30 +176,28 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub(crate) fn new(device: &wgpu::Device) -> Self {
+    pub(crate) fn new(gpu: &Device) -> Self {
+        let device = &gpu.device;
         let limits = device.limits();
         let uniform_view = uniform_view_bytes(&limits);
         let layouts = Kernel::ALL
             .into_iter()
             .map(|kernel| {
-                let layouts = crate::device::scoped(
-                    device,
-                    || format!("the bind group layout of {}", kernel.entry_point()),
-                    || {
-                        kernel.bindings_fit(&limits)?;
-                        let entries = kernel.layout_entries(uniform_view);
-                        let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                            label: Some(kernel.entry_point()),
-                            entries: &entries,
-                        });
-                        let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                            label: Some(kernel.entry_point()),
-                            bind_group_layouts: &[Some(&bind)],
-                            immediate_size: 0,
-                        });
-                        Ok((bind, pipeline))
-                    },
-                );
+                let what = format!("the bind group layout of {}", kernel.entry_point());
+                let layouts = gpu.scoped(&what, || {
+                    kernel.bindings_fit(&limits)?;
+                    let entries = kernel.layout_entries(uniform_view);
+                    let bind = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(kernel.entry_point()),
+                        entries: &entries,
+                    });
+                    let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(kernel.entry_point()),
+                        bind_group_layouts: &[Some(&bind)],
+                        immediate_size: 0,
+                    });
+                    Ok((bind, pipeline))
+                });
                 (kernel, layouts.map_err(Refusal::from))
             })
             .collect();
@@ -233,7 +232,7 @@ impl Kernels {
     /// compiled yet, so that no forward or backward call with such plans
     /// compiles a pipeline. A variant the device refuses is kept as
     /// refused: the calls that need it return the error.
-    pub(crate) fn precompile(&self, device: &wgpu::Device, tuning: &PlanTuning, uniform_params: bool) {
+    pub(crate) fn precompile(&self, device: &Device, tuning: &PlanTuning, uniform_params: bool) {
         for key in KernelKey::layer_variants(tuning, self.subgroups, uniform_params) {
             let _ = self.pipeline(device, key);
         }
@@ -253,7 +252,7 @@ impl Kernels {
 
     /// The pipeline for `key`, compiled on first use and cached for the
     /// device's lifetime, or why the device refuses it (also cached).
-    pub(crate) fn pipeline(&self, device: &wgpu::Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+    pub(crate) fn pipeline(&self, device: &Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(made) = cache.get(&key) {
             return made.clone().map_err(Error::from);
@@ -263,34 +262,30 @@ impl Kernels {
         made.map_err(Error::from)
     }
 
-    fn create_pipeline(&self, device: &wgpu::Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+    fn create_pipeline(&self, gpu: &Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
         key.kernel
             .needs(key.strategy)
-            .check(key.entry_point(), &device.limits())?;
+            .check(key.entry_point(), &gpu.device.limits())?;
         let layout = &self.layouts(key.kernel)?.1;
-        let module = self.module(device, key.source_key())?;
-        crate::device::scoped(
-            device,
-            || format!("compiling pipeline {}", key.entry_point()),
-            || {
-                Ok(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(key.entry_point()),
-                    layout: Some(layout),
-                    module: &module,
-                    entry_point: Some(key.entry_point()),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &key.constants(),
-                        zero_initialize_workgroup_memory: false,
-                    },
-                    cache: None,
-                }))
-            },
-        )
+        let module = self.module(gpu, key.source_key())?;
+        gpu.scoped(&format!("compiling pipeline {}", key.entry_point()), || {
+            Ok(gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry_point()),
+                layout: Some(layout),
+                module: &module,
+                entry_point: Some(key.entry_point()),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &key.constants(),
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            }))
+        })
     }
 
     /// One module per source: the variants of a family differ by entry
     /// point and override constants only.
-    fn module(&self, device: &wgpu::Device, source: SourceKey) -> Result<wgpu::ShaderModule> {
+    fn module(&self, gpu: &Device, source: SourceKey) -> Result<wgpu::ShaderModule> {
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(made) = modules.get(&source) {
             return made.clone().map_err(Error::from);
@@ -304,17 +299,15 @@ impl Kernels {
         {
             wgsl.push_str("\nfn broken_on_purpose() -> u32 { return 1.5; }\n");
         }
-        let made = crate::device::scoped(
-            device,
-            || format!("compiling the shader module of {}", source.kernel.entry_point()),
-            || {
-                Ok(device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let what = format!("compiling the shader module of {}", source.kernel.entry_point());
+        let made = gpu
+            .scoped(&what, || {
+                Ok(gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(source.kernel.entry_point()),
                     source: wgpu::ShaderSource::Wgsl(wgsl.into()),
                 }))
-            },
-        )
-        .map_err(Refusal::from);
+            })
+            .map_err(Refusal::from);
         modules.insert(source, made.clone());
         made.map_err(Error::from)
     }

@@ -89,18 +89,25 @@ pub mod tensor;
 pub mod tuning;
 pub(crate) mod variants;
 
+#[cfg(all(feature = "mpi", target_arch = "wasm32"))]
+compile_error!("the mpi feature (MpiExchange) needs MPI processes: it does not build for the web (wasm32)");
+
 pub use config::{
     BatchNormConfig, ChannelView, Constraint, Initializer, Regularizer, RenormClipping, RunningStatistics,
     StatePrecision,
 };
-pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters;
+pub use context::{AdapterReport, AdapterSelection, GpuContext, list_adapters_async};
 pub use dtype::DType;
 pub use error::{ConfigError, Error, ExchangeFailure, Result};
 pub use layer::{BatchNorm, Gradients, SavedForward, StateSlot};
 pub use optimizer::Sgd;
+pub use sync::Exchange;
+#[cfg(not(target_arch = "wasm32"))]
+pub use sync::LocalExchange;
 #[cfg(feature = "mpi")]
 pub use sync::MpiExchange;
-pub use sync::{Exchange, LocalExchange};
 pub use tensor::{Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};
 

@@ -245,10 +245,10 @@ fn record(ctx: &GpuContext, layer: &BatchNorm, group: &wgpu::BindGroup, step: bo
             let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, group, &[0]);
             if step {
-                pass.set_pipeline(&kernels.pipeline(device, key(Kernel::SgdStep))?);
+                pass.set_pipeline(&kernels.pipeline(ctx.gpu(), key(Kernel::SgdStep))?);
                 pass.dispatch_workgroups(grid.0, grid.1, 1);
             }
-            pass.set_pipeline(&kernels.pipeline(device, key(Kernel::Constrain))?);
+            pass.set_pipeline(&kernels.pipeline(ctx.gpu(), key(Kernel::Constrain))?);
             pass.dispatch_workgroups(2, 1, 1);
         }
         ctx.queue().submit([encoder.finish()]);
@@ -279,20 +279,31 @@ impl BatchNorm {
     }
 
     /// The regularizers' penalty on the current gamma and beta (Keras's
-    /// `layer.losses`), read back from the GPU.
+    /// `layer.losses`), read back from the GPU (never blocks; see
+    /// [`crate::Tensor::read_f32_async`]).
+    pub async fn regularization_loss_async(&self) -> Result<f32> {
+        Ok(self.penalty(&self.named_weights_async().await?))
+    }
+
+    /// Blocking form of [`BatchNorm::regularization_loss_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn regularization_loss(&self) -> Result<f32> {
+        Ok(self.penalty(&self.named_weights()?))
+    }
+
+    fn penalty(&self, weights: &[(crate::StateSlot, Vec<f32>)]) -> f32 {
         let cfg = self.config();
         let mut loss = 0.0f64;
-        for (slot, values) in self.named_weights()? {
+        for (slot, values) in weights {
             let regularizer = match slot {
                 crate::StateSlot::Gamma => cfg.gamma_regularizer,
                 crate::StateSlot::Beta => cfg.beta_regularizer,
                 _ => None,
             };
             if let Some(r) = regularizer {
-                loss += r.loss(&values);
+                loss += r.loss(values);
             }
         }
-        Ok(loss as f32)
+        loss as f32
     }
 }

@@ -266,13 +266,23 @@ impl Tensor {
         Ok(())
     }
 
-    /// Reads the values back as float32 (float16 widened exactly).
+    /// Reads the values back as float32 (float16 widened exactly). Never
+    /// blocks the caller's executor: the future resolves when the GPU is
+    /// done (the one way to read back in a browser).
     pub async fn read_f32_async(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        self.read_f32_waiting(ctx, Wait::Await).await
+    }
+
+    /// Blocking form of [`Tensor::read_f32_async`] (not on the web, where
+    /// nothing may block).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        blocking(self.read_f32_waiting(ctx, Wait::Block))
+    }
+
+    async fn read_f32_waiting(&self, ctx: &GpuContext, wait: Wait) -> Result<Vec<f32>> {
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
-        if self.is_empty() {
-            return Ok(Vec::new());
-        }
-        let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len()).await?;
+        let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len(), wait).await?;
         Ok(match self.dtype {
             DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
             DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()]
@@ -282,13 +292,19 @@ impl Tensor {
         })
     }
 
-    /// Blocking form of [`Tensor::read_f32_async`].
-    pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        pollster::block_on(self.read_f32_async(ctx))
+    /// Reads a float16 tensor back as its stored halves (never blocks; see
+    /// [`Tensor::read_f32_async`]).
+    pub async fn read_f16_async(&self, ctx: &GpuContext) -> Result<Vec<f16>> {
+        self.read_f16_waiting(ctx, Wait::Await).await
     }
 
-    /// Reads a float16 tensor back as its stored halves.
+    /// Blocking form of [`Tensor::read_f16_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_f16(&self, ctx: &GpuContext) -> Result<Vec<f16>> {
+        blocking(self.read_f16_waiting(ctx, Wait::Block))
+    }
+
+    async fn read_f16_waiting(&self, ctx: &GpuContext, wait: Wait) -> Result<Vec<f16>> {
         if self.dtype != DType::F16 {
             return Err(Error::DType {
                 expected: "float16".into(),
@@ -296,10 +312,7 @@ impl Tensor {
             });
         }
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
-        if self.is_empty() {
-            return Ok(Vec::new());
-        }
-        let bytes = pollster::block_on(read_buffer(ctx, &self.buffer, self.offset, self.byte_len()))?;
+        let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len(), wait).await?;
         Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
     }
 }
@@ -429,12 +442,30 @@ pub fn mask_broadcasts(shape: &[usize], to: &[usize]) -> bool {
     shape.len() <= to.len() && shape.iter().rev().zip(to.iter().rev()).all(|(&s, &t)| s == t || s == 1)
 }
 
-/// Copies `size` bytes from `offset` in `buffer` into host memory.
-pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+/// How a readback waits for the GPU.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Blocks the calling thread until the copy is done (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    Block,
+    /// Never blocks: the future resolves when the GPU is done. On native
+    /// backends a helper thread waits on the device; in a browser the
+    /// browser resolves the map.
+    Await,
+}
+
+/// `size` bytes of `buffer` from `offset`, copied to the host.
+pub(crate) async fn read_buffer(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    wait: Wait,
+) -> Result<Vec<u8>> {
     if size == 0 {
         return Ok(Vec::new());
     }
-    // the scope ends before the await: wgpu's scopes belong to a thread
+    // the scope ends before any await: wgpu's scopes belong to a thread
     let (staging, receiver) = ctx.scoped("reading a buffer back", || {
         let device = ctx.device();
         let staging = ctx.gpu().create_buffer(
@@ -449,7 +480,21 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset:
         staging.slice(..).map_async(wgpu::MapMode::Read, move |result| {
             sender.send(result).ok();
         });
-        device.poll(wgpu::PollType::wait_indefinitely())?;
+        match wait {
+            #[cfg(not(target_arch = "wasm32"))]
+            Wait::Block => {
+                device.poll(wgpu::PollType::wait_indefinitely())?;
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            Wait::Await => {
+                // the device is driven by polling; a thread of its own does
+                // it, so the caller's executor is never blocked
+                let device = device.clone();
+                std::thread::spawn(move || device.poll(wgpu::PollType::wait_indefinitely()));
+            }
+            #[cfg(target_arch = "wasm32")]
+            Wait::Await => {}
+        }
         Ok((staging, receiver))
     })?;
     let slice = staging.slice(..);
@@ -464,4 +509,11 @@ pub(crate) async fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset:
         .to_vec();
     staging.unmap();
     Ok(bytes)
+}
+
+/// Runs a readback future that waits with [`Wait::Block`] to its end on
+/// this thread (ready once polled: the device has already been waited on).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn blocking<T>(future: impl std::future::Future<Output = T>) -> T {
+    pollster::block_on(future)
 }

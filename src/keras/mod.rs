@@ -17,6 +17,6 @@ pub use cases::{
 };
 pub use config::{KerasLayerConfig, config_from_case_json};
 pub use measure::{error_measure, tolerance};
-pub use weights::{
-    load_layer, load_layer_from_bytes, load_weights, load_weights_from_bytes, save_weights, weights_to_bytes,
-};
+#[cfg(not(target_arch = "wasm32"))]
+pub use weights::{load_layer, load_weights, save_weights, weights_to_bytes};
+pub use weights::{load_layer_from_bytes, load_weights_from_bytes, weights_to_bytes_async};

@@ -12,6 +12,7 @@
 //!           "batch_normalization.safetensors")
 //! ```
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -21,6 +22,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::layer::{BatchNorm, StateSlot};
 
+#[cfg(not(target_arch = "wasm32"))]
 fn file_error(path: &Path, error: Error) -> Error {
     let message = match error {
         Error::Weights { message, .. } => message,
@@ -32,6 +34,7 @@ fn file_error(path: &Path, error: Error) -> Error {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn io_error(path: &Path, e: std::io::Error) -> Error {
     Error::File {
         path: path.to_path_buf(),
@@ -39,10 +42,20 @@ fn io_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Every weight the layer has under its Keras name, as safetensors bytes.
+/// Every weight the layer has under its Keras name, as safetensors bytes
+/// (never blocks; see [`crate::Tensor::read_f32_async`]).
+pub async fn weights_to_bytes_async(layer: &BatchNorm) -> Result<Vec<u8>> {
+    safetensors_of(layer, layer.named_weights_async().await?)
+}
+
+/// Blocking form of [`weights_to_bytes_async`] (not on the web).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn weights_to_bytes(layer: &BatchNorm) -> Result<Vec<u8>> {
-    let weights: Vec<(StateSlot, Vec<u8>)> = layer
-        .named_weights()?
+    safetensors_of(layer, layer.named_weights()?)
+}
+
+fn safetensors_of(layer: &BatchNorm, weights: Vec<(StateSlot, Vec<f32>)>) -> Result<Vec<u8>> {
+    let weights: Vec<(StateSlot, Vec<u8>)> = weights
         .into_iter()
         .map(|(slot, values)| (slot, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
@@ -59,6 +72,7 @@ pub fn weights_to_bytes(layer: &BatchNorm) -> Result<Vec<u8>> {
 
 /// Writes every weight the layer has under its Keras name
 /// ([`weights_to_bytes`] to a file).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
     let bytes = weights_to_bytes(layer).map_err(|e| file_error(path, e))?;
     std::fs::write(path, bytes).map_err(|e| io_error(path, e))
@@ -66,6 +80,7 @@ pub fn save_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
 
 /// Reads a weight file (as [`save_weights`] or the Python snippet above
 /// writes it) into the layer ([`load_weights_from_bytes`] of a file).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load_weights(layer: &BatchNorm, path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
     load_weights_from_bytes(layer, &bytes).map_err(|e| file_error(path, e))
@@ -139,6 +154,7 @@ pub fn load_weights_from_bytes(layer: &BatchNorm, bytes: &[u8]) -> Result<()> {
 /// `model.weights.h5`) holds a whole model and HDF5 weights, which would
 /// need an HDF5 library; export the layer's weights to safetensors with
 /// the snippet above and its `layer.get_config()` to JSON instead.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load_layer(ctx: &GpuContext, config: &Path, weights: &Path) -> Result<BatchNorm> {
     let text = std::fs::read_to_string(config).map_err(|e| io_error(config, e))?;
     let keras = KerasLayerConfig::from_json(&text).map_err(|e| file_error(config, e))?;

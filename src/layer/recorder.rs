@@ -193,7 +193,7 @@ impl BatchNorm {
         let partials = buffers.partials.cloned().unwrap_or_else(|| scratch.partials.clone());
         for dispatch in &plan.dispatches {
             let kernel = dispatch.key.kernel;
-            pass.set_pipeline(&ctx.inner.kernels.pipeline(ctx.device(), dispatch.key)?);
+            pass.set_pipeline(&ctx.inner.kernels.pipeline(ctx.gpu(), dispatch.key)?);
             let chunks: &[Chunk] = match dispatch.over {
                 Over::Chunks => &plan.cut.chunks,
                 Over::Channels => &plan.cut.chunks[..1],

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use super::{BatchNorm, StateSlot};
 use crate::config::StatePrecision;
 use crate::error::{Error, Result};
-use crate::tensor::read_buffer;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::tensor::blocking;
+use crate::tensor::{Wait, read_buffer};
 
 impl BatchNorm {
     /// The buffer holding every weight: per [`StateSlot`], in its order,
@@ -46,10 +48,21 @@ impl BatchNorm {
         StateSlot::ALL.into_iter().filter(|s| s.present(&self.config)).collect()
     }
 
-    /// Reads every weight back, in Keras order, with its name.
+    /// Reads every weight back, in Keras order, with its name (never
+    /// blocks: see [`crate::Tensor::read_f32_async`]).
+    pub async fn named_weights_async(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
+        self.named_weights_waiting(Wait::Await).await
+    }
+
+    /// Blocking form of [`BatchNorm::named_weights_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn named_weights(&self) -> Result<Vec<(StateSlot, Vec<f32>)>> {
+        blocking(self.named_weights_waiting(Wait::Block))
+    }
+
+    async fn named_weights_waiting(&self, wait: Wait) -> Result<Vec<(StateSlot, Vec<f32>)>> {
         let stride = self.state_stride();
-        let bytes = pollster::block_on(read_buffer(&self.ctx, &self.state, 0, 7 * stride as u64 * 4))?;
+        let bytes = read_buffer(&self.ctx, &self.state, 0, 7 * stride as u64 * 4, wait).await?;
         let all: &[f32] = bytemuck::cast_slice(&bytes);
         Ok(self
             .weight_slots()
@@ -62,8 +75,17 @@ impl BatchNorm {
     /// folding the layer into a preceding convolution or dense layer:
     /// `scale = gamma / sqrt(moving_variance + epsilon)`,
     /// `shift = beta - moving_mean * scale` (computed in float64).
+    pub async fn inference_affine_async(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(self.affine_of(&self.named_weights_async().await?))
+    }
+
+    /// Blocking form of [`BatchNorm::inference_affine_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn inference_affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let weights = self.named_weights()?;
+        Ok(self.affine_of(&self.named_weights()?))
+    }
+
+    fn affine_of(&self, weights: &[(StateSlot, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
         let get = |slot: StateSlot, default: f64| -> Vec<f64> {
             weights
                 .iter()
@@ -80,11 +102,17 @@ impl BatchNorm {
         let shift = (0..self.channels)
             .map(|c| (beta[c] - mean[c] * scale[c]) as f32)
             .collect();
-        Ok((scale.into_iter().map(|v| v as f32).collect(), shift))
+        (scale.into_iter().map(|v| v as f32).collect(), shift)
     }
 
     /// Keras's `get_weights()`: gamma, beta, moving_mean, moving_variance
     /// (then the renorm state), skipping the weights the config leaves out.
+    pub async fn get_weights_async(&self) -> Result<Vec<Vec<f32>>> {
+        Ok(self.named_weights_async().await?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Blocking form of [`BatchNorm::get_weights_async`] (not on the web).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn get_weights(&self) -> Result<Vec<Vec<f32>>> {
         Ok(self.named_weights()?.into_iter().map(|(_, v)| v).collect())
     }

@@ -18,7 +18,9 @@ use crate::reference::{ChannelMoments, gather_moments};
 use crate::sync::{
     CallHeader, Exchange, KIND_BACKWARD, KIND_FAILED, fingerprint, forward_kind, gather_checked, gather_sums,
 };
-use crate::tensor::{Mask, Tensor, read_buffer};
+use crate::tensor::{Mask, Tensor};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::tensor::{Wait, blocking, read_buffer};
 
 impl BatchNorm {
     /// Makes the layer synchronized over `exchange` (Keras's
@@ -252,12 +254,33 @@ impl BatchNorm {
             .clone()
     }
 
+    /// This rank's partials, read back: a synchronized call waits for them
+    /// between its two submissions, which a browser cannot (nothing may
+    /// block there, and a `LocalExchange` needs threads): on the web such a
+    /// call is an [`Error::Exchange`].
     fn read_partials(&self, buffer: &wgpu::Buffer) -> Result<Vec<[f32; 4]>> {
-        let bytes = pollster::block_on(read_buffer(&self.ctx, buffer, 0, self.channels as u64 * 16))?;
-        Ok(bytes
-            .chunks_exact(16)
-            .map(|q| std::array::from_fn(|i| f32::from_le_bytes(q[4 * i..4 * i + 4].try_into().unwrap())))
-            .collect())
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = buffer;
+            Err(Error::exchange(
+                ExchangeFailure::Unsupported,
+                "a synchronized layer waits for its exchange between two submissions, which the web cannot",
+            ))
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let bytes = blocking(read_buffer(
+                &self.ctx,
+                buffer,
+                0,
+                self.channels as u64 * 16,
+                Wait::Block,
+            ))?;
+            Ok(bytes
+                .chunks_exact(16)
+                .map(|q| std::array::from_fn(|i| f32::from_le_bytes(q[4 * i..4 * i + 4].try_into().unwrap())))
+                .collect())
+        }
     }
 
     /// The merged partials as the second phase reads them (the layer's
