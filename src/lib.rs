@@ -1,4 +1,7 @@
 #![warn(missing_docs)]
+// wgpu's WebGPU types are not Send on wasm32: the crate's shared handles
+// (Arc) are then shared by one thread only, which is all the web has
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
 //! Keras 3's `BatchNormalization` layer as wgpu compute kernels.
 //!
 //! ```
