@@ -407,21 +407,29 @@ impl KerasCase {
             .expect("check_shapes checked the mask broadcasts")
     }
 
-    /// Runs every call and compares with the `ref64.*` truth.
+    /// Runs every call and compares with the `ref64.*` truth (not on the
+    /// web: see [`KerasCase::run_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(&self, device: &Device) -> CaseReport {
+        pollster::block_on(self.run_async(device))
+    }
+
+    /// Runs every call and compares with the `ref64.*` truth, reading the
+    /// GPU's results back without blocking.
+    pub async fn run_async(&self, device: &Device) -> CaseReport {
         let mut report = CaseReport {
             name: self.name.clone(),
             keys: Vec::new(),
             failure: None,
             outputs: Vec::new(),
         };
-        if let Err(reason) = self.execute(device, &mut report) {
+        if let Err(reason) = self.execute(device, &mut report).await {
             report.failure = Some(reason);
         }
         report
     }
 
-    fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
+    async fn execute(&self, device: &Device, report: &mut CaseReport) -> std::result::Result<(), String> {
         if let Some(reason) = &self.unsupported {
             return Err(reason.clone());
         }
@@ -446,7 +454,7 @@ impl KerasCase {
             init: &init,
         };
         let RunOutputs { ys, finals, grads } = match device {
-            Device::Gpu(ctx) => self.run_gpu(ctx, &setup).map_err(|e| e.to_string())?,
+            Device::Gpu(ctx) => self.run_gpu(ctx, &setup).await.map_err(|e| e.to_string())?,
             Device::Cpu => self.run_cpu(&setup)?,
         };
 
@@ -497,13 +505,22 @@ impl KerasCase {
         Ok(())
     }
 
-    fn run_gpu(&self, ctx: &GpuContext, setup: &Setup) -> Result<RunOutputs> {
+    async fn run_gpu(&self, ctx: &GpuContext, setup: &Setup<'_>) -> Result<RunOutputs> {
         let new_layer = || -> Result<BatchNorm> {
+            #[allow(unused_mut)]
             let mut layer = BatchNorm::new(ctx, setup.config.clone(), setup.channels)?;
             if setup.config.synchronized {
                 // Keras ran the case on one replica: a group of one
-                let one = crate::sync::LocalExchange::group(1, std::time::Duration::from_secs(60));
-                layer.set_exchange(std::sync::Arc::new(one.into_iter().next().expect("a group of one")));
+                #[cfg(not(target_arch = "wasm32"))]
+                {
+                    let one = crate::sync::LocalExchange::group(1, std::time::Duration::from_secs(60));
+                    layer.set_exchange(std::sync::Arc::new(one.into_iter().next().expect("a group of one")));
+                }
+                #[cfg(target_arch = "wasm32")]
+                return Err(Error::exchange(
+                    crate::ExchangeFailure::Unsupported,
+                    "synchronized layers do not run on the web",
+                ));
             }
             for &slot in setup.slots {
                 let values: Vec<f32> = (setup.init)(slot)
@@ -527,15 +544,18 @@ impl KerasCase {
             };
             layer.forward_saved(&x, self.calls[k].training, mask.as_ref())
         };
-        let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
+        let read = |t: Tensor| async move {
+            Ok::<_, Error>(t.read_f32_async(ctx).await?.into_iter().map(f64::from).collect::<Vec<_>>())
+        };
 
         let layer = new_layer()?;
         let mut ys = Vec::new();
         for k in 0..self.calls.len() {
-            ys.push(read(&call_forward(&layer, k)?.0)?);
+            ys.push(read(call_forward(&layer, k)?.0).await?);
         }
         let finals = layer
-            .named_weights()?
+            .named_weights_async()
+            .await?
             .into_iter()
             .map(|(s, v)| (s, v.into_iter().map(f64::from).collect()))
             .collect();
@@ -547,12 +567,12 @@ impl KerasCase {
             let dy: Vec<f32> = dy.values.iter().map(|&v| v as f32).collect();
             let dy = Tensor::from_f32_as(ctx, &self.shape, &dy, setup.dtype)?;
             let g = layer.backward(&saved, &dy, false)?;
-            grads.push(("dx", read(&g.dx)?));
-            if let Some(t) = &g.dgamma {
-                grads.push(("dgamma", read(t)?));
+            grads.push(("dx", read(g.dx).await?));
+            if let Some(t) = g.dgamma {
+                grads.push(("dgamma", read(t).await?));
             }
-            if let Some(t) = &g.dbeta {
-                grads.push(("dbeta", read(t)?));
+            if let Some(t) = g.dbeta {
+                grads.push(("dbeta", read(t).await?));
             }
         }
         Ok(RunOutputs { ys, finals, grads })
