@@ -545,7 +545,13 @@ impl KerasCase {
             layer.forward_saved(&x, self.calls[k].training, mask.as_ref())
         };
         let read = |t: Tensor| async move {
-            Ok::<_, Error>(t.read_f32_async(ctx).await?.into_iter().map(f64::from).collect::<Vec<_>>())
+            Ok::<_, Error>(
+                t.read_f32_async(ctx)
+                    .await?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
+            )
         };
 
         let layer = new_layer()?;
