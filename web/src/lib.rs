@@ -3,4 +3,9 @@
 //! crate is empty.
 #![cfg(target_arch = "wasm32")]
 
+mod bench;
 pub mod cases;
+mod page;
+
+pub use page::run_page;
+use page::status as page_status;
