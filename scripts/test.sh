@@ -12,7 +12,10 @@
 # (WGPU_BATCHNORM_KERNELS=serial, then coalesced; with
 # WGPU_BATCHNORM_KERNELS set, once with that choice). The portability
 # checks (src/kernels/portability.rs) do not depend on the family: they
-# run in the first pass only. Extra arguments go to `cargo test`.
+# run in the first pass only. Then the browser: the library built for
+# wasm32 and its test suite in headless Chromium (scripts/test-web.sh), and
+# the page's end-to-end test (scripts/test-page.sh). Extra arguments go to
+# `cargo test` (and skip the browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
@@ -43,4 +46,9 @@ else
       WGPU_BATCHNORM_KERNELS=$kernels cargo test --features mpi -- --skip kernels::portability
     fi
   done
+fi
+if [ $# -eq 0 ]; then
+  echo "== the browser: the test suite and the page"
+  scripts/test-web.sh
+  scripts/test-page.sh
 fi
