@@ -283,9 +283,10 @@ impl Tensor {
     async fn read_f32_waiting(&self, ctx: &GpuContext, wait: Wait) -> Result<Vec<f32>> {
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
         let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len(), wait).await?;
+        // copied out: a byte vector need not be aligned for f32
         Ok(match self.dtype {
-            DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes)[..self.len()].to_vec(),
-            DType::F16 => bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()]
+            DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[..self.len() * 4]),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&bytes[..self.len() * 2])
                 .iter()
                 .map(|h| h.to_f32())
                 .collect(),
@@ -313,7 +314,7 @@ impl Tensor {
         }
         self.check_role("the tensor read back", ctx, wgpu::BufferUsages::COPY_SRC)?;
         let bytes = read_buffer(ctx, &self.buffer, self.offset, self.byte_len(), wait).await?;
-        Ok(bytemuck::cast_slice::<u8, f16>(&bytes)[..self.len()].to_vec())
+        Ok(bytemuck::pod_collect_to_vec::<u8, f16>(&bytes[..self.len() * 2]))
     }
 }
 

@@ -153,6 +153,16 @@ fn shape_mismatches_are_typed_errors_and_change_nothing() {
         Err(Error::Shape { .. })
     ));
     assert!(matches!(layer.forward(&empty, None, None), Err(Error::Shape { .. })));
+    // reading back copies out of the byte vector, whatever its alignment or length
+    assert_eq!(empty.read_f32(&ctx).unwrap(), Vec::<f32>::new());
+    let odd = [
+        half::f16::from_f32(1.5),
+        half::f16::from_f32(-2.0),
+        half::f16::from_f32(0.25),
+    ];
+    let odd_tensor = Tensor::from_f16(&ctx, &[3, 1], &odd).unwrap();
+    assert_eq!(odd_tensor.read_f16(&ctx).unwrap(), odd);
+    assert_eq!(odd_tensor.read_f32(&ctx).unwrap(), vec![1.5, -2.0, 0.25]);
     assert!(matches!(Tensor::from_f32(&ctx, &[], &[1.0]), Err(Error::Shape { .. })));
     assert!(matches!(Mask::from_u8(&ctx, &[3], &[1, 0]), Err(Error::Shape { .. })));
     // a buffer too small for the shape it is said to hold

@@ -63,7 +63,7 @@ impl BatchNorm {
     async fn named_weights_waiting(&self, wait: Wait) -> Result<Vec<(StateSlot, Vec<f32>)>> {
         let stride = self.state_stride();
         let bytes = read_buffer(&self.ctx, &self.state, 0, 7 * stride as u64 * 4, wait).await?;
-        let all: &[f32] = bytemuck::cast_slice(&bytes);
+        let all: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         Ok(self
             .weight_slots()
             .into_iter()
