@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::params::uniform_view_bytes;
+use crate::params::{optimizer_params_wgsl, params_wgsl, uniform_view_bytes};
 use crate::tuning::{PlanTuning, Strategy};
 use crate::variants::{Kernel, KernelKey, SourceKey};
 
@@ -34,7 +34,8 @@ const NORMALIZE_COALESCED_WGSL: &str = include_str!("../shaders/normalize_coales
 const BACKWARD_DX_COALESCED_WGSL: &str = include_str!("../shaders/backward_dx_coalesced.wgsl");
 
 impl Kernel {
-    /// The WGSL source of one module: the shared uniform block and float16
+    /// The WGSL source of one module: the uniform block and flags
+    /// generated from `params.rs`, the shared helpers and float16
     /// conversion, the shared
     /// pieces the kernel uses (among them how `dtype` stores four values,
     /// for the vec4 layouts), the kernel's own file, and for the coalesced
@@ -61,7 +62,9 @@ impl Kernel {
             Kernel::BackwardDx => vec![MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => vec![STREAM_WGSL],
             // its own uniform block
-            Kernel::SgdStep | Kernel::Constrain => return [FLOAT16_WGSL, OPTIMIZER_WGSL].join("\n"),
+            Kernel::SgdStep | Kernel::Constrain => {
+                return [optimizer_params_wgsl().as_str(), FLOAT16_WGSL, OPTIMIZER_WGSL].join("\n");
+            }
         };
         if coalesced {
             pieces.extend(match self {
@@ -73,7 +76,8 @@ impl Kernel {
             });
         }
         let view = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;");
-        [view.as_str(), PARAMS_WGSL, FLOAT16_WGSL]
+        let params = params_wgsl();
+        [view.as_str(), params.as_str(), PARAMS_WGSL, FLOAT16_WGSL]
             .into_iter()
             .chain(pieces)
             .collect::<Vec<_>>()
