@@ -16,6 +16,7 @@ const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");
 const MASK_WGSL: &str = include_str!("../shaders/mask.wgsl");
 const STATISTICS_WGSL: &str = include_str!("../shaders/statistics.wgsl");
 const FINALIZE_WGSL: &str = include_str!("../shaders/finalize.wgsl");
+const FINALIZE_LANES_WGSL: &str = include_str!("../shaders/finalize_lanes.wgsl");
 const NORMALIZE_WGSL: &str = include_str!("../shaders/normalize.wgsl");
 const BACKWARD_REDUCE_WGSL: &str = include_str!("../shaders/backward_reduce.wgsl");
 const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.wgsl");
@@ -61,10 +62,10 @@ impl Kernel {
         let coalesced = strategy == Strategy::Coalesced && self.has_families();
         let mut pieces: Vec<&str> = match self {
             Kernel::PartialStats => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
-            Kernel::Finalize => vec![FINALIZE_WGSL],
+            Kernel::Finalize => vec![FINALIZE_LANES_WGSL, FINALIZE_WGSL],
             Kernel::Normalize => vec![CHANNEL_WALK_WGSL, quad, NORMALIZE_WGSL],
             Kernel::BackwardReduce => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
-            Kernel::BackwardFinalize => vec![BACKWARD_FINALIZE_WGSL],
+            Kernel::BackwardFinalize => vec![FINALIZE_LANES_WGSL, BACKWARD_FINALIZE_WGSL],
             Kernel::BackwardDx => vec![MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => vec![STREAM_WGSL],
             // its own uniform block

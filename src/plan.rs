@@ -606,7 +606,7 @@ fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// Workgroups of the finalize kernels: eight invocations per channel,
-/// eight channels per workgroup (`LANES` in finalize.wgsl).
+/// eight channels per workgroup (`LANES` in finalize_lanes.wgsl).
 pub(crate) fn finalize_groups(channels: usize) -> u64 {
     channels.div_ceil(8) as u64
 }
