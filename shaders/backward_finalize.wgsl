@@ -1,6 +1,6 @@
-// Backward, pass 2: eight invocations per channel (as finalize.wgsl) add up
-// the tile sums, then the first of them turns them into dgamma and dbeta
-// and the coefficients of dx:
+// Backward, pass 2: eight invocations per channel (finalize_lanes.wgsl,
+// as finalize.wgsl) add up the tile sums, then the first of them turns
+// them into dgamma and dbeta and the coefficients of dx:
 //   dx = c1 * dy - m * (c2 + c3 * (x - shift))
 // where m is the mask (1 without one). With batch statistics (training)
 // the mean and variance depend on x; in inference they are constants and
@@ -15,43 +15,31 @@
 // (shift, c1, c2, c3)
 @group(0) @binding(5) var<storage, read_write> coeffs: array<vec4<f32>>;
 
-const LANES: u32 = 8u;
-var<workgroup> sums: array<vec4<f32>, 64>;
+// the tile sums add up (finalize_lanes.wgsl's `combine`)
+fn combine(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    return a + b;
+}
 
 @compute @workgroup_size(64)
 fn backward_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = (wid.x + wid.y * p().finalize_groups_x) * (64u / LANES) + lid / LANES;
-    let lane = lid % LANES;
+    let c = finalize_channel(wid, lid);
     let nc = p().channels;
-    // barriers below: no invocation leaves before them
-    let tiles = select(0u, p().total_tiles, c < nc);
-    // a strided share of the tiles each (at most 65535 / 8 steps)
-    var acc = vec4<f32>(0.0);
-    for (var t = lane; t < tiles; t += LANES) {
-        acc += partials[c * p().total_tiles + t];
-    }
-    sums[lid] = acc;
-    workgroupBarrier();
-    for (var half = LANES / 2u; half > 0u; half /= 2u) {
-        if lane < half {
-            sums[lid] += sums[lid + half];
-        }
-        workgroupBarrier();
-    }
-    if lane != 0u || c >= nc {
+    // barriers inside: no invocation leaves before them
+    let sums = combine_tiles(c, lid);
+    if lid % LANES != 0u || c >= nc {
         return;
     }
     if has_flag(FLAG_MERGE_ONLY) {
         // a synchronized call's local sums, added across ranks on the host
-        coeffs[c] = sums[lid];
+        coeffs[c] = sums;
         return;
     }
-    let sum_dy = sums[lid].x;
-    var sum_dyx = sums[lid].y;
-    let sum_xc = sums[lid].z;
+    let sum_dy = sums.x;
+    var sum_dyx = sums.y;
+    let sum_xc = sums.z;
     let stats = saved[2u * c];
     let extra = saved[2u * c + 1u];
     let shift = stats.x;

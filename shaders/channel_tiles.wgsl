@@ -47,6 +47,21 @@ fn tile_rows(tile: u32) -> vec2<u32> {
     return vec2<u32>(r0, min(r0 + p().elems_per_thread, rows));
 }
 
+// The workgroup's index in the reductions' 2-D grid (over 65535
+// workgroups need a second dimension).
+fn tile_group(wid: vec3<u32>) -> u32 {
+    return wid.x + wid.y * p().stats_groups_x;
+}
+
 fn element_of(j: u32, c: u32) -> u32 {
     return ((j / p().inner) * p().channels + c) * p().inner + j % p().inner;
+}
+
+// What a walk over vec4s of a tile accumulates: three sums a lane (the
+// kernel's own, e.g. sum and sum of squares), each a vec4. Walks over
+// scalars keep the same three sums in a vec3<f32>.
+struct Sums3 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
 }

@@ -42,6 +42,11 @@ fn in_next_channel(two: TwoChannels, k: u32) -> vec4<bool> {
     return vec4<u32>(4u * k) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(two.in_c0);
 }
 
+// Values (float32), words (float16) or vec4s one serial invocation maps:
+// lavapipe streams fastest with four consecutive vec4s per invocation (the
+// host sets it: PlanTuning::values_per_thread).
+override PER_THREAD: u32 = 4u;
+
 // Rows one channels-last invocation walks: set by the host
 // (PlanTuning::rows_per_thread), which sizes the grid.
 override ROWS_PER_THREAD: u32;
@@ -83,4 +88,20 @@ fn walk_by(w: ChannelWalk, step: ChannelWalk) -> ChannelWalk {
 // The two channels of the vec4 at the walk (inner >= 16: at most two).
 fn two_channels_at(w: ChannelWalk) -> TwoChannels {
     return TwoChannels(w.c, select(w.c + 1u, 0u, w.c + 1u == p().channels), p().inner - w.i);
+}
+
+// A channel's parameters k as the lanes of a vec4 take them: one column a
+// parameter, the same in every lane.
+fn splat_coef(k: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w));
+}
+
+// The lanes in `next` take channel parameters k1, the others k0.
+fn select_coef(k0: vec4<f32>, k1: vec4<f32>, next: vec4<bool>) -> mat4x4<f32> {
+    return mat4x4<f32>(
+        select(vec4<f32>(k0.x), vec4<f32>(k1.x), next),
+        select(vec4<f32>(k0.y), vec4<f32>(k1.y), next),
+        select(vec4<f32>(k0.z), vec4<f32>(k1.z), next),
+        select(vec4<f32>(k0.w), vec4<f32>(k1.w), next),
+    );
 }

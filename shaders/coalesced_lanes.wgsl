@@ -34,12 +34,6 @@ fn reduce_strided(v: vec4<f32>, lid: u32, width: u32) -> vec4<f32> {
     return out;
 }
 
-struct Sums3 {
-    a: vec4<f32>,
-    b: vec4<f32>,
-    c: vec4<f32>,
-}
-
 // reduce_strided of three values at once: one set of barriers.
 fn reduce_strided3(v: Sums3, lid: u32, width: u32) -> Sums3 {
     reduce_scratch[lid] = v.a;

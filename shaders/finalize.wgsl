@@ -1,7 +1,6 @@
 // Eight invocations per channel (eight channels per workgroup): they merge
-// the channel's partial statistics, each a strided share of the tiles, then
-// a three-level tree in workgroup memory; the first of the eight then
-// updates the moving statistics in place (training only) and writes the
+// the channel's partial statistics (finalize_lanes.wgsl, shared with the
+// backward finalize); the first of the eight then updates the moving statistics in place (training only) and writes the
 // per-channel affine map that the normalise pass applies:
 //   y = (x - shift) * scale + offset
 // Keeping the shift (a sample of the channel) apart from the small
@@ -27,14 +26,9 @@ fn write_affine(c: u32, shift: f32, scale: f32, offset: f32) {
     affine[2u * p().channels + c] = offset;
 }
 
-// invocations per channel: one SIMD group on lavapipe (contiguous loads,
-// few barriers), eight-fold parallel on a GPU
-const LANES: u32 = 8u;
-var<workgroup> merged: array<vec4<f32>, 64>;
-
 // Chan's merge of two (count, shift, mean - shift, M2) partials, relative
-// to the first non-empty one's shift
-fn merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+// to the first non-empty one's shift (finalize_lanes.wgsl's `combine`)
+fn combine(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
     if b.x == 0.0 {
         return a;
     }
@@ -61,31 +55,15 @@ fn finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = (wid.x + wid.y * p().finalize_groups_x) * (64u / LANES) + lid / LANES;
-    let lane = lid % LANES;
+    let c = finalize_channel(wid, lid);
     let nc = p().channels;
-    // barriers below: no invocation leaves before them
-    let tiles = select(0u, p().total_tiles, c < nc);
-    // the channel's merged tiles, in lane 0: workgroup memory is read only
-    // where this invocation's workgroup wrote it (it starts undefined)
+    // the channel's merged tiles, in its first lane (barriers: no
+    // invocation leaves before them)
     var total = vec4<f32>(0.0);
     if has_flag(FLAG_TRAINING) {
-        // a strided share of the tiles each (at most 65535 / 8 steps)
-        var acc = vec4<f32>(0.0);
-        for (var t = lane; t < tiles; t += LANES) {
-            acc = merge(acc, partials[c * p().total_tiles + t]);
-        }
-        merged[lid] = acc;
-        workgroupBarrier();
-        for (var half = LANES / 2u; half > 0u; half /= 2u) {
-            if lane < half {
-                merged[lid] = merge(merged[lid], merged[lid + half]);
-            }
-            workgroupBarrier();
-        }
-        total = merged[lid];
+        total = combine_tiles(c, lid);
     }
-    if lane != 0u || c >= nc {
+    if lid % LANES != 0u || c >= nc {
         return;
     }
     if has_flag(FLAG_MERGE_ONLY) {

@@ -3,29 +3,11 @@
 // Sections of `state` as in finalize.wgsl: [gamma | beta | ...], each
 // state_stride floats apart.
 
-struct OptimizerParams {
-    channels: u32,
-    flags: u32,
-    learning_rate: f32,
-    momentum: f32,
-    // per weight (gamma, beta): constraint kind and its three arguments
-    gamma_constraint: vec4<f32>,
-    beta_constraint: vec4<f32>,
-    // floats from one state slot to the next
-    state_stride: u32,
-    // always 0: which block of the slot holds these (see q())
-    zero: u32,
-}
-
-const HAS_GAMMA: u32 = 1u;
-const HAS_BETA: u32 = 2u;
-const NESTEROV: u32 = 4u;
-const USE_MOMENTUM: u32 = 8u;
-// StatePrecision::Float16: weights round to float16 when written
-const F16_STATE: u32 = 16u;
+// `struct OptimizerParams` and the OPT_* flags come from src/params.rs,
+// generated and prepended by the host (as params.wgsl's Params).
 
 fn stored(v: f32) -> f32 {
-    if (q().flags & F16_STATE) != 0u {
+    if (q().flags & OPT_F16_STATE) != 0u {
         return round_f16(v);
     }
     return v;
@@ -60,10 +42,10 @@ fn sgd(which: u32, c: u32, grad: f32) {
     let v = which * q().channels + c;
     // Keras SGD: m = m * momentum - lr * g; w += m (or, Nesterov,
     // w += m * momentum - lr * g); without momentum w -= lr * g
-    if (q().flags & USE_MOMENTUM) != 0u {
+    if (q().flags & OPT_USE_MOMENTUM) != 0u {
         let m = velocity[v] * q().momentum - q().learning_rate * grad;
         velocity[v] = m;
-        if (q().flags & NESTEROV) != 0u {
+        if (q().flags & OPT_NESTEROV) != 0u {
             state[index] = stored(state[index] + (m * q().momentum - q().learning_rate * grad));
         } else {
             state[index] = stored(state[index] + m);
@@ -84,10 +66,10 @@ fn sgd_step(
     if c >= q().channels {
         return;
     }
-    if (q().flags & HAS_GAMMA) != 0u {
+    if (q().flags & OPT_HAS_GAMMA) != 0u {
         sgd(0u, c, dgamma[c]);
     }
-    if (q().flags & HAS_BETA) != 0u {
+    if (q().flags & OPT_HAS_BETA) != 0u {
         sgd(1u, c, dbeta[c]);
     }
 }
@@ -100,10 +82,10 @@ var<workgroup> wg_sum: array<f32, WG>;
 fn constrain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let which = wid.x;
     var constraint = q().gamma_constraint;
-    var present = (q().flags & HAS_GAMMA) != 0u;
+    var present = (q().flags & OPT_HAS_GAMMA) != 0u;
     if which == 1u {
         constraint = q().beta_constraint;
-        present = (q().flags & HAS_BETA) != 0u;
+        present = (q().flags & OPT_HAS_BETA) != 0u;
     }
     // uniform across the workgroup
     if !present || constraint.x == CONSTRAINT_NONE {

@@ -1,77 +1,8 @@
-// Shared by every kernel: one 256-byte uniform slot per dispatch chunk,
-// bound as two Params blocks (see p()). The struct mirrors
-// `kernels::Params` in Rust field for field.
-struct Params {
-    channels: u32,
-    inner: u32,
-    // absolute index of the chunk's first element; chunks are flat ranges
-    // of the canonical [outer, channels, inner] view
-    chunk_start: u32,
-    // element offset of the chunk's first element inside the x binding
-    x_base: u32,
-    // element offset of the chunk's first element inside the y binding
-    y_base: u32,
-    // the mask broadcasts over the input's last axis, of this size
-    last_dim: u32,
-    // coalesced channels-last reductions: lanes across a row (a power of two)
-    lane_width: u32,
-    // statistics: values of one channel each invocation reduces
-    elems_per_thread: u32,
-    // statistics tiles per channel in this chunk, where they start in the
-    // channel's row of partials, and how long that row is
-    tiles: u32,
-    tile_offset: u32,
-    total_tiles: u32,
-    // x extent of the 2-D grids (over 65535 workgroups need a second dimension)
-    stats_groups_x: u32,
-    norm_groups_x: u32,
-    finalize_groups_x: u32,
-    // elements in this chunk
-    chunk_elems: u32,
-    flags: u32,
-    momentum: f32,
-    epsilon: f32,
-    renorm_momentum: f32,
-    rmin: f32,
-    rmax: f32,
-    dmax: f32,
-    // regularizer factors, added to dgamma / dbeta when asked
-    gamma_l1: f32,
-    gamma_l2: f32,
-    beta_l1: f32,
-    beta_l2: f32,
-    // coalesced channels-last reductions: workgroups across a row's columns
-    column_blocks: u32,
-    // coalesced elementwise kernels: strides each invocation takes
-    elementwise_steps: u32,
-    // floats from one state slot to the next (channels, rounded up to the
-    // storage offset alignment: each slot is bindable on its own)
-    state_stride: u32,
-    // to a multiple of 16 bytes
-    // always 0: which block of the slot holds these (see p())
-    zero: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-const FLAG_MASKED: u32 = 1u;
-const FLAG_TRAINING: u32 = 2u;
-const FLAG_RENORM: u32 = 4u;
-const FLAG_CENTER: u32 = 8u;
-const FLAG_SCALE: u32 = 16u;
-const FLAG_RMIN: u32 = 32u;
-const FLAG_RMAX: u32 = 64u;
-const FLAG_DMAX: u32 = 128u;
-const FLAG_GAMMA_L1: u32 = 256u;
-const FLAG_GAMMA_L2: u32 = 512u;
-const FLAG_BETA_L1: u32 = 1024u;
-const FLAG_BETA_L2: u32 = 2048u;
-const FLAG_PYTORCH: u32 = 4096u;
-// synchronized calls, first phase: the finalize kernels merge the tiles
-// into one partial a channel, write it out and stop
-const FLAG_MERGE_ONLY: u32 = 8192u;
-// StatePrecision::Float16: weights round to float16 when written
-const FLAG_F16_STATE: u32 = 16384u;
+// Shared by every layer kernel: one 256-byte uniform slot per dispatch
+// chunk, bound as two Params blocks (see p()). `struct Params` and the
+// FLAG_* constants are not declared here: the host generates them from
+// their one declaration in Rust (src/params.rs) and prepends them to every
+// module, with UNIFORM_VIEW_VEC4S.
 
 // Binding 0 of every kernel: the chunk's slot. Only its first block holds
 // parameters; the second is the rest of the slot (never read).

@@ -1,29 +1,27 @@
-// Per-channel partial statistics: every invocation reduces one tile of
-// `elems_per_thread` values (or vec4s, or rows) of one channel on its own
-// and writes one partial; the finalize kernel merges a channel's partials.
-// There is no workgroup reduction: on lavapipe a workgroup barrier costs
-// about as much as streaming thousands of values, and a SIMD group runs its
-// whole loop before the next starts, so each invocation walks its own
-// contiguous run. Invocation g takes tile g / C of channel g % C, so
-// neighbouring invocations read neighbouring channels of the same rows.
+// Per-channel partial statistics: each tile of a channel's values in the
+// chunk gives one partial (count, shift, mean - shift, M2), which the
+// finalize kernel merges with Chan's formula. How a tile's values are
+// walked is shared with the backward reduce: walk_tiles.wgsl (serial
+// family: an invocation a tile, no workgroup reductions) and
+// walk_tiles_coalesced.wgsl (coalesced family: a workgroup a tile); this
+// file is what the statistics do with the values they are given.
 //
-// Five layouts (see plan.rs): `partial_stats` (any shape, masks),
+// Entry points, one per layout (see plan.rs; the host generates them,
+// each calling its walk): `partial_stats` (any shape, masks),
 // `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel),
-// `partial_stats_channels4` (channels last, channels % 4 == 0: one channel
-// quad down a band of rows) and `partial_stats_channels8` (channels % 8 ==
-// 0: two neighbouring quads down a band of rows); `partial_stats_runs16`
-// (inner >= 16, not a multiple of 4: each run of a channel read in the
-// vec4s that cover it, lanes outside the run masked).
+// `partial_stats_channels4` (channels last, channels % 4 == 0: one
+// channel quad down a band of rows) and `partial_stats_channels8`
+// (channels % 8 == 0: two neighbouring quads down a band of rows);
+// `partial_stats_runs16` (inner >= 16, not a multiple of 4: each run of a
+// channel read in the vec4s that cover it, lanes outside the run masked).
 //
-// Sums are shifted by the tile's first value so that a channel whose mean is
-// far from zero keeps its precision. Every loop is bounded by
-// `elems_per_thread` (<= 4096 on the host side): llvmpipe silently ends any
-// loop after 65535 iterations.
+// Sums are shifted by the tile's first value so that a channel whose mean
+// is far from zero keeps its precision. Under a mask the shift is the first
+// masked-in value: the shift must be one of the values summed (the first
+// masked-out value as shift cost a masked variance 1e-3 of precision).
 
 override IS_F16: bool = false;
 override MASKED: bool = false;
-
-const WG: u32 = 256u;
 
 // binding 0: the call's parameters, read through p() (params.wgsl)
 @group(0) @binding(1) var<storage, read> x: array<u32>;
@@ -36,6 +34,22 @@ fn load_x4(i: u32) -> vec4<f32> {
 @group(0) @binding(2) var<storage, read> mask: array<u32>;
 // (count, tile shift, mean - shift, M2) per channel and tile
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
+
+// What a tile's values are shifted by, and the power of two their
+// deviations are scaled by (shift_scale): a lane each (the walks over
+// scalars use the first).
+struct Center {
+    shift: vec4<f32>,
+    scale: vec4<f32>,
+}
+
+fn center_of(shift: vec4<f32>) -> Center {
+    return Center(shift, shift_scale4(shift));
+}
+
+fn center_of1(shift: f32) -> Center {
+    return Center(vec4<f32>(shift), vec4<f32>(shift_scale(shift)));
+}
 
 // A shift must be finite: an Inf or NaN shift would turn every value of
 // the tile into NaN, where the float64 reference keeps an infinite mean.
@@ -65,252 +79,81 @@ fn write_partial(c: u32, tile: u32, count: f32, s1: f32, s2: f32, shift: f32) {
     partials[c * p().total_tiles + p().tile_offset + tile] = vec4<f32>(count, shift, mean / shift_scale(shift), m2);
 }
 
-@compute @workgroup_size(256)
-fn partial_stats(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
-    if g >= p().tiles * p().channels {
-        return;
-    }
-    let c = g % p().channels;
-    let tile = g / p().channels;
-    let span_j = tile_span(c, tile, p().elems_per_thread);
-    let j0 = span_j.x;
-    let j1 = span_j.y;
-    var shift = 0.0;
-    if j0 < j1 {
-        shift = finite_shift(load_x(p().x_base + element_of(j0, c) - p().chunk_start));
-    }
-    var k = shift_scale(shift);
-    var o = j0 / p().inner;
-    var i = j0 % p().inner;
-    var s1 = 0.0;
-    var s2 = 0.0;
-    var count = 0.0;
-    for (var j = j0; j < j1; j++) {
-        let a = (o * p().channels + c) * p().inner + i;
-        let value = load_x(p().x_base + a - p().chunk_start);
-        if !MASKED || masked_in(a) {
-            // the shift must be one of the values summed: a masked-out
-            // value far from the others would cost the variance its precision
-            if MASKED && count == 0.0 {
-                shift = finite_shift(value);
-                k = shift_scale(shift);
-            }
-            let v = (value - shift) * k;
-            s1 += v;
-            s2 += v * v;
-            count += 1.0;
-        }
-        i += 1u;
-        if i == p().inner {
-            i = 0u;
-            o += 1u;
-        }
-    }
-    write_partial(c, tile, count, s1, s2, shift);
+// The sums over scalars: (shifted sum, sum of squares, count).
+fn add_value(sums: ptr<function, vec3<f32>>, center: Center, value: f32) {
+    let v = (value - center.shift.x) * center.scale.x;
+    *sums += vec3<f32>(v, v * v, 1.0);
 }
 
-// inner % 4 == 0: a channel's values come in whole vec4s.
-@compute @workgroup_size(256)
-fn partial_stats_inner4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
-    if g >= p().tiles * p().channels {
-        return;
-    }
-    let c = g % p().channels;
-    let tile = g / p().channels;
-    let span = 4u * p().elems_per_thread;
-    let span_j = tile_span(c, tile, span);
-    let j0 = span_j.x;
-    let j1 = span_j.y;
-    let base = p().x_base - p().chunk_start;
+// The walks' functions (walk_tiles.wgsl).
+
+fn tile_center1(c: u32, e: u32, found: bool) -> Center {
     var shift = 0.0;
-    if j0 < j1 {
-        shift = finite_shift(load_x4((base + element_of(j0, c)) / 4u).x);
+    if found {
+        shift = finite_shift(load_x(e));
     }
-    let k = shift_scale(shift);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    // run by run: the inner loop walks contiguous vec4s with no tracking;
-    // both loops together take at most elems_per_thread steps
-    var j = j0;
-    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p().inner + p().inner, j1);
-        let first = (base + element_of(j, c)) / 4u;
-        let last = first + (run_end - j) / 4u;
-        for (var a = first; a < last; a++) {
-            let v = (load_x4(a) - shift) * k;
-            s1 += v;
-            s2 = fma(v, v, s2);
-        }
-        j = run_end;
-    }
-    let ones = vec4<f32>(1.0);
-    write_partial(c, tile, f32(j1 - j0), dot(s1, ones), dot(s2, ones), shift);
+    return center_of1(shift);
 }
 
-// Channels last (inner == 1, channels % 4 == 0, a mask per row if any): invocation g reduces
-// channels 4q..4q+3 (q = g % quads) over the rows of tile g / quads.
-@compute @workgroup_size(256)
-fn partial_stats_channels4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let quads = p().channels / 4u;
-    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
-    if g >= p().tiles * quads {
-        return;
+fn tile_center4(c: u32, e: u32, found: bool) -> Center {
+    var shift = 0.0;
+    if found {
+        shift = finite_shift(load_x4(e / 4u)[e % 4u]);
     }
-    let q = g % quads;
-    let tile = g / quads;
-    let band = tile_rows(tile);
-    let r0 = band.x;
-    let r1 = band.y;
-    let base = p().x_base / 4u;
+    return center_of1(shift);
+}
+
+fn tile_center_quad(q: u32, i: u32, found: bool) -> Center {
     var shift = vec4<f32>(0.0);
-    if r0 < r1 {
-        shift = finite_shift4(load_x4(base + r0 * quads + q));
+    if found {
+        shift = finite_shift4(load_x4(i));
     }
-    var scale = shift_scale4(shift);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var kept = 0.0;
-    var addr = base + r0 * quads + q;
-    for (var r = r0; r < r1; r++) {
-        let value = load_x4(addr);
-        var keep = true;
-        if MASKED {
-            // a mask per row; the shift is the first masked-in row
-            keep = row_masked_in(r);
-            if keep && kept == 0.0 {
-                shift = finite_shift4(value);
-                scale = shift_scale4(shift);
-            }
-            kept += select(0.0, 1.0, keep);
+    return center_of(shift);
+}
+
+fn tile_add1(sums: ptr<function, vec3<f32>>, center: ptr<function, Center>, e: u32, a: u32) {
+    if !MASKED || masked_in(a) {
+        let value = load_x(e);
+        if MASKED && (*sums).z == 0.0 {
+            *center = center_of1(finite_shift(value));
         }
-        let v = select(vec4<f32>(0.0), (value - shift) * scale, keep);
-        s1 += v;
-        s2 = fma(v, v, s2);
-        addr += quads;
-    }
-    let count = select(f32(r1 - r0), kept, MASKED);
-    for (var k = 0u; k < 4u; k++) {
-        write_partial(4u * q + k, tile, count, s1[k], s2[k], shift[k]);
+        add_value(sums, *center, value);
     }
 }
 
-// Channels last, channels % 8 == 0: invocation g reduces quads 2h and
-// 2h + 1 (h = g % (quads / 2)) over the rows of tile g / (quads / 2).
-@compute @workgroup_size(256)
-fn partial_stats_channels8(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let quads = p().channels / 4u;
-    let pairs = quads / 2u;
-    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
-    if g >= p().tiles * pairs {
-        return;
-    }
-    let q = 2u * (g % pairs);
-    let tile = g / pairs;
-    let band = tile_rows(tile);
-    let r0 = band.x;
-    let r1 = band.y;
-    let base = p().x_base / 4u;
-    var shift_a = vec4<f32>(0.0);
-    var shift_b = vec4<f32>(0.0);
-    if r0 < r1 {
-        shift_a = finite_shift4(load_x4(base + r0 * quads + q));
-        shift_b = finite_shift4(load_x4(base + r0 * quads + q + 1u));
-    }
-    var scale_a = shift_scale4(shift_a);
-    var scale_b = shift_scale4(shift_b);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var b1 = vec4<f32>(0.0);
-    var b2 = vec4<f32>(0.0);
-    var kept = 0.0;
-    var addr = base + r0 * quads + q;
-    for (var r = r0; r < r1; r++) {
-        let xa = load_x4(addr);
-        let xb = load_x4(addr + 1u);
-        var keep = true;
-        if MASKED {
-            // a mask per row; the shift is the first masked-in row
-            keep = row_masked_in(r);
-            if keep && kept == 0.0 {
-                shift_a = finite_shift4(xa);
-                shift_b = finite_shift4(xb);
-                scale_a = shift_scale4(shift_a);
-                scale_b = shift_scale4(shift_b);
-            }
-            kept += select(0.0, 1.0, keep);
-        }
-        let va = select(vec4<f32>(0.0), (xa - shift_a) * scale_a, keep);
-        let vb = select(vec4<f32>(0.0), (xb - shift_b) * scale_b, keep);
-        a1 += va;
-        a2 = fma(va, va, a2);
-        b1 += vb;
-        b2 = fma(vb, vb, b2);
-        addr += quads;
-    }
-    let count = select(f32(r1 - r0), kept, MASKED);
-    for (var k = 0u; k < 4u; k++) {
-        write_partial(4u * q + k, tile, count, a1[k], a2[k], shift_a[k]);
-        write_partial(4u * q + 4u + k, tile, count, b1[k], b2[k], shift_b[k]);
-    }
+// sums: (shifted sum, sum of squares) a lane
+fn tile_add4(sums: ptr<function, Sums3>, center: Center, i: u32, inside: vec4<bool>) {
+    let v = select(vec4<f32>(0.0), (load_x4(i) - center.shift) * center.scale, inside);
+    (*sums).a += v;
+    (*sums).b = fma(v, v, (*sums).b);
 }
 
-// inner >= 16, not a multiple of 4, length % 4 == 0: the tile's values of
-// channel c, run by run, in the vec4s that cover each run; lanes outside
-// the run (other channels, other tiles) count for nothing. Both loops
-// together take at most elems_per_thread / 4 + 2 steps per run.
-@compute @workgroup_size(256)
-fn partial_stats_runs16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = (wid.x + wid.y * p().stats_groups_x) * WG + lid;
-    if g >= p().tiles * p().channels {
-        return;
-    }
-    let c = g % p().channels;
-    let tile = g / p().channels;
-    let span_j = tile_span(c, tile, p().elems_per_thread);
-    let j0 = span_j.x;
-    let j1 = span_j.y;
-    // element positions inside the binding
-    let base = p().x_base - p().chunk_start;
-    var shift = 0.0;
-    if j0 < j1 {
-        let first = base + element_of(j0, c);
-        shift = finite_shift(load_x4(first / 4u)[first % 4u]);
-    }
-    let k = shift_scale(shift);
-    let lane = vec4<u32>(0u, 1u, 2u, 3u);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var j = j0;
-    for (var runs = 0u; runs < p().elems_per_thread && j < j1; runs++) {
-        let run_end = min(j - j % p().inner + p().inner, j1);
-        let a0 = base + element_of(j, c);
-        let a1 = a0 + (run_end - j);
-        for (var q = a0 / 4u; q * 4u < a1; q++) {
-            let at = vec4<u32>(4u * q) + lane;
-            let inside = (at >= vec4<u32>(a0)) & (at < vec4<u32>(a1));
-            let v = select(vec4<f32>(0.0), (load_x4(q) - shift) * k, inside);
-            s1 += v;
-            s2 = fma(v, v, s2);
+// sums: (shifted sum, sum of squares) a channel of the quad, and under a
+// mask the kept rows in c.x; the shift is the first masked-in row
+fn tile_add_row(sums: ptr<function, Sums3>, center: ptr<function, Center>, i: u32, keep: bool) {
+    let value = load_x4(i);
+    if MASKED {
+        if keep && (*sums).c.x == 0.0 {
+            *center = center_of(finite_shift4(value));
         }
-        j = run_end;
+        (*sums).c.x += select(0.0, 1.0, keep);
     }
-    let ones = vec4<f32>(1.0);
-    write_partial(c, tile, f32(j1 - j0), dot(s1, ones), dot(s2, ones), shift);
+    let v = select(vec4<f32>(0.0), (value - (*center).shift) * (*center).scale, keep);
+    (*sums).a += v;
+    (*sums).b = fma(v, v, (*sums).b);
+}
+
+fn tile_end1(c: u32, tile: u32, sums: vec3<f32>, center: Center) {
+    write_partial(c, tile, sums.z, sums.x, sums.y, center.shift.x);
+}
+
+fn tile_end4(c: u32, tile: u32, totals: vec3<f32>, center: Center, count: f32) {
+    write_partial(c, tile, count, totals.x, totals.y, center.shift.x);
+}
+
+fn tile_end_quad(q: u32, tile: u32, sums: Sums3, center: Center, rows: f32) {
+    let count = select(rows, sums.c.x, MASKED);
+    for (var k = 0u; k < 4u; k++) {
+        write_partial(4u * q + k, tile, count, sums.a[k], sums.b[k], center.shift[k]);
+    }
 }

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::params::uniform_view_bytes;
+use crate::params::{optimizer_params_wgsl, params_wgsl, uniform_view_bytes};
 use crate::tuning::{PlanTuning, Strategy};
-use crate::variants::{Kernel, KernelKey, SourceKey};
+use crate::variants::{Kernel, KernelKey, Layout, SourceKey, WORKGROUP};
 
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
 const FLOAT16_WGSL: &str = include_str!("../shaders/float16.wgsl");
@@ -17,6 +17,7 @@ const CHANNEL_TILES_WGSL: &str = include_str!("../shaders/channel_tiles.wgsl");
 const MASK_WGSL: &str = include_str!("../shaders/mask.wgsl");
 const STATISTICS_WGSL: &str = include_str!("../shaders/statistics.wgsl");
 const FINALIZE_WGSL: &str = include_str!("../shaders/finalize.wgsl");
+const FINALIZE_LANES_WGSL: &str = include_str!("../shaders/finalize_lanes.wgsl");
 const NORMALIZE_WGSL: &str = include_str!("../shaders/normalize.wgsl");
 const BACKWARD_REDUCE_WGSL: &str = include_str!("../shaders/backward_reduce.wgsl");
 const BACKWARD_FINALIZE_WGSL: &str = include_str!("../shaders/backward_finalize.wgsl");
@@ -31,16 +32,23 @@ const REDUCE_SUBGROUP_WGSL: &str = include_str!("../shaders/reduce_subgroup.wgsl
 const REDUCE_WORKGROUP_WGSL: &str = include_str!("../shaders/reduce_workgroup.wgsl");
 const STATISTICS_COALESCED_WGSL: &str = include_str!("../shaders/statistics_coalesced.wgsl");
 const BACKWARD_REDUCE_COALESCED_WGSL: &str = include_str!("../shaders/backward_reduce_coalesced.wgsl");
-const NORMALIZE_COALESCED_WGSL: &str = include_str!("../shaders/normalize_coalesced.wgsl");
-const BACKWARD_DX_COALESCED_WGSL: &str = include_str!("../shaders/backward_dx_coalesced.wgsl");
+const WALK_TILES_WGSL: &str = include_str!("../shaders/walk_tiles.wgsl");
+const WALK_TILES_COALESCED_WGSL: &str = include_str!("../shaders/walk_tiles_coalesced.wgsl");
+const WALK_VALUES_WGSL: &str = include_str!("../shaders/walk_values.wgsl");
+const WALK_VALUES_COALESCED_WGSL: &str = include_str!("../shaders/walk_values_coalesced.wgsl");
 
 impl Kernel {
-    /// The WGSL source of one module: the shared uniform block and float16
-    /// conversion, the shared
-    /// pieces the kernel uses (among them how `dtype` stores four values,
-    /// for the vec4 layouts), the kernel's own file, and for the coalesced
-    /// family its file after the serial one (sharing bindings and helpers)
-    /// with the workgroup sum of the device (subgroups or workgroup memory).
+    /// The WGSL source of one module: the uniform block and flags
+    /// generated from `params.rs`, the shared helpers and float16
+    /// conversion, the shared pieces the kernel uses (among them how
+    /// `dtype` stores four values, for the vec4 layouts), and the kernel's
+    /// own file. A kernel with families (statistics, normalise, backward
+    /// reduce, dx) is then its family's walks (`walk_*.wgsl`, shared by the
+    /// forward and backward kernels), which call the functions of the
+    /// kernel's file; the coalesced family adds its file after the serial
+    /// one (sharing bindings and helpers), with the workgroup sum of the
+    /// device (subgroups or workgroup memory). Their entry points are
+    /// generated: one per entry point name, calling its layout's walk.
     /// `uniform_vec4s`: the vec4s of the device's uniform view.
     pub(crate) fn source(self, dtype: DType, strategy: Strategy, subgroups: bool, uniform_vec4s: u64) -> String {
         let quad = match dtype {
@@ -55,30 +63,78 @@ impl Kernel {
         let coalesced = strategy == Strategy::Coalesced && self.has_families();
         let mut pieces: Vec<&str> = match self {
             Kernel::PartialStats => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, STATISTICS_WGSL],
-            Kernel::Finalize => vec![FINALIZE_WGSL],
+            Kernel::Finalize => vec![FINALIZE_LANES_WGSL, FINALIZE_WGSL],
             Kernel::Normalize => vec![CHANNEL_WALK_WGSL, quad, NORMALIZE_WGSL],
             Kernel::BackwardReduce => vec![CHANNEL_TILES_WGSL, MASK_WGSL, quad, BACKWARD_REDUCE_WGSL],
-            Kernel::BackwardFinalize => vec![BACKWARD_FINALIZE_WGSL],
+            Kernel::BackwardFinalize => vec![FINALIZE_LANES_WGSL, BACKWARD_FINALIZE_WGSL],
             Kernel::BackwardDx => vec![MASK_WGSL, CHANNEL_WALK_WGSL, quad, BACKWARD_DX_WGSL],
             Kernel::Stream => vec![STREAM_WGSL],
             // its own uniform block
-            Kernel::SgdStep | Kernel::Constrain => return [FLOAT16_WGSL, OPTIMIZER_WGSL].join("\n"),
+            Kernel::SgdStep | Kernel::Constrain => {
+                return [optimizer_params_wgsl().as_str(), FLOAT16_WGSL, OPTIMIZER_WGSL].join("\n");
+            }
         };
+        pieces.extend(match (self, coalesced) {
+            (Kernel::PartialStats, false) | (Kernel::BackwardReduce, false) => vec![WALK_TILES_WGSL],
+            (Kernel::PartialStats, true) => vec![COALESCED_LANES_WGSL, reduce, STATISTICS_COALESCED_WGSL],
+            (Kernel::BackwardReduce, true) => vec![COALESCED_LANES_WGSL, reduce, BACKWARD_REDUCE_COALESCED_WGSL],
+            (Kernel::Normalize | Kernel::BackwardDx, false) => vec![WALK_VALUES_WGSL],
+            _ => vec![],
+        });
         if coalesced {
-            pieces.extend(match self {
-                Kernel::PartialStats => vec![COALESCED_LANES_WGSL, reduce, STATISTICS_COALESCED_WGSL],
-                Kernel::BackwardReduce => vec![COALESCED_LANES_WGSL, reduce, BACKWARD_REDUCE_COALESCED_WGSL],
-                Kernel::Normalize => vec![NORMALIZE_COALESCED_WGSL],
-                Kernel::BackwardDx => vec![BACKWARD_DX_COALESCED_WGSL],
-                _ => vec![],
+            pieces.push(if self.reduces() {
+                WALK_TILES_COALESCED_WGSL
+            } else {
+                WALK_VALUES_COALESCED_WGSL
             });
         }
-        let view = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;");
-        [view.as_str(), PARAMS_WGSL, FLOAT16_WGSL]
+        let mut prelude = format!("const UNIFORM_VIEW_VEC4S: u32 = {uniform_vec4s}u;\n");
+        let mut entry_points = String::new();
+        if self.has_families() {
+            prelude += &format!("const WG: u32 = {WORKGROUP}u;\n");
+            entry_points = self.entry_points(strategy);
+        }
+        let params = params_wgsl();
+        [prelude.as_str(), params.as_str(), PARAMS_WGSL, FLOAT16_WGSL]
             .into_iter()
             .chain(pieces)
+            .chain([entry_points.as_str()])
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The entry points of a kernel with families, in `strategy`'s family:
+    /// one for each name `KernelKey::entry_point` gives a layout, calling
+    /// the walk `KernelKey::walk` names for it, with the builtins the
+    /// family's walks take.
+    fn entry_points(self, strategy: Strategy) -> String {
+        let builtins = match (strategy, self.reduces()) {
+            (Strategy::Serial, _) => "@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32",
+            (Strategy::Coalesced, false) => {
+                "@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
+                 @builtin(local_invocation_index) lid: u32"
+            }
+            (Strategy::Coalesced, true) => "@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes",
+        };
+        let tuning = PlanTuning::default_for(strategy);
+        let mut written: Vec<&str> = Vec::new();
+        let mut out = String::new();
+        for layout in Layout::ALL {
+            let key = KernelKey::new(self, DType::F32, false)
+                .with_tuning(&tuning, false)
+                .with_layout(layout);
+            let name = key.entry_point();
+            if written.contains(&name) {
+                continue;
+            }
+            written.push(name);
+            out += &format!(
+                "@compute @workgroup_size({})\nfn {name}({builtins}) {{\n    {};\n}}\n\n",
+                self.workgroup_size(),
+                key.walk()
+            );
+        }
+        out
     }
 }
 
@@ -319,7 +375,6 @@ mod portability;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::variants::Layout;
 
     /// Every module of both families (the coalesced one with and without
     /// subgroups) parses and validates with naga, and every entry point a
@@ -365,13 +420,6 @@ mod tests {
         }
     }
 
-    /// No kernel reads a uniform at an offset its compiler can fold: a
-    /// uniform binding is only ever indexed, by a runtime value (the
-    /// parameters' slot by `min(wid.z, 1u)`, the per-channel views by
-    /// channel), and every entry point loads `p` (or `q`) first. Mesa
-    /// 22.3's lavapipe "inlines" uniform values read at constant offsets,
-    /// compiling a variant per dispatch that it never frees
-    /// (`load_params` in `shaders/params.wgsl`, tests/memory.rs).
     /// The uniform parameters are never read at a constant offset: every
     /// kernel reads binding 0 through `p()` (or the optimiser's `q()`),
     /// whose block index is itself read from the uniform (the one constant

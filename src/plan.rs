@@ -83,7 +83,7 @@ pub(crate) struct DispatchPlan {
     pub column_blocks: u32,
 }
 
-/// Mirror of `first_j_at` in `shaders/statistics.wgsl`: the first position
+/// Mirror of `first_j_at` in `shaders/channel_tiles.wgsl`: the first position
 /// j = o * inner + i of channel `c` whose element index is >= `a`.
 fn first_j_at(view: ChannelView, a: usize, c: usize) -> usize {
     let run = a / view.inner;
@@ -615,7 +615,7 @@ fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// Workgroups of the finalize kernels: eight invocations per channel,
-/// eight channels per workgroup (`LANES` in finalize.wgsl).
+/// eight channels per workgroup (`LANES` in finalize_lanes.wgsl).
 pub(crate) fn finalize_groups(channels: usize) -> u64 {
     channels.div_ceil(8) as u64
 }

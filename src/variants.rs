@@ -51,7 +51,7 @@ impl Kernel {
 
     /// Whether the coalesced form sums over its workgroup (and so differs
     /// with and without subgroup operations).
-    fn reduces(self) -> bool {
+    pub(crate) fn reduces(self) -> bool {
         matches!(self, Kernel::PartialStats | Kernel::BackwardReduce)
     }
 
@@ -550,6 +550,37 @@ impl KernelKey {
             (Kernel::BackwardDx, Layout::Runs16) => "backward_dx_runs16",
             (Kernel::Stream, _) if self.dtype == DType::F32 => "stream_f32",
             (kernel, _) => kernel.entry_point(),
+        }
+    }
+
+    /// The walk this key's entry point runs, as the call its entry point
+    /// makes: a function of `shaders/walk_*.wgsl` (written once for the
+    /// forward and backward kernels of a family), with the builtins
+    /// `Kernel::source` declares for the family and the walk's variant
+    /// (`true` / `false`). Only for the kernels with families, whose entry
+    /// points the host generates.
+    pub(crate) fn walk(&self) -> &'static str {
+        use Layout::*;
+        match (self.strategy, self.kernel.reduces(), self.layout) {
+            (Strategy::Serial, true, Generic | Rows1) => "tiles_runs1(wid, lid)",
+            (Strategy::Serial, true, Inner4 | Inner16) => "tiles_runs(wid, lid, true)",
+            (Strategy::Serial, true, Runs16) => "tiles_runs(wid, lid, false)",
+            (Strategy::Serial, true, Channels4) => "tiles_rows(wid, lid, false)",
+            (Strategy::Serial, true, Channels8) => "tiles_rows(wid, lid, true)",
+            (Strategy::Serial, false, Generic | Rows1) => "values_any(wid, lid)",
+            (Strategy::Serial, false, Inner4) => "values_inner(wid, lid, true)",
+            (Strategy::Serial, false, Inner16) => "values_inner(wid, lid, false)",
+            (Strategy::Serial, false, Channels4) => "values_rows(wid, lid, false)",
+            (Strategy::Serial, false, Channels8) => "values_rows(wid, lid, true)",
+            (Strategy::Serial, false, Runs16) => "values_runs16(wid, lid)",
+            (Strategy::Coalesced, true, Rows1) => "tiles_coalesced_rows1(wid, lanes)",
+            (Strategy::Coalesced, true, Channels4 | Channels8) => "tiles_coalesced_rows4(wid, lanes)",
+            (Strategy::Coalesced, true, Inner4 | Inner16) => "tiles_coalesced_runs4(wid, lanes)",
+            (Strategy::Coalesced, true, Generic | Runs16) => "tiles_coalesced_runs1(wid, lanes)",
+            (Strategy::Coalesced, false, Inner4 | Inner16) => "values_coalesced_runs(wid, nwg, lid, true)",
+            (Strategy::Coalesced, false, Channels4 | Channels8) => "values_coalesced_rows4(wid, nwg, lid)",
+            (Strategy::Coalesced, false, Runs16) => "values_coalesced_runs(wid, nwg, lid, false)",
+            (Strategy::Coalesced, false, Generic | Rows1) => "values_coalesced_any(wid, nwg, lid)",
         }
     }
 
