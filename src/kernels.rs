@@ -9,7 +9,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::{optimizer_params_wgsl, params_wgsl, uniform_view_bytes};
 use crate::tuning::{PlanTuning, Strategy};
-use crate::variants::{Kernel, KernelKey, Layout, SourceKey, WORKGROUP};
+use crate::variants::{Kernel, KernelKey, SourceKey, WORKGROUP};
 
 const PARAMS_WGSL: &str = include_str!("../shaders/params.wgsl");
 const FLOAT16_WGSL: &str = include_str!("../shaders/float16.wgsl");
@@ -116,22 +116,11 @@ impl Kernel {
             }
             (Strategy::Coalesced, true) => "@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes",
         };
-        let tuning = PlanTuning::default_for(strategy);
-        let mut written: Vec<&str> = Vec::new();
         let mut out = String::new();
-        for layout in Layout::ALL {
-            let key = KernelKey::new(self, DType::F32, false)
-                .with_tuning(&tuning, false)
-                .with_layout(layout);
-            let name = key.entry_point();
-            if written.contains(&name) {
-                continue;
-            }
-            written.push(name);
+        for (name, walk) in KernelKey::family_entry_points(self, strategy) {
             out += &format!(
-                "@compute @workgroup_size({})\nfn {name}({builtins}) {{\n    {};\n}}\n\n",
+                "@compute @workgroup_size({})\nfn {name}({builtins}) {{\n    {walk};\n}}\n\n",
                 self.workgroup_size(),
-                key.walk()
             );
         }
         out
@@ -402,12 +391,13 @@ mod tests {
                     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
                         .validate(&module)
                         .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                    let tuning = PlanTuning::default_for(strategy);
-                    for layout in Layout::ALL {
-                        let name = KernelKey::new(kernel, dtype, false)
-                            .with_tuning(&tuning, subgroups)
-                            .with_layout(layout)
-                            .entry_point();
+                    let mut names: Vec<&str> = KernelKey::family_entry_points(kernel, strategy)
+                        .map(|(name, _)| name)
+                        .collect();
+                    if !kernel.has_families() {
+                        names.push(KernelKey::new(kernel, dtype, false).entry_point());
+                    }
+                    for name in names {
                         let entry = module
                             .entry_points
                             .iter()
