@@ -617,180 +617,38 @@ struct FamilyEntry {
     walk: &'static str,
 }
 
-const fn entry(
-    strategy: Strategy,
-    reduces: bool,
-    layouts: &'static [Layout],
-    masked: bool,
-    names: [&'static str; 2],
-    walk: &'static str,
-) -> FamilyEntry {
-    FamilyEntry {
-        strategy,
-        reduces,
-        layouts,
-        masked,
-        names,
-        walk,
-    }
+/// The table's rows as tuples (strategy, reduces, layouts, masked,
+/// names, walk), in `FamilyEntry`'s field order.
+macro_rules! family_entries {
+    ($(($strategy:expr, $reduces:expr, $layouts:expr, $masked:expr, $names:expr, $walk:expr)),* $(,)?) => {
+        &[$(FamilyEntry { strategy: $strategy, reduces: $reduces, layouts: $layouts, masked: $masked, names: $names, walk: $walk }),*]
+    };
 }
 
+#[rustfmt::skip]
 const FAMILY_ENTRIES: &[FamilyEntry] = {
     use Layout::*;
     use Strategy::{Coalesced as C, Serial as S};
-    &[
-        entry(
-            S,
-            true,
-            &[Generic, Rows1],
-            true,
-            ["partial_stats", "backward_reduce"],
-            "tiles_runs1(wid, lid)",
-        ),
-        entry(
-            S,
-            true,
-            &[Inner4, Inner16],
-            false,
-            ["partial_stats_inner4", "backward_reduce_inner4"],
-            "tiles_runs(wid, lid, true)",
-        ),
-        entry(
-            S,
-            true,
-            &[Runs16],
-            false,
-            ["partial_stats_runs16", "backward_reduce_runs16"],
-            "tiles_runs(wid, lid, false)",
-        ),
-        entry(
-            S,
-            true,
-            &[Channels4],
-            true,
-            ["partial_stats_channels4", "backward_reduce_channels4"],
-            "tiles_rows(wid, lid, false)",
-        ),
-        entry(
-            S,
-            true,
-            &[Channels8],
-            true,
-            ["partial_stats_channels8", "backward_reduce_channels8"],
-            "tiles_rows(wid, lid, true)",
-        ),
-        entry(
-            S,
-            false,
-            &[Generic, Rows1],
-            true,
-            ["normalize", "backward_dx"],
-            "values_any(wid, lid)",
-        ),
-        entry(
-            S,
-            false,
-            &[Inner4],
-            false,
-            ["normalize_inner4", "backward_dx_inner4"],
-            "values_inner(wid, lid, true)",
-        ),
-        entry(
-            S,
-            false,
-            &[Inner16],
-            false,
-            ["normalize_inner16", "backward_dx_inner16"],
-            "values_inner(wid, lid, false)",
-        ),
-        entry(
-            S,
-            false,
-            &[Channels4],
-            true,
-            ["normalize_channels4", "backward_dx_channels4"],
-            "values_rows(wid, lid, false)",
-        ),
-        entry(
-            S,
-            false,
-            &[Channels8],
-            true,
-            ["normalize_channels8", "backward_dx_channels8"],
-            "values_rows(wid, lid, true)",
-        ),
-        entry(
-            S,
-            false,
-            &[Runs16],
-            false,
-            ["normalize_runs16", "backward_dx_runs16"],
-            "values_runs16(wid, lid)",
-        ),
-        entry(
-            C,
-            true,
-            &[Generic, Runs16],
-            true,
-            ["partial_stats_coalesced_runs1", "backward_reduce_coalesced_runs1"],
-            "tiles_coalesced_runs1(wid, lanes)",
-        ),
-        entry(
-            C,
-            true,
-            &[Inner4, Inner16],
-            false,
-            ["partial_stats_coalesced_runs4", "backward_reduce_coalesced_runs4"],
-            "tiles_coalesced_runs4(wid, lanes)",
-        ),
-        entry(
-            C,
-            true,
-            &[Channels4, Channels8],
-            true,
-            ["partial_stats_coalesced_rows4", "backward_reduce_coalesced_rows4"],
-            "tiles_coalesced_rows4(wid, lanes)",
-        ),
-        entry(
-            C,
-            true,
-            &[Rows1],
-            true,
-            ["partial_stats_coalesced_rows1", "backward_reduce_coalesced_rows1"],
-            "tiles_coalesced_rows1(wid, lanes)",
-        ),
-        entry(
-            C,
-            false,
-            &[Generic, Rows1],
-            true,
-            ["normalize_coalesced", "backward_dx_coalesced"],
-            "values_coalesced_any(wid, nwg, lid)",
-        ),
-        entry(
-            C,
-            false,
-            &[Inner4, Inner16],
-            false,
-            ["normalize_coalesced_inner4", "backward_dx_coalesced_inner4"],
-            "values_coalesced_runs(wid, nwg, lid, true)",
-        ),
-        entry(
-            C,
-            false,
-            &[Runs16],
-            false,
-            ["normalize_coalesced_runs16", "backward_dx_coalesced_runs16"],
-            "values_coalesced_runs(wid, nwg, lid, false)",
-        ),
-        entry(
-            C,
-            false,
-            &[Channels4, Channels8],
-            true,
-            ["normalize_coalesced_channels4", "backward_dx_coalesced_channels4"],
-            "values_coalesced_rows4(wid, nwg, lid)",
-        ),
+    family_entries![
+        (S, true, &[Generic, Rows1], true, ["partial_stats", "backward_reduce"], "tiles_runs1(wid, lid)"),
+        (S, true, &[Inner4, Inner16], false, ["partial_stats_inner4", "backward_reduce_inner4"], "tiles_runs(wid, lid, true)"),
+        (S, true, &[Runs16], false, ["partial_stats_runs16", "backward_reduce_runs16"], "tiles_runs(wid, lid, false)"),
+        (S, true, &[Channels4], true, ["partial_stats_channels4", "backward_reduce_channels4"], "tiles_rows(wid, lid, false)"),
+        (S, true, &[Channels8], true, ["partial_stats_channels8", "backward_reduce_channels8"], "tiles_rows(wid, lid, true)"),
+        (S, false, &[Generic, Rows1], true, ["normalize", "backward_dx"], "values_any(wid, lid)"),
+        (S, false, &[Inner4], false, ["normalize_inner4", "backward_dx_inner4"], "values_inner(wid, lid, true)"),
+        (S, false, &[Inner16], false, ["normalize_inner16", "backward_dx_inner16"], "values_inner(wid, lid, false)"),
+        (S, false, &[Channels4], true, ["normalize_channels4", "backward_dx_channels4"], "values_rows(wid, lid, false)"),
+        (S, false, &[Channels8], true, ["normalize_channels8", "backward_dx_channels8"], "values_rows(wid, lid, true)"),
+        (S, false, &[Runs16], false, ["normalize_runs16", "backward_dx_runs16"], "values_runs16(wid, lid)"),
+        (C, true, &[Generic, Runs16], true, ["partial_stats_coalesced_runs1", "backward_reduce_coalesced_runs1"], "tiles_coalesced_runs1(wid, lanes)"),
+        (C, true, &[Inner4, Inner16], false, ["partial_stats_coalesced_runs4", "backward_reduce_coalesced_runs4"], "tiles_coalesced_runs4(wid, lanes)"),
+        (C, true, &[Channels4, Channels8], true, ["partial_stats_coalesced_rows4", "backward_reduce_coalesced_rows4"], "tiles_coalesced_rows4(wid, lanes)"),
+        (C, true, &[Rows1], true, ["partial_stats_coalesced_rows1", "backward_reduce_coalesced_rows1"], "tiles_coalesced_rows1(wid, lanes)"),
+        (C, false, &[Generic, Rows1], true, ["normalize_coalesced", "backward_dx_coalesced"], "values_coalesced_any(wid, nwg, lid)"),
+        (C, false, &[Inner4, Inner16], false, ["normalize_coalesced_inner4", "backward_dx_coalesced_inner4"], "values_coalesced_runs(wid, nwg, lid, true)"),
+        (C, false, &[Runs16], false, ["normalize_coalesced_runs16", "backward_dx_coalesced_runs16"], "values_coalesced_runs(wid, nwg, lid, false)"),
+        (C, false, &[Channels4, Channels8], true, ["normalize_coalesced_channels4", "backward_dx_coalesced_channels4"], "values_coalesced_rows4(wid, nwg, lid)"),
     ]
 };
 
