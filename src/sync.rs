@@ -91,13 +91,7 @@ pub trait Exchange: Send + Sync {
     /// as every rank knows beforehand. Empty blocks cost nothing on a
     /// transport that skips them. MPI's `MPI_Alltoallv`.
     fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
-        if blocks.len() != self.size() {
-            return Err(Error::exchange(
-                ExchangeFailure::Transport,
-                format!("an all-to-all of {} blocks among {} ranks", blocks.len(), self.size()),
-            ));
-        }
-        check_sizes(self, lengths, blocks[self.rank()].len())?;
+        check_blocks(self, blocks, lengths)?;
         // each rank's blocks, framed: their count, their lengths, their bytes
         let mut framed = Vec::with_capacity(8 * (blocks.len() + 1) + blocks.iter().map(|b| b.len()).sum::<usize>());
         framed.extend_from_slice(&(blocks.len() as u64).to_le_bytes());
@@ -256,43 +250,54 @@ fn unframe(frame: &[u8], me: usize) -> Option<&[u8]> {
     frame.get(at..at.checked_add(u64_at(1 + me)?)?)
 }
 
+/// An all-to-all's blocks: one a rank, and its lengths (`check_sizes`).
+fn check_blocks<E: Exchange + ?Sized>(exchange: &E, blocks: &[&[u8]], lengths: &[usize]) -> Result<()> {
+    transport_check(blocks.len() == exchange.size(), || {
+        format!(
+            "an all-to-all of {} blocks among {} ranks",
+            blocks.len(),
+            exchange.size()
+        )
+    })?;
+    check_sizes(exchange, lengths, blocks[exchange.rank()].len())
+}
+
 /// A collective's lengths: one a rank, this rank's its own.
 fn check_sizes<E: Exchange + ?Sized>(exchange: &E, lengths: &[usize], mine: usize) -> Result<()> {
-    if lengths.len() != exchange.size() || lengths.get(exchange.rank()) != Some(&mine) {
-        return Err(Error::exchange(
-            ExchangeFailure::Transport,
-            format!(
-                "a collective among {} ranks given {} lengths (this rank's {:?}, it has {mine} bytes)",
-                exchange.size(),
-                lengths.len(),
-                lengths.get(exchange.rank())
-            ),
-        ));
-    }
-    Ok(())
+    let (size, rank) = (exchange.size(), exchange.rank());
+    transport_check(lengths.len() == size && lengths.get(rank) == Some(&mine), || {
+        format!(
+            "a collective among {size} ranks given {} lengths (this rank's {:?}, it has {mine} bytes)",
+            lengths.len(),
+            lengths.get(rank)
+        )
+    })
 }
 
 /// What came back has the lengths every rank expected.
 fn check_received(all: &[Vec<u8>], lengths: &[usize]) -> Result<()> {
-    if all.len() != lengths.len() {
-        return Err(Error::exchange(
-            ExchangeFailure::Transport,
-            format!(
-                "the exchange returned {} ranks' bytes, it has {} ranks",
-                all.len(),
-                lengths.len()
-            ),
-        ));
-    }
+    transport_check(all.len() == lengths.len(), || {
+        format!(
+            "the exchange returned {} ranks' bytes, it has {} ranks",
+            all.len(),
+            lengths.len()
+        )
+    })?;
     for (rank, (got, &want)) in all.iter().zip(lengths).enumerate() {
-        if got.len() != want {
-            return Err(Error::exchange(
-                ExchangeFailure::Transport,
-                format!("rank {rank} sent {} bytes where {want} were agreed", got.len()),
-            ));
-        }
+        transport_check(got.len() == want, || {
+            format!("rank {rank} sent {} bytes where {want} were agreed", got.len())
+        })?;
     }
     Ok(())
+}
+
+/// A transport error unless `ok`: the exchange broke its own contract.
+fn transport_check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::exchange(ExchangeFailure::Transport, message()))
+    }
 }
 
 /// What every rank says about the call it makes: ranks that disagree get
@@ -385,6 +390,7 @@ pub(crate) const KIND_FAILED: u32 = 4;
 
 #[cfg(test)]
 mod tests {
+    use super::local::GatherOnly;
     use super::*;
     use std::time::{Duration, Instant};
 
@@ -413,20 +419,6 @@ mod tests {
 
     /// What the default collectives (built on `all_gather`) and the local
     /// ones give: the same blocks, the same maxima.
-    struct GatherOnly(LocalExchange);
-
-    impl Exchange for GatherOnly {
-        fn rank(&self) -> usize {
-            self.0.rank()
-        }
-        fn size(&self) -> usize {
-            self.0.size()
-        }
-        fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
-            self.0.all_gather(local)
-        }
-    }
-
     fn collectives_agree(ex: &dyn Exchange) {
         let (me, size) = (ex.rank(), ex.size());
         // rank r sends j + r + 1 bytes of value 10 r + j to rank j

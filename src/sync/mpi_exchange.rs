@@ -9,7 +9,7 @@ use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives};
 
-use super::{Exchange, Scheme, Traffic, TrafficCounter, check_received, check_sizes};
+use super::{Exchange, Scheme, Traffic, TrafficCounter, check_blocks, check_received, check_sizes};
 use crate::error::{Error, ExchangeFailure, Result};
 
 /// An [`Exchange`] over an MPI communicator: the world of
@@ -176,13 +176,7 @@ impl Exchange for MpiExchange {
     }
 
     fn all_to_all(&self, blocks: &[&[u8]], lengths: &[usize]) -> Result<Vec<Vec<u8>>> {
-        if blocks.len() != self.size {
-            return Err(Error::exchange(
-                ExchangeFailure::Transport,
-                format!("an all-to-all of {} blocks among {} ranks", blocks.len(), self.size),
-            ));
-        }
-        check_sizes(self, lengths, blocks[self.rank].len())?;
+        check_blocks(self, blocks, lengths)?;
         let sent: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
         let (send_counts, send_displs, _) = layout(&sent)?;
         let (counts, displs, total) = layout(lengths)?;

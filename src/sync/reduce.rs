@@ -772,22 +772,7 @@ mod tests {
 
     #[test]
     fn the_default_collectives_reduce_alike() {
-        /// An exchange with only `all_gather`: the trait's defaults do the rest.
-        struct GatherOnly(LocalExchange);
-        impl Exchange for GatherOnly {
-            fn rank(&self) -> usize {
-                self.0.rank()
-            }
-            fn size(&self) -> usize {
-                self.0.size()
-            }
-            fn all_gather(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
-                self.0.all_gather(local)
-            }
-            fn scheme(&self) -> Scheme {
-                self.0.scheme()
-            }
-        }
+        use crate::sync::local::GatherOnly;
         for scheme in [Scheme::ReduceScatter, Scheme::Tree] {
             let handles: Vec<_> = LocalExchange::group(7, Duration::from_secs(20))
                 .into_iter()
