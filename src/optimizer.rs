@@ -88,17 +88,9 @@ impl Sgd {
         }
         let check = |g: &Option<Tensor>, present: bool, name: &'static str| -> Result<()> {
             match g {
-                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => Err(Error::shape(
-                    name,
-                    format!(
-                        "{name} must be float32 of shape [{}], got {} {:?}",
-                        self.channels,
-                        t.dtype(),
-                        t.shape()
-                    ),
-                )),
+                Some(t) => t.check_per_channel(name, self.channels),
                 None if present => Err(Error::weights(Some(name), format!("the gradients have no {name}"))),
-                _ => Ok(()),
+                None => Ok(()),
             }
         };
         check(&grads.dgamma, cfg.scale, "dgamma")?;

@@ -250,6 +250,20 @@ impl Tensor {
         self.len() == 0
     }
 
+    /// Checks that the tensor is one float32 value a channel (a gradient or
+    /// weight of `channels` channels).
+    pub(crate) fn check_per_channel(&self, name: &'static str, channels: usize) -> Result<()> {
+        if self.shape() == [channels] && self.dtype() == DType::F32 {
+            return Ok(());
+        }
+        let message = format!(
+            "{name} must be float32 of shape [{channels}], got {} {:?}",
+            self.dtype(),
+            self.shape()
+        );
+        Err(Error::shape(name, message))
+    }
+
     /// Checks that the tensor may play `role` in a call on `device`: made
     /// on that device, its buffer with every usage in `needs`.
     pub(crate) fn check_role(&self, role: &'static str, ctx: &GpuContext, needs: wgpu::BufferUsages) -> Result<()> {

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::recorder::CallBuffers;
-use super::{BatchNorm, Call, Gradients, SavedForward, check_output, flag, mask_by_row};
+use super::{BackwardArgs, BatchNorm, Call, Gradients, SavedForward, check_output, flag, mask_by_row};
 use crate::config::Regularizer;
 use crate::dtype::DType;
 use crate::error::{ConfigError, Error, ExchangeFailure, Result};
@@ -56,12 +56,18 @@ impl BatchNorm {
         regularization: bool,
         grads: &Gradients,
     ) -> Result<()> {
+        let args = BackwardArgs {
+            saved,
+            dy,
+            regularization,
+            grads,
+        };
         if self.config.synchronized {
-            return self.backward_synchronized(saved, dy, regularization, grads);
+            return self.backward_synchronized(args);
         }
         self.ctx.scoped("a backward", || {
             let mut encoder = self.encoder("batchnorm backward");
-            self.record_backward_call(&mut encoder, saved, dy, regularization, grads)?;
+            self.record_backward_call(&mut encoder, args)?;
             self.ctx.queue().submit([encoder.finish()]);
             Ok(())
         })
@@ -90,19 +96,19 @@ impl BatchNorm {
             ));
         }
         self.ctx.scoped("a backward", || {
-            self.record_backward_call(encoder, saved, dy, regularization, grads)
+            let args = BackwardArgs {
+                saved,
+                dy,
+                regularization,
+                grads,
+            };
+            self.record_backward_call(encoder, args)
         })
     }
 
-    fn record_backward_call(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        saved: &SavedForward,
-        dy: &Tensor,
-        regularization: bool,
-        grads: &Gradients,
-    ) -> Result<()> {
-        let call = self.plan_backward(saved, dy, regularization, grads, false, Phase::Whole)?;
+    fn record_backward_call(&self, encoder: &mut wgpu::CommandEncoder, args: BackwardArgs) -> Result<()> {
+        let BackwardArgs { saved, dy, grads, .. } = args;
+        let call = self.plan_backward(args, false, Phase::Whole)?;
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("batchnorm backward"),
@@ -116,15 +122,13 @@ impl BatchNorm {
     }
 
     /// Checks and plans one backward call (`empty_ok` as in `plan_forward`).
-    pub(super) fn plan_backward(
-        &self,
-        saved: &SavedForward,
-        dy: &Tensor,
-        regularization: bool,
-        grads: &Gradients,
-        empty_ok: bool,
-        phase: Phase,
-    ) -> Result<Call> {
+    pub(super) fn plan_backward(&self, args: BackwardArgs, empty_ok: bool, phase: Phase) -> Result<Call> {
+        let BackwardArgs {
+            saved,
+            dy,
+            regularization,
+            grads,
+        } = args;
         if saved.layer != self.id {
             return Err(Error::ForeignSaved);
         }
@@ -166,20 +170,12 @@ impl BatchNorm {
             ("dbeta", &grads.dbeta, cfg.center && cfg.trainable),
         ] {
             match t {
-                Some(t) if t.shape() != [self.channels] || t.dtype() != DType::F32 => {
-                    return Err(Error::shape(
-                        name,
-                        format!(
-                            "{name} must be float32 of shape [{}], got {} {:?}",
-                            self.channels,
-                            t.dtype(),
-                            t.shape()
-                        ),
-                    ));
+                Some(t) => {
+                    t.check_per_channel(name, self.channels)?;
+                    // written by a buffer copy
+                    t.check_role(name, ctx, wgpu::BufferUsages::COPY_DST)?
                 }
                 None if present => return Err(Error::shape(name, format!("no {name} tensor to write"))),
-                // written by a buffer copy
-                Some(t) => t.check_role(name, ctx, wgpu::BufferUsages::COPY_DST)?,
                 None => {}
             }
         }

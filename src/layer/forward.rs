@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::recorder::CallBuffers;
-use super::{BatchNorm, Call, SavedForward, check_output, flag, mask_by_row};
+use super::{BatchNorm, Call, ForwardArgs, SavedForward, check_output, flag, mask_by_row};
 use crate::error::{Error, ExchangeFailure, Result};
 use crate::params;
 use crate::plan::{CallPlan, DispatchPlan, MaskUse, Phase};
@@ -29,7 +29,15 @@ impl BatchNorm {
     pub fn forward(&self, x: &Tensor, training: Option<bool>, mask: Option<&Mask>) -> Result<Tensor> {
         let y = Tensor::uninit(&self.ctx, x.shape(), x.dtype())?;
         // nothing reads these statistics: the layer's discard buffer
-        self.submit_forward(x, training, mask, &y, Statistics::Discarded)?;
+        self.submit_forward(
+            ForwardArgs {
+                x,
+                training,
+                mask,
+                y: &y,
+            },
+            Statistics::Discarded,
+        )?;
         Ok(y)
     }
 
@@ -64,26 +72,19 @@ impl BatchNorm {
         mask: Option<&Mask>,
         y: &Tensor,
     ) -> Result<SavedForward> {
-        self.submit_forward(x, training, mask, y, Statistics::Pooled)
+        self.submit_forward(ForwardArgs { x, training, mask, y }, Statistics::Pooled)
     }
 
     /// Runs one forward call: a synchronized layer's through its exchange,
     /// any other's as one submission.
-    fn submit_forward(
-        &self,
-        x: &Tensor,
-        training: Option<bool>,
-        mask: Option<&Mask>,
-        y: &Tensor,
-        statistics: Statistics,
-    ) -> Result<SavedForward> {
+    fn submit_forward(&self, args: ForwardArgs, statistics: Statistics) -> Result<SavedForward> {
         if self.config.synchronized {
             let statistics = self.statistics_buffer(statistics);
-            return self.forward_synchronized(x, training, mask, y, statistics);
+            return self.forward_synchronized(args, statistics);
         }
-        self.ctx.scoped(self.forward_name(training), || {
+        self.ctx.scoped(self.forward_name(args.training), || {
             let mut encoder = self.encoder("batchnorm forward");
-            let saved = self.record_forward_call(&mut encoder, x, training, mask, y, statistics)?;
+            let saved = self.record_forward_call(&mut encoder, args, statistics)?;
             self.ctx.queue().submit([encoder.finish()]);
             Ok(saved)
         })
@@ -128,7 +129,7 @@ impl BatchNorm {
         self.ctx.scoped(self.forward_name(training), || {
             // its own buffer, never a pooled one: the caller submits when it
             // likes, perhaps after a later call reused a returned buffer
-            self.record_forward_call(encoder, x, training, mask, y, Statistics::Own)
+            self.record_forward_call(encoder, ForwardArgs { x, training, mask, y }, Statistics::Own)
         })
     }
 
@@ -144,15 +145,8 @@ impl BatchNorm {
     /// Checks and plans one forward call. A synchronized rank's batch may be
     /// empty (`empty_ok`): its plan then covers one value a channel, for
     /// the per-channel kernels alone.
-    pub(super) fn plan_forward(
-        &self,
-        x: &Tensor,
-        training: Option<bool>,
-        mask: Option<&Mask>,
-        y: &Tensor,
-        empty_ok: bool,
-        phase: Phase,
-    ) -> Result<Call> {
+    pub(super) fn plan_forward(&self, args: ForwardArgs, empty_ok: bool, phase: Phase) -> Result<Call> {
+        let ForwardArgs { x, training, mask, y } = args;
         let ctx = &self.ctx;
         x.check_role("the input x", ctx, wgpu::BufferUsages::STORAGE)?;
         y.check_role("the output y", ctx, wgpu::BufferUsages::STORAGE)?;
@@ -200,13 +194,11 @@ impl BatchNorm {
     fn record_forward_call(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        x: &Tensor,
-        training: Option<bool>,
-        mask: Option<&Mask>,
-        y: &Tensor,
+        args: ForwardArgs,
         statistics: Statistics,
     ) -> Result<SavedForward> {
-        let call = self.plan_forward(x, training, mask, y, false, Phase::Whole)?;
+        let ForwardArgs { x, mask, y, .. } = args;
+        let call = self.plan_forward(args, false, Phase::Whole)?;
         let statistics = self.statistics_buffer(statistics);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -62,6 +62,24 @@ pub struct BatchNorm {
     synchronized_calls: Mutex<u64>,
 }
 
+/// One forward call's tensors and mode, as the public calls take them.
+#[derive(Clone, Copy)]
+pub(super) struct ForwardArgs<'a> {
+    pub x: &'a Tensor,
+    pub training: Option<bool>,
+    pub mask: Option<&'a Mask>,
+    pub y: &'a Tensor,
+}
+
+/// One backward call's inputs and outputs, as the public calls take them.
+#[derive(Clone, Copy)]
+pub(super) struct BackwardArgs<'a> {
+    pub saved: &'a SavedForward,
+    pub dy: &'a Tensor,
+    pub regularization: bool,
+    pub grads: &'a Gradients,
+}
+
 /// A checked call, planned as data, with the uniform flags it runs with.
 pub(crate) struct Call {
     plan: CallPlan,

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::recorder::{CallBuffers, storage_buffer};
-use super::{BatchNorm, Call, Gradients, SavedForward, SavedStatistics};
+use super::{BackwardArgs, BatchNorm, Call, ForwardArgs, SavedForward, SavedStatistics};
 use crate::dtype::DType;
 use crate::error::{Error, ExchangeFailure, Result};
 use crate::params::FLAG_MERGE_ONLY;
@@ -88,17 +88,11 @@ impl BatchNorm {
         header
     }
 
-    pub(super) fn forward_synchronized(
-        &self,
-        x: &Tensor,
-        training: Option<bool>,
-        mask: Option<&Mask>,
-        y: &Tensor,
-        statistics: SavedStatistics,
-    ) -> Result<SavedForward> {
+    pub(super) fn forward_synchronized(&self, args: ForwardArgs, statistics: SavedStatistics) -> Result<SavedForward> {
+        let ForwardArgs { x, training, mask, y } = args;
         if !self.batch_statistics(training) {
             // the moving statistics alone: nothing to exchange
-            let call = self.plan_forward(x, training, mask, y, true, Phase::Whole)?;
+            let call = self.plan_forward(args, true, Phase::Whole)?;
             return self.submit_global_forward(&call, x, mask, y, statistics, None);
         }
         let exchange = self.require_exchange()?;
@@ -107,14 +101,14 @@ impl BatchNorm {
         let header = self.next_header(&mut sequence, kind, x.dtype());
         // an error return or a panic before the gather tells the others
         let guard = FailUntilGathered::new(exchange, header);
-        let local_call = self.plan_forward(x, training, mask, y, true, Phase::Reduce)?;
+        let local_call = self.plan_forward(args, true, Phase::Reduce)?;
         let local = self.local_moments(&local_call, x, mask)?;
         guard.gathering();
         let merged: Vec<[f32; 4]> = gather_moments(exchange, header, &local)?
             .into_iter()
             .map(moments_to_partial)
             .collect();
-        let call = self.plan_forward(x, training, mask, y, true, Phase::FromMerged)?;
+        let call = self.plan_forward(args, true, Phase::FromMerged)?;
         self.submit_global_forward(&call, x, mask, y, statistics, Some(&merged))
     }
 
@@ -168,13 +162,8 @@ impl BatchNorm {
         })
     }
 
-    pub(super) fn backward_synchronized(
-        &self,
-        saved: &SavedForward,
-        dy: &Tensor,
-        regularization: bool,
-        grads: &Gradients,
-    ) -> Result<()> {
+    pub(super) fn backward_synchronized(&self, args: BackwardArgs) -> Result<()> {
+        let BackwardArgs { saved, dy, grads, .. } = args;
         let exchange = self.require_exchange()?;
         let mut sequence = self.synchronized_calls.lock().unwrap_or_else(|e| e.into_inner());
         let header = self.next_header(&mut sequence, KIND_BACKWARD, saved.x.dtype());
@@ -185,7 +174,7 @@ impl BatchNorm {
                 "this forward call ran before the layer was synchronized: its backward cannot be",
             ));
         }
-        let local_call = self.plan_backward(saved, dy, regularization, grads, true, Phase::Reduce)?;
+        let local_call = self.plan_backward(args, true, Phase::Reduce)?;
         let local = self.local_sums(&local_call, saved, dy)?;
         guard.gathering();
         let payload: Vec<f64> = local
@@ -196,7 +185,7 @@ impl BatchNorm {
             .chunks_exact(3)
             .map(|s| [s[0] as f32, s[1] as f32, s[2] as f32, 0.0])
             .collect();
-        let call = self.plan_backward(saved, dy, regularization, grads, true, Phase::FromMerged)?;
+        let call = self.plan_backward(args, true, Phase::FromMerged)?;
         self.ctx.scoped("a synchronized backward", || {
             let uploaded = self.upload_partials(&global);
             let mut encoder = self.encoder("synchronized backward");

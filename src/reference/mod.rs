@@ -93,7 +93,7 @@ pub(crate) fn gather_moments(
 }
 
 /// The per-channel state of the layer in float64, Keras's weight names.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReferenceState {
     /// Scale per channel.
     pub gamma: Vec<f64>,
@@ -214,24 +214,10 @@ impl ReferenceLayer {
         if channels == 0 {
             return Err(ConfigError::NoChannels.into());
         }
-        let [
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            moving_stddev,
-            renorm_mean,
-            renorm_stddev,
-        ] = initial_state(&config, channels);
-        let state = ReferenceState {
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            moving_stddev,
-            renorm_mean,
-            renorm_stddev,
-        };
+        let mut state = ReferenceState::default();
+        for (slot, values) in StateSlot::ALL.into_iter().zip(initial_state(&config, channels)) {
+            *state.slot_mut(slot) = values;
+        }
         Ok(ReferenceLayer {
             config,
             state,
