@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{compare_gradients, gpu, random_input, random_mask, rng};
+use common::{compare_gradients, gpu, random_input, random_mask, read64, rng};
 use rand::Rng;
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
@@ -262,7 +262,7 @@ fn masks_per_row_in_the_channels_last_kernels() {
             let want_y = reference
                 .forward(&round(&x32), shape, Some(true), Some(&flags))
                 .unwrap();
-            let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+            let read = |t: &Tensor| read64(&ctx, t);
             let tol = wgpu_batchnorm::keras::tolerance(dtype, false);
             let y_err = error_measure(&read(&y), &want_y);
             assert!(y_err <= tol, "{shape:?} {dtype}: y {y_err:.2e}");

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{fresh, random_input, rng};
+use common::{fresh, random_input, raw_device, rng};
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Error, GpuContext, Sgd, Tensor};
 
 const BACKENDS: [wgpu::Backends; 2] = [wgpu::Backends::VULKAN, wgpu::Backends::GL];
@@ -67,20 +67,7 @@ fn a_rejected_pipeline_is_an_error_of_the_calls_that_need_it() {
 #[test]
 fn a_device_of_four_storage_buffers_refuses_backward_by_name() {
     for backends in BACKENDS {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
-        let limits = wgpu::Limits {
-            max_storage_buffers_per_shader_stage: 4,
-            ..adapter.limits()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            required_limits: limits,
-            ..Default::default()
-        }))
-        .unwrap();
+        let (device, queue) = raw_device(backends, |l| l.max_storage_buffers_per_shader_stage = 4);
         let ctx = GpuContext::from_device(device, queue);
         let layer = BatchNorm::new(&ctx, BatchNormConfig::default(), 5).unwrap();
         let x = input(&ctx, &[9, 5]);
@@ -107,12 +94,7 @@ fn a_device_of_four_storage_buffers_refuses_backward_by_name() {
 #[test]
 fn a_destroyed_buffer_is_an_error_of_the_call_not_of_the_application() {
     for backends in BACKENDS {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
-        let (device, queue) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+        let (device, queue) = raw_device(backends, |_| {});
         let uncaptured = Arc::new(AtomicUsize::new(0));
         let seen = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |_| {

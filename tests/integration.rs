@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gpu, random_input, rng};
+use common::{gpu, random_input, read64, rng};
 use wgpu_batchnorm::keras::{error_measure, load_layer, load_weights, save_weights};
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Error, GpuContext, StateSlot, Tensor};
@@ -61,7 +61,7 @@ fn an_application_device_and_encoder_run_several_layers_in_one_submission() {
     let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();
     let m = r1.forward(&x64, &[5, 6], Some(true), None).unwrap();
     let want = r2.forward(&m, &[6, 5], Some(true), None).unwrap();
-    let got: Vec<f64> = out_t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect();
+    let got = read64(&ctx, &out_t);
     assert!(error_measure(&got, &want) < 2e-5);
 
     // outputs must fit and must not alias the input
@@ -181,14 +181,7 @@ fn a_layer_exported_from_keras_gives_keras_outputs() {
             .collect()
     };
     let x = Tensor::from_f32(&ctx, &[7, 5], &floats("x")).unwrap();
-    let got: Vec<f64> = layer
-        .forward(&x, None, None)
-        .unwrap()
-        .read_f32(&ctx)
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let got = read64(&ctx, &layer.forward(&x, None, None).unwrap());
     let want: Vec<f64> = floats("y").into_iter().map(f64::from).collect();
     assert!(error_measure(&got, &want) < 1e-6, "{got:?} vs {want:?}");
 }
@@ -267,7 +260,7 @@ fn views_at_offsets_inside_application_buffers() {
     let want = reference
         .backward(&dy32.iter().map(|&v| v as f64).collect::<Vec<_>>(), false)
         .unwrap();
-    let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+    let read = |t: &Tensor| read64(&ctx, t);
     assert!(error_measure(&read(&y), &want_y) < 2e-5);
     assert!(error_measure(&read(&dx), &want.dx) < 1e-4);
     assert!(error_measure(&read(grads.dgamma.as_ref().unwrap()), want.dgamma.as_ref().unwrap()) < 1e-4);
@@ -309,14 +302,7 @@ fn the_fused_relu_epilogue_matches_the_reference_and_refuses_backward() {
             .collect();
         let x = Tensor::from_f32_as(&ctx, &shape, &x32, dtype).unwrap();
         for training in [Some(true), None] {
-            let got: Vec<f64> = layer
-                .forward(&x, training, None)
-                .unwrap()
-                .read_f32(&ctx)
-                .unwrap()
-                .into_iter()
-                .map(f64::from)
-                .collect();
+            let got = read64(&ctx, &layer.forward(&x, training, None).unwrap());
             let want = reference
                 .forward(
                     &x32.iter().map(|&v| v as f64).collect::<Vec<_>>(),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{random_input, rng};
+use common::{random_input, read64, rng};
 use wgpu_batchnorm::keras::error_measure;
 use wgpu_batchnorm::reference::ReferenceLayer;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, GpuContext, SavedForward, Tensor};
@@ -24,7 +24,7 @@ fn reference_dx(x: &[f32], dy: &[f32]) -> Vec<f64> {
 
 fn dx_of(ctx: &GpuContext, layer: &BatchNorm, saved: &SavedForward, dy: &Tensor) -> Vec<f64> {
     let g = layer.backward(saved, dy, false).unwrap();
-    g.dx.read_f32(ctx).unwrap().into_iter().map(f64::from).collect()
+    read64(ctx, &g.dx)
 }
 
 const TOL: f64 = 1e-4;

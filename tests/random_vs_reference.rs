@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{compare_with_reference, gpu, tolerance};
+use common::{compare_with_reference, gpu, read64, tolerance};
 use wgpu_batchnorm::{BatchNormConfig, DType, GpuContext, RenormClipping};
 
 const SHAPES: &[&[usize]] = &[
@@ -71,27 +71,6 @@ fn calls(_rank: usize) -> Vec<(Option<bool>, bool)> {
     ]
 }
 
-/// `calls` through the GPU layer and the reference: y and the state within
-/// `tol`.
-fn assert_within(
-    ctx: &GpuContext,
-    config: &BatchNormConfig,
-    shape: &[usize],
-    dtype: DType,
-    calls: &[(Option<bool>, bool)],
-    seed: u64,
-    tol: f64,
-) {
-    let o = compare_with_reference(ctx, config, shape, dtype, calls, seed);
-    assert!(
-        o.y_error <= tol && o.state_error <= tol,
-        "{shape:?} axis {} {dtype}: y {:.2e} state {:.2e}",
-        config.axis,
-        o.y_error,
-        o.state_error
-    );
-}
-
 /// The default arguments on `axis`.
 fn on_axis(axis: i64) -> BatchNormConfig {
     BatchNormConfig::default().with_axis(axis)
@@ -100,7 +79,7 @@ fn on_axis(axis: i64) -> BatchNormConfig {
 /// float32 with default arguments on `axis`: y and the state within 2e-5.
 fn assert_float32_matches(shape: &[usize], axis: i64, calls: &[(Option<bool>, bool)], seed: u64) {
     for ctx in common::vulkan() {
-        assert_within(&ctx, &on_axis(axis), shape, DType::F32, calls, seed, 2e-5);
+        compare_with_reference(&ctx, &on_axis(axis), shape, DType::F32, calls, seed).assert_within(2e-5);
     }
 }
 
@@ -166,7 +145,7 @@ fn uniform_parameters_default_and_their_channel_limit() {
         .enumerate()
         {
             let calls = [(Some(true), false), (None, false)];
-            assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 40 + i as u64, 2e-5);
+            compare_with_reference(&ctx, &on_axis(axis), shape, DType::F32, &calls, 40 + i as u64).assert_within(2e-5);
         }
     }
 }
@@ -195,7 +174,7 @@ fn float16_in_the_vec4_layouts() {
         let calls = [(Some(true), false), (None, false), (Some(true), false)];
         for ctx in common::vulkan().into_iter().chain(chunked.iter().cloned()) {
             let tol = tolerance(DType::F16);
-            assert_within(&ctx, &config, shape, DType::F16, &calls, 60 + i as u64, tol);
+            compare_with_reference(&ctx, &config, shape, DType::F16, &calls, 60 + i as u64).assert_within(tol);
         }
     }
 }
@@ -225,7 +204,8 @@ fn runs_of_16_or_more_values_not_a_multiple_of_4() {
         for ctx in common::vulkan().into_iter().chain(chunked.iter().cloned()) {
             for dtype in [DType::F32, DType::F16] {
                 let calls = [(Some(true), false), (None, false), (Some(true), false)];
-                assert_within(&ctx, &config, shape, dtype, &calls, 80 + i as u64, tolerance(dtype));
+                compare_with_reference(&ctx, &config, shape, dtype, &calls, 80 + i as u64)
+                    .assert_within(tolerance(dtype));
             }
         }
     }
@@ -246,7 +226,7 @@ fn a_device_with_small_uniform_bindings() {
     .enumerate()
     {
         let calls = [(Some(true), false), (None, false)];
-        assert_within(&ctx, &on_axis(axis), shape, DType::F32, &calls, 120 + i as u64, 2e-5);
+        compare_with_reference(&ctx, &on_axis(axis), shape, DType::F32, &calls, 120 + i as u64).assert_within(2e-5);
     }
 }
 
@@ -270,7 +250,8 @@ fn chunked_bindings_match_the_reference() {
             let (mut config, _) = variant(i, axis);
             config.axis = axis;
             let seed = 100 + i as u64;
-            assert_within(&ctx, &config, shape, dtype, &calls(shape.len()), seed, tolerance(dtype));
+            compare_with_reference(&ctx, &config, shape, dtype, &calls(shape.len()), seed)
+                .assert_within(tolerance(dtype));
         }
     }
 }
@@ -402,7 +383,7 @@ fn a_rank_1_input_takes_a_rank_0_mask() {
                     true => Mask::from_u8_broadcast(&ctx, &[], &[flag], &[n]).unwrap(),
                 };
                 assert_eq!(mask.shape(), &[] as &[usize]);
-                let read = |t: &Tensor| -> Vec<f64> { t.read_f32(&ctx).unwrap().into_iter().map(f64::from).collect() };
+                let read = |t: &Tensor| read64(&ctx, t);
                 let (y, saved) = layer.forward_saved(&x, Some(true), Some(&mask)).unwrap();
                 let want = reference
                     .forward(&widen(&x32), &[n], Some(true), Some(&[flag]))
@@ -493,17 +474,17 @@ fn wide_layers_match(ctx: &GpuContext) {
     .enumerate()
     {
         let calls = [(Some(true), false), (None, false), (Some(true), shape.len() > 2)];
-        assert_within(ctx, &on_axis(axis), shape, DType::F32, &calls, 900 + i as u64, 2e-5);
+        compare_with_reference(ctx, &on_axis(axis), shape, DType::F32, &calls, 900 + i as u64).assert_within(2e-5);
     }
-    assert_within(
+    compare_with_reference(
         ctx,
         &on_axis(-1),
         &[3, 600_001],
         DType::F16,
         &[(Some(true), false)],
         905,
-        tolerance(DType::F16),
-    );
+    )
+    .assert_within(tolerance(DType::F16));
 }
 
 #[test]

@@ -67,19 +67,28 @@ fn write_case(dir: &Path, name: &str, case: &serde_json::Value, tensors: Tensors
     case_files::write_case(&dir.join(format!("{name}.safetensors")), case, tensors);
 }
 
-/// Copies a fixture with its `case` metadata and tensors edited.
-fn edited_case(
-    dir: &Path,
-    source: &str,
-    name: &str,
-    edit_case: impl FnOnce(&mut serde_json::Value),
-    edit_tensor: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>),
-) {
+/// Copies a fixture under another name, its `case` metadata edited.
+fn edit_case(dir: &Path, source: &str, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let (mut case, tensors) = fixture_case(source);
+    case["name"] = name.into();
+    edit(&mut case);
+    write_case(dir, name, &case, tensors);
+}
+
+/// Copies a fixture under another name.
+fn copy_case(dir: &Path, source: &str, name: &str) {
+    edit_case(dir, source, name, |_| {});
+}
+
+/// Copies a fixture under another name with one tensor's shape or bytes
+/// edited.
+fn edit_tensor(dir: &Path, source: &str, name: &str, tensor: &str, edit: impl Fn(&mut Vec<usize>, &mut Vec<u8>)) {
     let (mut case, mut tensors) = fixture_case(source);
     case["name"] = name.into();
-    edit_case(&mut case);
     for (k, _, shape, data) in &mut tensors {
-        edit_tensor(k, shape, data);
+        if k == tensor {
+            edit(shape, data);
+        }
     }
     write_case(dir, name, &case, tensors);
 }
@@ -134,32 +143,14 @@ fn conform_on_the_cpu_reference() {
 #[test]
 fn a_wrong_truth_or_an_unsupported_feature_is_a_fail_row_and_exit_1_and_synchronized_passes() {
     let dir = scratch("fail");
-    edited_case(
-        &dir,
-        "dense_default",
-        "wrong_truth",
-        |_| {},
-        |k, _, data| {
-            if k == "ref64.y.0" {
-                data[..8].copy_from_slice(&100.0f64.to_le_bytes());
-            }
-        },
-    );
-    edited_case(
-        &dir,
-        "dense_default",
-        "synchronized",
-        |c| c["config"]["synchronized"] = true.into(),
-        |_, _, _| {},
-    );
-    edited_case(
-        &dir,
-        "dense_default",
-        "bfloat16",
-        |c| c["dtype"] = "bfloat16".into(),
-        |_, _, _| {},
-    );
-    edited_case(&dir, "inference_only", "fine", |_| {}, |_, _, _| {});
+    edit_tensor(&dir, "dense_default", "wrong_truth", "ref64.y.0", |_, data| {
+        data[..8].copy_from_slice(&100.0f64.to_le_bytes())
+    });
+    edit_case(&dir, "dense_default", "synchronized", |c| {
+        c["config"]["synchronized"] = true.into()
+    });
+    edit_case(&dir, "dense_default", "bfloat16", |c| c["dtype"] = "bfloat16".into());
+    copy_case(&dir, "inference_only", "fine");
     let o = run(&["conform", dir.to_str().unwrap()]);
     let stdout = text(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{stdout}{}", text(&o.stderr));
@@ -287,7 +278,7 @@ fn masks_of_any_value_and_rank_0_pass_and_cases_the_crate_cannot_run_are_fail_ro
         })
         .collect();
     write_case(&dir, "float8_input", &case, tensors);
-    edited_case(&dir, "inference_only", "fine", |_| {}, |_, _, _| {});
+    copy_case(&dir, "inference_only", "fine");
 
     for device in ["gpu", "cpu"] {
         let o = run(&["conform", dir.to_str().unwrap(), "--device", device]);
@@ -341,29 +332,15 @@ fn bad_files_are_one_line_errors_with_exit_2() {
     assert_usage_error(&["conform", dir.to_str().unwrap()], "junk.safetensors");
 
     let dir = scratch("shape");
-    edited_case(
-        &dir,
-        "dense_default",
-        "reshaped",
-        |_| {},
-        |k, shape, _| {
-            if k == "x.0" {
-                *shape = vec![16, 64];
-            }
-        },
-    );
+    edit_tensor(&dir, "dense_default", "reshaped", "x.0", |shape, _| {
+        *shape = vec![16, 64]
+    });
     assert_usage_error(&["conform", dir.to_str().unwrap()], "reshaped.safetensors");
 
     let dir = scratch("nometa");
-    edited_case(
-        &dir,
-        "dense_default",
-        "nocalls",
-        |c| {
-            c.as_object_mut().unwrap().remove("calls");
-        },
-        |_, _, _| {},
-    );
+    edit_case(&dir, "dense_default", "nocalls", |c| {
+        c.as_object_mut().unwrap().remove("calls");
+    });
     assert_usage_error(&["conform", dir.to_str().unwrap()], "calls");
 
     let dir = scratch("empty");
@@ -466,17 +443,9 @@ fn bench_writes_the_json_schema_and_an_svg() {
 fn a_grad_dy_that_disagrees_with_the_input_shape_is_exit_2() {
     // same element count, another shape: only a shape check can tell
     let dir = scratch("dy_shape");
-    edited_case(
-        &dir,
-        "dense_default",
-        "dy_reshaped",
-        |_| {},
-        |k, shape, _| {
-            if k == "grad.dy" {
-                *shape = vec![16, 64];
-            }
-        },
-    );
+    edit_tensor(&dir, "dense_default", "dy_reshaped", "grad.dy", |shape, _| {
+        *shape = vec![16, 64]
+    });
     let dir = dir.to_str().unwrap();
     assert_usage_error(&["conform", dir, "--device", "cpu"], "dy_reshaped.safetensors");
     assert_usage_error(&["conform", dir, "--device", "cpu"], "grad.dy");
@@ -511,7 +480,7 @@ fn run_with_timeout(args: &[&str], seconds: u64) -> Output {
 #[test]
 fn a_fifo_or_a_folder_named_like_a_case_is_refused_without_opening_it() {
     let dir = scratch("fifo");
-    edited_case(&dir, "dense_default", "fine", |_| {}, |_, _, _| {});
+    copy_case(&dir, "dense_default", "fine");
     let fifo = dir.join("stuck.safetensors");
     let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
     assert!(made.success());
@@ -525,7 +494,7 @@ fn a_fifo_or_a_folder_named_like_a_case_is_refused_without_opening_it() {
     );
 
     let dir = scratch("folder");
-    edited_case(&dir, "dense_default", "fine", |_| {}, |_, _, _| {});
+    copy_case(&dir, "dense_default", "fine");
     std::fs::create_dir(dir.join("nested.safetensors")).unwrap();
     assert_usage_error(
         &["conform", dir.to_str().unwrap(), "--device", "cpu"],
@@ -548,16 +517,10 @@ fn conform_out_names_outputs_after_the_input_files_and_stays_inside_out() {
         ("inference_only", "first", "same"),
         ("inference_only", "second", "same"),
     ] {
-        edited_case(&cases, case, file, |c| c["name"] = name.into(), |_, _, _| {});
+        edit_case(&cases, case, file, |c| c["name"] = name.into());
     }
-    let o = run(&[
-        "conform",
-        cases.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let (cases_dir, out_dir) = (cases.to_str().unwrap(), out.to_str().unwrap());
+    let o = run(&["conform", cases_dir, "--out", out_dir, "--device", "cpu"]);
     assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
     let mut written: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -592,7 +555,7 @@ fn conform_out_names_outputs_after_the_input_files_and_stays_inside_out() {
 fn conform_out_refuses_to_overwrite_a_case_or_write_through_a_link() {
     // OUT = DIR would replace every case with its outputs
     let dir = scratch("same_dir");
-    edited_case(&dir, "dense_default", "case", |_| {}, |_, _, _| {});
+    copy_case(&dir, "dense_default", "case");
     let before = std::fs::read(dir.join("case.safetensors")).unwrap();
     let d = dir.to_str().unwrap();
     assert_usage_error(&["conform", d, "--out", d, "--device", "cpu"], "case.safetensors");
@@ -609,19 +572,13 @@ fn a_link_at_an_output_path_is_refused() {
     let (cases, out) = (root.join("cases"), root.join("out"));
     std::fs::create_dir_all(&cases).unwrap();
     std::fs::create_dir_all(&out).unwrap();
-    edited_case(&cases, "dense_default", "case", |_| {}, |_, _, _| {});
+    copy_case(&cases, "dense_default", "case");
     let target = root.join("elsewhere");
     std::fs::write(&target, b"keep").unwrap();
     std::os::unix::fs::symlink(&target, out.join("case.safetensors")).unwrap();
+    let (cases_dir, out_dir) = (cases.to_str().unwrap(), out.to_str().unwrap());
     assert_usage_error(
-        &[
-            "conform",
-            cases.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
+        &["conform", cases_dir, "--out", out_dir, "--device", "cpu"],
         "case.safetensors",
     );
     assert_eq!(std::fs::read(&target).unwrap(), b"keep");

@@ -97,18 +97,7 @@ pub fn drivers() -> Vec<GpuContext> {
 /// only (WebGPU's WebGL2 limit): the per-channel parameters' uniform view
 /// shrinks to it. Uniform parameters on.
 pub fn small_uniform_device() -> GpuContext {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
-        .unwrap_or_else(|e| panic!("{e}\n{INSTALL_HINT}"));
-    let limits = wgpu::Limits {
-        max_uniform_buffer_binding_size: 16 << 10,
-        ..adapter.limits()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .unwrap();
+    let (device, queue) = raw_device(wgpu::Backends::all(), |l| l.max_uniform_buffer_binding_size = 16 << 10);
     let ctx = GpuContext::from_device(device, queue);
     ctx.set_uniform_parameters(true);
     ctx
@@ -142,6 +131,21 @@ pub fn rng(seed: u64) -> StdRng {
 pub struct Outcome {
     pub y_error: f64,
     pub state_error: f64,
+    /// The shape, axis and dtype, for a failure's message.
+    pub what: String,
+}
+
+impl Outcome {
+    /// Asserts y and the state within `tol`.
+    pub fn assert_within(&self, tol: f64) {
+        assert!(
+            self.y_error <= tol && self.state_error <= tol,
+            "{}: y {:.2e} state {:.2e}",
+            self.what,
+            self.y_error,
+            self.state_error
+        );
+    }
 }
 
 /// Runs `calls` (training flag, with mask) through the GPU layer and the
@@ -156,21 +160,14 @@ pub fn compare_with_reference(
     seed: u64,
 ) -> Outcome {
     let mut rng = rng(seed);
-    let axis = config.resolve_axis(shape.len()).unwrap();
-    let channels = shape[axis];
-    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
-    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
     // a non-trivial starting state
-    for slot in layer.weight_slots() {
-        let values: Vec<f32> = (0..channels).map(|_| 0.5 + rng.random::<f32>()).collect();
-        layer.set_weight(slot, &values).unwrap();
-        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
-    }
+    let (layer, mut reference) = random_pair(ctx, config, shape, &mut rng);
     let len: usize = shape.iter().product();
     let mask_shape = &shape[..shape.len() - 1];
     let mut outcome = Outcome {
         y_error: 0.0,
         state_error: 0.0,
+        what: format!("{shape:?} axis {} {dtype}", config.axis),
     };
     for &(training, masked) in calls {
         let offset = rng.random::<f32>() * 10.0 - 5.0;
@@ -181,7 +178,7 @@ pub fn compare_with_reference(
         let flags = masked.then(|| random_mask(&mut rng, len / shape[shape.len() - 1]));
         let mask = flags.as_ref().map(|f| Mask::from_u8(ctx, mask_shape, f).unwrap());
         let y = layer.forward(&x, training, mask.as_ref()).unwrap();
-        let got: Vec<f64> = y.read_f32(ctx).unwrap().into_iter().map(f64::from).collect();
+        let got = read64(ctx, &y);
         let truth = reference.forward(&x64, shape, training, flags.as_deref()).unwrap();
         outcome.y_error = outcome.y_error.max(error_measure(&got, &truth));
     }
@@ -205,15 +202,7 @@ pub fn compare_gradients(
     seed: u64,
 ) -> f64 {
     let mut r = rng(seed);
-    let axis = config.resolve_axis(shape.len()).unwrap();
-    let channels = shape[axis];
-    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
-    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
-    for slot in layer.weight_slots() {
-        let values: Vec<f32> = (0..channels).map(|_| 0.5 + r.random::<f32>()).collect();
-        layer.set_weight(slot, &values).unwrap();
-        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
-    }
+    let (layer, mut reference) = random_pair(ctx, config, shape, &mut r);
     let len: usize = shape.iter().product();
     let round = |v: Vec<f32>| -> (Vec<f32>, Vec<f64>) {
         let v: Vec<f32> = v.into_iter().map(|a| dtype.round(a)).collect();
@@ -246,4 +235,46 @@ pub fn compare_gradients(
 
 pub fn tolerance(dtype: DType) -> f64 {
     wgpu_batchnorm::keras::tolerance(dtype, false)
+}
+
+/// An application's own device on the default adapter of `backends`, with
+/// the adapter's limits as `limits` edits them.
+pub fn raw_device(backends: wgpu::Backends, limits: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
+        .unwrap_or_else(|e| panic!("{e}\n{INSTALL_HINT}"));
+    let mut required_limits = adapter.limits();
+    limits(&mut required_limits);
+    let descriptor = wgpu::DeviceDescriptor {
+        required_limits,
+        ..Default::default()
+    };
+    pollster::block_on(adapter.request_device(&descriptor)).unwrap()
+}
+
+/// A tensor's values read back, widened to float64.
+pub fn read64(ctx: &GpuContext, t: &Tensor) -> Vec<f64> {
+    t.read_f32(ctx).unwrap().into_iter().map(f64::from).collect()
+}
+
+/// A layer and its float64 reference of `config` for an input of `shape`,
+/// from the same random state (0.5 to 1.5).
+pub fn random_pair(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    shape: &[usize],
+    rng: &mut StdRng,
+) -> (BatchNorm, ReferenceLayer) {
+    let channels = shape[config.resolve_axis(shape.len()).unwrap()];
+    let layer = BatchNorm::new(ctx, config.clone(), channels).unwrap();
+    let mut reference = ReferenceLayer::new(config.clone(), channels).unwrap();
+    for slot in layer.weight_slots() {
+        let values: Vec<f32> = (0..channels).map(|_| 0.5 + rng.random::<f32>()).collect();
+        layer.set_weight(slot, &values).unwrap();
+        *reference.state.slot_mut(slot) = values.iter().map(|&v| v as f64).collect();
+    }
+    (layer, reference)
 }
