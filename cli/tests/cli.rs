@@ -430,6 +430,7 @@ fn bench_writes_the_json_schema_and_an_svg() {
         assert!(report["adapter"][key].is_string(), "adapter.{key}");
     }
     assert!(report["crate_version"].is_string());
+    assert!(report["browser"].is_null(), "only a browser page names a browser");
     // the device's own clock wherever the adapter offers timestamp queries
     let ctx = wgpu_batchnorm::GpuContext::from_env().unwrap();
     let timestamps = ctx.device().features().contains(wgpu::Features::TIMESTAMP_QUERY);
@@ -441,6 +442,16 @@ fn bench_writes_the_json_schema_and_an_svg() {
         for key in ["median_ms", "min_ms", "max_ms", "gbps", "ratio_to_stream"] {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key} in {r}");
         }
+        // the spread of the rounds beside each median, and the ratio's own
+        let f = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}"));
+        assert!(f("min_ms") <= f("p25_ms") && f("p25_ms") <= f("median_ms"), "{r}");
+        assert!(f("median_ms") <= f("p75_ms") && f("p75_ms") <= f("max_ms"), "{r}");
+        assert!(
+            f("ratio_p25") <= f("ratio_to_stream") && f("ratio_to_stream") <= f("ratio_p75"),
+            "{r}"
+        );
+        let noisy = f("p75_ms") - f("p25_ms") > 0.2 * f("median_ms");
+        assert_eq!(r["noisy"].as_bool(), Some(noisy), "{r}");
         let op = r["op"].as_str().unwrap();
         assert!(["train_forward", "inference_forward", "backward", "copy", "stream"].contains(&op));
         let passes = match op {
@@ -457,7 +468,12 @@ fn bench_writes_the_json_schema_and_an_svg() {
         assert_eq!(r["bytes"].as_u64().unwrap(), passes * elems * 4, "{r}");
         assert_eq!(r["max_error"].is_null(), op == "copy" || op == "stream");
     }
+    let stream = results.iter().find(|r| r["op"] == "stream").unwrap();
+    assert_eq!(stream["ratio_to_stream"].as_f64(), Some(1.0), "{stream}");
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    // the table: a spread column beside the median
+    let stdout = text(&o.stdout);
+    assert!(stdout.lines().any(|l| l.contains("spread")), "{stdout}");
     let bad = run(&["bench", "--shape", "3,0"]);
     assert_eq!(bad.status.code(), Some(2));
 }

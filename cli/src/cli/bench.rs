@@ -21,10 +21,10 @@ pub(crate) struct BenchArgs {
     /// Element types to measure.
     #[arg(long, value_enum, default_value_t = DTypes::Both)]
     dtype: DTypes,
-    /// Timed runs per figure (the median is reported).
+    /// Timed rounds, each timing every figure of a shape once, in turn (the median is reported).
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// Untimed runs first.
+    /// Untimed rounds first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// Few runs, float32 only: a correctness and smoke check in under a minute.
@@ -119,12 +119,11 @@ pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
         ctx.reload_tuning_cache().map_err(|e| e.to_string())?;
         ctx.set_plan_tuning(None).map_err(|e| e.to_string())?;
     }
-    let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = indicatif::ProgressBar::new(bench::run_steps(&options) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").map_err(|e| e.to_string())?);
-    let report = bench::run(&ctx, &options, |label| {
-        bar.set_message(label.to_string());
-        bar.inc(1);
+    let report = bench::run(&ctx, &options, |p| {
+        bar.set_position(p.done as u64);
+        bar.set_message(p.to_string());
     })
     .map_err(|e| e.to_string());
     bar.finish_and_clear();
@@ -260,13 +259,15 @@ impl Drop for OutputFile {
 
 fn print_table(report: &BenchReport) {
     println!(
-        "timing: {} (median of runs; GB/s counts the bytes a perfect pass moves)",
+        "timing: {}, interleaved rounds (median of runs; spread: interquartile range over the median; \
+         GB/s counts the bytes a perfect pass moves; x stream: median of each round's ratio)",
         report.timing
     );
     println!(
-        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>8} {:>9} {:>10}  kernels",
-        "shape", "axis", "type", "op", "ms", "GB/s", "x stream", "max error"
+        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>7} {:>8} {:>9} {:>10}  kernels",
+        "shape", "axis", "type", "op", "ms", "spread", "GB/s", "x stream", "max error"
     );
+    let mut noisy = false;
     for r in &report.results {
         let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
         let error = r.max_error.map(|e| format!("{e:.1e}")).unwrap_or_else(|| "-".into());
@@ -275,17 +276,26 @@ fn print_table(report: &BenchReport) {
             Some(k) => k.strategy.to_string(),
             None => "-".into(),
         };
+        let mark = if r.noisy { "!" } else { " " };
+        noisy |= r.noisy;
         println!(
-            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>8.2} {:>9.2} {:>10}  {}",
+            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>6.0}%{mark}{:>8.2} {:>9.2} {:>10}  {}",
             shape,
             r.axis,
             r.dtype,
             r.op.name(),
             r.median_ms,
+            r.spread() * 100.0,
             r.gbps,
             r.ratio_to_stream,
             error,
             kernels
+        );
+    }
+    if noisy {
+        println!(
+            "! spread above {:.0}% of the median: the machine was too busy for that figure to be trusted",
+            bench::NOISY_SPREAD * 100.0
         );
     }
 }
