@@ -10,7 +10,8 @@
 //! baselines and the layer's calls are timed in interleaved rounds (copy,
 //! stream, training forward, inference, backward once each, in turn), so a
 //! machine that slows down for a while slows every figure of the same
-//! rounds alike, and each figure comes with its spread ([`Spread`]).
+//! rounds alike, and each figure comes with its spread ([`Spread`]). The
+//! drawing of a run and of several runs side by side is in [`plot`].
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -26,6 +27,8 @@ use crate::reference::{ReferenceGradients, ReferenceLayer};
 use crate::tensor::{Tensor, Wait};
 use crate::tuning::{self, AdapterKey, PlanTuning, Strategy, TunedEntry, shape_class};
 use crate::variants::{Kernel, KernelKey};
+
+pub mod plot;
 
 /// The host clock: the browser's `performance.now()` on the web.
 #[cfg(not(target_arch = "wasm32"))]
@@ -259,6 +262,74 @@ impl BenchReport {
             None => format!("{} ({})", self.adapter.name, self.adapter.backend),
         }
     }
+}
+
+impl BenchReport {
+    /// The figure of `key`'s shape, axis, dtype and op, where measured.
+    pub fn figure(&self, key: &FigureKey) -> Option<&BenchResult> {
+        self.results
+            .iter()
+            .find(|r| r.shape == key.shape && r.axis == key.axis && r.dtype == key.dtype && r.op == key.op)
+    }
+
+    /// `key`'s GB/s over this run's copy of the same shape and dtype: the
+    /// fraction of the adapter's own bandwidth, what compares across
+    /// adapters. `None` where either was not measured.
+    pub fn fraction_of_copy(&self, key: &FigureKey) -> Option<f64> {
+        let gbps = self.figure(key)?.gbps;
+        let copy = self
+            .figure(&FigureKey {
+                op: Op::Copy,
+                ..key.clone()
+            })?
+            .gbps;
+        (copy > 0.0).then(|| gbps / copy)
+    }
+}
+
+/// A figure's place in runs compared side by side: shape, axis, dtype, op.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FigureKey {
+    /// The input shape.
+    pub shape: Vec<usize>,
+    /// The feature axis.
+    pub axis: i64,
+    /// `f32` or `f16`.
+    pub dtype: String,
+    /// The operation.
+    pub op: Op,
+}
+
+impl FigureKey {
+    /// The key of a figure.
+    pub fn of(r: &BenchResult) -> FigureKey {
+        FigureKey {
+            shape: r.shape.clone(),
+            axis: r.axis,
+            dtype: r.dtype.clone(),
+            op: r.op,
+        }
+    }
+
+    /// `32x56x56x64 axis -1 f32`: shape, axis and dtype.
+    pub fn case(&self) -> String {
+        let shape: Vec<String> = self.shape.iter().map(usize::to_string).collect();
+        format!("{} axis {} {}", shape.join("x"), self.axis, self.dtype)
+    }
+}
+
+/// Every layer figure (training forward, inference, backward) any of
+/// `reports` measured, once each, ordered by shape, axis, dtype and call.
+pub fn layer_rows(reports: &[&BenchReport]) -> Vec<FigureKey> {
+    let mut keys: Vec<FigureKey> = reports
+        .iter()
+        .flat_map(|r| &r.results)
+        .filter(|r| r.op.is_layer())
+        .map(FigureKey::of)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// How much to measure.
