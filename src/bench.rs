@@ -129,8 +129,8 @@ pub const NOISY_SPREAD: f64 = 0.2;
 /// One measured figure, in the JSON schema other tools read.
 ///
 /// Fields added after the first version (`p25_ms`, `p75_ms`, `noisy`,
-/// `ratio_p25`, `ratio_p75`) may be missing from older files: they read as
-/// NaN (`false` for `noisy`). Any float may be `null` (JSON has no NaN or
+/// `runs_ms`, `ratio_p25`, `ratio_p75`) may be missing from older files:
+/// they read as NaN (`false` for `noisy`, empty for `runs_ms`). Any float may be `null` (JSON has no NaN or
 /// infinity): it reads as NaN.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
@@ -164,6 +164,10 @@ pub struct BenchResult {
     pub noisy: bool,
     /// Timed runs (rounds).
     pub runs: usize,
+    /// Every timed run's milliseconds, round by round (the same index is
+    /// the same round in every figure of a shape and dtype).
+    #[serde(default)]
+    pub runs_ms: Vec<f64>,
     /// Bytes a perfect implementation moves (see [`Op::passes`]).
     pub bytes: u64,
     /// `bytes` / median time, in GB/s.
@@ -892,6 +896,7 @@ fn figures(
                 max_ms: time.max,
                 noisy: time.noisy(),
                 runs: times.len(),
+                runs_ms: times,
                 bytes: total,
                 gbps: total as f64 / (time.median * 1e-3) / 1e9,
                 ratio_to_stream: ratio.median,

@@ -452,6 +452,8 @@ fn bench_writes_the_json_schema_and_an_svg() {
             f("ratio_p25") <= f("ratio_to_stream") && f("ratio_to_stream") <= f("ratio_p75"),
             "{r}"
         );
+        let rounds = r["runs_ms"].as_array().unwrap();
+        assert_eq!(rounds.len() as u64, r["runs"].as_u64().unwrap(), "{r}");
         let noisy = f("p75_ms") - f("p25_ms") > 0.2 * f("median_ms");
         assert_eq!(r["noisy"].as_bool(), Some(noisy), "{r}");
         let op = r["op"].as_str().unwrap();
@@ -1185,6 +1187,7 @@ fn report_svg_keeps_every_label_inside_the_picture() {
                         max_ms: ms * 1.3,
                         noisy: false,
                         runs: 10,
+                        runs_ms: vec![ms; 10],
                         bytes,
                         gbps: bytes as f64 / (ms * 1e-3) / 1e9,
                         ratio_to_stream: ms / 3.0,

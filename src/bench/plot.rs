@@ -503,6 +503,7 @@ mod tests {
                     max_ms: ms * 1.5,
                     noisy: false,
                     runs: 20,
+                    runs_ms: Vec::new(),
                     bytes: 25_690_112 * op.passes(),
                     gbps: 25_690_112.0 * op.passes() as f64 / (ms * 1e-3) / 1e9,
                     ratio_to_stream: (1.0 + i as f64) / 2.0,
