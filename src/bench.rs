@@ -4,14 +4,16 @@
 //! against the float64 reference before it is timed.
 //!
 //! One runner for the command-line tool and the browser page:
-//! [`run_async`] never blocks (readbacks and the queue's work-done callback
-//! are awaited; natively a helper thread drives the device, as the
-//! library's other async forms do), [`run`] blocks on it natively. The
-//! baselines and the layer's calls are timed in interleaved rounds (copy,
-//! stream, training forward, inference, backward once each, in turn), so a
-//! machine that slows down for a while slows every figure of the same
-//! rounds alike, and each figure comes with its spread ([`Spread`]). The
-//! drawing of a run and of several runs side by side is in [`plot`].
+//! [`run_async`](crate::bench::run_async) never blocks (readbacks and the
+//! queue's work-done callback are awaited; natively a helper thread drives
+//! the device, as the library's other async forms do), and `run` (native
+//! only) blocks on it. The baselines and the layer's calls are timed in
+//! interleaved rounds (copy, stream, training forward, inference, backward
+//! once each, in turn), so a machine that slows down for a while slows
+//! every figure of the same rounds alike, and each figure comes with its
+//! spread ([`Spread`](crate::bench::Spread)).
+//! The drawing of a run and of several runs side by side is in
+//! [`plot`](crate::bench::plot).
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -259,11 +261,17 @@ pub struct BenchReport {
 
 impl BenchReport {
     /// The adapter, its backend and, for a browser's run, the browser:
-    /// what a legend names this run by.
+    /// what a legend names this run by. An adapter without a name (a
+    /// browser may not say it) goes by its device type.
     pub fn label(&self) -> String {
+        let a = &self.adapter;
+        let name = match a.name.trim() {
+            "" => format!("unnamed {} adapter", a.device_type),
+            name => name.to_string(),
+        };
         match &self.browser {
-            Some(browser) => format!("{} ({}, {})", self.adapter.name, self.adapter.backend, browser),
-            None => format!("{} ({})", self.adapter.name, self.adapter.backend),
+            Some(browser) => format!("{name} ({}, {browser})", a.backend),
+            None => format!("{name} ({})", a.backend),
         }
     }
 }
@@ -1535,6 +1543,11 @@ mod tests {
         assert!(r.p25_ms.is_nan() && r.ratio_to_stream.is_nan() && !r.noisy);
         assert_eq!(report.browser, None);
         assert_eq!(report.label(), "llvmpipe (vulkan)");
+        let mut page = report.clone();
+        page.adapter.name = String::new();
+        page.adapter.backend = "webgpu".into();
+        page.browser = Some("HeadlessChrome/140".into());
+        assert_eq!(page.label(), "unnamed Cpu adapter (webgpu, HeadlessChrome/140)");
         let again: BenchReport = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
         assert_eq!(again.results[0].median_ms, 0.5);
         let json = serde_json::to_value(&report).unwrap();
