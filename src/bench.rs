@@ -2,11 +2,21 @@
 //! the same element count, a buffer copy and the best streaming kernel
 //! (y = a * x + b), measured in the same run. Every configuration is checked
 //! against the float64 reference before it is timed.
-
-use std::time::Instant;
+//!
+//! One runner for the command-line tool and the browser page:
+//! [`run_async`](crate::bench::run_async) never blocks (readbacks and the
+//! queue's work-done callback are awaited; natively a helper thread drives
+//! the device, as the library's other async forms do), and `run` (native
+//! only) blocks on it. The baselines and the layer's calls are timed in
+//! interleaved rounds (copy, stream, training forward, inference, backward
+//! once each, in turn), so a machine that slows down for a while slows
+//! every figure of the same rounds alike, and each figure comes with its
+//! spread ([`Spread`](crate::bench::Spread)).
+//! The drawing of a run and of several runs side by side is in
+//! [`plot`](crate::bench::plot).
 
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::{BatchNormConfig, ChannelView};
 use crate::context::GpuContext;
@@ -16,12 +26,20 @@ use crate::keras::error_measure;
 use crate::layer::{BatchNorm, Gradients, SavedForward};
 use crate::params::{PARAMS_SLOT, Params};
 use crate::reference::{ReferenceGradients, ReferenceLayer};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, Wait};
 use crate::tuning::{self, AdapterKey, PlanTuning, Strategy, TunedEntry, shape_class};
 use crate::variants::{Kernel, KernelKey};
 
+pub mod plot;
+
+/// The host clock: the browser's `performance.now()` on the web.
+#[cfg(not(target_arch = "wasm32"))]
+use std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+use web_time::Instant;
+
 /// One benchmarked input: a shape and its feature axis.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BenchShape {
     /// The input shape.
     pub shape: Vec<usize>,
@@ -44,9 +62,9 @@ pub fn default_shapes() -> Vec<BenchShape> {
     .collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-/// What one figure measures.
+/// What one figure measures (ordered as the tables list the layer's calls).
 pub enum Op {
     /// A training forward call (statistics, moving update, normalise).
     TrainForward,
@@ -61,7 +79,7 @@ pub enum Op {
 }
 
 impl Op {
-    /// Every operation, baselines first.
+    /// Every operation, baselines first: the order of a round.
     pub const ALL: [Op; 5] = [
         Op::Copy,
         Op::Stream,
@@ -99,41 +117,103 @@ impl Op {
             Op::Stream => "stream",
         }
     }
+
+    /// Whether this is one of the layer's calls (not a baseline).
+    pub fn is_layer(self) -> bool {
+        self.tuning_op().is_some()
+    }
 }
 
+/// A figure whose interquartile range is above this fraction of its median
+/// is flagged [`BenchResult::noisy`]: its median is not to be trusted.
+pub const NOISY_SPREAD: f64 = 0.2;
+
 /// One measured figure, in the JSON schema other tools read.
-#[derive(Debug, Clone, Serialize)]
+///
+/// Fields added after the first version (`p25_ms`, `p75_ms`, `noisy`,
+/// `runs_ms`, `ratio_p25`, `ratio_p75`) may be missing from older files:
+/// they read as NaN (`false` for `noisy`, empty for `runs_ms`). Any float may be `null` (JSON has no NaN or
+/// infinity): it reads as NaN.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
     /// The input shape.
     pub shape: Vec<usize>,
     /// The feature axis.
     pub axis: i64,
     /// `f32` or `f16`.
-    pub dtype: &'static str,
+    pub dtype: String,
     /// The operation.
     pub op: Op,
     /// Median milliseconds per run.
+    #[serde(deserialize_with = "nan_if_null")]
     pub median_ms: f64,
+    /// First quartile of the runs, in milliseconds.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub p25_ms: f64,
+    /// Third quartile of the runs, in milliseconds.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub p75_ms: f64,
     /// Fastest run, in milliseconds.
+    #[serde(deserialize_with = "nan_if_null")]
     pub min_ms: f64,
     /// Slowest run, in milliseconds.
+    #[serde(deserialize_with = "nan_if_null")]
     pub max_ms: f64,
-    /// Timed runs.
+    /// Whether the interquartile range (`p75_ms - p25_ms`) is above
+    /// [`NOISY_SPREAD`] of the median: the machine was too busy for this
+    /// figure to be trusted.
+    #[serde(default)]
+    pub noisy: bool,
+    /// Timed runs (rounds).
     pub runs: usize,
+    /// Every timed run's milliseconds, round by round (the same index is
+    /// the same round in every figure of a shape and dtype).
+    #[serde(default)]
+    pub runs_ms: Vec<f64>,
     /// Bytes a perfect implementation moves (see [`Op::passes`]).
     pub bytes: u64,
     /// `bytes` / median time, in GB/s.
+    #[serde(deserialize_with = "nan_if_null")]
     pub gbps: f64,
-    /// Median time over the streaming baseline's of the same shape and dtype.
+    /// Time over the streaming baseline's of the same shape and dtype, taken
+    /// round by round (both ran in the same round, moments apart): the
+    /// median of the rounds' ratios.
+    #[serde(deserialize_with = "nan_if_null")]
     pub ratio_to_stream: f64,
+    /// First quartile of the rounds' ratios to the stream.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub ratio_p25: f64,
+    /// Third quartile of the rounds' ratios to the stream.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub ratio_p75: f64,
     /// Conformance error against the float64 reference (None for baselines).
+    #[serde(default)]
     pub max_error: Option<f64>,
     /// The layer's kernels that ran (None for baselines).
+    #[serde(default)]
     pub kernels: Option<KernelsUsed>,
 }
 
+impl BenchResult {
+    /// The spread of the runs: the interquartile range over the median
+    /// (NaN where the file had no quartiles).
+    pub fn spread(&self) -> f64 {
+        (self.p75_ms - self.p25_ms) / self.median_ms
+    }
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// A float that JSON may hold as `null` (serde_json writes NaN and the
+/// infinities so).
+fn nan_if_null<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 /// Which kernels a layer figure measured (the JSON's `kernels`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelsUsed {
     /// The kernel family.
     pub strategy: Strategy,
@@ -143,12 +223,12 @@ pub struct KernelsUsed {
     pub tuned: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 /// The adapter a report was measured on.
 pub struct AdapterDescription {
     /// Adapter name.
     pub name: String,
-    /// Backend (vulkan, gl, metal, dx12).
+    /// Backend (vulkan, gl, metal, dx12, browserwebgpu).
     pub backend: String,
     /// Device type (DiscreteGpu, Cpu, ...).
     pub device_type: String,
@@ -158,19 +238,110 @@ pub struct AdapterDescription {
     pub driver_info: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
-/// Everything one `bench` run measured, as written by `--json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Everything one `bench` run measured, as written by `--json` (and read
+/// back by `report`).
 pub struct BenchReport {
     /// The adapter.
     pub adapter: AdapterDescription,
+    /// The browser the run measured in (its user agent), set by the web
+    /// page; `null` natively.
+    #[serde(default)]
+    pub browser: Option<String>,
     /// This crate's version.
-    pub crate_version: &'static str,
+    pub crate_version: String,
     /// How times were taken: "gpu-timestamps" (timestamp queries written
     /// before and after the operation's commands) where the device has
-    /// them, else "host-clock" (submit, then a blocking wait).
-    pub timing: &'static str,
+    /// them, else "host-clock" (from submission to the queue's work-done
+    /// callback).
+    pub timing: String,
     /// One entry per shape, dtype and operation.
     pub results: Vec<BenchResult>,
+}
+
+impl BenchReport {
+    /// The adapter, its backend and, for a browser's run, the browser:
+    /// what a legend names this run by. An adapter without a name (a
+    /// browser may not say it) goes by its device type.
+    pub fn label(&self) -> String {
+        let a = &self.adapter;
+        let name = match a.name.trim() {
+            "" => format!("unnamed {} adapter", a.device_type),
+            name => name.to_string(),
+        };
+        match &self.browser {
+            Some(browser) => format!("{name} ({}, {browser})", a.backend),
+            None => format!("{name} ({})", a.backend),
+        }
+    }
+}
+
+impl BenchReport {
+    /// The figure of `key`'s shape, axis, dtype and op, where measured.
+    pub fn figure(&self, key: &FigureKey) -> Option<&BenchResult> {
+        self.results
+            .iter()
+            .find(|r| r.shape == key.shape && r.axis == key.axis && r.dtype == key.dtype && r.op == key.op)
+    }
+
+    /// `key`'s GB/s over this run's copy of the same shape and dtype: the
+    /// fraction of the adapter's own bandwidth, what compares across
+    /// adapters. `None` where either was not measured.
+    pub fn fraction_of_copy(&self, key: &FigureKey) -> Option<f64> {
+        let gbps = self.figure(key)?.gbps;
+        let copy = self
+            .figure(&FigureKey {
+                op: Op::Copy,
+                ..key.clone()
+            })?
+            .gbps;
+        (copy > 0.0).then(|| gbps / copy)
+    }
+}
+
+/// A figure's place in runs compared side by side: shape, axis, dtype, op.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FigureKey {
+    /// The input shape.
+    pub shape: Vec<usize>,
+    /// The feature axis.
+    pub axis: i64,
+    /// `f32` or `f16`.
+    pub dtype: String,
+    /// The operation.
+    pub op: Op,
+}
+
+impl FigureKey {
+    /// The key of a figure.
+    pub fn of(r: &BenchResult) -> FigureKey {
+        FigureKey {
+            shape: r.shape.clone(),
+            axis: r.axis,
+            dtype: r.dtype.clone(),
+            op: r.op,
+        }
+    }
+
+    /// `32x56x56x64 axis -1 f32`: shape, axis and dtype.
+    pub fn case(&self) -> String {
+        let shape: Vec<String> = self.shape.iter().map(usize::to_string).collect();
+        format!("{} axis {} {}", shape.join("x"), self.axis, self.dtype)
+    }
+}
+
+/// Every layer figure (training forward, inference, backward) any of
+/// `reports` measured, once each, ordered by shape, axis, dtype and call.
+pub fn layer_rows(reports: &[&BenchReport]) -> Vec<FigureKey> {
+    let mut keys: Vec<FigureKey> = reports
+        .iter()
+        .flat_map(|r| &r.results)
+        .filter(|r| r.op.is_layer())
+        .map(FigureKey::of)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// How much to measure.
@@ -180,10 +351,99 @@ pub struct BenchOptions {
     pub shapes: Vec<BenchShape>,
     /// Element types to measure.
     pub dtypes: Vec<DType>,
-    /// Untimed runs before timing.
+    /// Untimed rounds before timing.
     pub warmup: usize,
-    /// Timed runs (the median is reported).
+    /// Timed rounds (the median is reported).
     pub runs: usize,
+}
+
+/// Where a benchmark run is, for a progress bar: what is being measured
+/// and how many of the run's steps are done. A step is one shape and
+/// dtype's check against the reference, or one round (warm-up or timed).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Progress {
+    /// The shape, axis and dtype being measured, e.g. `[8, 512, 7, 7] axis
+    /// 1 f32` (empty once finished).
+    pub case: String,
+    /// What is being done to it.
+    pub stage: Stage,
+    /// Steps finished so far.
+    pub done: usize,
+    /// Steps in the whole run ([`run_steps`]).
+    pub total: usize,
+}
+
+/// What a benchmark step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// The inputs, the float64 reference's answers, and a fresh layer
+    /// checked against them.
+    Checking,
+    /// An untimed round, `round` of `rounds` (from 1).
+    Warmup {
+        /// This round.
+        round: usize,
+        /// Warm-up rounds in all.
+        rounds: usize,
+    },
+    /// A timed round (every operation once), `round` of `rounds` (from 1).
+    Timing {
+        /// This round.
+        round: usize,
+        /// Timed rounds in all.
+        rounds: usize,
+    },
+    /// Everything is measured: `done == total`.
+    Finished,
+}
+
+impl Progress {
+    /// `done / total`, for a progress bar (1 when there is nothing to do).
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.done as f64 / self.total as f64
+        }
+    }
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stage {
+            Stage::Checking => write!(f, "{}: checking against the float64 reference", self.case),
+            Stage::Warmup { round, rounds } => write!(f, "{}: warm-up round {round} of {rounds}", self.case),
+            Stage::Timing { round, rounds } => write!(f, "{}: round {round} of {rounds}", self.case),
+            Stage::Finished => write!(f, "finished"),
+        }
+    }
+}
+
+/// The steps [`run_async`] reports through its progress callback.
+pub fn run_steps(options: &BenchOptions) -> usize {
+    options.shapes.len() * options.dtypes.len() * (1 + options.warmup + options.runs)
+}
+
+/// Counts steps and tells the callback where the run is.
+struct Steps<F: FnMut(Progress)> {
+    done: usize,
+    total: usize,
+    progress: F,
+}
+
+impl<F: FnMut(Progress)> Steps<F> {
+    /// A step begins (the ones before it are done).
+    fn start(&mut self, case: &str, stage: Stage) {
+        (self.progress)(Progress {
+            case: case.to_string(),
+            stage,
+            done: self.done,
+            total: self.total,
+        });
+        self.done += 1;
+    }
 }
 
 /// `f32` or `f16`, as the JSON writes dtypes.
@@ -223,7 +483,8 @@ const HOST_BYTES_PER_ELEMENT: u64 = 96;
 /// anything is allocated for it: a valid axis, an element count and byte
 /// size that do not overflow, one tensor within the device's
 /// `max_buffer_size`, and the host memory the measurement needs within what
-/// the machine has available (where the OS says: Linux's `MemAvailable`).
+/// the machine has available (where the OS says: Linux's `MemAvailable`;
+/// never on the web).
 pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result<()> {
     let config = BatchNormConfig {
         axis: shape.axis,
@@ -269,6 +530,7 @@ pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result
 }
 
 /// `MemAvailable` of `/proc/meminfo` in bytes; `None` where there is none.
+#[cfg(not(target_arch = "wasm32"))]
 fn available_host_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -276,37 +538,120 @@ fn available_host_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Runs every (shape, dtype, op) of `options`; `progress` is called after
-/// each configuration with a short label. Every shape is checked with
-/// [`check_shape`] before anything is measured.
-pub fn run(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+/// A browser does not say how much memory a page may take.
+#[cfg(target_arch = "wasm32")]
+fn available_host_memory() -> Option<u64> {
+    None
+}
+
+/// Runs every (shape, dtype, op) of `options`, blocking until done (see
+/// [`run_async`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn run(ctx: &GpuContext, options: &BenchOptions, progress: impl FnMut(Progress)) -> Result<BenchReport> {
+    pollster::block_on(run_async(ctx, options, progress))
+}
+
+/// Runs every (shape, dtype, op) of `options` without ever blocking: in a
+/// browser, and natively on any executor. Every shape is checked with
+/// [`check_shape`] before anything is measured; each shape and dtype is
+/// then checked against the float64 reference (the GPU's results read
+/// back asynchronously) and timed in `options.warmup` untimed and
+/// `options.runs` timed rounds, each timing the copy, the stream, the
+/// training forward, inference and backward once, in turn. `progress` is
+/// called as each step begins and once more when everything is done
+/// (`done == total`, [`Stage::Finished`]). The report's `browser` is left
+/// `None`: a page fills it.
+pub async fn run_async(
+    ctx: &GpuContext,
+    options: &BenchOptions,
+    progress: impl FnMut(Progress),
+) -> Result<BenchReport> {
     for shape in &options.shapes {
         for &dtype in &options.dtypes {
             check_shape(ctx, shape, dtype)?;
         }
     }
     let clock = Clock::new(ctx);
+    let mut steps = Steps {
+        done: 0,
+        total: run_steps(options),
+        progress,
+    };
     let mut results = Vec::new();
     for shape in &options.shapes {
         for &dtype in &options.dtypes {
-            let mut figures = measure_shape(ctx, &clock, shape, dtype, options, &mut progress)?;
-            let stream = figures
-                .iter()
-                .find(|r| r.op == Op::Stream)
-                .map(|r| r.median_ms)
-                .unwrap_or(f64::NAN);
-            for f in &mut figures {
-                f.ratio_to_stream = f.median_ms / stream;
-            }
-            results.extend(figures);
+            results.extend(measure_shape(ctx, &clock, shape, dtype, options, &mut steps).await?);
         }
     }
+    // the web's error scopes answer late: nothing the device refused may pass
+    ctx.gpu_errors().await?;
+    (steps.progress)(Progress {
+        case: String::new(),
+        stage: Stage::Finished,
+        done: steps.total,
+        total: steps.total,
+    });
     Ok(BenchReport {
         adapter: describe_adapter(ctx),
-        crate_version: crate::VERSION,
-        timing: clock.name(),
+        browser: None,
+        crate_version: crate::VERSION.to_string(),
+        timing: clock.name().to_string(),
         results,
     })
+}
+
+/// Quartiles of a set of runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// The smallest value.
+    pub min: f64,
+    /// The first quartile.
+    pub p25: f64,
+    /// The median.
+    pub median: f64,
+    /// The third quartile.
+    pub p75: f64,
+    /// The largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The quartiles of `values` (linear between the closest ranks, as
+    /// numpy's default); all NaN for no values. NaNs sort last.
+    pub fn of(values: &[f64]) -> Spread {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            if sorted.is_empty() {
+                return f64::NAN;
+            }
+            let rank = q * (sorted.len() - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+        };
+        Spread {
+            min: at(0.0),
+            p25: at(0.25),
+            median: at(0.5),
+            p75: at(0.75),
+            max: at(1.0),
+        }
+    }
+
+    /// The interquartile range over the median.
+    pub fn relative_iqr(&self) -> f64 {
+        (self.p75 - self.p25) / self.median
+    }
+
+    /// Whether the interquartile range is above [`NOISY_SPREAD`] of the median.
+    pub fn noisy(&self) -> bool {
+        self.relative_iqr() > NOISY_SPREAD
+    }
+}
+
+/// `[32, 56, 56, 64] axis -1 f32`: one shape and dtype of a run.
+fn case_label(bench: &BenchShape, dtype: DType) -> String {
+    format!("{:?} axis {} {}", bench.shape, bench.axis, dtype_name(dtype))
 }
 
 /// One shape and dtype: its inputs on the GPU and the float64 reference's
@@ -332,6 +677,11 @@ struct Errors {
     train: f64,
     inference: f64,
     backward: f64,
+}
+
+/// A tensor's values as float64, read back without blocking.
+async fn read64(ctx: &GpuContext, t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.read_f32_async(ctx).await?.into_iter().map(f64::from).collect())
 }
 
 impl Setup {
@@ -361,7 +711,7 @@ impl Setup {
         let grads = reference.backward(&dy64, false)?;
         let inference_y = reference.forward(&x64, &bench.shape, None, None)?;
         Ok(Setup {
-            label: format!("{:?} axis {} {}", bench.shape, bench.axis, dtype_name(dtype)),
+            label: case_label(bench, dtype),
             config,
             channels,
             view: ChannelView::new(&bench.shape, axis),
@@ -378,24 +728,23 @@ impl Setup {
 
     /// A fresh layer run as the reference ran (training forward, its
     /// backward, inference) with the context's current plans, and its
-    /// errors against the reference.
-    fn check(&self, ctx: &GpuContext) -> Result<Checked> {
+    /// errors against the reference (read back without blocking).
+    async fn check(&self, ctx: &GpuContext) -> Result<Checked> {
         let layer = BatchNorm::new(ctx, self.config.clone(), self.channels)?;
         let grads = layer.gradient_tensors(&self.dy)?;
-        let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.read_f32(ctx)?.into_iter().map(f64::from).collect()) };
         let saved = layer.forward_into(&self.x, Some(true), None, &self.y)?;
-        let train = error_measure(&read(&self.y)?, &self.train_y);
+        let train = error_measure(&read64(ctx, &self.y).await?, &self.train_y);
         layer.backward_into(&saved, &self.dy, false, &grads)?;
         let want = &self.grads;
-        let mut backward = error_measure(&read(&grads.dx)?, &want.dx);
+        let mut backward = error_measure(&read64(ctx, &grads.dx).await?, &want.dx);
         if let (Some(g), Some(w)) = (&grads.dgamma, &want.dgamma) {
-            backward = backward.max(error_measure(&read(g)?, w));
+            backward = backward.max(error_measure(&read64(ctx, g).await?, w));
         }
         if let (Some(g), Some(w)) = (&grads.dbeta, &want.dbeta) {
-            backward = backward.max(error_measure(&read(g)?, w));
+            backward = backward.max(error_measure(&read64(ctx, g).await?, w));
         }
         layer.forward_into(&self.x, None, None, &self.y)?;
-        let inference = error_measure(&read(&self.y)?, &self.inference_y);
+        let inference = error_measure(&read64(ctx, &self.y).await?, &self.inference_y);
         Ok(Checked {
             layer,
             grads,
@@ -408,39 +757,30 @@ impl Setup {
         })
     }
 
-    /// Milliseconds per run of `op` on a checked layer.
-    fn time(
+    /// One round: each of `ops` timed once, in turn, on a checked layer,
+    /// each submission waited for before the next; milliseconds in the
+    /// order of `ops` (at most [`Op::ALL`]'s length). A backward runs
+    /// after an untimed training forward (it reads its statistics).
+    async fn time_round(
         &self,
         ctx: &GpuContext,
         clock: &Clock,
-        options: &BenchOptions,
-        checked: &Checked,
+        checked: &mut Checked,
         stream: Option<&StreamBaseline>,
-        op: Op,
+        ops: &[Op],
     ) -> Result<Vec<f64>> {
         let (x, y, dy) = (&self.x, &self.y, &self.dy);
-        let Checked {
-            layer, grads, saved, ..
-        } = checked;
-        match op {
-            // after an untimed training forward each time (backward uses its statistics)
-            Op::Backward => {
-                let saved = std::cell::RefCell::new(saved.clone());
-                clock.time(
-                    ctx,
-                    options,
-                    || {
-                        *saved.borrow_mut() = layer.forward_into(x, Some(true), None, y)?;
-                        Ok(())
-                    },
-                    |encoder| layer.record_backward(encoder, &saved.borrow(), dy, false, grads),
-                )
+        let mut host = Vec::with_capacity(ops.len());
+        for (slot, &op) in ops.iter().enumerate() {
+            if op == Op::Backward {
+                checked.saved = checked.layer.forward_into(x, Some(true), None, y)?;
+                work_done(ctx).await?;
             }
-            _ => clock.time(
-                ctx,
-                options,
-                || Ok(()),
-                |encoder| match op {
+            let Checked {
+                layer, grads, saved, ..
+            } = &*checked;
+            let ms = clock
+                .submit(ctx, slot as u32, |encoder| match op {
                     Op::Copy => {
                         let size = crate::dtype::padded_bytes(self.len, self.dtype);
                         encoder.copy_buffer_to_buffer(x.buffer(), 0, y.buffer(), 0, size);
@@ -452,10 +792,13 @@ impl Setup {
                         Ok(())
                     }
                     Op::InferenceForward => layer.record_forward(encoder, x, None, None, y).map(drop),
-                    _ => layer.record_forward(encoder, x, Some(true), None, y).map(drop),
-                },
-            ),
+                    Op::TrainForward => layer.record_forward(encoder, x, Some(true), None, y).map(drop),
+                    Op::Backward => layer.record_backward(encoder, saved, dy, false, grads),
+                })
+                .await?;
+            host.push(ms);
         }
+        clock.read(ctx, host).await
     }
 }
 
@@ -463,23 +806,27 @@ impl Setup {
 struct Checked {
     layer: BatchNorm,
     grads: Gradients,
-    /// The checked training call's statistics (what backward reads).
+    /// The last training call's statistics (what backward reads).
     saved: SavedForward,
     errors: Errors,
 }
 
-fn measure_shape(
+async fn measure_shape<F: FnMut(Progress)>(
     ctx: &GpuContext,
     clock: &Clock,
     bench: &BenchShape,
     dtype: DType,
     options: &BenchOptions,
-    progress: &mut impl FnMut(&str),
+    steps: &mut Steps<F>,
 ) -> Result<Vec<BenchResult>> {
+    let case = case_label(bench, dtype);
+    steps.start(&case, Stage::Checking);
+    // lets a page show the step before the reference's seconds of arithmetic
+    work_done(ctx).await?;
     let setup = Setup::new(ctx, bench, dtype)?;
     let label = &setup.label;
     // correctness first: one training call and its backward, one inference call
-    let checked = setup.check(ctx)?;
+    let mut checked = setup.check(ctx).await?;
     let errors = &checked.errors;
     let tol = crate::keras::tolerance(dtype, false);
     let grad_tol = crate::keras::tolerance(dtype, true);
@@ -492,43 +839,87 @@ fn measure_shape(
     }
 
     let stream = StreamBaseline::new(ctx, &setup.x, &setup.y)?;
-    let bytes = (setup.len * dtype.size()) as u64;
-    let mut figures = Vec::new();
-    for op in Op::ALL {
-        let times = setup.time(ctx, clock, options, &checked, Some(&stream), op)?;
-        let (median, min, max) = summarize(&times);
-        let total = bytes * op.passes();
-        let kernels = op.tuning_op().map(|t| {
-            let plan = ctx.plan_tuning(setup.view, dtype, t);
-            KernelsUsed {
-                strategy: plan.strategy,
-                plan: plan.describe(),
-                tuned: ctx.tuned_plan(setup.view, dtype, t).is_some(),
+    // rounds[r][i]: round r's time of Op::ALL[i]
+    let mut rounds = Vec::with_capacity(options.runs);
+    for round in 0..options.warmup + options.runs {
+        let stage = if round < options.warmup {
+            Stage::Warmup {
+                round: round + 1,
+                rounds: options.warmup,
             }
-        });
-        figures.push(BenchResult {
-            shape: bench.shape.clone(),
-            axis: bench.axis,
-            dtype: dtype_name(dtype),
-            op,
-            median_ms: median,
-            min_ms: min,
-            max_ms: max,
-            runs: times.len(),
-            bytes: total,
-            gbps: total as f64 / (median * 1e-3) / 1e9,
-            ratio_to_stream: f64::NAN,
-            max_error: match op {
-                Op::TrainForward => Some(errors.train),
-                Op::InferenceForward => Some(errors.inference),
-                Op::Backward => Some(errors.backward),
-                Op::Copy | Op::Stream => None,
-            },
-            kernels,
-        });
-        progress(&format!("{label} {}", op.name()));
+        } else {
+            Stage::Timing {
+                round: round + 1 - options.warmup,
+                rounds: options.runs,
+            }
+        };
+        steps.start(&case, stage);
+        let times = setup
+            .time_round(ctx, clock, &mut checked, Some(&stream), &Op::ALL)
+            .await?;
+        if round >= options.warmup {
+            rounds.push(times);
+        }
     }
-    Ok(figures)
+    Ok(figures(ctx, &setup, bench, &checked.errors, &rounds))
+}
+
+/// The figures of one shape and dtype from its rounds (`rounds[r][i]`:
+/// round r's milliseconds of `Op::ALL[i]`).
+fn figures(
+    ctx: &GpuContext,
+    setup: &Setup,
+    bench: &BenchShape,
+    errors: &Errors,
+    rounds: &[Vec<f64>],
+) -> Vec<BenchResult> {
+    let dtype = setup.dtype;
+    let bytes = (setup.len * dtype.size()) as u64;
+    let stream_at = Op::ALL.iter().position(|&o| o == Op::Stream).unwrap_or(0);
+    Op::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, &op)| {
+            let times: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+            let ratios: Vec<f64> = rounds.iter().map(|r| r[i] / r[stream_at]).collect();
+            let (time, ratio) = (Spread::of(&times), Spread::of(&ratios));
+            let total = bytes * op.passes();
+            let kernels = op.tuning_op().map(|t| {
+                let plan = ctx.plan_tuning(setup.view, dtype, t);
+                KernelsUsed {
+                    strategy: plan.strategy,
+                    plan: plan.describe(),
+                    tuned: ctx.tuned_plan(setup.view, dtype, t).is_some(),
+                }
+            });
+            BenchResult {
+                shape: bench.shape.clone(),
+                axis: bench.axis,
+                dtype: dtype_name(dtype).to_string(),
+                op,
+                median_ms: time.median,
+                p25_ms: time.p25,
+                p75_ms: time.p75,
+                min_ms: time.min,
+                max_ms: time.max,
+                noisy: time.noisy(),
+                runs: times.len(),
+                runs_ms: times,
+                bytes: total,
+                gbps: total as f64 / (time.median * 1e-3) / 1e9,
+                ratio_to_stream: ratio.median,
+                ratio_p25: ratio.p25,
+                ratio_p75: ratio.p75,
+                max_error: match op {
+                    Op::TrainForward => Some(errors.train),
+                    Op::InferenceForward => Some(errors.inference),
+                    Op::Backward => Some(errors.backward),
+                    Op::Copy | Op::Stream => None,
+                },
+                kernels,
+            }
+        })
+        .collect()
 }
 
 /// The plans `bench --tune` times for `op` on inputs of `view`: the
@@ -681,7 +1072,7 @@ impl Drop for Unforce<'_> {
     }
 }
 
-/// How many candidates [`tune`] times for `options` (for a progress bar).
+/// How many candidates [`tune_async`] times for `options` (for a progress bar).
 pub fn tune_steps(ctx: &GpuContext, options: &BenchOptions) -> Result<usize> {
     let mut n = 0;
     for shape in &options.shapes {
@@ -697,13 +1088,24 @@ pub fn tune_steps(ctx: &GpuContext, options: &BenchOptions) -> Result<usize> {
     Ok(n)
 }
 
+/// Times the [`candidates`] of every shape, dtype and call of `options`,
+/// blocking until done (see [`tune_async`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn tune(ctx: &GpuContext, options: &BenchOptions, progress: impl FnMut(&str)) -> Result<TuneReport> {
+    pollster::block_on(tune_async(ctx, options, progress))
+}
+
 /// Times the [`candidates`] of every shape, dtype and call of `options`
 /// with [`GpuContext::set_plan_tuning`], after checking each against the
 /// float64 reference (a candidate that fails is never chosen), and picks
 /// the fastest. Writes nothing: [`TuneReport::entries`] are what the cache
 /// takes. The context runs its own plans again afterwards. `progress` is
-/// called after each candidate.
-pub fn tune(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<TuneReport> {
+/// called after each candidate. Never blocks (as [`run_async`]).
+pub async fn tune_async(
+    ctx: &GpuContext,
+    options: &BenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<TuneReport> {
     for shape in &options.shapes {
         for &dtype in &options.dtypes {
             check_shape(ctx, shape, dtype)?;
@@ -722,18 +1124,19 @@ pub fn tune(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&
                     // gradients get the bench's (and conform's) gradient tolerance
                     tuning::Op::Backward => (Op::Backward, crate::keras::tolerance(dtype, true)),
                 };
+                let candidate = |plan, is_default| Candidate {
+                    ctx,
+                    clock: &clock,
+                    options,
+                    setup: &setup,
+                    plan,
+                    op: bench_op,
+                    tol,
+                    is_default,
+                };
                 let mut tried = Vec::new();
                 for (i, plan) in candidates(ctx, setup.view, op).into_iter().enumerate() {
-                    tried.push(try_candidate(
-                        ctx,
-                        &clock,
-                        options,
-                        &setup,
-                        plan,
-                        bench_op,
-                        tol,
-                        i == 0,
-                    )?);
+                    tried.push(candidate(plan, i == 0).run().await?);
                     progress(&format!("{} {} {}", setup.label, op.name(), plan.describe()));
                 }
                 let fastest = |tried: &[CandidateResult]| {
@@ -750,10 +1153,10 @@ pub fn tune(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&
                 // the first: one noisy round should not pick a plan
                 if let Some(best) = chosen.filter(|&i| i > 0 && tried[0].median_ms.is_some()) {
                     for i in [0, best] {
-                        let again = try_candidate(ctx, &clock, options, &setup, tried[i].tuning, bench_op, tol, true)?;
+                        let again = candidate(tried[i].tuning, true).run().await?;
                         let c = &mut tried[i];
                         c.runs_ms.extend(again.runs_ms);
-                        c.median_ms = (!c.runs_ms.is_empty()).then(|| summarize(&c.runs_ms).0);
+                        c.median_ms = (!c.runs_ms.is_empty()).then(|| Spread::of(&c.runs_ms).median);
                         c.failure = c.failure.take().or(again.failure);
                     }
                     let pooled = |i: usize| tried[i].median_ms.filter(|_| tried[i].failure.is_none());
@@ -780,73 +1183,114 @@ pub fn tune(ctx: &GpuContext, options: &BenchOptions, mut progress: impl FnMut(&
             }
         }
     }
+    ctx.gpu_errors().await?;
     Ok(TuneReport {
         adapter: AdapterKey::of(&ctx.device().adapter_info()),
         results,
     })
 }
 
-/// Checks one candidate on a fresh layer and times it if it passed (the
-/// default always, where it ran: it is what the others are measured
-/// against). What the layer refuses under this plan is its failure.
-#[allow(clippy::too_many_arguments)]
-fn try_candidate(
-    ctx: &GpuContext,
-    clock: &Clock,
-    options: &BenchOptions,
-    setup: &Setup,
+/// One candidate plan of a tuning run, for one call of one setup.
+struct Candidate<'a> {
+    ctx: &'a GpuContext,
+    clock: &'a Clock,
+    options: &'a BenchOptions,
+    setup: &'a Setup,
     plan: PlanTuning,
     op: Op,
     tol: f64,
     is_default: bool,
-) -> Result<CandidateResult> {
-    ctx.set_plan_tuning(Some(plan))?;
-    let mut result = CandidateResult {
-        tuning: plan,
-        error: None,
-        failure: None,
-        median_ms: None,
-        runs_ms: Vec::new(),
-    };
-    let checked = match setup.check(ctx) {
-        Ok(c) => c,
-        Err(e) => {
-            result.failure = Some(e.to_string());
-            return Ok(result);
-        }
-    };
-    let error = match op {
-        Op::TrainForward => checked.errors.train,
-        Op::InferenceForward => checked.errors.inference,
-        _ => checked.errors.backward,
-    };
-    result.error = Some(error);
-    let passed = error <= tol; // NaN fails too
-    if !passed {
-        result.failure = Some(format!("error {error:.2e} above the tolerance {tol:.0e}"));
-        if !is_default {
-            return Ok(result);
-        }
-    }
-    match setup.time(ctx, clock, options, &checked, None, op) {
-        Ok(times) if !times.is_empty() => {
-            result.median_ms = Some(summarize(&times).0);
-            result.runs_ms = times;
-        }
-        Ok(_) => result.failure = Some("no timed runs".into()),
-        Err(e) => result.failure = Some(e.to_string()),
-    }
-    Ok(result)
 }
 
-/// How one run is timed: GPU timestamp queries around the operation's
-/// commands where the device has them (no submission or wait overhead),
-/// else the host clock from submission to the end of a blocking wait.
+impl Candidate<'_> {
+    /// Checks the candidate on a fresh layer and times it if it passed
+    /// (the default always, where it ran: it is what the others are
+    /// measured against). What the layer refuses under this plan is its
+    /// failure.
+    async fn run(&self) -> Result<CandidateResult> {
+        let (ctx, setup, op) = (self.ctx, self.setup, self.op);
+        ctx.set_plan_tuning(Some(self.plan))?;
+        let mut result = CandidateResult {
+            tuning: self.plan,
+            error: None,
+            failure: None,
+            median_ms: None,
+            runs_ms: Vec::new(),
+        };
+        let mut checked = match setup.check(ctx).await {
+            Ok(c) => c,
+            Err(e) => {
+                result.failure = Some(e.to_string());
+                return Ok(result);
+            }
+        };
+        let error = match op {
+            Op::TrainForward => checked.errors.train,
+            Op::InferenceForward => checked.errors.inference,
+            _ => checked.errors.backward,
+        };
+        result.error = Some(error);
+        let passed = error <= self.tol; // NaN fails too
+        if !passed {
+            result.failure = Some(format!("error {error:.2e} above the tolerance {:.0e}", self.tol));
+            if !self.is_default {
+                return Ok(result);
+            }
+        }
+        let mut times = Vec::with_capacity(self.options.runs);
+        for i in 0..self.options.warmup + self.options.runs {
+            match setup.time_round(ctx, self.clock, &mut checked, None, &[op]).await {
+                Ok(ms) if i >= self.options.warmup => times.extend(ms),
+                Ok(_) => {}
+                Err(e) => {
+                    result.failure = Some(e.to_string());
+                    return Ok(result);
+                }
+            }
+        }
+        if times.is_empty() {
+            result.failure = Some("no timed runs".into());
+        } else {
+            result.median_ms = Some(Spread::of(&times).median);
+            result.runs_ms = times;
+        }
+        Ok(result)
+    }
+}
+
+/// Waits, without blocking, until the GPU has finished everything
+/// submitted so far; the host clock's time when the queue said so (taken
+/// in the queue's callback). Natively a helper thread drives the device
+/// (as the library's async reads do); in a browser the browser does.
+async fn work_done(ctx: &GpuContext) -> Result<Instant> {
+    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+    ctx.queue().on_submitted_work_done(move || {
+        sender.send(Instant::now()).ok();
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let device = ctx.device().clone();
+        std::thread::spawn(move || device.poll(wgpu::PollType::wait_indefinitely()));
+    }
+    receiver
+        .receive()
+        .await
+        .ok_or_else(|| Error::readback("the queue's work-done callback never ran"))
+}
+
+/// Timestamp pairs a round can hold: one per operation.
+const SLOTS: u32 = Op::ALL.len() as u32;
+
+/// How a run is timed: GPU timestamp queries around the operation's
+/// commands where the device has them (no submission or wait overhead;
+/// one readback per round), else the host clock from submission to the
+/// queue's work-done callback.
 enum Clock {
     Gpu {
+        /// A pair of timestamps per slot.
         queries: wgpu::QuerySet,
+        /// Where they are resolved to (16 bytes a slot).
         resolved: wgpu::Buffer,
-        readback: wgpu::Buffer,
         /// Nanoseconds per timestamp tick.
         period: f64,
     },
@@ -859,28 +1303,18 @@ impl Clock {
         if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             return Clock::Host;
         }
-        let buffer = |label, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: 16,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
         Clock::Gpu {
             queries: device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("bench timestamps"),
                 ty: wgpu::QueryType::Timestamp,
-                count: 2,
+                count: 2 * SLOTS,
             }),
-            resolved: buffer(
-                "resolved timestamps",
-                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            ),
-            readback: buffer(
-                "timestamp readback",
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            ),
+            resolved: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("resolved timestamps"),
+                size: 16 * u64::from(SLOTS),
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
             period: ctx.queue().get_timestamp_period() as f64,
         }
     }
@@ -893,98 +1327,76 @@ impl Clock {
         }
     }
 
-    /// Milliseconds per run of `record` (one submission each), after
-    /// `setup` (untimed) before every run.
-    fn time(
+    /// Submits `record`'s commands alone, between slot `slot`'s two
+    /// timestamps, and waits (without blocking) until they have run. The
+    /// host clock's milliseconds from before recording to the queue's
+    /// callback; NaN for the GPU clock, whose figures [`Clock::read`] gives.
+    async fn submit(
         &self,
         ctx: &GpuContext,
-        options: &BenchOptions,
-        mut setup: impl FnMut() -> Result<()>,
-        mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
-    ) -> Result<Vec<f64>> {
-        let mut times = Vec::with_capacity(options.runs);
-        for i in 0..options.warmup + options.runs {
-            setup()?;
-            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-            let start = Instant::now();
+        slot: u32,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<f64> {
+        let start = Instant::now();
+        ctx.scoped("timing a benchmark run", || {
             let mut encoder = ctx.device().create_command_encoder(&Default::default());
-            self.mark(&mut encoder, 0);
+            self.mark(&mut encoder, slot, true);
             record(&mut encoder)?;
-            self.mark(&mut encoder, 1);
-            if let Clock::Gpu {
-                queries,
-                resolved,
-                readback,
-                ..
-            } = self
-            {
-                encoder.resolve_query_set(queries, 0..2, resolved, 0);
-                encoder.copy_buffer_to_buffer(resolved, 0, readback, 0, 16);
-            }
+            self.mark(&mut encoder, slot, false);
             ctx.queue().submit([encoder.finish()]);
-            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-            let ms = match self {
-                Clock::Host => start.elapsed().as_secs_f64() * 1e3,
-                Clock::Gpu { readback, period, .. } => {
-                    let ticks = read_timestamps(ctx, readback)?;
-                    ticks[1].saturating_sub(ticks[0]) as f64 * period / 1e6
-                }
-            };
-            if i >= options.warmup {
-                times.push(ms);
-            }
-        }
-        Ok(times)
+            Ok(())
+        })?;
+        let end = work_done(ctx).await?;
+        Ok(match self {
+            Clock::Host => end.duration_since(start).as_secs_f64() * 1e3,
+            Clock::Gpu { .. } => f64::NAN,
+        })
     }
 
-    /// An empty compute pass that writes timestamp `index` (0 at its start,
-    /// 1 at its end), bracketing the commands recorded between the two.
-    fn mark(&self, encoder: &mut wgpu::CommandEncoder, index: u32) {
+    /// The milliseconds of the round just submitted, slot by slot: `host`
+    /// itself for the host clock, the timestamps of as many slots read back
+    /// (without blocking) for the GPU clock.
+    async fn read(&self, ctx: &GpuContext, host: Vec<f64>) -> Result<Vec<f64>> {
+        let Clock::Gpu {
+            queries,
+            resolved,
+            period,
+        } = self
+        else {
+            return Ok(host);
+        };
+        let n = host.len() as u32;
+        ctx.scoped("resolving benchmark timestamps", || {
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            encoder.resolve_query_set(queries, 0..2 * n, resolved, 0);
+            ctx.queue().submit([encoder.finish()]);
+            Ok(())
+        })?;
+        let bytes = crate::tensor::read_buffer(ctx, resolved, 0, 16 * u64::from(n), Wait::Await).await?;
+        let ticks: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        Ok(ticks
+            .chunks_exact(2)
+            .map(|pair| pair[1].saturating_sub(pair[0]) as f64 * period / 1e6)
+            .collect())
+    }
+
+    /// An empty compute pass that writes slot `slot`'s first timestamp
+    /// (`begin`) or its second, bracketing the commands recorded between.
+    fn mark(&self, encoder: &mut wgpu::CommandEncoder, slot: u32, begin: bool) {
         if let Clock::Gpu { queries, .. } = self {
             encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("bench timestamp"),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                     query_set: queries,
-                    beginning_of_pass_write_index: (index == 0).then_some(0),
-                    end_of_pass_write_index: (index == 1).then_some(1),
+                    beginning_of_pass_write_index: begin.then_some(2 * slot),
+                    end_of_pass_write_index: (!begin).then_some(2 * slot + 1),
                 }),
             });
         }
     }
-}
-
-fn read_timestamps(ctx: &GpuContext, readback: &wgpu::Buffer) -> Result<[u64; 2]> {
-    let slice = readback.slice(..);
-    let (sender, receiver) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |result| {
-        let _ = sender.send(result);
-    });
-    ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-    receiver
-        .recv()
-        .map_err(|_| Error::readback("the timestamp readback was dropped"))?
-        .map_err(|e| Error::readback(format!("timestamp readback: {e}")))?;
-    let ticks = {
-        let mapped = slice
-            .get_mapped_range()
-            .map_err(|e| Error::readback(format!("timestamp readback: {e}")))?;
-        let words: &[u64] = bytemuck::cast_slice(&mapped);
-        [words[0], words[1]]
-    };
-    readback.unmap();
-    Ok(ticks)
-}
-
-fn summarize(times: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = times.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let median = if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    };
-    (median, sorted[0], sorted[n - 1])
 }
 
 /// The streaming kernel y = a * x + b on buffers of the tensor's size,
@@ -1070,5 +1482,76 @@ impl StreamBaseline {
             pass.set_bind_group(0, group, &[0]);
             pass.dispatch_workgroups(*gx, *gy, 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quartiles_interpolate_between_ranks() {
+        let s = Spread::of(&[4.0, 1.0, 3.0, 2.0, 5.0]);
+        assert_eq!((s.min, s.p25, s.median, s.p75, s.max), (1.0, 2.0, 3.0, 4.0, 5.0));
+        let s = Spread::of(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!((s.p25, s.median, s.p75), (1.75, 2.5, 3.25));
+        let one = Spread::of(&[7.0]);
+        assert_eq!((one.p25, one.median, one.p75), (7.0, 7.0, 7.0));
+        assert!(!one.noisy());
+        assert!(Spread::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn a_wide_spread_is_noisy() {
+        // IQR 2 around a median of 10: 20%, not above the bar
+        assert!(!Spread::of(&[8.0, 9.0, 10.0, 11.0, 12.0]).noisy());
+        // 11.1 ms and 6.5 ms of one stream in one run: far above it
+        assert!(Spread::of(&[6.5, 6.6, 11.1, 11.0, 6.4, 10.9]).noisy());
+    }
+
+    #[test]
+    fn progress_counts_every_step_and_says_what_runs() {
+        let options = BenchOptions {
+            shapes: default_shapes()[..2].to_vec(),
+            dtypes: vec![DType::F32, DType::F16],
+            warmup: 2,
+            runs: 5,
+        };
+        assert_eq!(run_steps(&options), 2 * 2 * (1 + 2 + 5));
+        let p = Progress {
+            case: case_label(&options.shapes[1], DType::F16),
+            stage: Stage::Timing { round: 3, rounds: 5 },
+            done: 7,
+            total: 28,
+        };
+        assert_eq!(p.to_string(), "[32, 64, 56, 56] axis 1 f16: round 3 of 5");
+        assert_eq!(p.fraction(), 0.25);
+    }
+
+    /// A file of the first schema (no quartiles, no `noisy`, no `browser`,
+    /// a `null` figure) still reads; a new one reads back as written.
+    #[test]
+    fn reports_of_the_first_schema_still_read() {
+        let old = r#"{"adapter": {"name": "llvmpipe", "backend": "vulkan", "device_type": "Cpu",
+            "driver": "llvmpipe", "driver_info": "Mesa"}, "crate_version": "0.1.0",
+            "timing": "gpu-timestamps", "results": [{"shape": [64, 8], "axis": -1, "dtype": "f32",
+            "op": "train_forward", "median_ms": 0.5, "min_ms": 0.4, "max_ms": 0.7, "runs": 3,
+            "bytes": 6144, "gbps": 0.012, "ratio_to_stream": null, "max_error": 1e-7,
+            "kernels": {"strategy": "serial", "plan": "defaults", "tuned": false}}]}"#;
+        let report: BenchReport = serde_json::from_str(old).unwrap();
+        let r = &report.results[0];
+        assert!(r.p25_ms.is_nan() && r.ratio_to_stream.is_nan() && !r.noisy);
+        assert_eq!(report.browser, None);
+        assert_eq!(report.label(), "llvmpipe (vulkan)");
+        let mut page = report.clone();
+        page.adapter.name = String::new();
+        page.adapter.backend = "webgpu".into();
+        page.browser = Some("HeadlessChrome/140".into());
+        assert_eq!(page.label(), "unnamed Cpu adapter (webgpu, HeadlessChrome/140)");
+        let again: BenchReport = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        assert_eq!(again.results[0].median_ms, 0.5);
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["browser"].is_null() && json["results"][0]["p25_ms"].is_null());
+        assert_eq!(json["results"][0]["noisy"], false);
     }
 }

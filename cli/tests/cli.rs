@@ -55,6 +55,8 @@ impl AsRef<Path> for TempDir {
 
 #[path = "../../tests/common/case_files.rs"]
 mod case_files;
+#[path = "../../tests/common/svg_text.rs"]
+mod svg_text;
 use case_files::{Tensors, read_case};
 
 /// A fixture's `case` metadata and tensors.
@@ -407,6 +409,7 @@ fn bench_writes_the_json_schema_and_an_svg() {
         assert!(report["adapter"][key].is_string(), "adapter.{key}");
     }
     assert!(report["crate_version"].is_string());
+    assert!(report["browser"].is_null(), "only a browser page names a browser");
     // the device's own clock wherever the adapter offers timestamp queries
     let ctx = wgpu_batchnorm::GpuContext::from_env().unwrap();
     let timestamps = ctx.device().features().contains(wgpu::Features::TIMESTAMP_QUERY);
@@ -418,6 +421,18 @@ fn bench_writes_the_json_schema_and_an_svg() {
         for key in ["median_ms", "min_ms", "max_ms", "gbps", "ratio_to_stream"] {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key} in {r}");
         }
+        // the spread of the rounds beside each median, and the ratio's own
+        let f = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key} in {r}"));
+        assert!(f("min_ms") <= f("p25_ms") && f("p25_ms") <= f("median_ms"), "{r}");
+        assert!(f("median_ms") <= f("p75_ms") && f("p75_ms") <= f("max_ms"), "{r}");
+        assert!(
+            f("ratio_p25") <= f("ratio_to_stream") && f("ratio_to_stream") <= f("ratio_p75"),
+            "{r}"
+        );
+        let rounds = r["runs_ms"].as_array().unwrap();
+        assert_eq!(rounds.len() as u64, r["runs"].as_u64().unwrap(), "{r}");
+        let noisy = f("p75_ms") - f("p25_ms") > 0.2 * f("median_ms");
+        assert_eq!(r["noisy"].as_bool(), Some(noisy), "{r}");
         let op = r["op"].as_str().unwrap();
         assert!(["train_forward", "inference_forward", "backward", "copy", "stream"].contains(&op));
         let passes = match op {
@@ -434,7 +449,19 @@ fn bench_writes_the_json_schema_and_an_svg() {
         assert_eq!(r["bytes"].as_u64().unwrap(), passes * elems * 4, "{r}");
         assert_eq!(r["max_error"].is_null(), op == "copy" || op == "stream");
     }
-    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let stream = results.iter().find(|r| r["op"] == "stream").unwrap();
+    assert_eq!(stream["ratio_to_stream"].as_f64(), Some(1.0), "{stream}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
+    svg_text::assert_inside(&plot);
+    let texts: Vec<String> = svg_text::texts(&plot).into_iter().map(|t| t.text).collect();
+    for op in ["copy", "stream", "train_forward", "inference_forward", "backward"] {
+        assert!(texts.iter().any(|t| t == op), "legend: {op} in {texts:?}");
+    }
+    assert!(texts.iter().any(|t| t == "3x4x16 axis 1 f32"), "{texts:?}");
+    // the table: a spread column beside the median
+    let stdout = text(&o.stdout);
+    assert!(stdout.lines().any(|l| l.contains("spread")), "{stdout}");
     let bad = run(&["bench", "--shape", "3,0"]);
     assert_eq!(bad.status.code(), Some(2));
 }
@@ -1009,13 +1036,24 @@ fn report_puts_two_adapters_side_by_side() {
     assert_eq!(std::fs::read_to_string(&md).unwrap(), stdout);
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
-    assert!(plot.contains("fraction of copy bandwidth"), "y axis label");
-    assert!(plot.contains(">0.00</text>") && plot.contains(">0.25</text>"), "ticks");
+    svg_text::assert_inside(&plot);
+    let texts: Vec<String> = svg_text::texts(&plot).into_iter().map(|t| t.text).collect();
+    assert!(texts.iter().any(|t| t == "fraction of copy bandwidth"), "y axis label");
+    let ticks: Vec<f64> = texts.iter().filter_map(|t| t.parse().ok()).collect();
+    assert!(ticks.contains(&0.0) && ticks.len() >= 3, "ticks: {texts:?}");
     assert!(
-        plot.contains("(vulkan)</text>") && plot.contains("(gl)</text>"),
-        "legend"
+        texts.iter().any(|t| t.ends_with("(vulkan)")) && texts.iter().any(|t| t.ends_with("(gl)")),
+        "legend: {texts:?}"
     );
-    assert!(plot.matches("<rect").count() >= 2 + 2 * 3, "bars for both adapters");
+    // a legend swatch and a bar per layer call, in each adapter's colour
+    for colour in &wgpu_batchnorm::bench::plot::PALETTE[..2] {
+        let fill = format!("fill=\"#{:02X}{:02X}{:02X}\"", colour.0, colour.1, colour.2);
+        let rects = plot
+            .lines()
+            .filter(|l| l.starts_with("<rect") && l.contains(&fill))
+            .count();
+        assert_eq!(rects, 1 + 3, "bars in {fill}");
+    }
 
     // one file twice: two columns told apart
     let twice = run(&["report", files[0].to_str().unwrap(), files[0].to_str().unwrap()]);
@@ -1027,6 +1065,32 @@ fn report_puts_two_adapters_side_by_side() {
     assert_eq!(o.status.code(), Some(2));
     assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
     assert!(text(&o.stderr).contains("no-such-folder"), "{}", text(&o.stderr));
+    // a file written before the spread fields, and a browser page's file,
+    // read alongside a new one
+    let mut first: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    first.as_object_mut().unwrap().remove("browser");
+    for r in first["results"].as_array_mut().unwrap() {
+        for key in ["p25_ms", "p75_ms", "noisy", "ratio_p25", "ratio_p75"] {
+            r.as_object_mut().unwrap().remove(key);
+        }
+    }
+    let first_file = dir.join("first-schema.json");
+    std::fs::write(&first_file, first.to_string()).unwrap();
+    let mut page: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+    page["browser"] = "HeadlessChrome/140".into();
+    let page_file = dir.join("page.json");
+    std::fs::write(&page_file, page.to_string()).unwrap();
+    let o = run(&[
+        "report",
+        first_file.to_str().unwrap(),
+        page_file.to_str().unwrap(),
+        files[0].to_str().unwrap(),
+    ]);
+    let stdout = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}{}", text(&o.stderr));
+    let header = stdout.lines().next().unwrap();
+    assert!(header.contains("(gl, HeadlessChrome/140)"), "{header}");
+    assert!(header.contains("[first-schema]"), "{header}");
     // another version, a missing field, a file that is not there
     let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
     old["crate_version"] = "0.0.1".into();
@@ -1051,4 +1115,87 @@ fn report_puts_two_adapters_side_by_side() {
         );
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
+}
+
+/// `report --svg` keeps every label inside the picture, however long the
+/// adapters' names and the cases' labels (the hand-written plot let its
+/// last rotated labels run off the right edge); no GPU needed.
+#[test]
+fn report_svg_keeps_every_label_inside_the_picture() {
+    use wgpu_batchnorm::bench::{AdapterDescription, BenchReport, BenchResult, Op};
+    let dir = scratch("report_labels");
+    let run_of = |name: &str, browser: Option<&str>, dtypes: &[&str]| {
+        let mut results = Vec::new();
+        for shape in wgpu_batchnorm::bench::default_shapes() {
+            let elems: usize = shape.shape.iter().product();
+            for dtype in dtypes {
+                for (i, op) in Op::ALL.into_iter().enumerate() {
+                    let ms = 2.0 + i as f64;
+                    let bytes = (elems * 4) as u64 * op.passes();
+                    results.push(BenchResult {
+                        shape: shape.shape.clone(),
+                        axis: shape.axis,
+                        dtype: dtype.to_string(),
+                        op,
+                        median_ms: ms,
+                        p25_ms: ms * 0.95,
+                        p75_ms: ms * 1.05,
+                        min_ms: ms * 0.9,
+                        max_ms: ms * 1.3,
+                        noisy: false,
+                        runs: 10,
+                        runs_ms: vec![ms; 10],
+                        bytes,
+                        gbps: bytes as f64 / (ms * 1e-3) / 1e9,
+                        ratio_to_stream: ms / 3.0,
+                        ratio_p25: ms / 3.1,
+                        ratio_p75: ms / 2.9,
+                        max_error: op.is_layer().then_some(1e-7),
+                        kernels: None,
+                    });
+                }
+            }
+        }
+        BenchReport {
+            adapter: AdapterDescription {
+                name: name.into(),
+                backend: "vulkan".into(),
+                device_type: "DiscreteGpu".into(),
+                driver: "driver".into(),
+                driver_info: "1.2.3".into(),
+            },
+            browser: browser.map(String::from),
+            crate_version: wgpu_batchnorm::VERSION.into(),
+            timing: "gpu-timestamps".into(),
+            results,
+        }
+    };
+    let runs = [
+        run_of("llvmpipe (LLVM 15.0.6, 256 bits)", None, &["f32", "f16"]),
+        run_of(
+            "NVIDIA GeForce RTX 4090 Laptop GPU with a very long adapter name",
+            Some("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/140.0.0.0"),
+            &["f32"],
+        ),
+    ];
+    let mut args = vec!["report".to_string()];
+    for (i, r) in runs.iter().enumerate() {
+        let file = dir.join(format!("run{i}.json"));
+        std::fs::write(&file, serde_json::to_string(r).unwrap()).unwrap();
+        args.push(file.to_str().unwrap().into());
+    }
+    let svg = dir.join("report.svg");
+    args.extend(["--svg".into(), svg.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    svg_text::assert_inside(&plot);
+    let texts: Vec<String> = svg_text::texts(&plot).into_iter().map(|t| t.text).collect();
+    // the last group of the picture: the rightmost rotated label
+    assert!(
+        texts.iter().any(|t| t == "32x64x56x56 axis 1 f32 backward"),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.contains("Chrome/140.0.0.0")), "{texts:?}");
 }

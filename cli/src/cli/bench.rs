@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use wgpu_batchnorm::bench::{self, BenchOptions, BenchReport, BenchShape, Op};
+use wgpu_batchnorm::bench::{self, BenchOptions, BenchReport, BenchShape};
 use wgpu_batchnorm::tuning::TuningCache;
 use wgpu_batchnorm::{DType, GpuContext};
 
@@ -21,10 +21,10 @@ pub(crate) struct BenchArgs {
     /// Element types to measure.
     #[arg(long, value_enum, default_value_t = DTypes::Both)]
     dtype: DTypes,
-    /// Timed runs per figure (the median is reported).
+    /// Timed rounds, each timing every figure of a shape once, in turn (the median is reported).
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// Untimed runs first.
+    /// Untimed rounds first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// Few runs, float32 only: a correctness and smoke check in under a minute.
@@ -119,12 +119,11 @@ pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
         ctx.reload_tuning_cache().map_err(|e| e.to_string())?;
         ctx.set_plan_tuning(None).map_err(|e| e.to_string())?;
     }
-    let total = (options.shapes.len() * options.dtypes.len() * Op::ALL.len()) as u64;
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = indicatif::ProgressBar::new(bench::run_steps(&options) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").map_err(|e| e.to_string())?);
-    let report = bench::run(&ctx, &options, |label| {
-        bar.set_message(label.to_string());
-        bar.inc(1);
+    let report = bench::run(&ctx, &options, |p| {
+        bar.set_position(p.done as u64);
+        bar.set_message(p.to_string());
     })
     .map_err(|e| e.to_string());
     bar.finish_and_clear();
@@ -135,7 +134,7 @@ pub(crate) fn run(target: &Target, args: &BenchArgs) -> Result<u8, String> {
         file.write(text.as_bytes())?;
     }
     if let Some(file) = &mut svg {
-        file.write(svg_text(&report).as_bytes())?;
+        file.write(bench::plot::run_svg(&report)?.as_bytes())?;
     }
     Ok(code)
 }
@@ -260,13 +259,15 @@ impl Drop for OutputFile {
 
 fn print_table(report: &BenchReport) {
     println!(
-        "timing: {} (median of runs; GB/s counts the bytes a perfect pass moves)",
+        "timing: {}, interleaved rounds (median of runs; spread: interquartile range over the median; \
+         GB/s counts the bytes a perfect pass moves; x stream: median of each round's ratio)",
         report.timing
     );
     println!(
-        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>8} {:>9} {:>10}  kernels",
-        "shape", "axis", "type", "op", "ms", "GB/s", "x stream", "max error"
+        "{:<20} {:>4} {:<4} {:<18} {:>10} {:>7} {:>8} {:>9} {:>10}  kernels",
+        "shape", "axis", "type", "op", "ms", "spread", "GB/s", "x stream", "max error"
     );
+    let mut noisy = false;
     for r in &report.results {
         let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
         let error = r.max_error.map(|e| format!("{e:.1e}")).unwrap_or_else(|| "-".into());
@@ -275,92 +276,26 @@ fn print_table(report: &BenchReport) {
             Some(k) => k.strategy.to_string(),
             None => "-".into(),
         };
+        let mark = if r.noisy { "!" } else { " " };
+        noisy |= r.noisy;
         println!(
-            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>8.2} {:>9.2} {:>10}  {}",
+            "{:<20} {:>4} {:<4} {:<18} {:>10.3} {:>6.0}%{mark}{:>8.2} {:>9.2} {:>10}  {}",
             shape,
             r.axis,
             r.dtype,
             r.op.name(),
             r.median_ms,
+            r.spread() * 100.0,
             r.gbps,
             r.ratio_to_stream,
             error,
             kernels
         );
     }
-}
-
-/// Grouped bars: one group per shape and dtype, one bar per operation.
-fn svg_text(report: &BenchReport) -> String {
-    let colors = ["#999999", "#555555", "#1f77b4", "#2ca02c", "#d62728"];
-    let mut groups: Vec<(String, Vec<(Op, f64)>)> = Vec::new();
-    for r in &report.results {
-        let label = format!(
-            "{} ax{} {}",
-            r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
-            r.axis,
-            r.dtype
-        );
-        match groups.last_mut() {
-            Some((l, bars)) if *l == label => bars.push((r.op, r.gbps)),
-            _ => groups.push((label, vec![(r.op, r.gbps)])),
-        }
-    }
-    let max = report.results.iter().map(|r| r.gbps).fold(0.0f64, f64::max).max(1e-9);
-    let (bar_w, gap, height, top, left) = (14.0, 24.0, 300.0, 50.0, 50.0);
-    let group_w = bar_w * Op::ALL.len() as f64 + gap;
-    let width = (left + group_w * groups.len() as f64 + 20.0).max(left + 120.0 * Op::ALL.len() as f64);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
-        top + height + 120.0
-    );
-    svg += &format!(
-        "<text x=\"{left}\" y=\"20\" font-size=\"14\">wgpu-batchnorm on {} ({}), GB/s ({})</text>\n",
-        escape(&report.adapter.name),
-        escape(&report.adapter.backend),
-        report.timing
-    );
-    for (i, op) in Op::ALL.iter().enumerate() {
-        svg += &format!(
-            "<rect x=\"{}\" y=\"30\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"39\">{}</text>\n",
-            left + i as f64 * 120.0,
-            colors[i],
-            left + i as f64 * 120.0 + 14.0,
-            op.name()
+    if noisy {
+        println!(
+            "! spread above {:.0}% of the median: the machine was too busy for that figure to be trusted",
+            bench::NOISY_SPREAD * 100.0
         );
     }
-    svg += &format!(
-        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<text x=\"5\" y=\"{}\">{max:.1}</text>\n",
-        top + height,
-        width - 10.0,
-        top + height,
-        top + 10.0
-    );
-    for (g, (label, bars)) in groups.iter().enumerate() {
-        let x0 = left + g as f64 * group_w;
-        for (op, gbps) in bars {
-            let i = Op::ALL.iter().position(|o| o == op).unwrap_or(0);
-            let h = gbps / max * height;
-            svg += &format!(
-                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bar_w}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: {gbps:.2} GB/s</title></rect>\n",
-                x0 + i as f64 * bar_w,
-                top + height - h,
-                colors[i],
-                escape(label),
-                op.name()
-            );
-        }
-        svg += &format!(
-            "<text transform=\"translate({:.1},{:.1}) rotate(40)\">{}</text>\n",
-            x0,
-            top + height + 12.0,
-            escape(label)
-        );
-    }
-    svg += "</svg>\n";
-    svg
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
