@@ -129,8 +129,12 @@ impl Bars {
                 whiskers: vec![None; runs.len()],
             })
             .collect();
+        let title = match reports {
+            [(label, _)] => format!("wgpu-batchnorm on {label}: fraction of the adapter's own copy bandwidth"),
+            _ => "wgpu-batchnorm across adapters: fraction of each adapter's own copy bandwidth".into(),
+        };
         Bars {
-            title: "wgpu-batchnorm across adapters: fraction of each adapter's own copy bandwidth".into(),
+            title,
             y_desc: "fraction of copy bandwidth".into(),
             x_desc: "shape, axis, dtype and op".into(),
             series: reports.iter().map(|(label, _)| label.to_string()).collect(),

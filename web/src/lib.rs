@@ -8,4 +8,3 @@ pub mod cases;
 mod page;
 
 pub use page::run_page;
-use page::status as page_status;

@@ -8,19 +8,20 @@ use web_sys::{Document, Element};
 use wgpu_batchnorm::keras::{CaseReport, Device};
 use wgpu_batchnorm::{AdapterSelection, GpuContext, KernelChoice};
 
+use crate::bench::Browser;
 use crate::cases::public_cases;
 
 fn document() -> Document {
     web_sys::window().and_then(|w| w.document()).expect("a page")
 }
 
-fn element(id: &str) -> Element {
+pub(crate) fn element(id: &str) -> Element {
     document()
         .get_element_by_id(id)
         .unwrap_or_else(|| panic!("the page has no #{id}"))
 }
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
@@ -39,12 +40,13 @@ fn adapter_html(ctx: &GpuContext) -> String {
     let features = ctx.device().features();
     let mut rows = Vec::new();
     if let Some(info) = ctx.adapter_info() {
-        rows.push(("name", info.name.clone()));
-        rows.push(("vendor", format!("{:#x}", info.vendor)));
-        rows.push(("device", format!("{:#x}", info.device)));
-        rows.push(("type", format!("{:?}", info.device_type)));
-        rows.push(("driver", format!("{} {}", info.driver, info.driver_info)));
-        rows.push(("backend", info.backend.to_string()));
+        // wgpu's view of the adapter, beside the browser's GPUAdapterInfo above
+        rows.push(("wgpu name", info.name.clone()));
+        rows.push(("wgpu vendor id", format!("{:#x}", info.vendor)));
+        rows.push(("wgpu device id", format!("{:#x}", info.device)));
+        rows.push(("wgpu device type", format!("{:?}", info.device_type)));
+        rows.push(("wgpu driver", format!("{} {}", info.driver, info.driver_info)));
+        rows.push(("wgpu backend", info.backend.to_string()));
     }
     rows.push((
         "max storage binding",
@@ -87,9 +89,12 @@ fn case_row(kernels: &str, report: &CaseReport) -> String {
     )
 }
 
-/// Runs the page: adapter, conformance, then the benchmark.
+/// Runs the page: adapter, conformance, then the benchmark. `browser` is
+/// the JSON the page's script passes: `{"adapter": GPUAdapterInfo's
+/// fields, "browser": navigator.userAgent}`.
 #[wasm_bindgen]
 pub async fn run_page(browser: String) -> Result<(), JsValue> {
+    let browser = Browser::parse(&browser);
     console_error_panic_hook_set();
     status("running", "opening the WebGPU adapter");
     let ctx = match GpuContext::new_async(&AdapterSelection::default()).await {
@@ -129,6 +134,10 @@ pub async fn run_page(browser: String) -> Result<(), JsValue> {
     ctx.set_kernel_choice(KernelChoice::Auto);
     let summary = format!("{}/{} cases pass", 2 * cases.len() - failed, 2 * cases.len());
     element("conformance-summary").set_text_content(Some(&summary));
+    if failed > 0 {
+        status("failed", &format!("{summary}: the benchmark did not run"));
+        return Err(JsValue::from_str(&summary));
+    }
     crate::bench::run(&ctx, &summary, &browser).await
 }
 

@@ -126,7 +126,7 @@ fn table(machines: &[Machine]) -> String {
                     let mark = if r.noisy { " !" } else { "" };
                     noisy |= r.noisy;
                     match m.report.fraction_of_copy(&key) {
-                        Some(f) => format!(" {} GB/s ({:.0}% of copy){mark} |", figures(r.gbps), f * 100.0),
+                        Some(f) => format!(" {} GB/s ({}% of copy){mark} |", figures(r.gbps), figures(f * 100.0)),
                         None => format!(" {} GB/s (no copy figure){mark} |", figures(r.gbps)),
                     }
                 }
