@@ -2,6 +2,9 @@
 // wgpu's WebGPU types are not Send on wasm32: the crate's shared handles
 // (Arc) are then shared by one thread only, which is all the web has
 #![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+// The web build's docs name the native forms its async ones stand in for
+// (blocking calls, file paths, LocalExchange): those links resolve natively.
+#![cfg_attr(target_arch = "wasm32", allow(rustdoc::broken_intra_doc_links))]
 //! Keras 3's `BatchNormalization` layer as wgpu compute kernels.
 //!
 //! ```
