@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the conformance and benchmark page (web/) and serves it on
 # 127.0.0.1, printing the address. Open it in a browser with WebGPU
-# (Chrome or Edge 113+, Safari 26, Firefox 141+ on Windows; see README).
+# (Chrome or Edge 113+, Safari 26, Firefox 141+ on Windows and 145+ on
+# Apple-silicon Macs; Linux and the rest in the README).
 #
 # usage: scripts/web.sh [--build-only] [PORT]   (default port 8080)
 # Installs what is missing as scripts/test-web.sh does (the wasm32 target,

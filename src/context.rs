@@ -98,7 +98,7 @@ impl GpuContext {
     ///
     /// `WGPU_BATCHNORM_KERNELS` sets the kernel choice as for
     /// [`GpuContext::new`]; a value that is none of `serial`, `coalesced`,
-    /// `auto` is reported on stderr and `auto` is used. Requesting
+    /// `auto` is logged (`log::warn!`) and `auto` is used. Requesting
     /// `Features::SUBGROUP` on the device lets the coalesced reductions
     /// use subgroup operations.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {

@@ -104,9 +104,9 @@ impl Kernel {
     }
 
     /// The entry points of a kernel with families, in `strategy`'s family:
-    /// one for each name `KernelKey::entry_point` gives a layout, calling
-    /// the walk `KernelKey::walk` names for it, with the builtins the
-    /// family's walks take.
+    /// one for each (name, walk) `KernelKey::family_entry_points` gives (a
+    /// row of the family entry table), with the builtins the family's
+    /// walks take.
     fn entry_points(self, strategy: Strategy) -> String {
         let builtins = match (strategy, self.reduces()) {
             (Strategy::Serial, _) => "@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32",

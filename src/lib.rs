@@ -37,11 +37,14 @@
 //!   (a WebGPU rule).
 //! - **Keras in and out.** [`keras::KerasLayerConfig`] reads and writes
 //!   `get_config()` JSON; [`keras::load_weights`] / [`keras::save_weights`]
-//!   use Keras's weight names (files or bytes); the `conform` command of the
-//!   command-line tool runs Keras reference cases.
+//!   read and write Keras's weight files with its names (natively), and
+//!   [`keras::load_weights_from_bytes`] / [`keras::weights_to_bytes_async`]
+//!   do without files; the `conform` command of the command-line tool runs
+//!   Keras reference cases.
 //! - **Threads.** [`BatchNorm`], [`GpuContext`] and [`Tensor`] are
-//!   `Send + Sync`; each call's dispatches run together on the queue, and
-//!   each backward reads the [`SavedForward`] of its own forward call.
+//!   `Send + Sync` on native targets (not on wasm32, where wgpu's WebGPU
+//!   types are not `Send`); each call's dispatches run together on the
+//!   queue, and each backward reads the [`SavedForward`] of its own forward call.
 //! - **Synchronized statistics** (Keras `synchronized=True`, PyTorch's
 //!   SyncBatchNorm): [`BatchNorm::set_exchange`] makes a layer use the
 //!   global batch's statistics across the ranks of an [`Exchange`]:
@@ -112,7 +115,7 @@ pub use optimizer::Sgd;
 pub use sync::Exchange;
 #[cfg(not(target_arch = "wasm32"))]
 pub use sync::LocalExchange;
-#[cfg(feature = "mpi")]
+#[cfg(all(feature = "mpi", not(target_arch = "wasm32")))]
 pub use sync::MpiExchange;
 pub use tensor::{Mask, Tensor};
 pub use tuning::{KernelChoice, PlanTuning, Strategy};

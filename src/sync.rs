@@ -40,12 +40,13 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 mod local;
-#[cfg(feature = "mpi")]
+// on wasm32 the crate's root stops the build with one clear message
+#[cfg(all(feature = "mpi", not(target_arch = "wasm32")))]
 mod mpi_exchange;
 mod reduce;
 #[cfg(not(target_arch = "wasm32"))]
 pub use local::LocalExchange;
-#[cfg(feature = "mpi")]
+#[cfg(all(feature = "mpi", not(target_arch = "wasm32")))]
 pub use mpi_exchange::MpiExchange;
 pub use reduce::{CallCost, Scheme, call_cost};
 pub(crate) use reduce::{gather_checked, gather_sums, reduce_checked};

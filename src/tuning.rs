@@ -284,6 +284,7 @@ pub fn shape_class(view: ChannelView, dtype: DType) -> String {
 
 /// The adapter a cache entry was measured on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct AdapterKey {
     /// The adapter's name.
     pub name: String,
@@ -306,6 +307,7 @@ impl AdapterKey {
 
 /// One tuned plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TunedEntry {
     /// Where it was measured.
     pub adapter: AdapterKey,
@@ -324,6 +326,7 @@ const CACHE_VERSION: u32 = 1;
 
 /// The tuning cache: the JSON file `bench --tune` writes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TuningCache {
     /// The file's format version.
     pub version: u32,

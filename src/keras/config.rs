@@ -120,11 +120,15 @@ impl KerasLayerConfig {
 }
 
 /// Builds a config from a reference case's `config` object (a subset of
-/// `get_config()`); the case gives `trainable` beside it.
+/// `get_config()`); the case gives `trainable` beside it. The conformance
+/// harness's (feature `conformance`).
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
 pub fn config_from_case_json(config: &Value, trainable: bool) -> Result<BatchNormConfig> {
     case_config(config, trainable).map_err(|message| Error::KerasConfig { message })
 }
 
+#[cfg(feature = "conformance")]
 fn case_config(config: &Value, trainable: bool) -> Parsed<BatchNormConfig> {
     let obj = config.as_object().ok_or("config is not an object")?;
     let mut cfg = BatchNormConfig {

@@ -15,7 +15,10 @@ pub mod weights;
 pub use cases::{
     Call, CaseReport, CaseTensor, Device, KerasCase, KeyError, Output, load_dir, write_outputs, write_outputs_as,
 };
-pub use config::{KerasLayerConfig, config_from_case_json};
+pub use config::KerasLayerConfig;
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
+pub use config::config_from_case_json;
 pub use measure::{error_measure, tolerance};
 #[cfg(not(target_arch = "wasm32"))]
 pub use weights::{load_layer, load_weights, save_weights, weights_to_bytes};

@@ -42,7 +42,8 @@ fn file_error(path: &std::path::Path, message: impl std::fmt::Display) -> Error 
 
 impl TuningCache {
     /// Reads the cache file. A missing file is an empty cache; an unreadable
-    /// or corrupt one is an error (contexts turn it into a warning).
+    /// or corrupt one is an error (the command-line tool turns it into a
+    /// warning).
     pub fn load() -> Result<Self> {
         let Some(path) = cache_path() else {
             return Ok(TuningCache::default());

@@ -208,6 +208,15 @@ fn download(json: &str) -> Result<(), JsValue> {
     let link: web_sys::HtmlAnchorElement = document.create_element("a")?.dyn_into()?;
     link.set_href(&url);
     link.set_download("wgpu-batchnorm-bench.json");
+    // in the document while clicked, and its URL kept for a minute: some
+    // browsers cancel a download from a detached link or a revoked URL
+    let body = document.body().ok_or("no body")?;
+    body.append_child(&link)?;
     link.click();
-    web_sys::Url::revoke_object_url(&url)
+    link.remove();
+    let revoke = Closure::once_into_js(move || web_sys::Url::revoke_object_url(&url));
+    web_sys::window()
+        .ok_or("no window")?
+        .set_timeout_with_callback_and_timeout_and_arguments_0(revoke.unchecked_ref(), 60_000)?;
+    Ok(())
 }

@@ -71,7 +71,7 @@ fn values(rng: &mut StdRng, n: usize, offset: f32, dtype: DType) -> Vec<f32> {
         .collect()
 }
 
-/// Training forward, inference, backward with regularization and an SGD
+/// Training forward, inference, backward and an SGD
 /// step through the GPU layer and the float64 reference.
 async fn against_the_reference(ctx: &GpuContext, shape: &[usize], axis: i64, masked: bool, dtype: DType, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
