@@ -1,7 +1,8 @@
 // End-to-end test of the conformance and benchmark page: opens it in
 // headless Chromium (WebGPU on the browser's SwiftShader adapter where
 // there is no GPU), waits for it to finish, checks that every conformance
-// row passes, saves the bench JSON the page offers and a screenshot.
+// row passes, saves the bench JSON the page offers and a screenshot, and
+// clicks the download button (its file must hold the same JSON).
 //
 // usage: node e2e.mjs URL OUTDIR   (CHROMIUM overrides /usr/bin/chromium)
 // Exits 0 when the page finished with every row PASS and a JSON; prints
@@ -50,7 +51,22 @@ try {
   const json = await page.evaluate(() => window.benchJson || null);
   if (json) fs.writeFileSync(path.join(outdir, 'bench.json'), json);
   await page.screenshot({ path: path.join(outdir, 'page.png'), fullPage: true });
-  failed = state !== 'done' || rows.length === 0 || bad.length > 0 || !json;
+  // the button a person clicks: its download holds the same JSON
+  let downloaded = false;
+  if (json) {
+    const downloads = path.join(outdir, 'downloads');
+    fs.mkdirSync(downloads, { recursive: true });
+    const cdp = await page.createCDPSession();
+    await cdp.send('Browser.setDownloadBehavior', { behavior: 'allow', downloadPath: downloads });
+    await page.click('#download');
+    const file = path.join(downloads, 'wgpu-batchnorm-bench.json');
+    for (let i = 0; i < 100 && !downloaded; i++) {
+      await new Promise((r) => setTimeout(r, 200));
+      downloaded = fs.existsSync(file) && fs.readFileSync(file, 'utf8') === json;
+    }
+    console.log(downloaded ? 'download: the button saved the JSON' : 'download: the button saved nothing (or other bytes) in 20 s');
+  }
+  failed = state !== 'done' || rows.length === 0 || bad.length > 0 || !json || !downloaded;
   if (!json) console.log('the page offered no bench JSON');
 } finally {
   await browser.close();
