@@ -252,19 +252,28 @@ impl BatchNorm {
     /// Applies the config's gamma/beta constraints on the GPU, for
     /// applications that update the weights with their own optimiser.
     pub fn apply_constraints(&self) -> Result<()> {
-        let cfg = self.config();
-        let flags =
-            if cfg.scale { params::OPT_HAS_GAMMA } else { 0 } | if cfg.center { params::OPT_HAS_BETA } else { 0 };
-        let params = optimizer_params(self, flags, 0.0, 0.0);
         let ctx = self.context();
-        let group = ctx.scoped("applying constraints", || {
-            let gpu = ctx.gpu();
-            let uniform =
-                gpu.create_buffer_init("optimizer params", &uniform_block(&params), wgpu::BufferUsages::UNIFORM);
-            let no_velocity = gpu.create_buffer("no velocity", 16, wgpu::BufferUsages::STORAGE);
-            let placeholder = (gpu.placeholder.clone(), 0, 4);
-            bind(ctx, self, &uniform, [&placeholder, &placeholder], &no_velocity)
-        })?;
+        let group = match self.constraints_group.get() {
+            Some(group) => group.clone(),
+            None => {
+                let cfg = self.config();
+                let flags = if cfg.scale { params::OPT_HAS_GAMMA } else { 0 }
+                    | if cfg.center { params::OPT_HAS_BETA } else { 0 };
+                let params = optimizer_params(self, flags, 0.0, 0.0);
+                let group = ctx.scoped("applying constraints", || {
+                    let gpu = ctx.gpu();
+                    let uniform = gpu.create_buffer_init(
+                        "optimizer params",
+                        &uniform_block(&params),
+                        wgpu::BufferUsages::UNIFORM,
+                    );
+                    let no_velocity = gpu.create_buffer("no velocity", 16, wgpu::BufferUsages::STORAGE);
+                    let placeholder = (gpu.placeholder.clone(), 0, 4);
+                    bind(ctx, self, &uniform, [&placeholder, &placeholder], &no_velocity)
+                })?;
+                self.constraints_group.get_or_init(|| group).clone()
+            }
+        };
         record(ctx, self, &group, false)?;
         self.weights_replaced();
         Ok(())

@@ -480,19 +480,28 @@ pub(crate) async fn read_buffer(
     if size == 0 {
         return Ok(Vec::new());
     }
-    // the scope ends before any await: wgpu's scopes belong to a thread
-    let (staging, receiver) = ctx.scoped("reading a buffer back", || {
-        let device = ctx.device();
+    let staging = ctx.scoped("reading a buffer back", || {
         let staging = ctx.gpu().create_buffer(
             "readback",
             size,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
-        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         ctx.queue().submit([encoder.finish()]);
+        Ok(staging)
+    })?;
+    read_staging(ctx, &staging, size, wait).await
+}
+
+/// The first `size` bytes of `staging` (`MAP_READ`), once the submissions
+/// that fill it have run; unmapped again after, so a caller may keep it.
+pub(crate) async fn read_staging(ctx: &GpuContext, staging: &wgpu::Buffer, size: u64, wait: Wait) -> Result<Vec<u8>> {
+    // the scope ends before any await: wgpu's scopes belong to a thread
+    let receiver = ctx.scoped("reading a buffer back", || {
+        let device = ctx.device();
         let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |result| {
+        staging.slice(..size).map_async(wgpu::MapMode::Read, move |result| {
             sender.send(result).ok();
         });
         match wait {
@@ -510,15 +519,15 @@ pub(crate) async fn read_buffer(
             #[cfg(target_arch = "wasm32")]
             Wait::Await => {}
         }
-        Ok((staging, receiver))
+        Ok(receiver)
     })?;
-    let slice = staging.slice(..);
     receiver
         .receive()
         .await
         .ok_or_else(|| Error::readback("the map callback never ran"))?
         .map_err(|e| Error::readback(e.to_string()))?;
-    let bytes = slice
+    let bytes = staging
+        .slice(..size)
         .get_mapped_range()
         .map_err(|e| Error::readback(e.to_string()))?
         .to_vec();

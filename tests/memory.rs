@@ -194,7 +194,10 @@ fn every_layout_keeps_memory_flat_synchronized() {
 /// on tensors the application keeps creates no GPU buffer and no bind
 /// group: uniform slots, bind groups, statistics and scratch are reused.
 /// Channels last and NCHW, float32 and float16, masked and not, whole and
-/// cut into chunks, both families (WGPU_BATCHNORM_KERNELS), every driver.
+/// cut into chunks, synchronized (a group of one: both phases, the
+/// readback and the upload) and not, with the constraints an application's
+/// own optimiser applies, both families (WGPU_BATCHNORM_KERNELS), every
+/// driver.
 #[test]
 fn a_warm_training_loop_creates_no_gpu_objects() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,29 +223,33 @@ fn a_warm_training_loop_creates_no_gpu_objects() {
                 Mask::from_u8(&ctx, mask_shape, &random_mask(&mut rng(4), mask_shape.iter().product())).unwrap()
             });
             let channels = shape[axis.rem_euclid(shape.len() as i64) as usize];
-            let layer = layer(&ctx, channels, axis, false);
-            let grads = layer.gradient_tensors(&dy).unwrap();
-            let mut sgd = Sgd::new(&layer, 0.001, 0.9, false).unwrap();
-            let mut step = || {
-                let saved = layer.forward_into(&x, Some(true), mask.as_ref(), &y).unwrap();
-                layer.backward_into(&saved, &dy, false, &grads).unwrap();
-                sgd.step(&layer, &grads).unwrap();
-            };
-            for _ in 0..3 {
-                step();
+            for synchronized in [false, true] {
+                let layer = layer(&ctx, channels, axis, synchronized);
+                let grads = layer.gradient_tensors(&dy).unwrap();
+                let mut sgd = Sgd::new(&layer, 0.001, 0.9, false).unwrap();
+                let mut step = || {
+                    let saved = layer.forward_into(&x, Some(true), mask.as_ref(), &y).unwrap();
+                    layer.backward_into(&saved, &dy, false, &grads).unwrap();
+                    sgd.step(&layer, &grads).unwrap();
+                    layer.apply_constraints().unwrap();
+                };
+                for _ in 0..3 {
+                    step();
+                }
+                let before = ctx.created_objects_for_tests();
+                for _ in 0..50 {
+                    step();
+                }
+                ctx.device().poll(wgpu::PollType::wait_indefinitely()).unwrap();
+                let after = ctx.created_objects_for_tests();
+                assert_eq!(
+                    before,
+                    after,
+                    "{} case {i} {shape:?} synchronized {synchronized}: (buffers, bind groups) created before and \
+                     after 50 warm steps",
+                    ctx.describe()
+                );
             }
-            let before = ctx.created_objects_for_tests();
-            for _ in 0..50 {
-                step();
-            }
-            ctx.device().poll(wgpu::PollType::wait_indefinitely()).unwrap();
-            let after = ctx.created_objects_for_tests();
-            assert_eq!(
-                before,
-                after,
-                "{} case {i} {shape:?}: (buffers, bind groups) created before and after 50 warm steps",
-                ctx.describe()
-            );
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct BatchNorm {
     /// The synchronized calls made so far; held through each one, so a
     /// layer's synchronized calls run one at a time.
     synchronized_calls: Mutex<u64>,
+    /// `apply_constraints`'s bind group (crate::optimizer), made on its
+    /// first call: what it binds is fixed with the config.
+    pub(crate) constraints_group: std::sync::OnceLock<wgpu::BindGroup>,
 }
 
 /// One forward call's tensors and mode, as the public calls take them.
@@ -229,6 +232,7 @@ impl BatchNorm {
                     copy | wgpu::BufferUsages::UNIFORM,
                 ),
                 discarded_statistics: storage_buffer(ctx, "discarded statistics", c * 32, wgpu::BufferUsages::empty()),
+                constraints_group: std::sync::OnceLock::new(),
                 statistics_pool: Arc::new(Mutex::new(Vec::new())),
                 id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
                 grads: storage_buffer(ctx, "grads", c * 8, copy),

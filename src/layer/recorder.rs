@@ -21,8 +21,9 @@ use crate::variants::{Kernel, Role};
 const UNIFORM_CACHE: usize = 16;
 /// Bind groups are kept while the calls of the last this many recordings
 /// use them: they hold the tensors they bind, which must not outlive a
-/// loop's own use of them by much.
-const BIND_GROUP_AGE: u64 = 4;
+/// loop's own use of them by much. A synchronized step records four times
+/// (two phases a call), so this keeps a few such steps' groups.
+const BIND_GROUP_AGE: u64 = 16;
 
 /// Buffers that grow with the input and are reused across calls, and the
 /// recorder's caches. Calls run on the queue one after another, each using
@@ -34,10 +35,18 @@ pub(super) struct Scratch {
     /// Recordings so far (ages the bind groups).
     recordings: u64,
     /// Synchronized calls: where the first phase writes one partial a
-    /// channel, its readback, and the merged partials uploaded for the
-    /// second phase.
-    pub(super) merge_only: Option<wgpu::Buffer>,
-    pub(super) merged: Option<wgpu::Buffer>,
+    /// channel and the second reads the merged ones (queue order keeps
+    /// them apart), and where the first phase's are read back.
+    pub(super) exchanged: Option<ExchangedPartials>,
+}
+
+/// A synchronized layer's buffers of one partial a channel, made once.
+#[derive(Clone)]
+pub(super) struct ExchangedPartials {
+    /// Written by the first phase's finalize, then by the merged upload.
+    pub(super) partials: wgpu::Buffer,
+    /// The first phase's partials, copied out in that phase's submission.
+    pub(super) staging: wgpu::Buffer,
 }
 
 struct BindGroupEntry {
@@ -60,8 +69,7 @@ impl Scratch {
             uniforms: Vec::new(),
             bind_groups: Vec::new(),
             recordings: 0,
-            merge_only: None,
-            merged: None,
+            exchanged: None,
         }
     }
 

@@ -1,14 +1,15 @@
 //! A synchronized layer's calls (Keras's `synchronized=True`): each runs in
-//! two submissions around one exchange (`crate::sync`). The first reduces this rank's
-//! values to one partial a channel on the GPU (the finalize kernels under
-//! `FLAG_MERGE_ONLY`) and reads it back, 16 bytes a channel; the ranks'
-//! partials are merged on the host in float64 and rank order; the second
+//! two submissions around one exchange (`crate::sync`). The first reduces
+//! this rank's values to one partial a channel on the GPU (the finalize
+//! kernels under `FLAG_MERGE_ONLY`) and copies it out to be read back, 16
+//! bytes a channel; the ranks' partials are merged on the host in float64,
+//! in the fixed order of the exchange's scheme; the second
 //! submission uploads the merged partial as the only tile of each channel
 //! and runs the usual finalize and elementwise kernels.
 
 use std::sync::Arc;
 
-use super::recorder::{CallBuffers, storage_buffer};
+use super::recorder::{CallBuffers, ExchangedPartials, storage_buffer};
 use super::{BackwardArgs, BatchNorm, Call, ForwardArgs, SavedForward, SavedStatistics};
 use crate::dtype::DType;
 use crate::error::{Error, ExchangeFailure, Result};
@@ -20,7 +21,7 @@ use crate::sync::{
 };
 use crate::tensor::{Mask, Tensor};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::tensor::{Wait, blocking, read_buffer};
+use crate::tensor::{Wait, blocking, read_staging};
 
 impl BatchNorm {
     /// Makes the layer synchronized over `exchange` (Keras's
@@ -35,8 +36,10 @@ impl BatchNorm {
     /// the same order, so dx uses the global count and dgamma / dbeta are the
     /// global batch's sums, the same on every rank (PyTorch's SyncBatchNorm
     /// leaves those to its data-parallel wrapper). Each call moves O(channels)
-    /// bytes a rank, whatever the batch and the rank count.
-    /// Inference calls and `trainable = false` exchange nothing.
+    /// bytes a rank, whatever the batch and the rank count (but under
+    /// [`crate::sync::Scheme::AllGather`]). Inference forwards exchange
+    /// nothing; every backward exchanges its sums (dgamma and dbeta are the
+    /// global batch's).
     ///
     /// A rank's slice may be empty (a dimension of 0) or fully masked out;
     /// ranks may hold different batch sizes. Every rank must make the same
@@ -119,21 +122,11 @@ impl BatchNorm {
         if call.empty {
             return Ok(vec![ChannelMoments::default(); self.channels]);
         }
-        self.ctx.scoped("a synchronized training forward (local moments)", || {
-            let merged = self.merge_only_buffer();
-            let mut encoder = self.encoder("synchronized forward, local moments");
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers::forward(self, x, None, mask.filter(|_| call.masked), &merged);
-                self.record_plan(&mut pass, &call.plan, call.flags | FLAG_MERGE_ONLY, x.shape(), &buffers)?;
-            }
-            self.ctx.queue().submit([encoder.finish()]);
-            Ok(self
-                .read_partials(&merged)?
-                .into_iter()
-                .map(partial_to_moments)
-                .collect())
-        })
+        let exchanged = self.exchanged_partials();
+        let buffers = CallBuffers::forward(self, x, None, mask.filter(|_| call.masked), &exchanged.partials);
+        let what = "a synchronized training forward (local moments)";
+        let partials = self.local_partials(what, call, x.shape(), &buffers, &exchanged)?;
+        Ok(partials.into_iter().map(partial_to_moments).collect())
     }
 
     /// The second submission of a forward call: finalize over `merged` (one
@@ -207,38 +200,54 @@ impl BatchNorm {
         if call.empty {
             return Ok(vec![[0.0; 4]; self.channels]);
         }
-        self.ctx.scoped("a synchronized backward (local sums)", || {
-            let sums = self.merge_only_buffer();
-            let mut encoder = self.encoder("synchronized backward, local sums");
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                let buffers = CallBuffers::backward(saved, dy, None, &sums);
-                self.record_plan(
-                    &mut pass,
-                    &call.plan,
-                    call.flags | FLAG_MERGE_ONLY,
-                    saved.x.shape(),
-                    &buffers,
-                )?;
-            }
-            self.ctx.queue().submit([encoder.finish()]);
-            self.read_partials(&sums)
-        })
+        let exchanged = self.exchanged_partials();
+        let buffers = CallBuffers::backward(saved, dy, None, &exchanged.partials);
+        let what = "a synchronized backward (local sums)";
+        self.local_partials(what, call, saved.x.shape(), &buffers, &exchanged)
     }
 
-    /// Where the finalize kernels write one partial a channel under
-    /// `FLAG_MERGE_ONLY` (the layer's, made once).
-    fn merge_only_buffer(&self) -> wgpu::Buffer {
+    /// The first phase of a synchronized call: `call` under
+    /// `FLAG_MERGE_ONLY` writes one partial a channel, copied out in the
+    /// same submission and read back.
+    fn local_partials(
+        &self,
+        what: &str,
+        call: &Call,
+        shape: &[usize],
+        buffers: &CallBuffers,
+        exchanged: &ExchangedPartials,
+    ) -> Result<Vec<[f32; 4]>> {
+        let size = self.channels as u64 * 16;
+        self.ctx.scoped(what, || {
+            let mut encoder = self.encoder(what);
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.record_plan(&mut pass, &call.plan, call.flags | FLAG_MERGE_ONLY, shape, buffers)?;
+            }
+            encoder.copy_buffer_to_buffer(&exchanged.partials, 0, &exchanged.staging, 0, size);
+            self.ctx.queue().submit([encoder.finish()]);
+            Ok(())
+        })?;
+        self.read_partials(&exchanged.staging)
+    }
+
+    /// The layer's buffers of one partial a channel (made on its first
+    /// synchronized call).
+    fn exchanged_partials(&self) -> ExchangedPartials {
         let mut scratch = self.lock_scratch();
         scratch
-            .merge_only
+            .exchanged
             .get_or_insert_with(|| {
-                storage_buffer(
-                    &self.ctx,
-                    "synchronized partials",
-                    self.channels as u64 * 16,
-                    wgpu::BufferUsages::COPY_SRC,
-                )
+                let size = self.channels as u64 * 16;
+                let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+                ExchangedPartials {
+                    partials: storage_buffer(&self.ctx, "synchronized partials", size, usage),
+                    staging: self.ctx.gpu().create_buffer(
+                        "synchronized partials readback",
+                        size,
+                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    ),
+                }
             })
             .clone()
     }
@@ -258,13 +267,7 @@ impl BatchNorm {
         }
         #[cfg(not(target_arch = "wasm32"))]
         {
-            let bytes = blocking(read_buffer(
-                &self.ctx,
-                buffer,
-                0,
-                self.channels as u64 * 16,
-                Wait::Block,
-            ))?;
+            let bytes = blocking(read_staging(&self.ctx, buffer, self.channels as u64 * 16, Wait::Block))?;
             Ok(bytes
                 .chunks_exact(16)
                 .map(|q| std::array::from_fn(|i| f32::from_le_bytes(q[4 * i..4 * i + 4].try_into().unwrap())))
@@ -272,23 +275,10 @@ impl BatchNorm {
         }
     }
 
-    /// The merged partials as the second phase reads them (the layer's
-    /// buffer, written on the queue before the submission that reads it).
+    /// The merged partials as the second phase reads them, written on the
+    /// queue (after the first phase, before the submission that reads them).
     fn upload_partials(&self, partials: &[[f32; 4]]) -> wgpu::Buffer {
-        let buffer = {
-            let mut scratch = self.lock_scratch();
-            scratch
-                .merged
-                .get_or_insert_with(|| {
-                    storage_buffer(
-                        &self.ctx,
-                        "merged partials",
-                        self.channels as u64 * 16,
-                        wgpu::BufferUsages::COPY_DST,
-                    )
-                })
-                .clone()
-        };
+        let buffer = self.exchanged_partials().partials;
         self.ctx
             .queue()
             .write_buffer(&buffer, 0, bytemuck::cast_slice(partials));
