@@ -159,8 +159,9 @@ impl Setup {
                         stream.record(encoder);
                         Ok(())
                     }
-                    Op::InferenceForward => layer.record_forward(encoder, x, None, None, y).map(drop),
-                    Op::TrainForward => layer.record_forward(encoder, x, Some(true), None, y).map(drop),
+                    // as forward_into would: no statistics buffer of the call's own
+                    Op::InferenceForward => layer.record_forward_pooled(encoder, x, None, y).map(drop),
+                    Op::TrainForward => layer.record_forward_pooled(encoder, x, Some(true), y).map(drop),
                     Op::Backward => layer.record_backward(encoder, saved, dy, false, grads),
                 })
                 .await?;

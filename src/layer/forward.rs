@@ -133,6 +133,27 @@ impl BatchNorm {
         })
     }
 
+    /// [`BatchNorm::record_forward`] with the statistics buffer
+    /// [`BatchNorm::forward_into`] uses (the layer's pool): for the
+    /// benchmark, which submits each recorded call at once, so that its
+    /// timed calls allocate nothing, as an application's loop does not.
+    #[cfg(feature = "bench")]
+    pub(crate) fn record_forward_pooled(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &Tensor,
+        training: Option<bool>,
+        y: &Tensor,
+    ) -> Result<SavedForward> {
+        let args = ForwardArgs {
+            x,
+            training,
+            mask: None,
+            y,
+        };
+        self.record_forward_call(encoder, args, Statistics::Pooled)
+    }
+
     /// The call's name in a GPU error.
     fn forward_name(&self, training: Option<bool>) -> &'static str {
         if self.batch_statistics(training) {
