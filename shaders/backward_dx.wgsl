@@ -16,7 +16,7 @@ override MASKED: bool = false;
 @group(0) @binding(5) var<storage, read_write> dx: array<u32>;
 // The start of `coeffs` again (64 KiB where the device allows; the host
 // prepends UNIFORM_VIEW_VEC4S), as a uniform: with UNIFORM_PARAMS the
-// coefficients are read here (see kernels::KernelKey::uniform_params).
+// coefficients are read here (see variants::KernelKey::uniform_params).
 @group(0) @binding(6) var<uniform> coeffs_u: array<vec4<f32>, UNIFORM_VIEW_VEC4S>;
 override UNIFORM_PARAMS: bool = false;
 

@@ -13,9 +13,9 @@
 // tile g / channels of its positions; lane l reads positions j0 + l, then
 // every WG (four at a time for inner % 4 == 0).
 
-var<workgroup> reduce_scratch: array<vec4<f32>, 256>;
-var<workgroup> reduce_scratch_b: array<vec4<f32>, 256>;
-var<workgroup> reduce_scratch_c: array<vec4<f32>, 256>;
+var<workgroup> reduce_scratch: array<vec4<f32>, WG>;
+var<workgroup> reduce_scratch_b: array<vec4<f32>, WG>;
+var<workgroup> reduce_scratch_c: array<vec4<f32>, WG>;
 
 // The sum of v over lanes lid, lid + width, lid + 2 width, ..., in lanes
 // [0, width). `width` is a power of two, the same in every lane: call in
@@ -23,7 +23,7 @@ var<workgroup> reduce_scratch_c: array<vec4<f32>, 256>;
 fn reduce_strided(v: vec4<f32>, lid: u32, width: u32) -> vec4<f32> {
     reduce_scratch[lid] = v;
     workgroupBarrier();
-    for (var s = 128u; s >= width; s = s / 2u) {
+    for (var s = WG / 2u; s >= width; s = s / 2u) {
         if lid < s {
             reduce_scratch[lid] += reduce_scratch[lid + s];
         }
@@ -40,7 +40,7 @@ fn reduce_strided3(v: Sums3, lid: u32, width: u32) -> Sums3 {
     reduce_scratch_b[lid] = v.b;
     reduce_scratch_c[lid] = v.c;
     workgroupBarrier();
-    for (var s = 128u; s >= width; s = s / 2u) {
+    for (var s = WG / 2u; s >= width; s = s / 2u) {
         if lid < s {
             reduce_scratch[lid] += reduce_scratch[lid + s];
             reduce_scratch_b[lid] += reduce_scratch_b[lid + s];

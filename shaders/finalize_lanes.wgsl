@@ -1,7 +1,7 @@
 // Shared by the finalize kernels (finalize.wgsl, backward_finalize.wgsl):
 // eight invocations per channel (eight channels per workgroup) combine the
-// channel's partials, each a strided share of the tiles (at most 65535 / 8
-// steps), then a three-level tree in workgroup memory. How two partials
+// channel's partials, each a strided share of the tiles (at most
+// plan::MAX_TILES / 8 steps), then a three-level tree in workgroup memory. How two partials
 // combine is the kernel's `combine(a, b)`: Chan's merge of the statistics,
 // a sum of the backward reduce's sums.
 

@@ -9,7 +9,7 @@
 // are stored as packed pairs in u32 words (WGSL's core
 // pack2x16float/unpack2x16float, so no SHADER_F16 is needed). The vec4
 // entry points (`_inner4`, `_inner16`, `_channels4`, `_channels8`,
-// `_runs16`, see plan::Layout) read four values at a time as a `Quad`
+// `_runs16` in the serial family, see variants::Layout) read four values at a time as a `Quad`
 // (float32 or float16, quad_f32.wgsl / quad_f16.wgsl).
 
 override IS_F16: bool = false;
@@ -34,7 +34,7 @@ fn epilogue4(v: vec4<f32>) -> vec4<f32> {
 
 // The start of `affine` again (64 KiB where the device allows; the host
 // prepends UNIFORM_VIEW_VEC4S), as a uniform: with UNIFORM_PARAMS the
-// parameters are read here (see kernels::KernelKey::uniform_params).
+// parameters are read here (see variants::KernelKey::uniform_params).
 @group(0) @binding(4) var<uniform> affine_u: array<vec4<f32>, UNIFORM_VIEW_VEC4S>;
 override UNIFORM_PARAMS: bool = false;
 

@@ -1,6 +1,6 @@
 // The coalesced kernels' whole-workgroup sum with subgroup operations
 // (Features::SUBGROUP): a subgroupAdd per subgroup, then the subgroups'
-// sums in order through workgroup memory. The subgroup size (8 to 128)
+// sums in order through workgroup memory. The subgroup size (4 to 128)
 // is whatever the device runs: nothing here assumes one. Not used on
 // DX12, whose subgroup id naga derives from the lane count (waves need not
 // be formed from consecutive lanes there).
@@ -22,7 +22,7 @@ fn reduce_all(v: vec4<f32>, lanes: Lanes) -> vec4<f32> {
     workgroupBarrier();
     // every lane adds the same sums in the same order
     var total = vec4<f32>(0.0);
-    for (var i = 0u; i < min(lanes.sg_count, 256u); i++) {
+    for (var i = 0u; i < min(lanes.sg_count, WG); i++) {
         total += reduce_scratch[i];
     }
     workgroupBarrier();

@@ -6,7 +6,7 @@
 // walk_tiles_coalesced.wgsl (coalesced family: a workgroup a tile); this
 // file is what the statistics do with the values they are given.
 //
-// Entry points, one per layout (see plan.rs; the host generates them,
+// Entry points, one per layout (see variants::FAMILY_ENTRIES; the host generates them,
 // each calling its walk): `partial_stats` (any shape, masks),
 // `partial_stats_inner4` (inner % 4 == 0: vec4s of one channel),
 // `partial_stats_channels4` (channels last, channels % 4 == 0: one

@@ -10,7 +10,7 @@
 const NONE: u32 = 0xffffffffu;
 
 // per column (rows) or for the tile (runs): the first kept position
-var<workgroup> first_kept: array<atomic<u32>, 256>;
+var<workgroup> first_kept: array<atomic<u32>, WG>;
 
 fn clear_first_kept(lid: u32) {
     atomicStore(&first_kept[lid], NONE);

@@ -214,7 +214,7 @@ impl GpuContext {
     /// The family `Auto` runs where no plan was tuned: `Serial` on CPU
     /// adapters, `Coalesced` on every other device type.
     pub fn default_strategy(&self) -> Strategy {
-        Strategy::default_for(self.device().adapter_info().device_type)
+        Strategy::default_for(self.gpu().device_type)
     }
 
     /// The plan a call of `op` on an input of `view` and `dtype` runs: the
@@ -299,7 +299,7 @@ impl GpuContext {
 
     /// Runs `work` (the crate's own device work for one call) inside error
     /// scopes: anything the device refuses in it, and a lost device, is an
-    /// [`Error::Gpu`] naming `what`.
+    /// [`crate::Error::Gpu`] naming `what`.
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
         self.inner.device.scoped(what, work)
     }

@@ -141,6 +141,11 @@ pub(crate) struct Device {
     pub(crate) queue: wgpu::Queue,
     /// The adapter it was opened on; `None` for an application's device.
     pub(crate) adapter_info: Option<wgpu::AdapterInfo>,
+    /// The device's limits and its adapter's type, read once: every call
+    /// plans with them (wgpu answers each query afresh, from JavaScript on
+    /// the web).
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) device_type: wgpu::DeviceType,
     /// Tells this device's tensors from other devices': wgpu compares
     /// devices by an id that two identically built instances share.
     pub(crate) id: u64,
@@ -230,12 +235,15 @@ impl Device {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let device_type = device.adapter_info().device_type;
         Device {
             device,
             queue,
             adapter_info,
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             max_binding: AtomicU64::new(limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)),
+            limits,
+            device_type,
             placeholder,
             lost: Arc::new(Mutex::new(None)),
             buffers_created: AtomicU64::new(0),
@@ -377,17 +385,18 @@ impl Device {
 
     /// The most bytes the device lets one storage binding cover.
     pub(crate) fn binding_size(&self) -> u64 {
-        let limits = self.device.limits();
-        limits.max_storage_buffer_binding_size.min(limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// The device's `max_compute_workgroups_per_dimension`.
     pub(crate) fn max_workgroups_per_dimension(&self) -> u32 {
-        self.device.limits().max_compute_workgroups_per_dimension
+        self.limits.max_compute_workgroups_per_dimension
     }
 
     /// `min_storage_buffer_offset_alignment`.
     pub(crate) fn storage_alignment(&self) -> u64 {
-        self.device.limits().min_storage_buffer_offset_alignment as u64
+        self.limits.min_storage_buffer_offset_alignment as u64
     }
 }

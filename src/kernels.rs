@@ -196,7 +196,7 @@ impl From<Refusal> for Error {
 
 type Layouts = (wgpu::BindGroupLayout, wgpu::PipelineLayout);
 
-/// Bind-group layouts (one per family) and the pipelines compiled so far,
+/// Bind-group layouts (one per kernel) and the pipelines compiled so far,
 /// or why the device refused them: a kernel over the device's limits, a
 /// module or pipeline the device rejects (an error scope around every
 /// creation catches it). A refusal is kept and returned by every call
@@ -308,9 +308,7 @@ impl Kernels {
     }
 
     fn create_pipeline(&self, gpu: &Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
-        key.kernel
-            .needs(key.strategy)
-            .check(key.entry_point(), &gpu.device.limits())?;
+        key.kernel.needs(key.strategy).check(key.entry_point(), &gpu.limits)?;
         let layout = &self.layouts(key.kernel)?.1;
         let module = self.module(gpu, key.source_key())?;
         gpu.scoped(&format!("compiling pipeline {}", key.entry_point()), || {

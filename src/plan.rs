@@ -386,7 +386,7 @@ impl DispatchPlan {
             (Strategy::Coalesced, _) => units
                 .min(self.tuning.elementwise_invocations as usize)
                 .max(units.div_ceil(MAX_LOOP)),
-            // one quad of rows_per_thread rows each (see normalize.wgsl)
+            // one quad of rows_per_thread rows each (see walk_values.wgsl)
             (Strategy::Serial, Layout::Channels4) => {
                 let rows = chunk.elems / self.view.channels;
                 (self.view.channels / 4) * rows.div_ceil(rows_per)
