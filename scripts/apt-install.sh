@@ -1,4 +1,4 @@
-# Sourced by the scripts/ensure-*.sh: installs Debian/Ubuntu packages the
+# Sourced by the scripts/ensure-*.sh and scripts/test-web.sh: installs Debian/Ubuntu packages the
 # test command needs, as root, or says what to install and fails.
 #
 # apt_install WHO WHY PACKAGE...

@@ -5,8 +5,9 @@
 # other implementations the portability checks and GPU tests run on (Dawn
 # for Node.js, SwiftShader's Vulkan driver from Debian's chromium package,
 # spirv-val). SwiftShader is made visible beside the machine's own Vulkan
-# drivers (VK_ADD_DRIVER_FILES): every GPU-vs-reference test runs on each
-# Vulkan driver and on GL.
+# drivers (VK_ADD_DRIVER_FILES): the GPU-vs-reference tests run on each
+# Vulkan driver, and most on GL too (those needing what GL lacks, such as
+# float16 storage, on Vulkan only).
 #
 # Then every test runs with `--features mpi` once per kernel family
 # (WGPU_BATCHNORM_KERNELS=serial, then coalesced; with
@@ -15,7 +16,8 @@
 # run in the first pass only. Then the browser: the library built for
 # wasm32 and its test suite in headless Chromium (scripts/test-web.sh), and
 # the page's end-to-end test (scripts/test-page.sh). Extra arguments go to
-# `cargo test` (and skip the browser).
+# one `cargo test` run (the kernel choice as WGPU_BATCHNORM_KERNELS says,
+# else auto) and skip the browser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
