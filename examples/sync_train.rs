@@ -26,7 +26,7 @@
 //! step's forward and backward) and a second line with each call's bytes:
 //!
 //!     sync_train: per call, busiest rank: forward sent S received R,
-//!     backward sent S received R, collectives K
+//!     backward sent S received R, collectives per step N
 //!
 //! Every rank exits with 1 if an error is above Keras's tolerances (2e-5
 //! forward and state, 1e-4 gradients), the ranks of a group differ, or two

@@ -167,8 +167,8 @@ fn three_thousand_training_steps_keep_memory_flat_on_every_driver() {
     }
 }
 
-/// A synchronized layer's calls allocate their O(channels) readback and
-/// upload buffers per call: they must be freed too.
+/// A synchronized layer's calls read back and upload O(channels) bytes
+/// twice a step, and exchange them: host memory stays flat through that.
 #[test]
 fn three_thousand_synchronized_training_steps_keep_memory_flat() {
     for ctx in common::vulkan() {

@@ -15,8 +15,9 @@ use crate::error::{Error, ExchangeFailure, Result};
 pub enum Scheme {
     /// Per call, the scheme below that moves the fewest bytes through the
     /// busiest rank ([`call_cost`]), the one of fewer collectives on a tie:
-    /// the all-gather with two ranks, the reduce-scatter up to twice as
-    /// many ranks as channels (plus two), the tree past that.
+    /// typically the all-gather with two ranks (or very few channels), the
+    /// reduce-scatter up to about twice as many ranks as channels, the
+    /// tree past that; `call_cost` decides each call exactly.
     #[default]
     Auto,
     /// Every rank all-gathers every rank's values and merges them in rank
@@ -310,8 +311,8 @@ pub(crate) fn gather_checked(exchange: &dyn Exchange, header: CallHeader, payloa
 }
 
 /// Every rank's `local` sums (three a channel) added element by element in
-/// rank order, under `header`: every rank gets the same bits, whatever
-/// the scheme.
+/// the scheme's fixed order (rank order but under the tree), under
+/// `header`: every rank gets the same bits.
 pub(crate) fn gather_sums(exchange: &dyn Exchange, header: CallHeader, local: &[f64]) -> Result<Vec<f64>> {
     reduce_checked(exchange, header, local, 3, |acc, x| {
         for (a, v) in acc.iter_mut().zip(x) {
