@@ -499,7 +499,6 @@ pub(crate) async fn read_buffer(
 pub(crate) async fn read_staging(ctx: &GpuContext, staging: &wgpu::Buffer, size: u64, wait: Wait) -> Result<Vec<u8>> {
     // the scope ends before any await: wgpu's scopes belong to a thread
     let receiver = ctx.scoped("reading a buffer back", || {
-        let device = ctx.device();
         let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
         staging.slice(..size).map_async(wgpu::MapMode::Read, move |result| {
             sender.send(result).ok();
@@ -507,13 +506,13 @@ pub(crate) async fn read_staging(ctx: &GpuContext, staging: &wgpu::Buffer, size:
         match wait {
             #[cfg(not(target_arch = "wasm32"))]
             Wait::Block => {
-                device.poll(wgpu::PollType::wait_indefinitely())?;
+                ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
             }
             #[cfg(not(target_arch = "wasm32"))]
             Wait::Await => {
                 // the device is driven by polling; a thread of its own does
                 // it, so the caller's executor is never blocked
-                let device = device.clone();
+                let device = ctx.device().clone();
                 std::thread::spawn(move || device.poll(wgpu::PollType::wait_indefinitely()));
             }
             #[cfg(target_arch = "wasm32")]

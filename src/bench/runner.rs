@@ -67,6 +67,16 @@ pub fn check_shape(ctx: &GpuContext, shape: &BenchShape, dtype: DType) -> Result
     Ok(())
 }
 
+/// [`check_shape`] for every shape and dtype of `options`.
+pub(super) fn check_shapes(ctx: &GpuContext, options: &BenchOptions) -> Result<()> {
+    for shape in &options.shapes {
+        for &dtype in &options.dtypes {
+            check_shape(ctx, shape, dtype)?;
+        }
+    }
+    Ok(())
+}
+
 /// `MemAvailable` of `/proc/meminfo` in bytes; `None` where there is none.
 #[cfg(not(target_arch = "wasm32"))]
 fn available_host_memory() -> Option<u64> {
@@ -104,11 +114,7 @@ pub async fn run_async(
     options: &BenchOptions,
     progress: impl FnMut(Progress),
 ) -> Result<BenchReport> {
-    for shape in &options.shapes {
-        for &dtype in &options.dtypes {
-            check_shape(ctx, shape, dtype)?;
-        }
-    }
+    check_shapes(ctx, options)?;
     let clock = Clock::new(ctx);
     let mut steps = Steps {
         done: 0,

@@ -4,8 +4,9 @@
 use serde::Serialize;
 
 use super::clock::Clock;
+use super::runner::check_shapes;
 use super::setup::Setup;
-use super::{BenchOptions, BenchShape, Op, Spread, check_shape, dtype_name};
+use super::{BenchOptions, BenchShape, Op, Spread, dtype_name};
 use crate::config::{BatchNormConfig, ChannelView};
 use crate::context::GpuContext;
 use crate::error::Result;
@@ -195,11 +196,7 @@ pub async fn tune_async(
     options: &BenchOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<TuneReport> {
-    for shape in &options.shapes {
-        for &dtype in &options.dtypes {
-            check_shape(ctx, shape, dtype)?;
-        }
-    }
+    check_shapes(ctx, options)?;
     let _unforce = Unforce(ctx);
     let clock = Clock::new(ctx);
     let mut results = Vec::new();

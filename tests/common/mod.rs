@@ -221,7 +221,7 @@ pub fn compare_gradients(
     let dy = Tensor::from_f32_as(ctx, shape, &dy32, dtype).unwrap();
     let got = layer.backward(&saved, &dy, true).unwrap();
     let want = reference.backward(&dy64, true).unwrap();
-    let read = |t: &Tensor| -> Vec<f64> { t.read_f32(ctx).unwrap().into_iter().map(f64::from).collect() };
+    let read = |t: &Tensor| read64(ctx, t);
     let mut worst = error_measure(&read(&got.dx), &want.dx);
     for (g, w) in [(&got.dgamma, &want.dgamma), (&got.dbeta, &want.dbeta)] {
         match (g, w) {

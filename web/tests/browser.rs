@@ -167,6 +167,8 @@ async fn bad_shapes_are_typed_errors() {
         Err(Error::Shape { argument: "mask", .. })
     ));
     assert!(matches!(Tensor::from_f32(&ctx, &[3], &[1.0]), Err(Error::Shape { .. })));
+    // the refused calls left nothing behind: a good call still records, and
+    // the device reports no error
     assert!(
         layer
             .record_backward(
